@@ -1,0 +1,1 @@
+"""The LiveCD image builder: image definition -> rootfs -> overlay -> squashfs -> iso -> hashes -> publish."""

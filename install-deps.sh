@@ -1,0 +1,42 @@
+#!/bin/sh
+# Installs everything the build and the tests need, on Debian 12, as root.
+# Shared by the README set-up, .ci/run and the Dockerfile: keep it the only place
+# that installs packages. Idempotent: a second run only checks.
+set -eu
+cd "$(dirname "$0")"
+
+APT_PACKAGES="
+  mmdebstrap squashfs-tools zstd xz-utils
+  isolinux syslinux-common dosfstools mtools gdisk fdisk
+  ovmf qemu-system-x86 qemu-utils
+  python3 python3-venv python3-pip python3-dev gcc
+  git ca-certificates openssl e2fsprogs util-linux cpio busybox-static
+  shellcheck systemd buildah podman uidmap
+"
+
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  echo "install-deps: installing Debian packages:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # shellcheck disable=SC2086
+  apt-get install -y -q --no-install-recommends $missing
+fi
+
+# The development virtual environment uses Debian's python3 (the same minor
+# version as the one inside the LiveCD).
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  /usr/bin/python3 -m venv "$VENV"
+fi
+stamp="$VENV/.deps-$(cat requirements-dev.txt client/pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e ./client
+  rm -f "$VENV"/.deps-*
+  touch "$stamp"
+fi
+echo "install-deps: ready ($VENV/bin/inv --list shows the tasks)"
