@@ -1,0 +1,7 @@
+"""`python -m failback_client`."""
+
+import sys
+
+from failback_client.cli import main
+
+sys.exit(main())

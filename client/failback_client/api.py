@@ -1,0 +1,173 @@
+"""The workflow's DRS calls over one boto3 client (failback_client.drs_model), with errors as one sentence."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import botocore.exceptions
+
+from failback_client.errors import ClientError as FailbackError
+from failback_client.errors import CredentialsError, ServiceError
+from failback_client.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INITIATION_STEPS = (
+    "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE",
+    "COMPLETE_VOLUME_MAPPING",
+    "ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION",
+    "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+    "CONFIGURE_REPLICATION_SOFTWARE",
+    "PAIR_AGENT_WITH_REPLICATION_SOFTWARE",
+    "ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION",
+)
+POLICY = "AWSElasticDisasterRecoveryFailbackInstallationPolicy"
+
+
+def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
+    """One clear sentence for a botocore failure (no traceback); credential problems get CredentialsError."""
+    key = settings.access_key_id or "?"
+    region = settings.region or "?"
+    endpoint = settings.endpoint_url if settings.region else "?"
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        message = error.response.get("Error", {}).get("Message", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature"):
+            return CredentialsError(
+                f"AWS refused the request signature while {action}: the AWS Secret Access Key does not match "
+                f"access key {key} (check for a typo), or the clock is wrong")
+        if code in ("ExpiredTokenException", "ExpiredToken"):
+            return CredentialsError(
+                f"The AWS Session Token has expired (while {action}): create new temporary credentials with "
+                "AWS STS AssumeRole and start again")
+        if code in ("RequestExpired", "RequestTimeTooSkewed"):
+            return CredentialsError(
+                f"AWS refused the request as too old or too new while {action}: this machine's clock is off; "
+                "set it to the correct UTC time")
+        if code in ("UnrecognizedClientException", "InvalidClientTokenId", "InvalidAccessKeyId"):
+            what = (f"the access key ID {key} or the AWS Session Token" if settings.session_token
+                    else f"the access key ID {key}")
+            return CredentialsError(
+                f"AWS does not recognise {what} (while {action}): check for a typo, or that the credentials "
+                f"belong to the account of region {region}")
+        if code in ("AccessDeniedException", "AccessDenied"):
+            return CredentialsError(
+                f"The credentials are valid but not allowed to {action}: attach the {POLICY} policy "
+                "to the role or user they belong to")
+        if code == "UninitializedAccountException":
+            return CredentialsError(
+                f"Elastic Disaster Recovery is not initialized in {region} for this account: check the region")
+        if code in ("ThrottlingException", "TooManyRequestsException"):
+            return ServiceError(f"DRS kept throttling the requests while {action} even after retries; "
+                                "wait a minute and start again")
+        detail = f": {message}" if message else ""
+        return ServiceError(f"DRS refused {action} ({code or status}){detail}")
+    if isinstance(error, botocore.exceptions.SSLError):
+        return CredentialsError(
+            f"TLS to {endpoint} failed while {action}: a proxy that inspects TLS, or a wrong endpoint name")
+    if isinstance(error, botocore.exceptions.ProxyConnectionError):
+        return CredentialsError(f"The HTTPS proxy refused the connection to {endpoint} while {action}")
+    if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+        return CredentialsError(
+            f"Cannot reach the DRS endpoint {endpoint} while {action}: check the network, DNS, the route or "
+            "proxy to it, and the region/endpoint you gave")
+    if isinstance(error, botocore.exceptions.ReadTimeoutError):
+        return ServiceError(f"The DRS endpoint {endpoint} did not answer in time while {action}")
+    if isinstance(error, botocore.exceptions.ParamValidationError):
+        return ServiceError(f"Refused to send an invalid request while {action}: {error}")
+    if isinstance(error, botocore.exceptions.BotoCoreError):
+        return ServiceError(f"DRS call failed while {action}: {error}")
+    raise error
+
+
+class DrsApi:
+    """The calls the failback workflow makes, named for what they do."""
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        if client is None:
+            from failback_client.drs_model import make_drs_client
+
+            client = make_drs_client(
+                region=settings.region or "",
+                endpoint_url=settings.endpoint_url,
+                access_key=settings.access_key_id or "",
+                secret_key=settings.secret_access_key or "",
+                session_token=settings.session_token,
+            )
+        self.client = client
+
+    @contextlib.contextmanager
+    def _calling(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            log.info("%s failed: %s", action, e)
+            raise explain(e, self.settings, action) from None
+
+    def check_credentials(self) -> None:
+        """A real, cheap, read-only call: bad key, secret, token or region fail here, at once."""
+        with self._calling("checking the credentials (DescribeRecoveryInstances)"):
+            self.client.describe_recovery_instances(maxResults=1)
+
+    def recovery_instances(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"filters": {"recoveryInstanceIDs": ids} if ids else {}}
+        with self._calling("listing recovery instances"):
+            while True:
+                page = self.client.describe_recovery_instances(**kwargs)
+                items.extend(page.get("items", []))
+                token = page.get("nextToken")
+                if not token:
+                    return items
+                kwargs["nextToken"] = token
+
+    def source_servers_by_hardware_id(self, hardware_id: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"filters": {"hardwareId": hardware_id}}
+        with self._calling(f"looking up source servers by hardware id {hardware_id}"):
+            while True:
+                page = self.client.describe_source_servers(**kwargs)
+                items.extend(page.get("items", []))
+                token = page.get("nextToken")
+                if not token:
+                    return items
+                kwargs["nextToken"] = token
+
+    def associate(self, recovery_instance_id: str, identification: dict[str, Any],
+                  local_disks: list[dict[str, Any]], version: str) -> dict[str, Any]:
+        with self._calling(f"linking this failback client with {recovery_instance_id}"):
+            return self.client.associate_failback_client_to_recovery_instance_for_drs(
+                recoveryInstanceID=recovery_instance_id, failbackClientVersion=version,
+                identification=identification, localDisks=local_disks)
+
+    def suggested_mapping(self, client_id: str, recovery_instance_id: str,
+                          local_disks: list[dict[str, Any]]) -> dict[str, Any]:
+        with self._calling("asking DRS for the suggested volume mapping"):
+            return self.client.get_suggested_failback_client_device_mapping_for_drs(
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, localDisks=local_disks)
+
+    def update_mapping(self, client_id: str, recovery_instance_id: str,
+                       mapping: list[dict[str, str]]) -> dict[str, Any]:
+        with self._calling("sending the volume mapping to DRS"):
+            return self.client.update_failback_client_device_mapping_for_drs(
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, deviceMapping=mapping)
+
+    def report_steps(self, client_id: str, recovery_instance_id: str, steps: list[dict[str, str]]) -> None:
+        with self._calling("reporting the initiation steps to DRS"):
+            self.client.update_agent_replication_info_for_drs(
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id,
+                dataReplicationState="INITIATING", initiationSteps=steps)
+
+    def replication_configuration(self, recovery_instance_id: str) -> dict[str, Any]:
+        with self._calling(f"reading the failback replication settings of {recovery_instance_id}"):
+            return self.client.get_failback_replication_configuration(recoveryInstanceID=recovery_instance_id)
+
+    def seen(self, client_id: str, recovery_instance_id: str) -> None:
+        with self._calling("telling DRS this failback client is alive"):
+            self.client.update_failback_client_last_seen_for_drs(
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id)

@@ -1,0 +1,122 @@
+"""Command line of the failback client (user guide, "Failback Client Program Arguments")."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from failback_client import __version__
+from failback_client.console import Console, ConsoleReleased
+from failback_client.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ClientError
+from failback_client.logs import REDACTOR, install_excepthook, setup_logging
+from failback_client.mapping import MappingError
+from failback_client.settings import DM_VALUE_FORMATS, from_arguments
+
+log = logging.getLogger("failback_client")
+
+EPILOG = """\
+environment variables (arguments win over them):
+  AWS_ACCESS_KEY, AWS_ACCESS_KEY_ID            --aws-access-key-id
+  AWS_SECRET_KEY, AWS_SECRET_ACCESS_KEY        --aws-secret-access-key
+  AWS_SESSION_TOKEN                            --aws-session-token
+  AWS_REGION, AWS_DEFAULT_REGION               --region
+  AWS_DRS_ENDPOINT                             --endpoint (set but empty: --default-endpoint)
+  RECOVERY_INSTANCE_ID                         --recovery-instance-id
+  DEVICE_MAPPING                               --device-mapping
+  NO_PROMPT=1                                  --no-prompt
+  https_proxy                                  HTTPS proxy for DRS and S3
+
+test and development hooks (unset on the LiveCD):
+  FAILBACK_SYSROOT=DIR       read /proc, /sys, /dev, /etc and /run under DIR (recorded trees)
+  FAILBACK_S3_ENDPOINT=URL   S3 endpoint checked in step 12 instead of https://s3.REGION.amazonaws.com
+  FAILBACK_CONSOLE_LOCK=FILE console arbitration between the tty1 and ttyS0 instances
+  FAILBACK_INCLUDE_LOOP=1    offer loop devices as local disks
+  FAILBACK_PLAIN=1           plain lines instead of rich output
+  FAILBACK_FIX_CLOCK=0|1     never/always correct a skewed clock (default: only on the LiveCD, as root)
+
+exit status:
+  0 done (this version stops before downloading the replication software), 2 bad or missing argument,
+  3 credentials/region/endpoint/clock, 4 no recovery instance, 5 no valid volume mapping,
+  6 connectivity or linking failed, 7 DRS refused a call, 130 interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="failback-client",
+        description="AWS Elastic Disaster Recovery failback client: identifies the recovery instance, maps its "
+                    "volumes to this machine's disks and verifies connectivity. All arguments are optional; "
+                    "what is missing is asked for.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--aws-access-key-id", metavar="AWS_ACCESS_KEY_ID", dest="access_key_id",
+                   help="AWS access key ID of the failback installation credentials")
+    p.add_argument("--aws-secret-access-key", metavar="AWS_SECRET_ACCESS_KEY", dest="secret_access_key",
+                   help="AWS secret access key (prefer the prompt or AWS_SECRET_KEY: arguments are visible in ps)")
+    p.add_argument("--aws-session-token", metavar="AWS_SESSION_TOKEN", dest="session_token",
+                   help="AWS session token of temporary (STS) credentials")
+    p.add_argument("--region", metavar="REGION", help="AWS Region of the recovery instance, e.g. us-east-1")
+    p.add_argument("--endpoint", metavar="ENDPOINT",
+                   help="custom DRS endpoint URL, e.g. a VPC endpoint (PrivateLink)")
+    p.add_argument("--default-endpoint", action="store_true",
+                   help="use https://drs.REGION.amazonaws.com without asking")
+    p.add_argument("--recovery-instance-id", metavar="RECOVERY_INSTANCE_ID",
+                   help="recovery instance to fail back from (skips automatic identification)")
+    p.add_argument("--dm-value-format", choices=DM_VALUE_FORMATS, default="dev-name",
+                   help="how local devices are named in --device-mapping and at the mapping prompts "
+                        "(default dev-name, e.g. /dev/sda; all-strict accepts every form)")
+    p.add_argument("--device-mapping", metavar="DEVICE_MAPPING",
+                   help='volume mapping: CSV "rec1=local1,rec2:local2,rec3=EXCLUDE", a JSON object '
+                        'or the JSON list [{"recoveryInstanceDeviceName": …, "failbackClientDeviceName": …}]')
+    p.add_argument("--no-prompt", action="store_true",
+                   help="never ask: anything missing is an error naming its argument and variable")
+    p.add_argument("--log-console", action="store_true", help="also write the log to the console (stderr)")
+    p.add_argument("--log-file", metavar="LOG_FILE",
+                   help="log file (created mode 0600; default /var/log/failback-client.log when writable)")
+    p.add_argument("--version", action="version", version=f"failback-client {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    install_excepthook()
+    args = build_parser().parse_args(argv)
+    # Secrets given as arguments or variables are redacted from the very first line of output.
+    REDACTOR.add(args.secret_access_key, args.session_token)
+    console: Console | None = None
+    try:
+        settings = from_arguments(args)
+        REDACTOR.add(*settings.secrets())
+        log_path = setup_logging(log_file=settings.log_file, log_console=settings.log_console)
+        console = Console(plain=True if settings.plain else None, lock_path=settings.console_lock)
+        log.info("failback-client %s starting; settings %s; log %s", __version__, settings, log_path)
+        from failback_client.workflow import run
+
+        return run(settings, console)
+    except ConsoleReleased:
+        return EXIT_OK
+    except (ClientError, MappingError) as e:
+        status = getattr(e, "exit_status", EXIT_USAGE)
+        _report(console, str(e))
+        log.info("exit %s", status)
+        return status
+    except EOFError:
+        _report(console, "The console input ended before all answers were given; "
+                         "use --no-prompt with arguments or variables to run without a console")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _report(console, "Interrupted.")
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        _report(console, f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+        return 1
+
+
+def _report(console: Console | None, message: str) -> None:
+    message = REDACTOR(message)
+    log.error("%s", message)
+    if console is not None:
+        console.error(message)
+    else:
+        sys.stderr.write(f"failback-client: error: {message}\n")

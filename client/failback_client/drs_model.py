@@ -1,0 +1,157 @@
+"""The DRS API as the failback client sees it: botocore's public `drs` model plus our own operations.
+
+The failback client's operations (AssociateFailbackClientToRecoveryInstanceForDrs, ...) are not in
+botocore. They are defined in `data/drs-failback-extension-2020-02-26.json` in the same rest-json
+`POST /<Operation>` style and merged into the `drs` model by a botocore Loader subclass, so one boto3
+client signs, serializes, validates and retries them exactly like the public calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+import boto3
+import botocore.loaders
+import botocore.session
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.model import ServiceModel
+
+from failback_client import __version__
+
+SERVICE_NAME = "drs"
+API_VERSION = "2020-02-26"
+EXTENSION_RESOURCE = "drs-failback-extension-2020-02-26.json"
+RETRY_MODES = ("standard", "adaptive", "legacy")
+
+
+class ModelMergeError(RuntimeError):
+    """Our extension does not fit botocore's drs model (name clash or unknown shape reference)."""
+
+
+@functools.cache
+def extension_model() -> dict[str, Any]:
+    """Our operations and shapes, as shipped in the package (read once)."""
+    text = resources.files("failback_client").joinpath("data", EXTENSION_RESOURCE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def extension_operation_names() -> tuple[str, ...]:
+    return tuple(extension_model()["operations"])
+
+
+def merge_models(public: dict[str, Any], extension: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the public drs model with our operations and shapes added.
+
+    Refuses name clashes (a future botocore might publish one of our names: we'd want to know, not
+    silently override it) and references to shapes that exist in neither model.
+    """
+    if public["metadata"].get("apiVersion") != extension["metadata"]["apiVersion"]:
+        raise ModelMergeError(
+            f"botocore's drs model has apiVersion {public['metadata'].get('apiVersion')}, "
+            f"our extension was written for {extension['metadata']['apiVersion']}"
+        )
+    merged = copy.deepcopy(public)
+    for kind in ("operations", "shapes"):
+        clash = sorted(set(merged[kind]) & set(extension[kind]))
+        if clash:
+            raise ModelMergeError(f"{kind} defined both by botocore's drs model and by ours: {', '.join(clash)}")
+        merged[kind].update(copy.deepcopy(extension[kind]))
+    missing = sorted(_shape_refs(extension) - set(merged["shapes"]))
+    if missing:
+        raise ModelMergeError(f"our drs extension refers to shapes that do not exist: {', '.join(missing)}")
+    return merged
+
+
+def _shape_refs(node: Any) -> set[str]:
+    refs: set[str] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("shape"), str):
+            refs.add(node["shape"])
+        for value in node.values():
+            refs |= _shape_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            refs |= _shape_refs(value)
+    return refs
+
+
+class DrsExtendedLoader(botocore.loaders.Loader):
+    """botocore data loader that serves the merged drs model in place of botocore's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._merged: dict[str | None, dict[str, Any]] = {}
+
+    def load_service_model(self, service_name: str, type_name: str, api_version: str | None = None) -> Any:
+        model = super().load_service_model(service_name, type_name, api_version)
+        if service_name != SERVICE_NAME or type_name != "service-2":
+            return model
+        # The base loader caches and hands out the same dict: merge once into a copy, per api version.
+        if api_version not in self._merged:
+            self._merged[api_version] = merge_models(model, extension_model())
+        return self._merged[api_version]
+
+
+def botocore_session() -> botocore.session.Session:
+    """A botocore session whose `drs` service has our operations too."""
+    session = botocore.session.Session()
+    base = session.get_component("data_loader")
+    session.register_component("data_loader", DrsExtendedLoader(extra_search_paths=base.search_paths,
+                                                                  include_default_search_paths=False))
+    return session
+
+
+@functools.cache
+def drs_service_model() -> ServiceModel:
+    """The merged model (public drs + ours); the control plane validates requests and responses with it."""
+    session = botocore_session()
+    raw = session.get_component("data_loader").load_service_model(SERVICE_NAME, "service-2")
+    return ServiceModel(raw, service_name=SERVICE_NAME)
+
+
+def make_drs_client(
+    *,
+    region: str,
+    endpoint_url: str | None,
+    access_key: str,
+    secret_key: str,
+    session_token: str | None = None,
+    retries_mode: str = "standard",
+    max_attempts: int = 8,
+    proxies: dict[str, str] | None = None,
+    connect_timeout: float = 10,
+    read_timeout: float = 60,
+) -> BaseClient:
+    """A boto3 `drs` client with the public and the failback client's operations.
+
+    `endpoint_url=None` means the default `https://drs.{region}.amazonaws.com`. Throttling (429) and
+    5xx are retried by botocore's standard/adaptive retry mode with up to `max_attempts` attempts.
+    """
+    if retries_mode not in RETRY_MODES:
+        raise ValueError(f"retries_mode must be one of {', '.join(RETRY_MODES)}, not {retries_mode!r}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
+    config = Config(
+        region_name=region,
+        # total_max_attempts counts the first attempt too (botocore's "max_attempts" would not).
+        retries={"mode": retries_mode, "total_max_attempts": max_attempts},
+        proxies=proxies,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        user_agent_appid=f"failback-client-{__version__}",
+    )
+    session = boto3.session.Session(botocore_session=botocore_session())
+    return session.client(
+        SERVICE_NAME,
+        region_name=region,
+        endpoint_url=endpoint_url or None,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        aws_session_token=session_token or None,
+        config=config,
+    )

@@ -1,0 +1,44 @@
+"""Errors the client reports as one clear sentence, and the exit status each one gives."""
+
+from __future__ import annotations
+
+# Exit statuses (documented in `failback-client --help` and client/README.md).
+EXIT_OK = 0  # workflow done up to the last stage this version implements
+EXIT_USAGE = 2  # bad or missing argument/variable (argparse also uses 2)
+EXIT_CREDENTIALS = 3  # credentials, region or endpoint refused / unreachable
+EXIT_IDENTIFY = 4  # no recovery instance could be chosen
+EXIT_MAPPING = 5  # no valid volume mapping
+EXIT_CONNECTIVITY = 6  # TCP 1500 / DRS / S3 connectivity or association failed
+EXIT_SERVICE = 7  # the DRS service refused a later call
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class ClientError(Exception):
+    """A failure the admin can act on: `str()` is the sentence shown, `exit_status` the process status."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, *, exit_status: int | None = None) -> None:
+        super().__init__(message)
+        if exit_status is not None:
+            self.exit_status = exit_status
+
+
+class UsageError(ClientError):
+    exit_status = EXIT_USAGE
+
+
+class CredentialsError(ClientError):
+    exit_status = EXIT_CREDENTIALS
+
+
+class IdentifyError(ClientError):
+    exit_status = EXIT_IDENTIFY
+
+
+class ConnectivityError(ClientError):
+    exit_status = EXIT_CONNECTIVITY
+
+
+class ServiceError(ClientError):
+    exit_status = EXIT_SERVICE

@@ -1,0 +1,121 @@
+"""Logging with secrets removed: a redactor shared by every handler, the console and the excepthook."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from types import TracebackType
+from urllib.parse import quote
+
+DEFAULT_LOG_FILE = "/var/log/failback-client.log"
+MASK = "****"
+LOGGER_NAME = "failback_client"
+log = logging.getLogger(LOGGER_NAME)
+
+
+class Redactor:
+    """Replaces every known secret (and its URL-encoded form) with ****. Secrets are added as they become known."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, *secrets: str | None) -> None:
+        with self._lock:
+            for secret in secrets:
+                # Very short values would mask ordinary words; real secrets are 16+ characters.
+                if secret and len(secret) >= 4:
+                    self._secrets.add(secret)
+                    self._secrets.add(quote(secret, safe=""))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._secrets.clear()
+
+    def __call__(self, text: str) -> str:
+        with self._lock:
+            secrets = sorted(self._secrets, key=len, reverse=True)
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
+REDACTOR = Redactor()
+
+
+class RedactingFormatter(logging.Formatter):
+    """Redacts the fully formatted record, traceback included."""
+
+    def __init__(self, fmt: str, redactor: Redactor = REDACTOR) -> None:
+        super().__init__(fmt)
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor(super().format(record))
+
+
+def open_private(path: str) -> int:
+    """Open `path` for appending, created 0600; an existing file is tightened to 0600 too."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def default_log_file() -> str | None:
+    """/var/log/failback-client.log when it can be written (the LiveCD runs as root), else no file."""
+    directory = os.path.dirname(DEFAULT_LOG_FILE)
+    if os.path.exists(DEFAULT_LOG_FILE):
+        return DEFAULT_LOG_FILE if os.access(DEFAULT_LOG_FILE, os.W_OK) else None
+    return DEFAULT_LOG_FILE if os.access(directory, os.W_OK) else None
+
+
+def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: bool = True) -> str | None:
+    """Configure the client's loggers; returns the log file path in use (or None)."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    # botocore's DEBUG output repeats whole requests; INFO keeps retries and endpoint choices.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    path = log_file or (default_log_file() if use_default_file else None)
+    if path:
+        fd = open_private(path)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", buffering=1))
+        handler.setFormatter(RedactingFormatter(fmt))
+        handler.setLevel(logging.DEBUG)
+        root.addHandler(handler)
+    if log_console:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(RedactingFormatter(fmt))
+        console.setLevel(logging.DEBUG)
+        root.addHandler(console)
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    return path
+
+
+def redacted_excepthook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """Last resort for unexpected errors: a redacted traceback on stderr and in the log."""
+    text = REDACTOR("".join(traceback.format_exception(exc_type, exc, tb)))
+    try:
+        log.error("unexpected error:\n%s", text)
+    finally:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _thread_hook(args: threading.ExceptHookArgs) -> None:
+    redacted_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+
+
+def install_excepthook() -> None:
+    sys.excepthook = redacted_excepthook
+    threading.excepthook = _thread_hook

@@ -1,0 +1,31 @@
+"""The AWS Regions where DRS runs (drs-facts.md), and a helpful answer to a mistyped one."""
+
+from __future__ import annotations
+
+import difflib
+
+COMMERCIAL_REGIONS: tuple[str, ...] = (
+    "af-south-1", "ap-east-1", "ap-northeast-1", "ap-northeast-2", "ap-northeast-3",
+    "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3",
+    "ap-southeast-4", "ca-central-1", "eu-central-1", "eu-central-2", "eu-north-1",
+    "eu-south-1", "eu-south-2", "eu-west-1", "eu-west-2", "eu-west-3", "il-central-1",
+    "me-central-1", "me-south-1", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2",
+)
+GOVCLOUD_REGIONS: tuple[str, ...] = ("us-gov-east-1", "us-gov-west-1")
+DRS_REGIONS: tuple[str, ...] = COMMERCIAL_REGIONS + GOVCLOUD_REGIONS
+
+
+def region_problem(region: str) -> str | None:
+    """None when `region` is a DRS region, else the reason (with a suggestion when it looks like a typo)."""
+    if region in DRS_REGIONS:
+        return None
+    lowered = region.strip().lower()
+    if lowered in DRS_REGIONS:
+        return f"region {region!r} must be written in lower case: {lowered}"
+    close = difflib.get_close_matches(lowered, DRS_REGIONS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; DRS regions are: {', '.join(DRS_REGIONS)}"
+    return f"{region!r} is not an AWS Region where Elastic Disaster Recovery runs{hint}"
+
+
+def default_endpoint(region: str) -> str:
+    return f"https://drs.{region}.amazonaws.com"

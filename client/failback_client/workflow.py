@@ -1,0 +1,141 @@
+"""The failback client's console workflow: preflight -> arguments/prompts -> identify -> map -> verify.
+
+Downloading and pairing the replication software (guide steps 13-16) are not in this version: the workflow
+stops cleanly after step 12 with exit status 0 and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from failback_client import __version__
+from failback_client.api import DrsApi
+from failback_client.console import Console
+from failback_client.devices import LocalDisk
+from failback_client.errors import EXIT_OK, ConnectivityError, CredentialsError
+from failback_client.identify import choose, local_identity, recovery_disks
+from failback_client.map_volumes import choose_mapping, show_mapping
+from failback_client.mapping import to_api
+from failback_client.preflight import Preflight, correct_clock, gather, may_fix_clock, measure_skew
+from failback_client.prompts import complete_settings
+from failback_client.settings import Settings
+from failback_client.verify import StepReporter, replication_target, service_targets, tcp_problem
+
+log = logging.getLogger(__name__)
+
+STOP_MESSAGE = ("Downloading and pairing the replication software is not available in this version; "
+                "the failback client stops here (steps 13-16 of the guide come in a later version).")
+
+
+def run_preflight(settings: Settings, console: Console) -> Preflight:
+    """Print the summary line first (before any prompt), then the preflight table and its warnings."""
+    pre = gather(settings.sysroot, include_loop=settings.include_loop)
+    console.raw(pre.summary_line())
+    console.table(("Check", "Value", "Verdict"), pre.rows(), title="Preflight")
+    if not pre.memory_ok:
+        console.warn("This machine has less than 4 GiB of memory; the AWS failback client would refuse to run. "
+                     "Continuing, but replication may run out of memory.")
+    if pre.secure_boot:
+        console.warn("Secure Boot is on: turn it off in the firmware settings before failing back.")
+    if pre.hwclock_local:
+        console.warn(f"The hardware clock keeps local time ({pre.hwclock_reason}); set it to UTC in the firmware "
+                     "or run `hwclock --systohc --utc` once the system clock is right.")
+    return pre
+
+
+def check_clock(settings: Settings, console: Console) -> None:
+    skew = measure_skew(settings.endpoint_url)
+    if skew is None:
+        log.info("no Date header from %s: clock skew not measured", settings.endpoint_url)
+        return
+    log.info("clock skew against %s: %.1f s", settings.endpoint_url, skew.seconds)
+    if not skew.too_large:
+        if abs(skew.seconds) >= 30:
+            console.warn(f"{skew.describe()}; within what AWS accepts, but check the time source.")
+        return
+    if may_fix_clock(settings.sysroot, settings.fix_clock):
+        correct_clock(skew)
+        console.ok(f"{skew.describe()}: corrected the system clock to the endpoint's time")
+        return
+    raise CredentialsError(f"{skew.describe()}. {skew.advice()}")
+
+
+def local_disks_for_api(local: list[LocalDisk]) -> list[dict[str, Any]]:
+    return [{"deviceName": d.path, "bytes": d.size_bytes, "persistentNames": [*d.by_path, *d.by_id, *d.by_uuid][:32]}
+            for d in local if not d.boot_medium]
+
+
+def run(settings: Settings, console: Console) -> int:
+    pre = run_preflight(settings, console)
+    complete_settings(settings, console)
+    console.claim_or_wait()
+    console.info(f"Region {settings.region}, endpoint {settings.endpoint_url}")
+    check_clock(settings, console)
+
+    api = DrsApi(settings)
+    api.check_credentials()
+    console.ok(f"Credentials accepted by Elastic Disaster Recovery in {settings.region}")
+
+    identity = local_identity(settings.sysroot)
+    log.info("local identity: macs=%s uuid=%s", identity.macs, identity.system_uuid)
+    choice = choose(api, console, identity, pre.disks, wanted_id=settings.recovery_instance_id,
+                    no_prompt=settings.no_prompt)
+    console.ok(f"Recovery instance {choice.id}: {choice.reason}")
+
+    local_api = local_disks_for_api(pre.disks)
+    identification: dict[str, Any] = {
+        "hostname": identity.hostname[:255] or "failback-client",
+        "macAddresses": identity.macs[:64],
+        "bootMode": pre.boot_mode,
+        "secureBoot": bool(pre.secure_boot),
+    }
+    if identity.system_uuid:
+        identification["vmWareUuid"] = identity.system_uuid
+    if pre.memory_kb:
+        identification["ramBytes"] = pre.memory_kb * 1024
+    link = api.associate(choice.id, identification, local_api, __version__)
+    client_id = link["failbackClientID"]
+    steps = StepReporter(api, console, client_id, choice.id)
+    steps.set("LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE", "SUCCEEDED")
+
+    steps.set("COMPLETE_VOLUME_MAPPING", "IN_PROGRESS")
+    try:
+        volumes = choose_mapping(
+            api, console, client_id=client_id, recovery_instance_id=choice.id,
+            recovery=recovery_disks(choice.instance), local=pre.disks, local_api=local_api,
+            original_server=choice.original_server or bool(link.get("failbackToOriginalServer")),
+            device_mapping=settings.device_mapping, value_format=settings.dm_value_format,
+            no_prompt=settings.no_prompt)
+        show_mapping(console, volumes)
+        api.update_mapping(client_id, choice.id, to_api(volumes))
+    except BaseException:
+        steps.set("COMPLETE_VOLUME_MAPPING", "FAILED")
+        raise
+    steps.set("COMPLETE_VOLUME_MAPPING", "SUCCEEDED")
+
+    steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "IN_PROGRESS")
+    problems = []
+    replication = replication_target(link.get("replicationEndpoint", {}), choice.instance)
+    problem = tcp_problem(replication)
+    if problem:
+        problems.append(problem)
+        steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "FAILED")
+    else:
+        console.ok(f"Reached {replication.what} at {replication.address}")
+        steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "SUCCEEDED")
+    for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint,
+                                  dict(os.environ)):
+        problem = tcp_problem(target)
+        if problem:
+            problems.append(problem)
+        else:
+            console.ok(f"Reached {target.what} at {target.address}")
+    if problems:
+        for p in problems:
+            console.error(p)
+        raise ConnectivityError(f"{len(problems)} connectivity check(s) failed; fix them and start the client again")
+
+    console.info(STOP_MESSAGE)
+    return EXIT_OK

@@ -1,0 +1,8 @@
+"""Failback replication software: the LiveCD end of the open failback replication protocol.
+
+See PROTOCOL.md next to this package. The engine (`engine.Replicator`) talks to the agent on the
+recovery instance and reports through the small interfaces in `interfaces`.
+"""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,670 @@
+"""The replication engine: pairs with the agent, brings every mapped volume in sync, keeps it in
+sync until the service asks for the final sync, and resumes from the journal after any interruption.
+
+Every session (a TCP+TLS connection) runs the same idempotent steps, so resuming after a cut is
+not a special case: compare the source's block digests with what the journal says is verified
+locally, fetch what differs (verifying each block on arrival), verify both sides in full, then
+follow the source's changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import PROTOCOL_VERSION, __version__
+from .blockio import (
+    block_count,
+    block_digest,
+    block_span,
+    device_size,
+    drop_cache,
+    is_block_device,
+    open_volume,
+    read_block,
+    write_all,
+)
+from .config import ConfigError, ReplicatorConfig, VolumeMapping
+from .interfaces import (
+    Command,
+    CommandSource,
+    DiskProgress,
+    InitiationStep,
+    LoggingReporter,
+    QueueCommandSource,
+    ReplicationError,
+    ReplicationSnapshot,
+    ReplicationState,
+    StateReporter,
+    StepStatus,
+)
+from .journal import Journal
+from .throttle import TokenBucket
+from .tlsconf import PairingError, client_context, require_identity
+from .wire import (
+    FRAME_BLOCK,
+    FRAME_DIGESTS,
+    FRAME_JSON,
+    Connection,
+    Decoder,
+    ProtocolError,
+    available_codecs,
+    parse_block,
+    parse_digests,
+    parse_json,
+    to_ranges,
+)
+
+log = logging.getLogger("failback_replicator")
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "COMPLETED"  # final sync done: local volumes equal the source
+    STOPPED = "STOPPED"  # the service said STOP (StopFailback) or COMPLETE
+
+
+class ReplicationFailed(Exception):
+    """Unrecoverable: carries the DRS error name reported before raising."""
+
+    def __init__(self, error: ReplicationError, message: str) -> None:
+        super().__init__(f"{error}: {message}")
+        self.error = error
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class AgentRefused(Exception):
+    """The agent answered with an ERROR message."""
+
+
+@dataclass
+class Stats:
+    """Counters for tests and the benchmark (what was really sent and written)."""
+
+    sessions: int = 0
+    blocks_fetched: int = 0
+    bytes_written: int = 0
+    wire_bytes_in: int = 0
+    digest_failures: int = 0
+    verify_passes: int = 0
+    local_blocks_read: int = 0
+    fetched_by_volume: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Target:
+    mapping: VolumeMapping
+    fd: int
+    size: int  # source volume size (the local device may be larger)
+    blocks: int
+    journal: Journal
+    progress: DiskProgress
+    index: int = -1  # the agent's volume index in this session
+    generation: int = 0  # agent generation the local copy is known to match
+    need_bytes: int = 0
+
+    @property
+    def local(self) -> list[bytes | None]:
+        return self.journal.verified
+
+
+class _RateMeter:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.bytes = 0
+        self.rate = 0.0
+        self._last = self.start
+        self._acc = 0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        self._acc += n
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            inst = self._acc / (now - self._last)
+            self.rate = inst if not self.rate else 0.7 * self.rate + 0.3 * inst
+            self._last, self._acc = now, 0
+
+
+class Replicator:
+    def __init__(
+        self,
+        config: ReplicatorConfig,
+        reporter: StateReporter | None = None,
+        commands: CommandSource | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        self.reporter: StateReporter = reporter or LoggingReporter()
+        self.commands: CommandSource = commands or QueueCommandSource()
+        self.stats = Stats()
+        self._sleep = sleep
+        self._targets: list[_Target] = []
+        self._bucket = TokenBucket(config.bandwidth_mbps)
+        self._throttle_mbps = config.bandwidth_mbps
+        self._state = ReplicationState.INITIATING
+        self._paired = False
+        self._established = False
+        self._error: ReplicationError | None = None
+        self._last_report = 0.0
+        self._in_sync_since: float | None = None
+        self._session_start = time.monotonic()
+        self._meter = _RateMeter()
+        self._conn: Connection | None = None
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> Outcome:
+        """Replicates until the final sync is done (COMPLETED) or the service says STOP."""
+        try:
+            self._open_targets()
+        except (OSError, ConfigError) as exc:
+            self.reporter.error(ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE, str(exc))
+            raise ReplicationFailed(ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE, str(exc)) from exc
+        try:
+            return self._run_sessions()
+        finally:
+            for t in self._targets:
+                try:
+                    import os
+
+                    os.fsync(t.fd)
+                    os.close(t.fd)
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------------ set-up
+    def _open_targets(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        for m in self.cfg.volumes:
+            fd = open_volume(m.target, writable=True)
+            local_size = device_size(fd)
+            progress = DiskProgress(device_name=m.recovery_device, target=str(m.target), total_bytes=0)
+            # Size and journal are settled once the agent tells us the source size (HELLO).
+            self._targets.append(
+                _Target(mapping=m, fd=fd, size=local_size, blocks=0, journal=None, progress=progress)  # type: ignore[arg-type]
+            )
+            log.info("target %s: %d bytes (%s)", m.target, local_size, "block device" if is_block_device(fd) else "file")
+
+    def _bind_targets(self, volumes: list[dict]) -> None:
+        by_name = {v["name"]: (i, int(v["size"])) for i, v in enumerate(volumes)}
+        for t in self._targets:
+            name = t.mapping.recovery_device
+            if name not in by_name:
+                raise ReplicationFailed(
+                    ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE,
+                    f"the agent has no volume {name!r} (it serves: {', '.join(sorted(by_name))}); fix the device mapping",
+                )
+            index, size = by_name[name]
+            local_size = device_size(t.fd)
+            if local_size < size:
+                raise ReplicationFailed(
+                    ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE,
+                    f"{t.mapping.target} holds {local_size} bytes but recovery volume {name} needs {size}",
+                )
+            t.index = index
+            if t.journal is None or t.size != size:
+                t.size = size
+                t.blocks = block_count(size, self.cfg.block_size)
+                identity = {
+                    "recovery_instance": self.cfg.recovery_instance_id,
+                    "volume": name,
+                    "size": size,
+                    "block_size": self.cfg.block_size,
+                    "target": str(t.mapping.target),
+                }
+                safe = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+                path = Path(self.cfg.state_dir) / f"journal-{safe}.bin"
+                t.journal, how = Journal.load_or_new(path, identity, t.blocks)
+                log.info("%s: %s", name, how)
+                t.progress.total_bytes = size
+
+    # ------------------------------------------------------------------ sessions
+    def _run_sessions(self) -> Outcome:
+        backoff = 1.0
+        down_since: float | None = None
+        while True:
+            self._check_stop_while_down()
+            try:
+                conn = self._connect()
+                down_since = None
+                backoff = 1.0
+                try:
+                    return self._session(conn)
+                finally:
+                    self.stats.wire_bytes_in += conn.bytes_in
+                    self._conn = None
+                    try:
+                        conn.sock.close()
+                    except OSError:
+                        pass
+            except _StopRequested:
+                self._set_state(ReplicationState.STOPPED)
+                return Outcome.STOPPED
+            except (PairingError, ssl.SSLCertVerificationError, AgentRefused) as exc:
+                step = (
+                    InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE
+                    if not self._established
+                    else InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION
+                )
+                if not self._paired:
+                    self.reporter.initiation_step(step, StepStatus.FAILED)
+                msg = f"pairing with the agent at {self.cfg.agent_host}:{self.cfg.agent_port} failed: {exc}"
+                log.error("%s", msg)
+                self.reporter.error(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg)
+                raise ReplicationFailed(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg) from exc
+            except (OSError, ConnectionError, ProtocolError, ssl.SSLError) as exc:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                was_up = self._established
+                self._set_state(ReplicationState.DISCONNECTED if was_up else ReplicationState.INITIATING)
+                what = _describe_network_error(exc, self.cfg.agent_host, self.cfg.agent_port)
+                if now - down_since >= self.cfg.agent_not_seen_after:
+                    self._report_error(ReplicationError.AGENT_NOT_SEEN, what)
+                elif was_up:
+                    self._report_error(ReplicationError.UNSTABLE_NETWORK, what)
+                else:
+                    log.warning("agent not reachable yet: %s", what)
+                if self.cfg.give_up_after is not None and now - down_since >= self.cfg.give_up_after:
+                    error = (
+                        ReplicationError.AGENT_NOT_SEEN
+                        if not self._established
+                        else ReplicationError.UNSTABLE_NETWORK
+                    )
+                    if not self._established:
+                        self.reporter.initiation_step(
+                            InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION
+                            if self._paired
+                            else InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE,
+                            StepStatus.FAILED,
+                        )
+                    raise ReplicationFailed(error, f"gave up after {self.cfg.give_up_after:.0f} s: {what}") from exc
+                log.info("reconnecting in %.0f s", backoff)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
+
+    def _check_stop_while_down(self) -> None:
+        cmd, _ = self.commands.poll()
+        if cmd in (Command.STOP, Command.COMPLETE):
+            raise _StopRequested()
+
+    def _connect(self) -> Connection:
+        if not self._paired:
+            self.reporter.initiation_step(InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE, StepStatus.IN_PROGRESS)
+        ctx = client_context(self.cfg.tls)
+        raw = socket.create_connection((self.cfg.agent_host, self.cfg.agent_port), timeout=self.cfg.connect_timeout)
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = ctx.wrap_socket(raw, server_hostname=None)
+            require_identity(sock, {self.cfg.agent_identity}, "agent")
+        except BaseException:
+            raw.close()
+            raise
+        sock.settimeout(self.cfg.io_timeout)
+        self.stats.sessions += 1
+        log.info(
+            "paired with agent %s at %s:%d (%s, %s)",
+            self.cfg.agent_identity,
+            self.cfg.agent_host,
+            self.cfg.agent_port,
+            sock.version(),
+            sock.cipher()[0] if sock.cipher() else "?",
+        )
+        if not self._paired:
+            self._paired = True
+            self.reporter.initiation_step(InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE, StepStatus.SUCCEEDED)
+        conn = Connection(sock)
+        self._conn = conn
+        return conn
+
+    def _hello(self, conn: Connection) -> None:
+        if not self._established:
+            self.reporter.initiation_step(
+                InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION, StepStatus.IN_PROGRESS
+            )
+        conn.send_json(
+            {
+                "op": "HELLO",
+                "version": PROTOCOL_VERSION,
+                "software": f"failback-replicator/{__version__}",
+                "client": self.cfg.client_identity,
+                "recovery_instance": self.cfg.recovery_instance_id,
+                "block_size": self.cfg.block_size,
+                "codecs": available_codecs(),
+            }
+        )
+        reply = self._expect(conn, "HELLO")
+        if reply.get("version") != PROTOCOL_VERSION:
+            raise AgentRefused(f"agent speaks protocol version {reply.get('version')}, we speak {PROTOCOL_VERSION}")
+        if reply.get("recovery_instance") != self.cfg.recovery_instance_id:
+            raise AgentRefused(
+                f"agent serves recovery instance {reply.get('recovery_instance')!r}, "
+                f"not {self.cfg.recovery_instance_id!r}"
+            )
+        self._bind_targets(reply["volumes"])
+        if not self._established:
+            self._established = True
+            self.reporter.initiation_step(
+                InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION, StepStatus.SUCCEEDED
+            )
+
+    def _expect(self, conn: Connection, op: str) -> dict:
+        msg = conn.recv_json()
+        if msg["op"] == "ERROR":
+            raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
+        if msg["op"] != op:
+            raise ProtocolError(f"expected {op}, agent sent {msg['op']}")
+        return msg
+
+    # ------------------------------------------------------------------ one session
+    def _session(self, conn: Connection) -> Outcome:
+        self._hello(conn)
+        self._clear_error()
+        self._session_start = time.monotonic()
+        first = all(t.journal.phase == "SYNC" for t in self._targets)
+        self._set_state(
+            ReplicationState.RESCAN if (self.cfg.rescan or not first) else ReplicationState.INITIAL_SYNC
+        )
+        self._converge(conn, full_verify=True)
+        for t in self._targets:
+            t.journal.phase = "VERIFIED"
+            t.journal.save()
+        self._in_sync_since = time.monotonic()
+        self._set_state(ReplicationState.CONTINUOUS)
+        self._report_progress(force=True)
+        self.reporter.consistency_attained()
+        while True:
+            cmd, mbps = self.commands.poll()
+            self._apply_throttle(mbps)
+            if cmd in (Command.STOP, Command.COMPLETE):
+                log.info("service command %s: stopping replication", cmd)
+                self._bye(conn)
+                self._set_state(ReplicationState.STOPPED)
+                return Outcome.STOPPED
+            if cmd is Command.FINAL_SYNC:
+                log.info("failback launch requested: final sync")
+                conn.send_json({"op": "SCAN"})
+                self._expect(conn, "SCAN")
+                self._follow_changes(conn, wait=0.0)
+                self._converge(conn, full_verify=True)
+                self.reporter.completed()
+                self._bye(conn)
+                return Outcome.COMPLETED
+            self._follow_changes(conn, wait=self.cfg.changes_wait)
+            self._report_progress()
+
+    def _bye(self, conn: Connection) -> None:
+        try:
+            conn.send_json({"op": "BYE"})
+        except OSError:
+            pass
+
+    def _apply_throttle(self, mbps: int | None) -> None:
+        if mbps != self._throttle_mbps:
+            log.info("bandwidth throttling: %s", f"{mbps} Mbps" if mbps else "off")
+            self._throttle_mbps = mbps
+            self._bucket.set_rate(mbps)
+
+    # ------------------------------------------------------------------ sync steps
+    def _converge(self, conn: Connection, full_verify: bool) -> None:
+        """Fetch until source digests equal local ones; with full_verify, re-read every local block once."""
+        need = self._compare(conn, reread_local=False)
+        self._fetch_all(conn, need)
+        rounds = 0
+        while True:
+            rounds += 1
+            need = self._compare(conn, reread_local=full_verify)
+            if full_verify:
+                self.stats.verify_passes += 1
+                full_verify = False
+            if not any(need.values()):
+                return
+            n = sum(len(v) for v in need.values())
+            log.info("verification found %d block(s) that differ (changed on the source meanwhile?); fetching", n)
+            if rounds >= self.cfg.max_converge_rounds:
+                self._report_error(ReplicationError.NOT_CONVERGING, f"{n} block(s) still differ after {rounds} rounds")
+            self._fetch_all(conn, need)
+
+    def _compare(self, conn: Connection, reread_local: bool) -> dict[int, list[int]]:
+        """Asks the agent for fresh digests of every volume and lists the blocks that differ locally."""
+        need: dict[int, list[int]] = {}
+        for t in self._targets:
+            # Blocks with no trusted local digest are read locally when we expect them to be
+            # mostly equal (rescan, or a verification pass); in a full sync they are just fetched.
+            local_job = None
+            local_result: list[bytes | None] = []
+            if reread_local or self.cfg.rescan:
+                indices = range(t.blocks) if reread_local else [i for i in range(t.blocks) if t.local[i] is None]
+                if reread_local:
+                    drop_cache(t.fd)
+                local_job = threading.Thread(target=self._digest_local, args=(t, list(indices), local_result))
+                local_job.start()
+            conn.send_json({"op": "DIGESTS", "volume": t.index})
+            source: list[bytes] = []
+            while True:
+                ftype, body = conn.recv_frame()
+                if ftype == FRAME_DIGESTS:
+                    vol, first, digs = parse_digests(body)
+                    if vol != t.index or first != len(source):
+                        raise ProtocolError("digest frames out of order")
+                    source.extend(digs)
+                    t.progress.rescanned_bytes = min(t.size, len(source) * self.cfg.block_size)
+                    self._report_progress()
+                elif ftype == FRAME_JSON:
+                    msg = parse_json(body)
+                    if msg["op"] == "ERROR":
+                        raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
+                    if msg["op"] != "DIGESTS":
+                        raise ProtocolError(f"expected DIGESTS, agent sent {msg['op']}")
+                    t.generation = int(msg["generation"])
+                    break
+                else:
+                    raise ProtocolError(f"unexpected frame type {ftype} in a digest list")
+            if len(source) != t.blocks:
+                raise ProtocolError(f"agent sent {len(source)} digests for {t.blocks} blocks")
+            if local_job is not None:
+                local_job.join()
+                if local_result and isinstance(local_result[0], BaseException):
+                    raise local_result[0]  # type: ignore[misc]
+            differ = [i for i in range(t.blocks) if t.local[i] != source[i]]
+            need[t.index] = differ
+            t.need_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in differ)
+            t.progress.backlogged_bytes = t.need_bytes
+            t.progress.replicated_bytes = t.size - t.need_bytes
+            log.info(
+                "%s: %d of %d blocks differ (%d bytes)%s",
+                t.mapping.recovery_device,
+                len(differ),
+                t.blocks,
+                t.need_bytes,
+                " [full verification pass]" if reread_local else "",
+            )
+        self._report_progress(force=True)
+        return need
+
+    def _digest_local(self, t: _Target, indices: list[int], result: list) -> None:
+        try:
+            for i in indices:
+                t.local[i] = block_digest(read_block(t.fd, i, t.size, self.cfg.block_size))
+                self.stats.local_blocks_read += 1
+        except BaseException as exc:  # surfaced in the calling thread
+            result.append(exc)
+
+    def _follow_changes(self, conn: Connection, wait: float) -> None:
+        conn.send_json(
+            {"op": "CHANGES", "since": {str(t.index): t.generation for t in self._targets}, "wait": wait}
+        )
+        msg = self._expect(conn, "CHANGES")
+        changed = {int(k): [i for s, c in v for i in range(s, s + c)] for k, v in msg["changed"].items()}
+        if any(changed.values()):
+            if self._in_sync_since is not None:
+                self._set_state(ReplicationState.CONTINUOUS)
+            self._fetch_all(conn, changed)
+        for t in self._targets:
+            t.generation = int(msg["generations"][str(t.index)])
+        self._in_sync_since = time.monotonic()
+
+    # ------------------------------------------------------------------ block transfer
+    def _fetch_all(self, conn: Connection, need: dict[int, list[int]]) -> None:
+        for t in self._targets:
+            blocks = need.get(t.index, [])
+            if blocks:
+                self._fetch(conn, t, blocks)
+
+    def _fetch(self, conn: Connection, t: _Target, wanted: list[int]) -> None:
+        """Streams `wanted` blocks from the agent into the target, checkpointing the journal.
+
+        Two batches are requested ahead so the link never idles during a checkpoint; a writer
+        thread verifies and writes while this thread receives (decryption and hashing overlap).
+        """
+        cp = self.cfg.checkpoint_blocks
+        batches = [wanted[i : i + cp] for i in range(0, len(wanted), cp)]
+        t.journal.mark_inflight(batches[0])
+        t.journal.save()
+        work: queue.Queue = queue.Queue(maxsize=8)
+        failures: list[int] = []
+        done: dict[int, bytes] = {}
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            decoder = Decoder()
+            while True:
+                item = work.get()
+                try:
+                    if item is None:
+                        return
+                    if errors:
+                        continue
+                    index, codec, raw_len, dig, payload = item
+                    data = decoder.decode(codec, payload, raw_len)
+                    if block_digest(data) != dig:
+                        failures.append(index)
+                        log.warning("%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index)
+                        continue
+                    off, length = block_span(index, t.size, self.cfg.block_size)
+                    if length != raw_len:
+                        raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
+                    write_all(t.fd, data, off)
+                    done[index] = dig
+                except BaseException as exc:
+                    errors.append(exc)
+                finally:
+                    work.task_done()
+
+        thread = threading.Thread(target=writer, name="replicator-writer", daemon=True)
+        thread.start()
+        try:
+            sent = 0
+            for k in range(min(2, len(batches))):
+                self._request(conn, t, batches[k])
+                sent += 1
+            for k, batch in enumerate(batches):
+                if sent < len(batches):
+                    self._request(conn, t, batches[sent])
+                    sent += 1
+                want = set(batch)
+                for _ in range(len(batch)):
+                    ftype, body = conn.recv_frame()
+                    if ftype == FRAME_JSON:
+                        msg = parse_json(body)
+                        raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
+                    if ftype != FRAME_BLOCK:
+                        raise ProtocolError(f"expected a block, got frame type {ftype}")
+                    vol, index, codec, raw_len, dig, payload = parse_block(body)
+                    if vol != t.index or index not in want:
+                        raise ProtocolError(f"unrequested block {vol}/{index}")
+                    self._bucket.consume(len(body))
+                    work.put((index, codec, raw_len, dig, payload))
+                    if errors:
+                        raise errors[0]
+                self._expect(conn, "READ")
+                work.join()
+                if errors:
+                    raise errors[0]
+                # Checkpoint: data durable first, then the journal says so (and names the next batch).
+                import os
+
+                os.fdatasync(t.fd)
+                nxt = batches[k + 1] if k + 1 < len(batches) else []
+                verified = {i: done.pop(i) for i in batch if i in done}
+                t.journal.mark_verified(verified, nxt)
+                t.journal.save()
+                n_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in verified)
+                self.stats.blocks_fetched += len(verified)
+                self.stats.bytes_written += n_bytes
+                self.stats.fetched_by_volume.setdefault(t.mapping.recovery_device, []).extend(verified)
+                self._meter.add(n_bytes)
+                t.need_bytes = max(0, t.need_bytes - n_bytes)
+                t.progress.backlogged_bytes = t.need_bytes
+                t.progress.replicated_bytes = min(t.size, t.progress.replicated_bytes + n_bytes)
+                t.progress.rate_bps = self._meter.rate
+                self._report_progress()
+            if failures:
+                self.stats.digest_failures += len(failures)
+                if self.stats.digest_failures > 64:
+                    raise ProtocolError(f"{self.stats.digest_failures} blocks failed verification: link corrupts data")
+                retry = sorted(set(failures))
+                failures.clear()
+                self._fetch(conn, t, retry)
+        finally:
+            work.put(None)
+            thread.join()
+
+    def _request(self, conn: Connection, t: _Target, batch: list[int]) -> None:
+        conn.send_json({"op": "READ", "volume": t.index, "blocks": to_ranges(batch)})
+
+    # ------------------------------------------------------------------ reporting
+    def _set_state(self, state: ReplicationState) -> None:
+        if state != self._state:
+            self._state = state
+            self.reporter.replication_state(state)
+
+    def _report_error(self, error: ReplicationError, raw: str) -> None:
+        log.warning("%s: %s", error, raw)
+        self._error = error
+        self.reporter.error(error, raw)
+
+    def _clear_error(self) -> None:
+        if self._error is not None:
+            self._error = None
+            self.reporter.error_cleared()
+
+    def snapshot(self) -> ReplicationSnapshot:
+        backlog = sum(t.progress.backlogged_bytes for t in self._targets)
+        rate = self._meter.rate
+        lag = 0 if not backlog else int(time.monotonic() - (self._in_sync_since or self._session_start))
+        return ReplicationSnapshot(
+            state=self._state,
+            disks=[t.progress for t in self._targets],
+            lag_seconds=lag,
+            eta_seconds=(backlog / rate if rate > 0 else None) if backlog else 0.0,
+            throughput_bps=rate,
+            wire_bytes=self.stats.wire_bytes_in + (self._conn.bytes_in if self._conn else 0),
+        )
+
+    def _report_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_report >= 1.0:
+            self._last_report = now
+            self.reporter.progress(self.snapshot())
+
+
+def _describe_network_error(exc: BaseException, host: str, port: int) -> str:
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return f"connection to the agent at {host}:{port} refused (is the agent running? TCP {port} open?)"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no answer from the agent at {host}:{port} (security group / route / proxy on TCP {port}?)"
+    return f"link to the agent at {host}:{port} lost: {exc.__class__.__name__}: {exc}"

@@ -1,0 +1,218 @@
+"""Wire format of the failback replication protocol (see PROTOCOL.md): frames, block codecs, digests.
+
+Every frame is `type:u8 length:u32` (network order) followed by `length` bytes. Control messages are
+JSON objects; bulk data (blocks, digest lists) is binary so that a 1 MiB block costs one header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+try:  # zstandard is optional: Debian's python3-zstandard on the LiveCD, zstandard from PyPI in the venv
+    import zstandard as _zstd
+except ImportError:  # pragma: no cover - exercised only where zstandard is absent
+    _zstd = None
+
+FRAME_JSON = 1
+FRAME_BLOCK = 2
+FRAME_DIGESTS = 3
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODEC_ZLIB = 2
+CODEC_ZERO = 3
+CODEC_NAMES = {"zstd": CODEC_ZSTD, "zlib": CODEC_ZLIB}
+
+DIGEST_SIZE = 32  # SHA-256: hardware accelerated (SHA-NI) on current x86, ~2x BLAKE2b here
+MAX_FRAME = 64 * 1024 * 1024
+DEFAULT_PORT = 1500
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+
+_HEADER = struct.Struct("!BI")
+# volume index, block index, codec, raw length, digest
+_BLOCK = struct.Struct("!HQBI32s")
+_DIGESTS = struct.Struct("!HQ")
+
+# Compression is tried on a sample first: when the sample does not shrink below this ratio the
+# block goes raw, so incompressible data costs ~1/16 of a compression pass.
+_SAMPLE = 64 * 1024
+_WORTH_RATIO = 0.9
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow."""
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def available_codecs() -> list[str]:
+    return (["zstd"] if _zstd is not None else []) + ["zlib"]
+
+
+@dataclass(frozen=True)
+class Block:
+    volume: int
+    index: int
+    digest: bytes
+    data: bytes | bytearray | memoryview  # uncompressed contents (zero blocks: all zeros)
+
+
+class Encoder:
+    """Compresses blocks for the wire with the negotiated codec, where it pays."""
+
+    def __init__(self, codec: str, level: int = 1) -> None:
+        self.codec = CODEC_NAMES[codec]
+        self._zc = _zstd.ZstdCompressor(level=level) if self.codec == CODEC_ZSTD else None
+        self._level = level
+
+    def _compress(self, data: bytes | memoryview) -> bytes:
+        if self._zc is not None:
+            return self._zc.compress(data)
+        return zlib.compress(data, self._level)
+
+    def encode(self, data: bytes | memoryview, zero: bool) -> tuple[int, bytes | memoryview]:
+        if zero:
+            return CODEC_ZERO, b""
+        if len(data) > _SAMPLE and len(self._compress(data[:_SAMPLE])) > _SAMPLE * _WORTH_RATIO:
+            return CODEC_RAW, data
+        packed = self._compress(data)
+        if len(packed) > len(data) * _WORTH_RATIO:
+            return CODEC_RAW, data
+        return self.codec, packed
+
+
+class Decoder:
+    def __init__(self) -> None:
+        self._zd = _zstd.ZstdDecompressor() if _zstd is not None else None
+
+    def decode(self, codec: int, payload: memoryview, raw_len: int) -> bytes | memoryview:
+        if codec == CODEC_RAW:
+            data: bytes | memoryview = payload
+        elif codec == CODEC_ZERO:
+            data = bytes(raw_len)
+        elif codec == CODEC_ZLIB:
+            data = zlib.decompress(payload)
+        elif codec == CODEC_ZSTD:
+            if self._zd is None:
+                raise ProtocolError("peer sent a zstd block but zstandard is not installed here")
+            data = self._zd.decompress(payload, max_output_size=raw_len)
+        else:
+            raise ProtocolError(f"unknown block codec {codec}")
+        if len(data) != raw_len:
+            raise ProtocolError(f"block decodes to {len(data)} bytes, header says {raw_len}")
+        return data
+
+
+class Connection:
+    """Frame reader/writer over a (TLS) socket. Counts bytes both ways for progress and benchmarks."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._hdr = bytearray(_HEADER.size)
+
+    # -- sending
+    def send_json(self, msg: dict[str, Any]) -> None:
+        body = json.dumps(msg, separators=(",", ":")).encode()
+        self._send(FRAME_JSON, [body])
+
+    def send_block(self, volume: int, index: int, codec: int, raw_len: int, dig: bytes, payload: bytes | memoryview) -> int:
+        head = _BLOCK.pack(volume, index, codec, raw_len, dig)
+        return self._send(FRAME_BLOCK, [head, payload])
+
+    def send_digests(self, volume: int, first: int, digests: Iterable[bytes]) -> None:
+        self._send(FRAME_DIGESTS, [_DIGESTS.pack(volume, first), b"".join(digests)])
+
+    def _send(self, ftype: int, parts: list[bytes | memoryview]) -> int:
+        length = sum(len(p) for p in parts)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+        head = _HEADER.pack(ftype, length)
+        # Small parts are joined so that a frame is one TLS write; big payloads go as they are.
+        if length < 64 * 1024:
+            self.sock.sendall(head + b"".join(parts))
+        else:
+            self.sock.sendall(head + bytes(parts[0]))
+            for p in parts[1:]:
+                self.sock.sendall(p)
+        self.bytes_out += _HEADER.size + length
+        return _HEADER.size + length
+
+    # -- receiving
+    def _recv_exact(self, buf: bytearray | memoryview) -> None:
+        view = memoryview(buf)
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:], len(view) - got)
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            got += n
+        self.bytes_in += len(view)
+
+    def recv_frame(self) -> tuple[int, memoryview]:
+        self._recv_exact(self._hdr)
+        ftype, length = _HEADER.unpack(self._hdr)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"peer announced a frame of {length} bytes (limit {MAX_FRAME})")
+        body = bytearray(length)
+        self._recv_exact(body)
+        return ftype, memoryview(body)
+
+    def recv_json(self) -> dict[str, Any]:
+        ftype, body = self.recv_frame()
+        if ftype != FRAME_JSON:
+            raise ProtocolError(f"expected a control message, got frame type {ftype}")
+        return parse_json(body)
+
+
+def parse_json(body: memoryview) -> dict[str, Any]:
+    try:
+        msg = json.loads(bytes(body))
+    except ValueError as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("control message without an 'op'")
+    return msg
+
+
+def parse_block(body: memoryview) -> tuple[int, int, int, int, bytes, memoryview]:
+    if len(body) < _BLOCK.size:
+        raise ProtocolError("short block frame")
+    volume, index, codec, raw_len, dig = _BLOCK.unpack_from(body)
+    return volume, index, codec, raw_len, dig, body[_BLOCK.size :]
+
+
+def parse_digests(body: memoryview) -> tuple[int, int, list[bytes]]:
+    volume, first = _DIGESTS.unpack_from(body)
+    rest = body[_DIGESTS.size :]
+    if len(rest) % DIGEST_SIZE:
+        raise ProtocolError("digest frame length is not a multiple of the digest size")
+    return volume, first, [bytes(rest[i : i + DIGEST_SIZE]) for i in range(0, len(rest), DIGEST_SIZE)]
+
+
+def to_ranges(indices: Iterable[int]) -> list[list[int]]:
+    """[1,2,3,7] -> [[1,3],[7,1]] (start, count): keeps READ/CHANGES messages small."""
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return out
+
+
+def from_ranges(ranges: Iterable[Iterable[int]]) -> Iterator[int]:
+    for start, count in ranges:
+        if start < 0 or count < 0:
+            raise ProtocolError(f"bad range [{start}, {count}]")
+        yield from range(start, start + count)

@@ -1,0 +1,266 @@
+"""The HTTP front end: POST /<Operation>, SigV4, request/response validation against the merged model,
+AWS error shapes, throttling injection, and a `Date` header from the control plane's (adjustable) clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from botocore.model import OperationModel, ServiceModel
+from failback_client.drs_model import drs_service_model
+
+from drs_controlplane import errors, modelcheck
+from drs_controlplane.documents import apply_seed
+from drs_controlplane.errors import ApiError
+from drs_controlplane.seed import Seed
+from drs_controlplane.service import DrsService
+from drs_controlplane.sigv4 import Credential, verify
+from drs_controlplane.store import Store
+
+log = logging.getLogger("drs_controlplane")
+MAX_BODY = 8 * 1024 * 1024
+
+
+class ResponseShapeError(RuntimeError):
+    """A handler produced a response that doesn't fit the model: a bug in the control plane."""
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What the control plane saw, for tests (no bodies, no credentials)."""
+
+    operation: str | None
+    status: int
+    error_code: str | None
+    access_key: str | None
+
+
+def validate_response(model: ServiceModel, operation: str, body: dict[str, Any]) -> None:
+    """Raise ResponseShapeError if `body` doesn't fit the operation's output shape (or isn't empty without one)."""
+    op = model.operation_model(operation)
+    if op.output_shape is None:
+        if body:
+            raise ResponseShapeError(f"{operation} has no output shape but the response has {sorted(body)}")
+        return
+    problems = modelcheck.check_shape(op.output_shape, body)
+    if problems:
+        raise ResponseShapeError(f"{operation} response does not fit {op.output_shape.name}: "
+                                 + modelcheck.summary(problems))
+
+
+class ControlPlane:
+    """A running (or startable) control plane. Thread-safe knobs for tests: throttle_next(), clock_offset."""
+
+    def __init__(self, *, state_path: Path | str, credentials: Iterable[Credential], region: str = "us-east-1",
+                 seed: Seed | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.model = drs_service_model()
+        self.region = region
+        self.store = Store(state_path)
+        self.credentials = {c.access_key: c for c in credentials}
+        self.clock_offset = timedelta(0)
+        self.service = DrsService(self.store, region, self.now)
+        self.requests: list[RequestRecord] = []
+        self._throttle_left = 0
+        self._throttle_retry_after = 1
+        self._knob_lock = threading.Lock()
+        if seed is not None:
+            apply_seed(self.store, seed, region, self.now())
+        self._host, self._port = host, port
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        # Handlers must return model-conformant bodies; tests can swap one to prove the check bites.
+        self.response_hooks: dict[str, Any] = {}
+
+    # knobs ------------------------------------------------------------------------------------
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.clock_offset
+
+    def throttle_next(self, count: int, retry_after: int = 1) -> None:
+        """The next `count` authenticated requests get 429 ThrottlingException with Retry-After."""
+        with self._knob_lock:
+            self._throttle_left, self._throttle_retry_after = count, retry_after
+
+    def add_credential(self, credential: Credential) -> None:
+        self.credentials[credential.access_key] = credential
+
+    def _take_throttle(self) -> int | None:
+        with self._knob_lock:
+            if self._throttle_left > 0:
+                self._throttle_left -= 1
+                return self._throttle_retry_after
+        return None
+
+    # lifecycle --------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("control plane is not started")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def bind(self) -> str:
+        """Open the listening socket (port 0 = a free port) and return the URL."""
+        if self._httpd is None:
+            handler = type("Handler", (_Handler,), {"plane": self})
+            self._httpd = ThreadingHTTPServer((self._host, self._port), handler)
+            self._httpd.daemon_threads = True
+            log.info("DRS control plane listening on %s (region %s, state %s)", self.url, self.region,
+                     self.store.path)
+        return self.url
+
+    def start(self) -> ControlPlane:
+        """Serve in a background thread (tests, fixtures)."""
+        self.bind()
+        assert self._httpd is not None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="drs-controlplane", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until stop() from another thread or KeyboardInterrupt."""
+        self.bind()
+        assert self._httpd is not None
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            if self._thread is not None:
+                self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._httpd = self._thread = None
+        self.store.close()
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # request handling -------------------------------------------------------------------------
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes, host_url: str
+               ) -> tuple[int, dict[str, str], dict[str, Any], str | None, str | None]:
+        """Process one request → (status, headers, JSON body, operation, access key)."""
+        operation: str | None = None
+        access_key: str | None = None
+        try:
+            credential = verify(method=method, host_url=host_url, path_and_query=path, headers=headers, body=body,
+                                region=self.region, credentials=self.credentials, now=self.now())
+            access_key = credential.access_key
+            retry_after = self._take_throttle()
+            if retry_after is not None:
+                raise errors.throttling(retry_after)
+            op = self._route(method, path)
+            operation = op.name
+            if credential.allowed_operations is not None and op.name not in credential.allowed_operations:
+                raise errors.access_denied(f"User: {credential.principal} is not authorized to perform: "
+                                           f"drs:{op.name} on resource: *")
+            params = self._parse(op, body)
+            handler = self.service.handlers.get(op.name)
+            if handler is None:
+                raise ApiError(501, "NotImplemented", f"{op.name} is not implemented by the local DRS control plane")
+            with self.store.transaction():
+                result = handler(params)
+            hook = self.response_hooks.get(op.name)
+            if hook is not None:
+                result = hook(result)
+            validate_response(self.model, op.name, result)
+            return 200, {}, result, operation, access_key
+        except ApiError as exc:
+            try:
+                self._check_error(exc)
+            except ResponseShapeError:
+                log.exception("control plane bug: malformed %s", exc.code)
+                exc = errors.internal()
+            return exc.status, {"x-amzn-ErrorType": exc.code, **exc.headers}, exc.body(), operation, access_key
+        except Exception:
+            log.exception("control plane bug while handling %s", operation or path)
+            exc = errors.internal()
+            return exc.status, {"x-amzn-ErrorType": exc.code}, exc.body(), operation, access_key
+
+    def _route(self, method: str, path: str) -> OperationModel:
+        name = path.split("?", 1)[0].lstrip("/")
+        if name in self.model.operation_names:
+            op = self.model.operation_model(name)
+            if op.http.get("method") == method and op.http.get("requestUri") == f"/{name}":
+                return op
+        raise ApiError(404, "UnknownOperationException", f"Unknown operation {method} {path.split('?', 1)[0]}")
+
+    @staticmethod
+    def _parse(op: OperationModel, body: bytes) -> dict[str, Any]:
+        try:
+            params = json.loads(body or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise errors.validation(f"Request body is not valid JSON: {exc}", reason="cannotParse") from None
+        if not isinstance(params, dict):
+            raise errors.validation("Request body must be a JSON object", reason="cannotParse")
+        if op.input_shape is not None:
+            problems = modelcheck.check_shape(op.input_shape, params)
+            if problems:
+                raise errors.validation(modelcheck.summary(problems), [(p.path, p.message) for p in problems])
+        return params
+
+    def _check_error(self, exc: ApiError) -> None:
+        """Modeled errors must fit their shape too (unmodeled auth errors carry just a message)."""
+        if exc.code in self.model.shape_names:
+            problems = modelcheck.check_shape(self.model.shape_for(exc.code), exc.body())
+            if problems:
+                raise ResponseShapeError(f"{exc.code} does not fit its shape: {modelcheck.summary(problems)}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    plane: ControlPlane
+    protocol_version = "HTTP/1.1"
+    server_version = "DRSControlPlane/0.1"
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # The client measures its clock skew from this header: it follows the plane's clock.
+        return format_datetime(self.plane.now(), usegmt=True)
+
+    def log_message(self, format: str, *args: Any) -> None:  # request lines go through _log_request
+        pass
+
+    def _respond(self, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _handle(self) -> None:
+        started = time.monotonic()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._respond(413, {"x-amzn-ErrorType": "RequestEntityTooLargeException"},
+                          {"message": "Request body too large"})
+            return
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        host_url = "http://" + headers.get("host", "")
+        status, extra, payload, operation, key = self.plane.handle(self.command, self.path, headers, body, host_url)
+        self._respond(status, extra, payload)
+        code = extra.get("x-amzn-ErrorType")
+        self.plane.requests.append(RequestRecord(operation, status, code, key))
+        log.info("%s %s -> %s%s (%.1f ms)", self.command, operation or self.path, status,
+                 f" {code}" if code else "", (time.monotonic() - started) * 1000)
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_POST

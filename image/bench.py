@@ -1,0 +1,151 @@
+"""The benchmark: build times, ISO and layer sizes, and boot times next to a baseline measured in
+the same run (a bare kernel + tiny initramfs on the same QEMU machine), printed as figures and
+ratios against the targets. Nothing here asserts a time: the figures are for people to read.
+
+Targets (issue 2): warm rebuild <= 30 s, ISO <= 200 MiB, summary line <= 4x the bare-kernel boot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from image import qemu, smoke
+from image.qemu import BOOT_WAYS, BootWay
+from image.run import run
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+WARM_REBUILD_TARGET_S = 30.0
+ISO_TARGET_MIB = 200.0
+BOOT_RATIO_TARGET = 4.0
+MIB = 1024 * 1024
+# The client file the warm rebuild changes (created, then removed again): a change of content,
+# since the build keys its stages on content, not on modification times.
+BENCH_CLIENT_FILE = REPO / "client" / "failback_client" / "_bench_change.py"
+TOUCHED_CLIENT_FILE = REPO / "client" / "failback_client" / "__init__.py"
+
+
+@dataclass
+class BenchReport:
+    cold_build_s: float | None = None
+    touch_rebuild_s: float | None = None
+    warm_rebuild_s: float | None = None
+    iso_bytes: int | None = None
+    layers: dict[str, int] = field(default_factory=dict)
+    baseline_s: float | None = None
+    baseline_detail: str = ""
+    boots: list[smoke.WayResult] = field(default_factory=list)
+
+    def format(self) -> str:
+        out = ["== failback LiveCD benchmark =="]
+
+        def secs(label: str, value: float | None, target: float | None = None) -> None:
+            if value is None:
+                out.append(f"{label:<44} (not measured)")
+                return
+            line = f"{label:<44} {value:8.1f} s"
+            if target is not None:
+                line += f"   target <= {target:.0f} s: {'met' if value <= target else 'MISSED'}"
+            out.append(line)
+
+        secs("cold build", self.cold_build_s)
+        secs("rebuild after `touch` of a client file", self.touch_rebuild_s)
+        secs("warm rebuild after changing a client file", self.warm_rebuild_s, WARM_REBUILD_TARGET_S)
+        if self.iso_bytes is not None:
+            mib = self.iso_bytes / MIB
+            out.append(f"{'ISO size':<44} {mib:8.1f} MiB target <= {ISO_TARGET_MIB:.0f} MiB: "
+                       f"{'met' if mib <= ISO_TARGET_MIB else 'MISSED'}")
+        for name, size in self.layers.items():
+            out.append(f"  {name:<42} {size / MIB:8.1f} MiB")
+        out.append("")
+        out.append("boot: seconds from QEMU start (TCG, 1 GiB) to the line")
+        if self.baseline_s is not None:
+            out.append(f"  {'bare kernel + marker initramfs (baseline)':<42} {self.baseline_s:8.1f} s   1.00x")
+        else:
+            out.append(f"  bare kernel baseline: not measured {self.baseline_detail}")
+        for r in self.boots:
+            if not r.passed:
+                out.append(f"  {r.way.name:<42} FAILED after {r.seconds:.1f} s: {r.detail}")
+                continue
+            ratio = f"{r.seconds / self.baseline_s:5.2f}x" if self.baseline_s else "  n/a"
+            verdict = ""
+            if self.baseline_s:
+                met = r.seconds / self.baseline_s <= BOOT_RATIO_TARGET
+                verdict = f"   target <= {BOOT_RATIO_TARGET:.0f}x: {'met' if met else 'MISSED'}"
+            out.append(f"  {r.way.name:<42} {r.seconds:8.1f} s  {ratio}{verdict}")
+        return "\n".join(out)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def iso_layers(iso: Path) -> dict[str, int]:
+    """The squashfs layers inside the ISO (Rock Ridge path -> bytes)."""
+    import pycdlib
+
+    pc = pycdlib.PyCdlib()
+    pc.open(os.fspath(iso))
+    try:
+        layers = {}
+        for dirpath, _dirs, files in pc.walk(rr_path="/"):
+            for f in sorted(files):
+                if f.endswith(".squashfs"):
+                    path = f"{dirpath.rstrip('/')}/{f}"
+                    layers[path] = pc.get_record(rr_path=path).get_data_length()
+        return layers
+    finally:
+        pc.close()
+
+
+def baseline_kernel(iso: Path, workdir: Path) -> Path:
+    """The ISO's own kernel, so the baseline runs exactly the kernel the ISO boots."""
+    return qemu.extract_from_iso(iso, r"/vmlinuz[^/]*$", workdir / "vmlinuz")
+
+
+def run_bench(
+    iso: Path,
+    workdir: Path,
+    *,
+    build_cmd: Sequence[str] | None = None,
+    cold_build_cmd: Sequence[str] | None = None,
+    ways: Sequence[BootWay] = BOOT_WAYS,
+    parallel: int = 1,
+    timeout: float = smoke.DEFAULT_TIMEOUT,
+) -> BenchReport:
+    """Measure what is asked: builds only when their commands are given, boots when `ways`."""
+    report = BenchReport()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cold_build_cmd:
+        report.cold_build_s = timed(lambda: run(cold_build_cmd, cwd=REPO))
+    if build_cmd:
+        run(build_cmd, cwd=REPO)  # up to date first, so what follows is only the change's cost
+        TOUCHED_CLIENT_FILE.touch()
+        report.touch_rebuild_s = timed(lambda: run(build_cmd, cwd=REPO))
+        BENCH_CLIENT_FILE.write_text(f'"""Written by `inv bench` to measure a warm rebuild ({time.time()})."""\n')
+        try:
+            report.warm_rebuild_s = timed(lambda: run(build_cmd, cwd=REPO))
+        finally:
+            BENCH_CLIENT_FILE.unlink(missing_ok=True)
+        run(build_cmd, cwd=REPO)  # back to an ISO of the tree as it is
+    if not iso.is_file():
+        raise qemu.QemuError(f"{iso}: no such ISO; build it first (inv build) or pass --iso")
+    report.iso_bytes = iso.stat().st_size
+    report.layers = iso_layers(iso)
+    if ways:
+        kernel = baseline_kernel(iso, workdir)
+        base = qemu.boot_bare_kernel(kernel, workdir, append="console=tty0 console=ttyS0,115200n8 quiet")
+        if base.outcome == "matched":
+            report.baseline_s = base.seconds
+        else:
+            report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
+        report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout)
+    return report

@@ -1,0 +1,175 @@
+"""The UEFI side of the ISO: Debian's signed shim + GRUB in a small FAT image (the El Torito EFI entry
+and, on a USB stick, the EFI system partition).
+
+Secure Boot chain: firmware (Microsoft UEFI CA) -> shim (signed by Microsoft, embeds Debian's CA) ->
+GRUB for CDs (`gcdx64.efi`, signed by Debian) -> Debian's signed kernel. Only signed binaries taken
+unchanged from Debian's packages can do that, so nothing here is built with grub-mkimage.
+
+The packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x` into the cache,
+never installed on the build host (their maintainer scripts would touch the host's own boot set-up).
+The FAT image is made without mounting (mkfs.vfat --invariant + mtools with SOURCE_DATE_EPOCH), so
+the same inputs give the same bytes.
+
+How GRUB finds its menu: Debian's gcdx64.efi carries a built-in early config that, when its prefix is
+missing, runs `search --file --set=root /.disk/info` and then sources `($root)/boot/grub/grub.cfg`.
+So the menu lives on the ISO9660 filesystem (see iso.py); the FAT image holds no grub.cfg and must not
+hold a `.disk/info` (the search would then stop at the FAT image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from image.run import run
+
+log = logging.getLogger(__name__)
+
+# package -> {path inside the package: path inside the FAT image}
+EFI_PACKAGES: dict[str, dict[str, str]] = {
+    "shim-signed": {"usr/lib/shim/shimx64.efi.signed": "EFI/BOOT/BOOTX64.EFI"},
+    # shim loads `grubx64.efi` from its own directory; gcdx64 is Debian's GRUB build for CD/USB media.
+    "grub-efi-amd64-signed": {"usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed": "EFI/BOOT/grubx64.efi"},
+    # MokManager: shim starts it when a MOK enrolment or a verification failure needs the user.
+    "shim-helpers-amd64-signed": {"usr/lib/shim/mmx64.efi.signed": "EFI/BOOT/mmx64.efi"},
+}
+
+FAT_LABEL = "EFIBOOT"
+# Fixed FAT volume id: mkfs.vfat would otherwise derive one from the clock.
+FAT_VOLUME_ID = "2b8d0f1e"
+# El Torito counts the image in 512-byte sectors with a 16-bit field: the image must stay below 32 MiB.
+MAX_IMAGE_BYTES = 65535 * 512
+# Room left for FAT tables, directories and cluster rounding on top of the files' sizes.
+_SLACK_BYTES = 512 * 1024
+
+
+class EfiError(RuntimeError):
+    """The EFI boot files could not be fetched or the FAT image could not be made."""
+
+
+@dataclass(frozen=True)
+class EfiImage:
+    path: Path
+    versions: dict[str, str]  # Debian package -> version whose files are in the image
+    files: dict[str, Path]  # path inside the FAT image -> host file it was copied from
+
+
+def _safe_version(version: str) -> str:
+    """A package version usable as a directory name (Debian versions may hold ':' and '~')."""
+    return re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
+
+
+def candidate_version(package: str) -> str | None:
+    """The version apt would download for `package`, or None when apt knows none (no `apt-get update`)."""
+    out = run(["apt-cache", "policy", package], capture=True, check=False).stdout
+    m = re.search(r"^\s*Candidate:\s*(\S+)", out, re.MULTILINE)
+    if not m or m.group(1) == "(none)":
+        return None
+    return m.group(1)
+
+
+def fetch_package(package: str, cache_dir: Path, version: str | None = None) -> tuple[str, Path]:
+    """Download `package` (apt's candidate, or `version`) and unpack it under cache_dir/efi/.
+
+    Returns (version, unpacked tree). An already unpacked version is reused without network access;
+    when apt knows no candidate, the single version already in the cache is used.
+    """
+    efi_cache = cache_dir / "efi"
+    efi_cache.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        version = candidate_version(package)
+    if version is None:
+        cached = sorted(p for p in efi_cache.glob(f"{package}_*") if p.is_dir() and (p / ".complete").exists())
+        if len(cached) != 1:
+            raise EfiError(
+                f"apt knows no version of {package} and the cache {efi_cache} holds {len(cached)} unpacked "
+                "versions of it: run `apt-get update` (the package comes from the host's Debian sources)"
+            )
+        return (cached[0] / ".complete").read_text().strip(), cached[0]
+    tree = efi_cache / f"{package}_{_safe_version(version)}"
+    if (tree / ".complete").exists():
+        return version, tree
+    download_dir = efi_cache / "debs"
+    download_dir.mkdir(exist_ok=True)
+    for old in download_dir.glob(f"{package}_*.deb"):
+        old.unlink()
+    # `apt-get download` writes into the current directory; it verifies the .deb against the signed
+    # archive index, so the bytes are Debian's.
+    run(["apt-get", "download", "-q", f"{package}={version}"], cwd=download_dir)
+    debs = sorted(download_dir.glob(f"{package}_*.deb"))
+    if len(debs) != 1:
+        raise EfiError(f"apt-get download {package}={version} left {len(debs)} .deb files in {download_dir}")
+    if tree.exists():
+        shutil.rmtree(tree)
+    tmp = tree.with_name(tree.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    run(["dpkg-deb", "-x", debs[0], tmp])
+    (tmp / ".complete").write_text(version + "\n")
+    tmp.rename(tree)
+    debs[0].unlink()
+    return version, tree
+
+
+def fetch_efi_files(cache_dir: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    """Fetch the signed boot binaries. Returns ({package: version}, {FAT path: host file})."""
+    versions: dict[str, str] = {}
+    files: dict[str, Path] = {}
+    for package, members in EFI_PACKAGES.items():
+        version, tree = fetch_package(package, cache_dir)
+        versions[package] = version
+        for member, fat_path in members.items():
+            src = tree / member
+            if not src.is_file():
+                raise EfiError(f"{package} {version} has no {member} (looked in {tree})")
+            files[fat_path] = src
+    return versions, files
+
+
+def _image_size_kib(files: dict[str, Path]) -> int:
+    total = sum(p.stat().st_size for p in files.values()) + _SLACK_BYTES
+    mib = 1024 * 1024
+    return -(-total // mib) * 1024  # whole MiB, in KiB for mkfs.vfat
+
+
+def make_fat_image(files: dict[str, Path], output: Path, source_date_epoch: int) -> Path:
+    """Write a FAT image at `output` holding `files` ({path inside the image: host file})."""
+    size_kib = _image_size_kib(files)
+    if size_kib * 1024 > MAX_IMAGE_BYTES:
+        raise EfiError(f"EFI image would be {size_kib} KiB; El Torito allows at most {MAX_IMAGE_BYTES // 1024} KiB")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():
+        output.unlink()
+    env = {
+        "SOURCE_DATE_EPOCH": str(source_date_epoch),
+        "MTOOLS_SKIP_CHECK": "1",
+        "TZ": "UTC",
+        # Keep a user's ~/.mtoolsrc (drive letters, name mangling) out of the build.
+        "MTOOLSRC": os.devnull,
+    }
+    run(["mkfs.vfat", "--invariant", "-i", FAT_VOLUME_ID, "-n", FAT_LABEL, "-C", output, str(size_kib)],
+        env=env, capture=True)
+    made: set[str] = set()
+    for fat_path in sorted(files):
+        parts = fat_path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                run(["mmd", "-i", output, f"::/{d}"], env=env)
+                made.add(d)
+        # -m keeps the source's modification time (the package's), not the clock's.
+        run(["mcopy", "-m", "-i", output, files[fat_path], f"::/{fat_path}"], env=env)
+    return output
+
+
+def build_efi_image(cache_dir: Path, output: Path, source_date_epoch: int) -> EfiImage:
+    """Fetch Debian's signed shim/GRUB/MokManager and put them into a FAT image at `output`."""
+    versions, files = fetch_efi_files(cache_dir)
+    make_fat_image(files, output, source_date_epoch)
+    log.info("EFI image %s: %d KiB, %s", output, output.stat().st_size // 1024,
+             ", ".join(f"{p} {v}" for p, v in versions.items()))
+    return EfiImage(path=output, versions=versions, files=files)

@@ -1,0 +1,116 @@
+"""Stage 1: the base root filesystem (mmdebstrap, minbase), its package manifest, kernel and initrd.
+
+The base is cached under a key over everything that determines it (suite, mirrors, components,
+packages, path excludes, SOURCE_DATE_EPOCH, mmdebstrap's version and this recipe's version), so
+an unchanged definition is never rebuilt. Downloaded .debs are kept in build/cache/apt (or a
+shared directory) so a second cold build need not download again; they are inputs, not products.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+from pathlib import Path
+
+from image.config import ImageConfig
+from image.paths import BuildPaths, digest
+from image.run import run
+
+log = logging.getLogger("image.rootfs")
+
+# Bump when the recipe below changes in a way that changes the rootfs.
+RECIPE_VERSION = 1
+
+
+def mmdebstrap_version() -> str:
+    return run(["mmdebstrap", "--version"], capture=True).stdout.strip()
+
+
+def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str) -> str:
+    """Cache key of the base: changes whenever any input of mmdebstrap changes."""
+    return digest("rootfs", RECIPE_VERSION, cfg.debian, cfg.packages, cfg.exclude_paths, cfg.include_paths,
+                  epoch, tool_version)
+
+
+def apt_sources(cfg: ImageConfig) -> list[str]:
+    """One-line apt sources: the suite and its updates, plus security when configured."""
+    d = cfg.debian
+    comps = " ".join(d.components)
+    sources = [f"deb {d.mirror} {d.suite} {comps}", f"deb {d.mirror} {d.suite}-updates {comps}"]
+    if d.security_mirror:
+        sources.append(f"deb {d.security_mirror} {d.suite}-security {comps}")
+    return sources
+
+
+def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[str]:
+    d = cfg.debian
+    cmd = [
+        "mmdebstrap", "--variant=minbase", f"--architectures={d.architecture}",
+        f"--components={','.join(d.components)}",
+        f"--include={','.join(cfg.packages)}",
+        "--aptopt=APT::Install-Recommends \"false\"",
+        "--aptopt=Acquire::Retries \"3\"",
+    ]
+    if "snapshot.debian.org" in d.mirror or "snapshot.debian.org" in d.security_mirror:
+        # Snapshot Release files are old on purpose.
+        cmd.append("--aptopt=Acquire::Check-Valid-Until \"false\"")
+    # Excludes first, then the includes that re-include exceptions (dpkg: last match wins).
+    cmd += [f"--dpkgopt=path-exclude={p}" for p in cfg.exclude_paths]
+    cmd += [f"--dpkgopt=path-include={p}" for p in cfg.include_paths]
+    q = shlex.quote(str(apt_cache))
+    cmd += [
+        # Reuse and refill the .deb cache: keep the downloads in the chroot until the end,
+        # copy them out, then delete them from the rootfs.
+        "--skip=download/empty", "--skip=essential/unlink",
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        f"--setup-hook=sync-in {q} /var/cache/apt/archives/",
+        f"--customize-hook=sync-out /var/cache/apt/archives {q}",
+        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
+        # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
+        "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
+        d.suite, str(target), *apt_sources(cfg),
+    ]
+    return cmd
+
+
+def build_rootfs(cfg: ImageConfig, paths: BuildPaths, epoch: int) -> None:
+    """Create paths.rootfs from scratch (the caller decides whether it is needed)."""
+    apt_cache = paths.apt_cache
+    apt_cache.mkdir(parents=True, exist_ok=True)
+    tmp = paths.rootfs.with_name("rootfs.tmp")
+    for p in (tmp, paths.rootfs):
+        if p.exists():
+            shutil.rmtree(p)
+    log.info("rootfs: mmdebstrap %s with %d packages (a few minutes)...", cfg.debian.suite, len(cfg.packages))
+    run(mmdebstrap_command(cfg, tmp, apt_cache), env={"SOURCE_DATE_EPOCH": str(epoch)})
+    tmp.rename(paths.rootfs)
+    write_manifest(paths.rootfs, paths.manifest)
+    extract_boot_files(paths.rootfs, paths.kernel, paths.initrd)
+
+
+def write_manifest(rootfs: Path, dest: Path) -> None:
+    """Exact versions of every installed package, one `name<TAB>version<TAB>arch` a line, sorted."""
+    out = run(["dpkg-query", f"--admindir={rootfs / 'var/lib/dpkg'}", "-W",
+               "-f=${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"], capture=True).stdout
+    lines = sorted(line.split("\t", 1)[1] for line in out.splitlines() if line.startswith("ii "))
+    if not lines:
+        raise RuntimeError(f"rootfs: no installed packages found in {rootfs}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(lines) + "\n")
+
+
+def extract_boot_files(rootfs: Path, kernel: Path, initrd: Path) -> None:
+    """Copy the (single) kernel and its initrd out of rootfs/boot for the ISO."""
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise RuntimeError(f"rootfs: expected exactly one kernel in {rootfs / 'boot'}, found "
+                           f"{[k.name for k in kernels]}; list one linux-image package in the image definition")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    init = rootfs / "boot" / f"initrd.img-{version}"
+    if not init.is_file():
+        raise RuntimeError(f"rootfs: {init} is missing: the kernel's initramfs was not generated")
+    kernel.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernels[0], kernel)
+    shutil.copyfile(init, initrd)
+    (kernel.parent / "kernel-version").write_text(version + "\n")

@@ -1,0 +1,167 @@
+"""pytest fixtures that run the local DRS control plane on 127.0.0.1 (free port) for a test.
+
+Use from conftest.py (`from tests.controlplane_fixture import *  # noqa: F403`) or import the fixtures
+in a test module. `drs_controlplane` gives a handle seeded from controlplane/examples/seed.yaml;
+`drs_controlplane_factory(seed=..., credentials=...)` makes more (own seed, several keys, a restart).
+
+    def test_x(drs_controlplane):
+        drs = drs_controlplane.client()                      # boto3 client: public + our operations
+        drs.describe_recovery_instances()
+        drs_controlplane.throttle_next(2)                    # next 2 requests get 429
+        drs_controlplane.set_clock_offset(600)               # server clock 10 min ahead (Date header too)
+        drs_controlplane.press_failback("i-0a1b2c3d4e5f60001")  # console "Failback" (StartFailbackLaunch)
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.client import BaseClient
+from drs_controlplane.seed import Seed, load_seed, parse_seed
+from drs_controlplane.server import ControlPlane
+from drs_controlplane.sigv4 import Credential
+from failback_client.drs_model import make_drs_client
+
+EXAMPLE_SEED = Path(__file__).resolve().parents[1] / "controlplane" / "examples" / "seed.yaml"
+REGION = "us-east-1"
+
+
+def random_credential(**kwargs: Any) -> Credential:
+    alphabet = string.ascii_uppercase + string.digits
+    access_key = "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16))
+    secret_key = "".join(secrets.choice(string.ascii_letters + string.digits + "/+") for _ in range(40))
+    return Credential(access_key=access_key, secret_key=secret_key, **kwargs)
+
+
+@dataclass
+class ControlPlaneHandle:
+    """A running control plane and the credentials it accepts (`credential` is the main one)."""
+
+    plane: ControlPlane
+    credential: Credential
+    state_path: Path
+    seed: Seed
+    extra_credentials: list[Credential] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.plane.url
+
+    @property
+    def region(self) -> str:
+        return self.plane.region
+
+    @property
+    def access_key(self) -> str:
+        return self.credential.access_key
+
+    @property
+    def secret_key(self) -> str:
+        return self.credential.secret_key
+
+    @property
+    def session_token(self) -> str | None:
+        return self.credential.session_token
+
+    def client(self, credential: Credential | None = None, **kwargs: Any) -> BaseClient:
+        """A boto3 drs client for this plane (make_drs_client; kwargs override, e.g. max_attempts=1)."""
+        cred = credential or self.credential
+        options: dict[str, Any] = {"region": self.region, "endpoint_url": self.url, "access_key": cred.access_key,
+                                   "secret_key": cred.secret_key, "session_token": cred.session_token}
+        options.update(kwargs)
+        return make_drs_client(**options)
+
+    # state knobs
+    def throttle_next(self, count: int, retry_after: int = 1) -> None:
+        self.plane.throttle_next(count, retry_after)
+
+    def set_clock_offset(self, seconds: float) -> None:
+        """Move the control plane's clock (signature checks and the Date header) relative to real time."""
+        self.plane.clock_offset = timedelta(seconds=seconds)
+
+    def recovery_instance(self, instance_id: str) -> dict[str, Any]:
+        """The RecoveryInstance document as DescribeRecoveryInstances returns it (read directly)."""
+        with self.plane.store.transaction():
+            record = self.plane.store.recovery_instance(instance_id)
+        if record is None:
+            raise KeyError(instance_id)
+        return record.doc
+
+    def internal(self, instance_id: str) -> dict[str, Any]:
+        """What the service keeps about a recovery instance but does not show (mapping, lag, ...)."""
+        with self.plane.store.transaction():
+            record = self.plane.store.recovery_instance(instance_id)
+        if record is None:
+            raise KeyError(instance_id)
+        return record.internal
+
+    def set_ec2_state(self, instance_id: str, state: str) -> None:
+        with self.plane.store.transaction():
+            record = self.plane.store.recovery_instance(instance_id)
+            if record is None:
+                raise KeyError(instance_id)
+            record.doc["ec2InstanceState"] = state
+            self.plane.store.save_recovery_instance(record)
+
+    def press_failback(self, *instance_ids: str) -> dict[str, Any]:
+        """The console's Failback button: StartFailbackLaunch through boto3; returns the job."""
+        return self.client().start_failback_launch(recoveryInstanceIDs=list(instance_ids))["job"]
+
+    def client_logs(self) -> list[dict[str, Any]]:
+        with self.plane.store.transaction():
+            return self.plane.store.logs()
+
+    def client_metrics(self) -> list[dict[str, Any]]:
+        with self.plane.store.transaction():
+            return self.plane.store.metrics()
+
+    def restart(self) -> None:
+        """Stop and start again on the same state database (new port: read .url again)."""
+        self.plane.stop()
+        self.plane = ControlPlane(state_path=self.state_path, credentials=[self.credential, *self.extra_credentials],
+                                  region=self.plane.region).start()
+
+    def stop(self) -> None:
+        self.plane.stop()
+
+
+ControlPlaneFactory = Callable[..., ControlPlaneHandle]
+
+
+@pytest.fixture
+def drs_controlplane_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlaneFactory]:
+    """Makes control planes: factory(seed=None|dict|Path|Seed, credential=None, extra_credentials=(), region=...)."""
+    handles: list[ControlPlaneHandle] = []
+
+    def make(seed: Seed | dict[str, Any] | Path | None = None, credential: Credential | None = None,
+             extra_credentials: tuple[Credential, ...] = (), region: str = REGION) -> ControlPlaneHandle:
+        if seed is None:
+            seed = load_seed(EXAMPLE_SEED)
+        elif isinstance(seed, Path):
+            seed = load_seed(seed)
+        elif isinstance(seed, dict):
+            seed = parse_seed(seed)
+        credential = credential or random_credential()
+        state = tmp_path_factory.mktemp("drs-controlplane") / "state.db"
+        plane = ControlPlane(state_path=state, credentials=[credential, *extra_credentials], region=region,
+                             seed=seed).start()
+        handle = ControlPlaneHandle(plane, credential, state, seed, list(extra_credentials))
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def drs_controlplane(drs_controlplane_factory: ControlPlaneFactory) -> ControlPlaneHandle:
+    """A control plane seeded from controlplane/examples/seed.yaml, with one random key pair."""
+    return drs_controlplane_factory()

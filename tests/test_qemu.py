@@ -1,0 +1,299 @@
+"""image/qemu.py: firmware chosen from QEMU's descriptors, the exact QEMU command per boot way,
+the El Torito-less disk copy, the marker initramfs, and real TCG boots of a bare kernel."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from image import qemu
+from image.qemu import BOOT_WAYS, Firmware, QemuError, boot_way
+
+REAL_DIRS = (Path("/usr/share/qemu/firmware"),)
+OVMF = Path("/usr/share/OVMF")
+
+
+def write_descriptor(d: Path, name: str, features: list[str], code: str, vars_: str,
+                     machines: tuple[str, ...] = ("pc-q35-*",), interface: str = "uefi", device: str = "flash") -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(json.dumps({
+        "description": name,
+        "interface-types": [interface],
+        "mapping": {"device": device, "executable": {"filename": code, "format": "raw"},
+                    "nvram-template": {"filename": vars_, "format": "raw"}},
+        "targets": [{"architecture": "x86_64", "machines": list(machines)}],
+        "features": features,
+    }))
+
+
+# --- firmware selection, on this host's real descriptors ---------------------------------------------------
+
+
+def test_real_descriptors_are_loaded_in_priority_order() -> None:
+    fws = qemu.load_firmware_descriptors(REAL_DIRS)
+    names = [fw.descriptor.name for fw in fws]
+    assert names == sorted(names)
+    assert "40-edk2-x86_64-secure-enrolled.json" in names
+    assert all(fw.code.is_file() and fw.vars_template.is_file() for fw in fws)
+
+
+def test_secure_boot_picks_the_ms_enrolled_firmware() -> None:
+    fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(REAL_DIRS), secure_boot=True)
+    assert fw.code == OVMF / "OVMF_CODE_4M.ms.fd"
+    assert fw.vars_template == OVMF / "OVMF_VARS_4M.ms.fd"
+    assert fw.secure_boot_enforced and fw.requires_smm
+
+
+def test_plain_uefi_picks_the_firmware_without_secure_boot() -> None:
+    fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(REAL_DIRS), secure_boot=False)
+    assert fw.code == OVMF / "OVMF_CODE_4M.fd"
+    assert fw.vars_template == OVMF / "OVMF_VARS_4M.fd"
+    assert not fw.requires_smm and "secure-boot" not in fw.features
+
+
+def test_selection_is_by_feature_not_by_file_name(tmp_path: Path) -> None:
+    """Only features count: secure-boot without enrolled keys does not enforce Secure Boot, BIOS
+    and memory-mapped descriptors are ignored, /etc overrides /usr/share."""
+    code, vars_ = str(OVMF / "OVMF_CODE_4M.fd"), str(OVMF / "OVMF_VARS_4M.fd")
+    usr, etc = tmp_path / "usr", tmp_path / "etc"
+    write_descriptor(usr, "10-bios.json", [], code, vars_, interface="bios")
+    write_descriptor(usr, "20-mem.json", [], code, vars_, device="memory")
+    write_descriptor(usr, "30-sb-empty.json", ["secure-boot", "requires-smm"], code, vars_)
+    write_descriptor(usr, "70-plain.json", [], code, vars_)
+    write_descriptor(usr, "80-enrolled.json", ["secure-boot", "enrolled-keys", "requires-smm"], code, vars_)
+    write_descriptor(etc, "80-enrolled.json", ["secure-boot", "enrolled-keys", "requires-smm"], code,
+                     str(OVMF / "OVMF_VARS_4M.ms.fd"))
+    fws = qemu.load_firmware_descriptors((etc, usr))
+    assert [fw.descriptor.name for fw in fws] == ["30-sb-empty.json", "70-plain.json", "80-enrolled.json"]
+    assert qemu.select_uefi_firmware(fws, secure_boot=False).descriptor.name == "70-plain.json"
+    sb = qemu.select_uefi_firmware(fws, secure_boot=True)
+    assert sb.descriptor == etc / "80-enrolled.json"
+    assert sb.vars_template == OVMF / "OVMF_VARS_4M.ms.fd"
+
+
+def test_missing_firmware_is_a_clear_error(tmp_path: Path) -> None:
+    write_descriptor(tmp_path, "60-plain.json", [], str(OVMF / "OVMF_CODE_4M.fd"), str(OVMF / "OVMF_VARS_4M.fd"))
+    write_descriptor(tmp_path, "61-i440fx.json", ["secure-boot", "enrolled-keys"], str(OVMF / "OVMF_CODE_4M.fd"),
+                     str(OVMF / "OVMF_VARS_4M.fd"), machines=("pc-i440fx-*",))
+    fws = qemu.load_firmware_descriptors((tmp_path,))
+    with pytest.raises(QemuError, match=r"no UEFI firmware descriptor for machine q35 with secure-boot \+ "
+                                        r"enrolled-keys .*60-plain.json.*ovmf"):
+        qemu.select_uefi_firmware(fws, secure_boot=True)
+
+
+# --- the exact QEMU command of each way --------------------------------------------------------------------
+
+BASE = [
+    "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm={smm}", "-m", "1024", "-smp", "1",
+    "-nodefaults", "-display", "none", "-vga", "std", "-serial", "file:/w/serial.log", "-monitor", "none",
+    "-qmp", "unix:/s/q.sock,server=on,wait=off", "-rtc", "base=utc", "-nic", "user,model=virtio-net-pci",
+    "-device", "virtio-rng-pci", "-no-reboot",
+]  # fmt: skip
+CD = ["-drive", "if=none,id=boot,file={img},format=raw,media=cdrom,readonly=on",
+      "-device", "ide-cd,drive=boot,bootindex=0"]
+DISK = ["-drive", "if=none,id=boot,file={img},format=raw,media=disk,snapshot=on",
+        "-device", "ide-hd,drive=boot,bootindex=0"]
+PLAIN = ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+         "-drive", "if=pflash,format=raw,unit=1,file=/w/vars.fd"]
+SECURE = ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+          "-drive", "if=pflash,format=raw,unit=1,file=/w/vars.fd",
+          "-global", "driver=cfi.pflash01,property=secure,value=on"]
+
+
+def expected(smm: str, fw: list[str], medium: list[str], img: str) -> list[str]:
+    return [a.format(smm=smm) for a in BASE] + fw + [a.format(img=img) for a in medium]
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("seabios-cd", expected("off", [], CD, "/i/live.iso")),
+        ("seabios-disk", expected("off", [], DISK, "/i/disk.img")),
+        ("ovmf-cd", expected("off", PLAIN, CD, "/i/live.iso")),
+        ("ovmf-disk", expected("off", PLAIN, DISK, "/i/disk.img")),
+        ("ovmf-secureboot-cd", expected("on", SECURE, CD, "/i/live.iso")),
+        ("ovmf-secureboot-disk", expected("on", SECURE, DISK, "/i/disk.img")),
+    ],
+)
+def test_exact_qemu_command_per_way(name: str, argv: list[str]) -> None:
+    way = boot_way(name)
+    fw = None
+    if way.firmware == "uefi":
+        fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(REAL_DIRS), secure_boot=way.secure_boot)
+    image = Path("/i/disk.img" if way.medium == "disk" else "/i/live.iso")
+    got = qemu.iso_argv(way, image=image, serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"),
+                        firmware=fw, vars_file=Path("/w/vars.fd") if fw else None)
+    assert got == argv
+
+
+def test_way_and_firmware_must_agree() -> None:
+    fws = qemu.load_firmware_descriptors(REAL_DIRS)
+    plain = qemu.select_uefi_firmware(fws, secure_boot=False)
+    kw = {"image": Path("/i"), "serial_log": Path("/l"), "qmp_socket": Path("/s")}
+    with pytest.raises(QemuError, match="does not match secure_boot=True"):
+        qemu.iso_argv(boot_way("ovmf-secureboot-cd"), firmware=plain, vars_file=Path("/v"), **kw)
+    with pytest.raises(QemuError, match="UEFI ways need firmware"):
+        qemu.iso_argv(boot_way("ovmf-cd"), **kw)
+    with pytest.raises(QemuError, match="unknown boot way 'efi'"):
+        boot_way("efi")
+
+
+def test_the_six_ways() -> None:
+    assert [(w.boot_mode, w.secure_boot_state, w.medium) for w in BOOT_WAYS] == [
+        ("BIOS", "off", "cd"), ("BIOS", "off", "disk"), ("UEFI", "off", "cd"), ("UEFI", "off", "disk"),
+        ("UEFI", "on", "cd"), ("UEFI", "on", "disk"),
+    ]
+
+
+def test_vars_are_copied_per_boot(tmp_path: Path) -> None:
+    fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(REAL_DIRS), secure_boot=True)
+    copy = qemu.copy_vars(fw, tmp_path / "a/vars.fd")
+    assert copy.read_bytes() == fw.vars_template.read_bytes()
+    assert os.access(copy, os.W_OK)
+
+
+# --- the disk copy without El Torito ---------------------------------------------------------------------------
+
+
+def fake_iso(path: Path) -> Path:
+    data = bytearray(20 * 2048)
+    data[16 * 2048:16 * 2048 + 6] = b"\x01CD001"
+    data[17 * 2048:17 * 2048 + 7 + 23] = b"\x00CD001\x01EL TORITO SPECIFICATION"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_disk_copy_breaks_only_el_torito(tmp_path: Path) -> None:
+    iso = fake_iso(tmp_path / "x.iso")
+    copy = qemu.disk_copy(iso, tmp_path / "out/disk.img")
+    a, b = iso.read_bytes(), copy.read_bytes()
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    assert diff and min(diff) >= qemu.ELTORITO_OFFSET and max(diff) < qemu.ELTORITO_OFFSET + 9
+    assert b"EL TORITO" not in b
+    # Reused while the ISO is unchanged; redone when it changes.
+    mtime = copy.stat().st_mtime_ns
+    assert qemu.disk_copy(iso, copy).stat().st_mtime_ns == mtime
+    os.utime(iso, ns=(1, 1))
+    qemu.disk_copy(iso, copy)
+    assert b"EL TORITO" not in copy.read_bytes() and copy.stat().st_mtime_ns != mtime
+
+
+def test_disk_copy_refuses_a_non_eltorito_image(tmp_path: Path) -> None:
+    img = tmp_path / "plain.img"
+    img.write_bytes(bytes(20 * 2048))
+    with pytest.raises(QemuError, match="not an El Torito boot record"):
+        qemu.disable_eltorito(img)
+
+
+# --- the marker initramfs and console handling ----------------------------------------------------------------
+
+
+def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None:
+    a = qemu.write_marker_initramfs(tmp_path / "a.gz")
+    b = qemu.write_marker_initramfs(tmp_path / "b.gz")
+    assert a.read_bytes() == b.read_bytes()
+    listing = subprocess.run(["cpio", "-t", "-v"], input=gzip.decompress(a.read_bytes()),
+                             capture_output=True, check=True).stdout.decode()
+    names = [line.split()[-1] for line in listing.splitlines()]
+    assert names == ["bin", "dev", "dev/console", "proc", "bin/busybox", "init"]
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(["cpio", "-i", "--no-absolute-filenames", "init"], cwd=extract,
+                   input=gzip.decompress(a.read_bytes()), capture_output=True, check=True)
+    assert qemu.BARE_MARKER in (extract / "init").read_text()
+
+
+def test_console_text_loses_escape_sequences() -> None:
+    raw = b"\x1b[2J\x1b[1;1H\x1b[0mfailback-client 0.1.0 | boot mode: UEFI\r\n\x1b(B"
+    assert qemu.clean_console(raw) == "failback-client 0.1.0 | boot mode: UEFI\n"
+
+
+# --- real boots (TCG) -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A signed Debian kernel: the one the build put in its cache, or the one `inv bench` keeps."""
+    repo = Path(__file__).resolve().parent.parent
+    candidates = [repo / "build/cache/boot/vmlinuz", *sorted((repo / "build/cache/bench").glob("**/vmlinuz*"))]
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        pytest.skip("no Debian kernel under build/cache yet (`inv build` makes one)")
+    dest = tmp_path_factory.mktemp("kernel") / "vmlinuz"
+    shutil.copyfile(found[0], dest)
+    return dest
+
+
+@pytest.mark.boot
+@pytest.mark.parametrize(("firmware", "secure_line"), [
+    (None, None),
+    ("plain", "secureboot: Secure boot disabled"),
+    ("secure", "secureboot: Secure boot enabled"),
+])
+def test_bare_kernel_boots_with_each_firmware(
+    bare_kernel: Path, tmp_path: Path, firmware: str | None, secure_line: str | None
+) -> None:
+    """The firmware and Secure Boot plumbing, proven with the signed Debian kernel booted directly."""
+    fw = vars_file = None
+    if firmware:
+        fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(), secure_boot=firmware == "secure")
+        vars_file = qemu.copy_vars(fw, tmp_path / "vars.fd")
+    initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
+    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0,115200n8 panic=-1",
+                            serial_log=log, qmp_socket=sock, firmware=fw, vars_file=vars_file)
+    result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile(qemu.BARE_MARKER),
+                             timeout=180)
+    assert result.outcome == "matched", result.tail()
+    assert 0 < result.seconds < 180
+    text = qemu.clean_console(log.read_bytes())
+    if secure_line:
+        assert secure_line in text
+        assert "efi: EFI v" in text
+    else:
+        assert "efi: EFI v" not in text
+
+
+@pytest.mark.boot
+def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: Path) -> None:
+    initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
+    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0 panic=-1",
+                            serial_log=log, qmp_socket=sock)
+    # The guest powers off after the marker: waiting for something else ends with QEMU's exit.
+    exited = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
+                             timeout=180)
+    assert exited.outcome == "exited", exited.tail()
+    assert "QEMU exited with status 0" in (exited.match or "")
+    stuck = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
+                            timeout=0.5)
+    assert stuck.outcome == "timeout"
+
+
+@pytest.mark.boot
+def test_failure_line_stops_the_boot_early(bare_kernel: Path, tmp_path: Path) -> None:
+    """No init at all: the kernel panics, and the watcher stops QEMU instead of waiting out the timeout."""
+    empty = tmp_path / "empty.gz"
+    empty.write_bytes(gzip.compress(qemu._newc_entry("TRAILER!!!", 0), mtime=0))
+    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=empty, append="console=ttyS0 panic=0",
+                            serial_log=log, qmp_socket=sock)
+    result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
+                             timeout=180)
+    assert result.outcome == "failed", result.tail()
+    assert "Kernel panic - not syncing" in (result.match or "")
+    assert result.seconds < 60
+
+
+def test_firmware_dataclass_is_frozen() -> None:
+    fw = Firmware(Path("/d"), "", Path("/c"), Path("/v"), frozenset(), ("pc-q35-*",))
+    with pytest.raises(AttributeError):
+        fw.code = Path("/x")  # type: ignore[misc]
+    assert fw.supports_machine("q35") and not fw.supports_machine("pc")
