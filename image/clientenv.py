@@ -208,7 +208,8 @@ def check_client(rootfs: Path, venv: str, tree: Path, epoch: int) -> str:
     site = run(["sh", "-c", f"ls -d {shlex.quote(str(staging))}/lib/python3*/site-packages"],
                capture=True).stdout.strip()
     has_cli = (Path(site) / "failback_client" / "cli.py").exists()
-    commands = [[f"{venv}/bin/python", "-c", "import failback_client, boto3, botocore, rich, yaml; print('imports ok')"]]
+    imports = "import failback_client, boto3, botocore, rich, yaml; print('imports ok')"
+    commands = [[f"{venv}/bin/python", "-c", imports]]
     if has_cli:
         commands.append([f"{venv}/bin/failback-client", "--help"])
     else:

@@ -10,14 +10,20 @@ never installed on the build host (their maintainer scripts would touch the host
 The FAT image is made without mounting (mkfs.vfat --invariant + mtools with SOURCE_DATE_EPOCH), so
 the same inputs give the same bytes.
 
-How GRUB finds its menu: Debian's gcdx64.efi carries a built-in early config that, when its prefix is
-missing, runs `search --file --set=root /.disk/info` and then sources `($root)/boot/grub/grub.cfg`.
-So the menu lives on the ISO9660 filesystem (see iso.py); the FAT image holds no grub.cfg and must not
-hold a `.disk/info` (the search would then stop at the FAT image).
+How GRUB finds its menu: Debian's gcdx64.efi has the prefix `/boot/grub` on the device it was loaded
+from, and a built-in early config that, when that prefix is missing, runs
+`search --file --set=root /.disk/info` and sources `($root)/boot/grub/grub.cfg`. Booted as a CD, the
+device is the ISO9660 filesystem itself and the menu (written by iso.py) is found directly. Booted
+from the EFI partition of a USB stick, the device is this FAT image: probing the missing /boot/grub
+there prints "error: file `/boot/' not found" before the search succeeds, so the image carries a
+small /boot/grub/grub.cfg (BRIDGE_CFG) that does the same search and sources the ISO's menu. The FAT
+image must not hold a `.disk/info` (the search would stop at the FAT image).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -38,6 +44,15 @@ EFI_PACKAGES: dict[str, dict[str, str]] = {
     "shim-helpers-amd64-signed": {"usr/lib/shim/mmx64.efi.signed": "EFI/BOOT/mmx64.efi"},
 }
 
+# Read by gcdx64.efi when started from the EFI partition of a USB stick (see above).
+BRIDGE_CFG_PATH = "boot/grub/grub.cfg"
+BRIDGE_CFG = """\
+# Booted from the EFI partition: the menu is on the ISO9660 filesystem of the same disk.
+search --no-floppy --set=root --file /.disk/info
+set prefix=($root)/boot/grub
+source $prefix/grub.cfg
+"""
+
 FAT_LABEL = "EFIBOOT"
 # Fixed FAT volume id: mkfs.vfat would otherwise derive one from the clock.
 FAT_VOLUME_ID = "2b8d0f1e"
@@ -55,7 +70,7 @@ class EfiError(RuntimeError):
 class EfiImage:
     path: Path
     versions: dict[str, str]  # Debian package -> version whose files are in the image
-    files: dict[str, Path]  # path inside the FAT image -> host file it was copied from
+    files: dict[str, Path | bytes]  # path inside the FAT image -> host file it was copied from, or content
 
 
 def _safe_version(version: str) -> str:
@@ -130,14 +145,18 @@ def fetch_efi_files(cache_dir: Path) -> tuple[dict[str, str], dict[str, Path]]:
     return versions, files
 
 
-def _image_size_kib(files: dict[str, Path]) -> int:
-    total = sum(p.stat().st_size for p in files.values()) + _SLACK_BYTES
+def _size(src: Path | bytes) -> int:
+    return len(src) if isinstance(src, bytes) else src.stat().st_size
+
+
+def _image_size_kib(files: dict[str, Path | bytes]) -> int:
+    total = sum(_size(p) for p in files.values()) + _SLACK_BYTES
     mib = 1024 * 1024
     return -(-total // mib) * 1024  # whole MiB, in KiB for mkfs.vfat
 
 
-def make_fat_image(files: dict[str, Path], output: Path, source_date_epoch: int) -> Path:
-    """Write a FAT image at `output` holding `files` ({path inside the image: host file})."""
+def make_fat_image(files: dict[str, Path | bytes], output: Path, source_date_epoch: int) -> Path:
+    """Write a FAT image at `output` holding `files` ({path inside the image: host file or content})."""
     size_kib = _image_size_kib(files)
     if size_kib * 1024 > MAX_IMAGE_BYTES:
         raise EfiError(f"EFI image would be {size_kib} KiB; El Torito allows at most {MAX_IMAGE_BYTES // 1024} KiB")
@@ -161,15 +180,38 @@ def make_fat_image(files: dict[str, Path], output: Path, source_date_epoch: int)
             if d not in made:
                 run(["mmd", "-i", output, f"::/{d}"], env=env)
                 made.add(d)
-        # -m keeps the source's modification time (the package's), not the clock's.
-        run(["mcopy", "-m", "-i", output, files[fat_path], f"::/{fat_path}"], env=env)
+        src = files[fat_path]
+        if isinstance(src, bytes):
+            # Written from stdin: mtools dates it at SOURCE_DATE_EPOCH.
+            run(["mcopy", "-i", output, "-", f"::/{fat_path}"], env=env, input=src)
+        else:
+            # -m keeps the source's modification time (the package's), not the clock's.
+            run(["mcopy", "-m", "-i", output, src, f"::/{fat_path}"], env=env)
     return output
+
+
+def _tool_versions() -> str:
+    out = run(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "dosfstools", "mtools"], capture=True, check=False)
+    return out.stdout
 
 
 def build_efi_image(cache_dir: Path, output: Path, source_date_epoch: int) -> EfiImage:
     """Fetch Debian's signed shim/GRUB/MokManager and put them into a FAT image at `output`."""
-    versions, files = fetch_efi_files(cache_dir)
-    make_fat_image(files, output, source_date_epoch)
+    versions, binaries = fetch_efi_files(cache_dir)
+    files: dict[str, Path | bytes] = {**binaries, BRIDGE_CFG_PATH: BRIDGE_CFG.encode()}
+    # The image is a pure function of these: reuse it when they have not changed.
+    key = hashlib.sha256(json.dumps({
+        "versions": versions, "epoch": source_date_epoch, "bridge": BRIDGE_CFG, "label": FAT_LABEL,
+        "volume_id": FAT_VOLUME_ID, "layout": {k: str(v) for k, v in EFI_PACKAGES.items()},
+        "tools": _tool_versions(),
+    }, sort_keys=True).encode()).hexdigest()
+    stamp = output.with_name(output.name + ".key")
+    if output.is_file() and stamp.is_file() and stamp.read_text() == key:
+        log.info("EFI image %s is up to date", output)
+    else:
+        stamp.unlink(missing_ok=True)
+        make_fat_image(files, output, source_date_epoch)
+        stamp.write_text(key)
     log.info("EFI image %s: %d KiB, %s", output, output.stat().st_size // 1024,
              ", ".join(f"{p} {v}" for p, v in versions.items()))
     return EfiImage(path=output, versions=versions, files=files)

@@ -180,13 +180,13 @@ def _need_file(path: Path, what: str) -> None:
         raise IsoError(f"{what}: {path} does not exist or is not a regular file")
 
 
-def _collect_tree(cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packages: dict[str, str]) -> dict[str, Path | bytes]:
-    """ISO path (Rock Ridge spelling) -> host file or content."""
+def _input_files(inputs: IsoInputs) -> dict[str, Path]:
+    """The pipeline's files by ISO path (Rock Ridge spelling), checked before any work is done."""
     _need_file(inputs.kernel, "kernel")
     _need_file(inputs.initrd, "initrd")
     if not inputs.layers:
         raise IsoError("layers: at least one squashfs layer is needed (live-boot has nothing to mount otherwise)")
-    tree: dict[str, Path | bytes] = {
+    tree: dict[str, Path] = {
         bootmenu.KERNEL_PATH: inputs.kernel,
         bootmenu.INITRD_PATH: inputs.initrd,
     }
@@ -198,7 +198,27 @@ def _collect_tree(cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packa
         if dest in tree:
             raise IsoError(f"layers[{i}]: two layers are named {layer.name}; give each layer its own file name")
         tree[dest] = layer
+    for iso_path, host in sorted(inputs.extra_files.items()):
+        if not _ISO_PATH_RE.match(iso_path) or any(part in {".", ".."} for part in iso_path.split("/")):
+            raise IsoError(f"extra_files[{iso_path!r}]: must be an absolute path of letters, digits, "
+                           "'.', '_', '+' and '-'")
+        if iso_path in tree or iso_path in _RESERVED or iso_path.startswith(_RESERVED_DIRS):
+            raise IsoError(f"extra_files[{iso_path!r}]: the ISO stage writes that path itself; choose another")
+        _need_file(Path(host), f"extra_files[{iso_path!r}]")
+        tree[iso_path] = Path(host)
+    return tree
 
+
+# Paths the ISO stage writes itself (besides the kernel, initrd and layers).
+_RESERVED = frozenset({"/boot/grub/grub.cfg", EFI_IMAGE_ISO_PATH, "/.disk/info", "/.disk/boot-packages"})
+_RESERVED_DIRS = ("/isolinux/",)
+
+
+def _collect_tree(
+    cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packages: dict[str, str]
+) -> dict[str, Path | bytes]:
+    """ISO path (Rock Ridge spelling) -> host file or content."""
+    tree: dict[str, Path | bytes] = dict(_input_files(inputs))
     tree["/isolinux/isolinux.bin"] = ISOLINUX_BIN
     for mod in ISOLINUX_MODULES:
         tree[f"/isolinux/{mod}"] = SYSLINUX_MODULES / mod
@@ -209,15 +229,8 @@ def _collect_tree(cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packa
     tree["/.disk/boot-packages"] = "".join(f"{p} {v}\n" for p, v in sorted(boot_packages.items())).encode()
     for p in (ISOLINUX_BIN, ISOHDPFX_BIN, *(SYSLINUX_MODULES / m for m in ISOLINUX_MODULES)):
         if not p.is_file():
-            raise IsoError(f"{p} is missing on the build host (packages isolinux, syslinux-common): run ./install-deps.sh")
-
-    for iso_path, host in sorted(inputs.extra_files.items()):
-        if not _ISO_PATH_RE.match(iso_path) or any(part in {".", ".."} for part in iso_path.split("/")):
-            raise IsoError(f"extra_files[{iso_path!r}]: must be an absolute path of letters, digits, '.', '_', '+', '-'")
-        if iso_path in tree:
-            raise IsoError(f"extra_files[{iso_path!r}]: the ISO stage writes that path itself; choose another")
-        _need_file(Path(host), f"extra_files[{iso_path!r}]")
-        tree[iso_path] = Path(host)
+            raise IsoError(f"{p} is missing on the build host (packages isolinux, syslinux-common): "
+                           "run ./install-deps.sh")
     return tree
 
 
@@ -265,7 +278,7 @@ def gpt_room_filler(iso_bytes: int) -> int:
     return 0 if padding >= _BACKUP_GPT_BYTES else padding + _BACKUP_GPT_BYTES
 
 
-def _leave_room_for_backup_gpt(iso: pycdlib.PyCdlib) -> None:
+def _leave_room_for_backup_gpt(iso: pycdlib.PyCdlib) -> int:
     """Keep pycdlib's backup GPT from overwriting the end of the last file.
 
     Without this, an image whose data ends less than 33 sectors before a 1 MiB boundary loses its
@@ -278,6 +291,7 @@ def _leave_room_for_backup_gpt(iso: pycdlib.PyCdlib) -> None:
                    rr_name=PurePosixPath(GPT_ROOM_PATH).name, joliet_path=GPT_ROOM_PATH, file_mode=_FILE_MODE)
         if gpt_room_filler(iso.pvd.space_size * iso.logical_block_size):
             raise IsoError("could not leave room for the backup GPT at the end of the image")
+    return needed
 
 
 def _install_mbr_code(path: Path) -> None:
@@ -301,6 +315,8 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     """
     epoch = int(inputs.source_date_epoch)
     label = cfg.iso.volume_label
+    _input_files(inputs)  # bad input fails here, before anything is fetched or written
+    bootmenu.render_isolinux(cfg)
     efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch)
     boot_packages = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES} | efi_img.versions
     tree = _collect_tree(cfg, inputs, efi_img.path, boot_packages)
@@ -331,7 +347,7 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
         # Second section: platform 0xEF, no emulation; the sector count is the whole FAT image.
         iso.add_eltorito(_iso_path(PurePosixPath(EFI_IMAGE_ISO_PATH), is_dir=False), efi=True, bootable=True)
         iso.add_isohybrid(efi=True, mbr_id=derive_mbr_id(seed))
-        _leave_room_for_backup_gpt(iso)
+        filler = _leave_room_for_backup_gpt(iso)
         with tmp.open("wb") as out:
             iso.write_fp(out)
         iso.close()
@@ -342,6 +358,9 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     os.replace(tmp, output)
     elapsed = time.monotonic() - started
     size = output.stat().st_size
+    files = {p: (len(s) if isinstance(s, bytes) else s.stat().st_size) for p, s in tree.items()}
+    if filler:
+        files[GPT_ROOM_PATH] = filler
     log.info("ISO %s: %.1f MiB written in %.2f s (EFI image %d KiB)", output, size / 2**20, elapsed,
              efi_img.path.stat().st_size // 1024)
     return IsoResult(
@@ -350,5 +369,5 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
         efi_image_size=efi_img.path.stat().st_size,
         boot_packages=boot_packages,
         write_seconds=elapsed,
-        files={p: (len(s) if isinstance(s, bytes) else s.stat().st_size) for p, s in tree.items()},
+        files=files,
     )

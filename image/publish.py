@@ -63,7 +63,7 @@ class PublishOptions:
     gpg_key: str | None = None
     gpg_homedir: Path | None = None
     dry_run: bool = False
-    jobs: int = 8  # regions published at once
+    jobs: int = 30  # regions published at once (all DRS regions: the work is mostly waiting on S3)
     seed_copy: bool = True
     multipart_threshold: int = 64 * MiB
     multipart_chunksize: int = 16 * MiB
@@ -229,7 +229,7 @@ def publish_command(
     acl: str | None = None,
     gpg_key: str | None = None,
     dry_run: bool = False,
-    jobs: int = 8,
+    jobs: int = 30,
     seed_copy: bool = True,
     multipart_threshold_mib: int = 64,
     multipart_chunksize_mib: int = 16,

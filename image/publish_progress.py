@@ -17,6 +17,7 @@ class RegionResult:
     planned: int = 0
     written: int = 0  # objects actually uploaded / copied / put in this run
     bytes: int = 0  # bytes uploaded or copied in this run
+    sent_bytes: int = 0  # of which uploaded from this host (the rest: server-side copies)
     seconds: float = 0.0
     verified: bool = False
     error: str | None = None

@@ -32,6 +32,10 @@ class RegionFailure(RuntimeError):
     """A region could not be published; the message names the bucket/key and what to do."""
 
 
+# One CopyObject copies up to 5 GiB atomically inside S3; only larger objects need part copies.
+COPY_SINGLE_LIMIT = 5 * 1024**3
+
+
 @dataclass
 class S3Settings:
     session: boto3.Session
@@ -209,6 +213,13 @@ class RegionPublisher:
             self.result.bytes += nbytes
         self.reporter.advance(self.plan.region, nbytes)
 
+    def _sent(self, nbytes: int) -> None:
+        """Progress of bytes that leave this host (uploads), as opposed to server-side copies."""
+        with self._bytes_lock:
+            self.result.bytes += nbytes
+            self.result.sent_bytes += nbytes
+        self.reporter.advance(self.plan.region, nbytes)
+
     def _copy(self, obj: PlannedObject, source: SeedObject, source_client: Any) -> None:
         extra = self._extra_args(obj)
         # The copy must be of the object we verified, not of whatever replaced it since.
@@ -223,8 +234,13 @@ class RegionPublisher:
             ExtraArgs=extra,
             Callback=self._progress,
             SourceClient=source_client,
-            Config=self.settings.transfer,
+            Config=self._copy_config(),
         )
+
+    def _copy_config(self) -> TransferConfig:
+        t = self.settings.transfer
+        return TransferConfig(multipart_threshold=COPY_SINGLE_LIMIT, multipart_chunksize=t.multipart_chunksize,
+                              max_concurrency=t.max_request_concurrency, use_threads=True)
 
     def _write(self, obj: PlannedObject) -> str:
         """Write one object; returns the action done (for the progress lines)."""
@@ -232,7 +248,7 @@ class RegionPublisher:
         if obj.data is not None:
             self._call(what, self._client.put_object, Bucket=obj.bucket, Key=obj.key, Body=obj.data,
                        **self._extra_args(obj))
-            self._progress(obj.size)
+            self._sent(obj.size)
             return "put"
         if obj.copy_from is not None:
             etag = self._etags[(obj.bucket, obj.copy_from)]
@@ -250,7 +266,7 @@ class RegionPublisher:
                 # e.g. no read access to the seed bucket: uploading ourselves still works.
                 self.result.notes.append(f"seed copy failed, uploaded instead: {exc}")
         self._call(what, self._client.upload_file, Filename=str(obj.artifact.path), Bucket=obj.bucket,
-                   Key=obj.key, ExtraArgs=self._extra_args(obj), Callback=self._progress,
+                   Key=obj.key, ExtraArgs=self._extra_args(obj), Callback=self._sent,
                    Config=self.settings.transfer)
         return "uploaded"
 

@@ -56,8 +56,10 @@ FAILURE_PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(r"No bootable device.*"),
     re.compile(r".*Access Denied.*"),
     re.compile(r".*Security Violation.*"),
+    re.compile(r"BdsDxe: No bootable option or device was found.*"),
+    re.compile(r"^Shell> ", re.M),  # OVMF fell back to its UEFI shell
 )
-_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
+_ANSI = re.compile(r"\x1b(\[[0-9;?=<>]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
 
 
 class QemuError(RuntimeError):

@@ -38,6 +38,17 @@ class WayResult:
     boot: BootResult | None = None
 
 
+def default_iso() -> Path:
+    """The default build's ISO (build/out/<iso.artifact>)."""
+    from image.config import load_config
+    from image.paths import DEFAULT_BUILD, BuildPaths
+
+    return BuildPaths(DEFAULT_BUILD).artifact(load_config().iso.artifact)
+
+
+DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "build" / "smoke"
+
+
 def check_summary(way: BootWay, boot: BootResult) -> tuple[bool, str]:
     """Whether `boot` shows the summary line with the boot mode and Secure Boot state of `way`."""
     if boot.outcome == "matched":
@@ -138,7 +149,7 @@ def format_table(results: Sequence[WayResult]) -> str:
         rows.append((r.way.name, "PASS" if r.passed else "FAIL", f"{r.seconds:.1f}", r.detail))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
+    lines.insert(1, "-" * (sum(widths) + 6 + len(rows[0][3])))
     return "\n".join(lines)
 
 

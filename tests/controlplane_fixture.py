@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from botocore.client import BaseClient
+from drs_controlplane.certs import IssuedCertificate
 from drs_controlplane.seed import Seed, load_seed, parse_seed
 from drs_controlplane.server import ControlPlane
 from drs_controlplane.sigv4 import Credential
@@ -86,6 +87,10 @@ class ControlPlaneHandle:
         """Move the control plane's clock (signature checks and the Date header) relative to real time."""
         self.plane.clock_offset = timedelta(seconds=seconds)
 
+    def set_account_initialized(self, initialized: bool) -> None:
+        """False: every call gets UninitializedAccountException (DRS not set up in this Region)."""
+        self.plane.account_initialized = initialized
+
     def recovery_instance(self, instance_id: str) -> dict[str, Any]:
         """The RecoveryInstance document as DescribeRecoveryInstances returns it (read directly)."""
         with self.plane.store.transaction():
@@ -113,6 +118,10 @@ class ControlPlaneHandle:
     def press_failback(self, *instance_ids: str) -> dict[str, Any]:
         """The console's Failback button: StartFailbackLaunch through boto3; returns the job."""
         return self.client().start_failback_launch(recoveryInstanceIDs=list(instance_ids))["job"]
+
+    def issue_agent_certificate(self, instance_id: str, csr_pem: str) -> IssuedCertificate:
+        """The agent side of pairing: sign the agent's CSR (CN agent.<id>.drs.local; SANs its IPs + 127.0.0.1)."""
+        return self.plane.issue_agent_certificate(instance_id, csr_pem)
 
     def client_logs(self) -> list[dict[str, Any]]:
         with self.plane.store.transaction():

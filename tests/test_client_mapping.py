@@ -6,9 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from failback_client.devices import LocalDisk, discover
 from failback_client.mapping import (
     EXCLUDE,
@@ -28,6 +25,8 @@ from failback_client.mapping import (
     to_api,
     validate_mapping,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 BIOS_ROOT = str(Path(__file__).parent / "data" / "client" / "sysroot-bios")
 
@@ -82,7 +81,8 @@ def test_refusals_name_the_reason(text: str, error: type[MappingError], token: s
 
 # ---- parser: generated inputs -----------------------------------------------------------------------
 
-NAME_CHARS = st.characters(codec="utf-8", exclude_characters=",=:\"'{}[]", exclude_categories=("Cc", "Cs", "Zs"))
+NAME_CHARS = st.characters(codec="utf-8", exclude_characters=",=:\"'{}[]",
+                           exclude_categories=("Cc", "Cf", "Cs", "Zs", "Zl", "Zp"))
 names = st.text(NAME_CHARS, min_size=1, max_size=12).map(lambda s: "/dev/" + s)
 # local names may carry ':' (by-path) and must survive every format
 local_names = st.one_of(
@@ -93,7 +93,7 @@ local_names = st.one_of(
 mappings = st.dictionaries(names, local_names, min_size=1, max_size=8)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mapping=mappings, style=st.sampled_from(["csv=", "csv:", "json", "api", "csv-spaces"]))
 def test_generated_mappings_round_trip_in_every_format(mapping: dict[str, str], style: str) -> None:
     if style == "csv=":
@@ -110,7 +110,7 @@ def test_generated_mappings_round_trip_in_every_format(mapping: dict[str, str], 
     assert parse_device_mapping(text) == {k.strip(): v.strip() for k, v in mapping.items()}
 
 
-structural = st.text(st.sampled_from(list("=:,{}[]\"' \t\n\\/devsxEXCLUDEexclude0123:.-") + ["\x00", "é", "\u2028"]),
+structural = st.text(st.sampled_from([*"=:,{}[]\"' \t\n\\/devsxEXCLUDEexclude0123:.-", "\x00", "é", "\u2028"]),
                      max_size=60)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -129,13 +129,13 @@ def _parsed_or_named_refusal(text: str) -> None:
     assert EXCLUDE not in result
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2500, deadline=None)
 @given(text=st.one_of(st.text(max_size=80), structural))
 def test_any_text_is_parsed_or_refused_with_a_reason(text: str) -> None:
     _parsed_or_named_refusal(text)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(value=json_values)
 def test_any_json_is_parsed_or_refused_with_a_reason(value: object) -> None:
     _parsed_or_named_refusal(json.dumps(value))
@@ -201,7 +201,7 @@ def test_wrong_format_hint(local: list[LocalDisk]) -> None:
 def test_all_strict_ambiguity() -> None:
     a = LocalDisk("sda", 20 * GIB, by_id=["disk-x"])
     b = LocalDisk("sdb", 20 * GIB, by_path=["disk-x"])
-    with pytest.raises(AmbiguousDeviceError, match="'disk-x'.*sda, sdb"):
+    with pytest.raises(AmbiguousDeviceError, match=r"'disk-x'.*sda, sdb"):
         validate_mapping({"/dev/xvda": "disk-x", "/dev/xvdb": "EXCLUDE"}, REC, [a, b], "all-strict")
 
 
@@ -220,7 +220,7 @@ def test_validator_refusals(local: list[LocalDisk], text: str, error: type[Mappi
     assert info.value.token == token and token in str(info.value)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(mapping=st.dictionaries(st.sampled_from(["/dev/xvda", "/dev/xvdb", "xvdb", "/dev/xvdq"]),
                                st.sampled_from(["/dev/sda", "sdb", "/dev/sdc", "EXCLUDE", "/dev/sdz",
                                                 "pci-0000:00:10.0-scsi-0:0:1:0"]), max_size=4),

@@ -9,6 +9,8 @@ import botocore.session
 import pytest
 from botocore.exceptions import ParamValidationError
 from failback_client.drs_model import (
+    FAILBACK_INITIATION_STEPS,
+    FailbackCommand,
     ModelMergeError,
     drs_service_model,
     extension_model,
@@ -84,6 +86,14 @@ def test_shared_shapes_are_the_public_ones():
     steps = request.members["initiationSteps"].member.members["name"]
     assert "PAIR_AGENT_WITH_REPLICATION_SOFTWARE" in steps.enum
     assert request.members["dataReplicationState"].name == "RecoveryInstanceDataReplicationState"
+
+
+def test_constants_match_the_model():
+    model = drs_service_model()
+    steps = model.shape_for("RecoveryInstanceDataReplicationInitiationStepName").enum
+    assert set(FAILBACK_INITIATION_STEPS) <= set(steps)
+    assert [s for s in steps if s in FAILBACK_INITIATION_STEPS] == list(FAILBACK_INITIATION_STEPS)
+    assert model.shape_for("FailbackCommand").enum == [c.value for c in FailbackCommand]
 
 
 def test_serializes_like_a_public_call(client):

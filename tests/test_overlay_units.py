@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,85 @@ def test_console_present(live_root: Path, tmp_path: Path, tty: str, uart_type: s
     proc = subprocess.run(["dash", str(live_root / "usr/lib/failback/console-present"), tty],
                           env={"FAILBACK_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=False)
     assert (proc.returncode == 0) == present
+
+
+# --- against the real live rootfs (when the build has made it) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merged_live_root(live_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The build's rootfs with the rendered overlay on top (overlayfs, as live-boot stacks them)."""
+    from image.paths import DEFAULT_BUILD, BuildPaths
+
+    rootfs = BuildPaths(DEFAULT_BUILD).rootfs
+    if not (rootfs / "usr/lib/systemd/systemd").exists():
+        pytest.skip("the build's rootfs does not exist yet (inv rootfs)")
+    if os.geteuid() != 0:
+        pytest.skip("mounting overlayfs needs root")
+    work = tmp_path_factory.mktemp("merged")
+    for d in ("upper", "work", "merged"):
+        (work / d).mkdir()
+    merged = work / "merged"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={live_root}:{rootfs},upperdir={work / 'upper'},workdir={work / 'work'}", str(merged)],
+                   check=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+@pytest.mark.root
+def test_units_verify_on_the_real_rootfs(merged_live_root: Path) -> None:
+    units = [*VERIFIED_UNITS, "systemd-resolved.service", "systemd-timesyncd.service", "multi-user.target"]
+    proc = analyze_verify(merged_live_root, units)
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("unit", "state"), [
+    ("failback-client@tty1.service", "enabled"),
+    ("failback-client@ttyS0.service", "enabled"),
+    ("getty@tty1.service", "masked"),
+    ("serial-getty@ttyS0.service", "masked"),
+    ("getty@tty2.service", "enabled"),
+    ("systemd-networkd.service", "enabled"),
+    ("systemd-networkd-wait-online.service", "enabled"),
+    ("systemd-resolved.service", "enabled"),
+    ("systemd-timesyncd.service", "enabled"),
+])
+def test_unit_states_on_the_real_rootfs(merged_live_root: Path, unit: str, state: str) -> None:
+    proc = subprocess.run(["systemctl", f"--root={merged_live_root}", "is-enabled", unit],
+                          capture_output=True, text=True, check=False)
+    assert proc.stdout.strip() == state, proc.stdout + proc.stderr
+
+
+def networkd_parse(files: list[Path], tmp_path: Path) -> str:
+    """What the real systemd-networkd says when it loads `files` as its only configuration (run for a
+    few seconds in its own mount and network namespaces, so the host's network is untouched)."""
+    netdir = tmp_path / "network"
+    netdir.mkdir()
+    for f in files:
+        shutil.copyfile(f, netdir / f.name)
+    script = (f"mount --bind {netdir} /etc/systemd/network && mount -t tmpfs tmpfs /run/systemd && "
+              "exec /lib/systemd/systemd-networkd")
+    proc = subprocess.run(["timeout", "4", "unshare", "-m", "-n", "sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "SYSTEMD_LOG_TARGET": "console", "SYSTEMD_LOG_LEVEL": "debug"},
+                          check=False)
+    output = proc.stdout + proc.stderr
+    assert "Enumeration completed" in output, output[-2000:]
+    return "\n".join(line for line in output.splitlines() if "/etc/systemd/network/" in line)
+
+
+@pytest.mark.root
+def test_networkd_accepts_our_network_files(live_root: Path, fake_system: dict[str, object], tmp_path: Path) -> None:
+    assert run_start(fake_system, **{**GOOD, "CONFIG_NETWORK": "1"}).returncode == 0
+    written = list((Path(str(fake_system["root"])) / "etc/systemd/network").glob("*.network"))
+    ours = sorted((live_root / "etc/systemd/network").glob("*.network"))
+    assert ours and written
+    assert networkd_parse([*ours, *written], tmp_path) == ""
+    # ...and it does complain about a bad key: the check above can fail.
+    bad = tmp_path / "99-bad.network"
+    bad.write_text("[Match]\nName=eth0\n\n[Network]\nDHCPP=yes\n")
+    (tmp_path / "again").mkdir()
+    assert "Unknown key 'DHCPP'" in networkd_parse([bad], tmp_path / "again")

@@ -4,6 +4,7 @@ the El Torito-less disk copy, the marker initramfs, and real TCG boots of a bare
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -211,7 +212,7 @@ def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None
 
 
 def test_console_text_loses_escape_sequences() -> None:
-    raw = b"\x1b[2J\x1b[1;1H\x1b[0mfailback-client 0.1.0 | boot mode: UEFI\r\n\x1b(B"
+    raw = b"\x1b[=3h\x1b[2J\x1b[1;1H\x1b[0mfailback-client 0.1.0 | boot mode: UEFI\r\n\x1b(B"
     assert qemu.clean_console(raw) == "failback-client 0.1.0 | boot mode: UEFI\n"
 
 
@@ -297,3 +298,26 @@ def test_firmware_dataclass_is_frozen() -> None:
     with pytest.raises(AttributeError):
         fw.code = Path("/x")  # type: ignore[misc]
     assert fw.supports_machine("q35") and not fw.supports_machine("pc")
+
+
+def test_kernel_and_layers_are_read_from_the_iso(tmp_path: Path) -> None:
+    """The benchmark's baseline boots the ISO's own kernel; its layer sizes come from the ISO too."""
+    import pycdlib
+
+    from image import bench
+
+    iso = tmp_path / "t.iso"
+    pc = pycdlib.PyCdlib()
+    pc.new(interchange_level=3, rock_ridge="1.09", joliet=3)
+    pc.add_directory("/LIVE", rr_name="live", joliet_path="/live")
+    for iso_name, name, data in (("VMLINUZ.;1", "vmlinuz", b"kernel-bytes"),
+                                 ("BASE.SQF;1", "00-base.squashfs", b"b" * 5000),
+                                 ("OVERLAY.SQF;1", "10-overlay.squashfs", b"o" * 700)):
+        pc.add_fp(io.BytesIO(data), len(data), f"/LIVE/{iso_name}", rr_name=name, joliet_path=f"/live/{name}")
+    pc.write(str(iso))
+    pc.close()
+    kernel = qemu.extract_from_iso(iso, r"/vmlinuz[^/]*$", tmp_path / "out/vmlinuz")
+    assert kernel.read_bytes() == b"kernel-bytes"
+    assert bench.iso_layers(iso) == {"/live/00-base.squashfs": 5000, "/live/10-overlay.squashfs": 700}
+    with pytest.raises(QemuError, match="no file matching 'initrd'"):
+        qemu.extract_from_iso(iso, "initrd", tmp_path / "x")

@@ -3,6 +3,7 @@ report; and, marked `boot`, the real six-way smoke matrix on the built ISO."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,7 @@ def test_plan_per_way(tmp_path: Path, way: qemu.BootWay) -> None:
     disk = qemu.disk_copy(iso, tmp_path / "work/disk.img")
     fws = qemu.load_firmware_descriptors()
     argv, log, sock = smoke.plan_way(way, iso, tmp_path / "work", fws, disk)
+    shutil.rmtree(sock.parent)
     assert log == tmp_path / "work" / way.name / "serial.log"
     assert f"file:{log}" in argv and f"unix:{sock},server=on,wait=off" in argv
     image = disk if way.medium == "disk" else iso

@@ -36,6 +36,10 @@ def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "")
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("InvalidSignatureException", "SignatureDoesNotMatch") and "expired" in message.lower():
+            return CredentialsError(
+                f"AWS refused the request signature as expired while {action}: this machine's clock is more than "
+                "5 minutes off; set it to the correct UTC time (the hardware clock must keep UTC, not local time)")
         if code in ("InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature"):
             return CredentialsError(
                 f"AWS refused the request signature while {action}: the AWS Secret Access Key does not match "

@@ -11,7 +11,7 @@ from failback_client.console import Console, ConsoleReleased
 from failback_client.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ClientError
 from failback_client.logs import REDACTOR, install_excepthook, setup_logging
 from failback_client.mapping import MappingError
-from failback_client.settings import DM_VALUE_FORMATS, from_arguments
+from failback_client.settings import DM_VALUE_FORMATS, Settings, from_arguments
 
 log = logging.getLogger("failback_client")
 
@@ -33,6 +33,7 @@ test and development hooks (unset on the LiveCD):
   FAILBACK_CONSOLE_LOCK=FILE console arbitration between the tty1 and ttyS0 instances
   FAILBACK_INCLUDE_LOOP=1    offer loop devices as local disks
   FAILBACK_PLAIN=1           plain lines instead of rich output
+  FAILBACK_AGENT_PORT=N      TCP port checked on the recovery instance instead of 1500
   FAILBACK_FIX_CLOCK=0|1     never/always correct a skewed clock (default: only on the LiveCD, as root)
 
 exit status:
@@ -84,18 +85,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Secrets given as arguments or variables are redacted from the very first line of output.
     REDACTOR.add(args.secret_access_key, args.session_token)
-    console: Console | None = None
     try:
         settings = from_arguments(args)
         REDACTOR.add(*settings.secrets())
         log_path = setup_logging(log_file=settings.log_file, log_console=settings.log_console)
         console = Console(plain=True if settings.plain else None, lock_path=settings.console_lock)
-        log.info("failback-client %s starting; settings %s; log %s", __version__, settings, log_path)
-        from failback_client.workflow import run
-
-        return run(settings, console)
+    except ClientError as e:
+        _report(None, str(e))
+        return e.exit_status
+    except OSError as e:
+        _report(None, f"cannot open {e.filename or 'a file'}: {e.strerror or e}")
+        return EXIT_USAGE
+    log.info("failback-client %s starting; settings %s; log %s", __version__, settings, log_path)
+    try:
+        status = _run(settings, console)
+        if console.lock is not None and status != EXIT_INTERRUPTED:
+            console.hold(log_path)
     except ConsoleReleased:
         return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _run(settings: Settings, console: Console) -> int:
+    """The workflow, with every expected failure turned into its message and exit status."""
+    from failback_client.workflow import run
+
+    try:
+        return run(settings, console)
     except (ClientError, MappingError) as e:
         status = getattr(e, "exit_status", EXIT_USAGE)
         _report(console, str(e))
@@ -111,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         _report(console, f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
         return 1
+    except ConsoleReleased:
+        raise
 
 
 def _report(console: Console | None, message: str) -> None:

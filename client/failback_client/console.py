@@ -43,7 +43,9 @@ def wants_plain(stream: IO[str], env: dict[str, str] | os._Environ[str]) -> bool
     name = tty_name(stream)
     if name is None:
         return True
-    if os.path.basename(name).startswith(SERIAL_TTY_PREFIXES):
+    # FAILBACK_CONSOLE is the LiveCD launcher's name for the console this instance runs on.
+    if os.path.basename(name).startswith(SERIAL_TTY_PREFIXES) or env.get("FAILBACK_CONSOLE", "").startswith(
+            SERIAL_TTY_PREFIXES):
         return True
     return env.get("TERM", "dumb") in ("", "dumb")
 
@@ -236,6 +238,18 @@ class Console:
             return
         if not self.lock.try_claim():
             self._wait_other(self.lock.holder() or "another console")
+
+    def hold(self, log_path: str | None) -> None:
+        """On the LiveCD consoles systemd restarts the client as soon as it exits: wait for the admin first,
+        so that a finished or failed run stays readable and never becomes a restart loop."""
+        where = f" (log: {log_path})" if log_path else ""
+        if not self.stdin.isatty():
+            time.sleep(30)
+            return
+        try:
+            self.ask(f"Press Enter to start the failback client again{where}. ")
+        except EOFError:
+            time.sleep(30)
 
     def _wait_other(self, holder: str) -> None:
         self.stdout.write("\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from enum import StrEnum
 from importlib import resources
 from typing import Any
 
@@ -27,6 +28,26 @@ SERVICE_NAME = "drs"
 API_VERSION = "2020-02-26"
 EXTENSION_RESOURCE = "drs-failback-extension-2020-02-26.json"
 RETRY_MODES = ("standard", "adaptive", "legacy")
+
+# The failback initiation steps, in the order the console shows them (enum values of botocore's model).
+FAILBACK_INITIATION_STEPS = (
+    "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE",
+    "COMPLETE_VOLUME_MAPPING",
+    "ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION",
+    "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+    "CONFIGURE_REPLICATION_SOFTWARE",
+    "PAIR_AGENT_WITH_REPLICATION_SOFTWARE",
+    "ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION",
+)
+
+
+class FailbackCommand(StrEnum):
+    """GetFailbackCommandForDrs's answer (shape FailbackCommand)."""
+
+    CONTINUE = "CONTINUE"  # keep replicating
+    FINAL_SYNC = "FINAL_SYNC"  # Failback pressed: finish the last sync, then NotifyConsistencyAttained(finalSync)
+    STOP = "STOP"  # StopFailback, or another failback client took over the recovery instance
+    COMPLETE = "COMPLETE"  # failback finished: the client says so, ejects the medium and reboots
 
 
 class ModelMergeError(RuntimeError):
@@ -80,12 +101,20 @@ def _shape_refs(node: Any) -> set[str]:
     return refs
 
 
+class _UniqueList(list):
+    def append(self, item: Any) -> None:
+        if item not in self:
+            super().append(item)
+
+
 class DrsExtendedLoader(botocore.loaders.Loader):
     """botocore data loader that serves the merged drs model in place of botocore's own."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._merged: dict[str | None, dict[str, Any]] = {}
+        # Shared by many sessions, and every boto3 Session appends its data path: keep each path once.
+        self._search_paths = _UniqueList(self._search_paths)
 
     def load_service_model(self, service_name: str, type_name: str, api_version: str | None = None) -> Any:
         model = super().load_service_model(service_name, type_name, api_version)
@@ -97,12 +126,17 @@ class DrsExtendedLoader(botocore.loaders.Loader):
         return self._merged[api_version]
 
 
+@functools.cache
+def _shared_loader() -> DrsExtendedLoader:
+    # One loader for every session: it only caches model files, so clients after the first are quick.
+    base = botocore.session.Session().get_component("data_loader")
+    return DrsExtendedLoader(extra_search_paths=base.search_paths, include_default_search_paths=False)
+
+
 def botocore_session() -> botocore.session.Session:
     """A botocore session whose `drs` service has our operations too."""
     session = botocore.session.Session()
-    base = session.get_component("data_loader")
-    session.register_component("data_loader", DrsExtendedLoader(extra_search_paths=base.search_paths,
-                                                                  include_default_search_paths=False))
+    session.register_component("data_loader", _shared_loader())
     return session
 
 

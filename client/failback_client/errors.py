@@ -32,6 +32,12 @@ class CredentialsError(ClientError):
     exit_status = EXIT_CREDENTIALS
 
 
+class ClockError(ClientError):
+    """The clock is too far off for request signing; new credentials would not help."""
+
+    exit_status = EXIT_CREDENTIALS
+
+
 class IdentifyError(ClientError):
     exit_status = EXIT_IDENTIFY
 

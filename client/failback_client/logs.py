@@ -14,6 +14,8 @@ DEFAULT_LOG_FILE = "/var/log/failback-client.log"
 MASK = "****"
 LOGGER_NAME = "failback_client"
 log = logging.getLogger(LOGGER_NAME)
+# Before (or without) setup_logging, records go nowhere rather than to logging's stderr fallback.
+log.addHandler(logging.NullHandler())
 
 
 class Redactor:
@@ -45,6 +47,7 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+_OUR_HANDLERS: list[logging.Handler] = []  # replaced on each setup (tests call main() several times)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -77,8 +80,10 @@ def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: 
     """Configure the client's loggers; returns the log file path in use (or None)."""
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in _OUR_HANDLERS:
         root.removeHandler(handler)
+        handler.close()
+    _OUR_HANDLERS.clear()
     root.setLevel(logging.DEBUG)
     # botocore's DEBUG output repeats whole requests; INFO keeps retries and endpoint choices.
     for noisy in ("botocore", "boto3", "urllib3"):
@@ -89,14 +94,14 @@ def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: 
         handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", buffering=1))
         handler.setFormatter(RedactingFormatter(fmt))
         handler.setLevel(logging.DEBUG)
-        root.addHandler(handler)
+        _OUR_HANDLERS.append(handler)
     if log_console:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(RedactingFormatter(fmt))
         console.setLevel(logging.DEBUG)
-        root.addHandler(console)
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
+        _OUR_HANDLERS.append(console)
+    for handler in _OUR_HANDLERS:
+        root.addHandler(handler)
     return path
 
 

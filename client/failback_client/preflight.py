@@ -150,10 +150,11 @@ class Skew:
 
 
 def endpoint_date(url: str, *, timeout: float = 10.0, proxies: dict[str, str] | None = None) -> dt.datetime | None:
-    """The endpoint's `Date` header (any HTTP status answers carry one); None when unreachable or absent."""
+    """The endpoint's `Date` header; None when unreachable or absent. A plain GET: AWS endpoints answer it
+    with an error that carries `Date`, and we never send credentials here."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler(proxies or None)]
     opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(url.rstrip("/") + "/", method="HEAD")
+    request = urllib.request.Request(url.rstrip("/") + "/", method="GET")
     try:
         with opener.open(request, timeout=timeout) as response:
             header = response.headers.get("Date")

@@ -22,8 +22,11 @@ def region_problem(region: str) -> str | None:
     lowered = region.strip().lower()
     if lowered in DRS_REGIONS:
         return f"region {region!r} must be written in lower case: {lowered}"
-    close = difflib.get_close_matches(lowered, DRS_REGIONS, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else f"; DRS regions are: {', '.join(DRS_REGIONS)}"
+    # Typos are often equally close to two regions (us-est-1: us-east-1 or us-west-1): offer both.
+    close = difflib.get_close_matches(lowered, DRS_REGIONS, n=2, cutoff=0.75)
+    ratios = [difflib.SequenceMatcher(None, lowered, c).ratio() for c in close]
+    close = [c for c, r in zip(close, ratios, strict=True) if r == ratios[0]]
+    hint = f"; did you mean {' or '.join(sorted(close))}?" if close else f"; DRS regions are: {', '.join(DRS_REGIONS)}"
     return f"{region!r} is not an AWS Region where Elastic Disaster Recovery runs{hint}"
 
 

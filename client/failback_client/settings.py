@@ -37,6 +37,7 @@ ENV_S3_ENDPOINT = "FAILBACK_S3_ENDPOINT"  # S3 endpoint URL checked in step 12 i
 ENV_CONSOLE_LOCK = "FAILBACK_CONSOLE_LOCK"  # set by the LiveCD units on tty1 and ttyS0: console arbitration
 ENV_INCLUDE_LOOP = "FAILBACK_INCLUDE_LOOP"  # offer loop devices as local disks (tests on real loop devices)
 ENV_PLAIN = "FAILBACK_PLAIN"  # force plain line output (no rich)
+ENV_AGENT_PORT = "FAILBACK_AGENT_PORT"  # TCP port checked on the recovery instance instead of DRS's (1500)
 ENV_FIX_CLOCK = "FAILBACK_FIX_CLOCK"  # 1: correct a skewed clock even off the LiveCD; 0: never correct it
 
 RECOVERY_INSTANCE_ID_RE = re.compile(r"^i-[0-9a-fA-F]{8,}$")
@@ -77,6 +78,7 @@ class Settings:
     include_loop: bool = False
     plain: bool = False
     fix_clock: bool | None = None  # None: only on the LiveCD
+    agent_port: int | None = None
     origin: dict[str, str] = field(default_factory=dict)  # setting -> "argument --x" / "variable X" / "prompt"
 
     @property
@@ -190,6 +192,10 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     s.console_lock = env.get(ENV_CONSOLE_LOCK) or None
     s.include_loop = env_flag(env, ENV_INCLUDE_LOOP)
     s.plain = env_flag(env, ENV_PLAIN)
+    port = env.get(ENV_AGENT_PORT, "").strip()
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"environment variable {ENV_AGENT_PORT}={port!r} is not a TCP port number")
+    s.agent_port = int(port) if port else None
     s.fix_clock = env_flag(env, ENV_FIX_CLOCK) if ENV_FIX_CLOCK in env else None
     return s
 

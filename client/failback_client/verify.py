@@ -62,7 +62,7 @@ def https_proxy(env: os._Environ[str] | dict[str, str] | None = None) -> tuple[s
     return _url_target(value if "://" in (value or "") else f"http://{value}") if value else None
 
 
-def replication_target(endpoint: dict[str, Any], instance: dict[str, Any]) -> Target:
+def replication_target(endpoint: dict[str, Any], instance: dict[str, Any], port_override: int | None = None) -> Target:
     """Where the recovery instance's replication agent listens: private or public IP per the failback
     replication configuration (usePrivateIP), port 1500 unless DRS says otherwise."""
     use_private = bool(endpoint.get("usePrivateIP"))
@@ -79,13 +79,13 @@ def replication_target(endpoint: dict[str, Any], instance: dict[str, Any]) -> Ta
                "when a VPN/Direct Connect route exists" if not use_private else "check its network interface"),
             exit_status=6)
     kind = "private" if use_private else "public"
+    port = port_override or int(endpoint.get("port") or REPLICATION_PORT)
     return Target(
-        what=f"the recovery instance {instance.get('recoveryInstanceID')} ({kind} IP) on TCP "
-             f"{endpoint.get('port') or REPLICATION_PORT}",
-        host=host, port=int(endpoint.get("port") or REPLICATION_PORT),
-        fix=("Allow inbound TCP 1500 in the recovery instance's security group" +
+        what=f"the recovery instance {instance.get('recoveryInstanceID')} ({kind} IP) on TCP {port}",
+        host=host, port=port,
+        fix=(f"Allow inbound TCP {port} in the recovery instance's security group" +
              (" and check the VPN/Direct Connect route to its private IP" if use_private
-              else " and outbound TCP 1500 from this network") + "; TLS-inspecting proxies break pairing"),
+              else f" and outbound TCP {port} from this network") + "; TLS-inspecting proxies break pairing"),
     )
 
 

@@ -14,7 +14,7 @@ from failback_client import __version__
 from failback_client.api import DrsApi
 from failback_client.console import Console
 from failback_client.devices import LocalDisk
-from failback_client.errors import EXIT_OK, ConnectivityError, CredentialsError
+from failback_client.errors import EXIT_OK, ClockError, ConnectivityError, CredentialsError
 from failback_client.identify import choose, local_identity, recovery_disks
 from failback_client.map_volumes import choose_mapping, show_mapping
 from failback_client.mapping import to_api
@@ -59,7 +59,7 @@ def check_clock(settings: Settings, console: Console) -> None:
         correct_clock(skew)
         console.ok(f"{skew.describe()}: corrected the system clock to the endpoint's time")
         return
-    raise CredentialsError(f"{skew.describe()}. {skew.advice()}")
+    raise ClockError(f"{skew.describe()}. {skew.advice()}")
 
 
 def local_disks_for_api(local: list[LocalDisk]) -> list[dict[str, Any]]:
@@ -67,16 +67,41 @@ def local_disks_for_api(local: list[LocalDisk]) -> list[dict[str, Any]]:
             for d in local if not d.boot_medium]
 
 
+PROMPTED_FIELDS = ("access_key_id", "secret_access_key", "session_token", "region", "endpoint")
+MAX_CREDENTIAL_ATTEMPTS = 5
+
+
+def connect(settings: Settings, console: Console) -> DrsApi:
+    """Steps 6-7: complete the settings, then check the credentials at once with a real call. Answers that
+    came from the prompt are asked again after a refusal; arguments and variables are not (exit instead)."""
+    for attempt in range(1, MAX_CREDENTIAL_ATTEMPTS + 1):
+        complete_settings(settings, console)
+        console.claim_or_wait()
+        console.info(f"Region {settings.region}, endpoint {settings.endpoint_url}")
+        check_clock(settings, console)
+        api = DrsApi(settings)
+        try:
+            api.check_credentials()
+        except CredentialsError as e:
+            prompted = [f for f in PROMPTED_FIELDS if settings.origin.get(f) == "prompt"]
+            if settings.no_prompt or not prompted or attempt == MAX_CREDENTIAL_ATTEMPTS:
+                raise
+            console.error(f"{e}.")
+            console.info("Please enter them again.")
+            for field in prompted:
+                setattr(settings, field, None)
+                settings.origin.pop(field)
+                if field == "endpoint":
+                    settings.default_endpoint = False
+            continue
+        console.ok(f"Credentials accepted by Elastic Disaster Recovery in {settings.region}")
+        return api
+    raise AssertionError("unreachable")
+
+
 def run(settings: Settings, console: Console) -> int:
     pre = run_preflight(settings, console)
-    complete_settings(settings, console)
-    console.claim_or_wait()
-    console.info(f"Region {settings.region}, endpoint {settings.endpoint_url}")
-    check_clock(settings, console)
-
-    api = DrsApi(settings)
-    api.check_credentials()
-    console.ok(f"Credentials accepted by Elastic Disaster Recovery in {settings.region}")
+    api = connect(settings, console)
 
     identity = local_identity(settings.sysroot)
     log.info("local identity: macs=%s uuid=%s", identity.macs, identity.system_uuid)
@@ -117,7 +142,7 @@ def run(settings: Settings, console: Console) -> int:
 
     steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "IN_PROGRESS")
     problems = []
-    replication = replication_target(link.get("replicationEndpoint", {}), choice.instance)
+    replication = replication_target(link.get("replicationEndpoint", {}), choice.instance, settings.agent_port)
     problem = tcp_problem(replication)
     if problem:
         problems.append(problem)
@@ -125,6 +150,7 @@ def run(settings: Settings, console: Console) -> int:
     else:
         console.ok(f"Reached {replication.what} at {replication.address}")
         steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "SUCCEEDED")
+        api.seen(client_id, choice.id)
     for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint,
                                   dict(os.environ)):
         problem = tcp_problem(target)

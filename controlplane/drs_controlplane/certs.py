@@ -100,6 +100,10 @@ def sign_csr(store: Store, csr_pem: str, *, expected_cn: str, now: datetime, ser
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5)).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                                     content_commitment=False, data_encipherment=False, key_agreement=False,
+                                     key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+                       critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                               else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )

@@ -6,19 +6,13 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+from failback_client.drs_model import FAILBACK_INITIATION_STEPS
+
 from drs_controlplane.seed import Seed, SeedRecoveryInstance, SeedSourceServer
 from drs_controlplane.store import RecoveryInstanceRecord, Store
 
 AGENT_PORT = 1500
-FAILBACK_STEPS = (
-    "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE",
-    "COMPLETE_VOLUME_MAPPING",
-    "ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION",
-    "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
-    "CONFIGURE_REPLICATION_SOFTWARE",
-    "PAIR_AGENT_WITH_REPLICATION_SOFTWARE",
-    "ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION",
-)
+FAILBACK_STEPS = FAILBACK_INITIATION_STEPS
 
 
 def iso(moment: datetime) -> str:

@@ -21,6 +21,7 @@ from botocore.model import OperationModel, ServiceModel
 from failback_client.drs_model import drs_service_model
 
 from drs_controlplane import errors, modelcheck
+from drs_controlplane.certs import IssuedCertificate, agent_common_name, sign_csr
 from drs_controlplane.documents import apply_seed
 from drs_controlplane.errors import ApiError
 from drs_controlplane.seed import Seed
@@ -71,6 +72,9 @@ class ControlPlane:
         self.clock_offset = timedelta(0)
         self.service = DrsService(self.store, region, self.now)
         self.requests: list[RequestRecord] = []
+        # DRS answers every call with UninitializedAccountException until the account is initialized
+        # in the Region: a likely first error for a client pointed at the wrong Region.
+        self.account_initialized = True
         self._throttle_left = 0
         self._throttle_retry_after = 1
         self._knob_lock = threading.Lock()
@@ -93,6 +97,21 @@ class ControlPlane:
 
     def add_credential(self, credential: Credential) -> None:
         self.credentials[credential.access_key] = credential
+
+    def issue_agent_certificate(self, recovery_instance_id: str, csr_pem: str,
+                                extra_ips: tuple[str, ...] = ("127.0.0.1",)) -> IssuedCertificate:
+        """Sign the agent's CSR (CN = agent_common_name(id)) as a TLS server certificate for TCP 1500.
+
+        The agent on a real recovery instance gets it through the service with its instance profile; here
+        the agent side of a test asks the plane directly. SANs: the instance's IPs plus `extra_ips`.
+        """
+        with self.store.transaction():
+            record = self.store.recovery_instance(recovery_instance_id)
+        if record is None:
+            raise KeyError(f"no recovery instance {recovery_instance_id}")
+        ips = tuple(ip for ip in (record.internal.get("privateIP"), record.internal.get("publicIP")) if ip)
+        return sign_csr(self.store, csr_pem, expected_cn=agent_common_name(recovery_instance_id), now=self.now(),
+                        server=True, ip_addresses=tuple(dict.fromkeys(ips + extra_ips)))
 
     def _take_throttle(self) -> int | None:
         with self._knob_lock:
@@ -123,7 +142,9 @@ class ControlPlane:
         """Serve in a background thread (tests, fixtures)."""
         self.bind()
         assert self._httpd is not None
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="drs-controlplane", daemon=True)
+        # A short poll interval makes stop() quick (tests start and stop many planes).
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="drs-controlplane",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -164,6 +185,8 @@ class ControlPlane:
                 raise errors.throttling(retry_after)
             op = self._route(method, path)
             operation = op.name
+            if not self.account_initialized:
+                raise ApiError(400, "UninitializedAccountException", "Account not initialized")
             if credential.allowed_operations is not None and op.name not in credential.allowed_operations:
                 raise errors.access_denied(f"User: {credential.principal} is not authorized to perform: "
                                            f"drs:{op.name} on resource: *")
@@ -247,6 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
+            self.close_connection = True  # the unread body would be taken for the next request
             self._respond(413, {"x-amzn-ErrorType": "RequestEntityTooLargeException"},
                           {"message": "Request body too large"})
             return

@@ -44,6 +44,7 @@ class DrsService:
         self.handlers: dict[str, Handler] = {
             "DescribeRecoveryInstances": self.describe_recovery_instances,
             "DescribeSourceServers": self.describe_source_servers,
+            "DescribeJobs": self.describe_jobs,
             "StartFailbackLaunch": self.start_failback_launch,
             "StopFailback": self.stop_failback,
             "GetFailbackReplicationConfiguration": self.get_failback_replication_configuration,
@@ -164,6 +165,16 @@ class DrsService:
         if f.get("hardwareId"):
             items = self._hardware_matches(items, [f["hardwareId"]])
         return self._page(items, p, "DescribeSourceServers")
+
+    def describe_jobs(self, p: dict[str, Any]) -> dict[str, Any]:
+        f = p.get("filters") or {}
+        ids = set(f.get("jobIDs") or [])
+        # ISO8601DatetimeString values of one format compare correctly as text.
+        items = [j for j in sorted(self.store.jobs(), key=lambda j: j.get("creationDateTime", ""))
+                 if (not ids or j["jobID"] in ids)
+                 and (not f.get("fromDate") or j.get("creationDateTime", "") >= f["fromDate"])
+                 and (not f.get("toDate") or j.get("creationDateTime", "") <= f["toDate"])]
+        return self._page(items, p, "DescribeJobs")
 
     def start_failback_launch(self, p: dict[str, Any]) -> dict[str, Any]:
         records = []

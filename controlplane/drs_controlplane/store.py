@@ -115,6 +115,9 @@ class Store:
         row = self._conn.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def jobs(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self._conn.execute("SELECT doc FROM jobs ORDER BY id")]
+
     def save_job(self, doc: dict[str, Any]) -> None:
         self._conn.execute("INSERT OR REPLACE INTO jobs (id, doc) VALUES (?, ?)", (doc["jobID"], json.dumps(doc)))
 

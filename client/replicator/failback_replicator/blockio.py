@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -59,10 +60,8 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> Non
 
 def drop_cache(fd: int) -> None:
     """Ask the kernel to forget cached pages so a verification pass reads what is on the device."""
-    try:
+    with contextlib.suppress(OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}
@@ -74,9 +73,14 @@ def zero_digest(length: int) -> bytes:
     return _ZERO_DIGESTS[length]
 
 
-def is_zero(data: bytes | memoryview) -> bool:
-    # bytes equality is a memcmp: far cheaper than hashing the block.
-    return data == bytes(len(data)) if len(data) != len(_ZEROS) else data == _ZEROS
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    # A bytes comparison is a memcmp, far cheaper than hashing; memoryview comparisons go element
+    # by element, so a view is copied first — only when its head is zero (else it can't be zero).
+    if bytes(data[:64]) != _ZEROS[: min(64, len(data))]:
+        return False
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    return data == _ZEROS if len(data) == len(_ZEROS) else data == bytes(len(data))
 
 
 _ZEROS = bytes(1024 * 1024)

@@ -9,9 +9,11 @@ follow the source's changes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -99,6 +101,9 @@ class Stats:
     digest_failures: int = 0
     verify_passes: int = 0
     local_blocks_read: int = 0
+    blocks_received: int = 0  # every block that arrived, checkpointed or not (resume cost)
+    transfer_seconds: float = 0.0  # time spent streaming blocks
+    ready_seconds: float | None = None  # run() start -> first consistency attained
     fetched_by_volume: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -113,6 +118,9 @@ class _Target:
     index: int = -1  # the agent's volume index in this session
     generation: int = 0  # agent generation the local copy is known to match
     need_bytes: int = 0
+    # Blocks whose on-disk contents have not been read back since this process wrote them (or since
+    # it started: a reboot may have happened). The verification pass re-reads exactly these.
+    readback: set[int] = field(default_factory=set)
 
     @property
     def local(self) -> list[bytes | None]:
@@ -150,6 +158,7 @@ class Replicator:
         self.reporter: StateReporter = reporter or LoggingReporter()
         self.commands: CommandSource = commands or QueueCommandSource()
         self.stats = Stats()
+        self._stats_lock = threading.Lock()
         self._sleep = sleep
         self._targets: list[_Target] = []
         self._bucket = TokenBucket(config.bandwidth_mbps)
@@ -167,6 +176,7 @@ class Replicator:
     # ------------------------------------------------------------------ public
     def run(self) -> Outcome:
         """Replicates until the final sync is done (COMPLETED) or the service says STOP."""
+        self._run_started = time.perf_counter()
         try:
             self._open_targets()
         except (OSError, ConfigError) as exc:
@@ -177,8 +187,6 @@ class Replicator:
         finally:
             for t in self._targets:
                 try:
-                    import os
-
                     os.fsync(t.fd)
                     os.close(t.fd)
                 except OSError:
@@ -195,7 +203,9 @@ class Replicator:
             self._targets.append(
                 _Target(mapping=m, fd=fd, size=local_size, blocks=0, journal=None, progress=progress)  # type: ignore[arg-type]
             )
-            log.info("target %s: %d bytes (%s)", m.target, local_size, "block device" if is_block_device(fd) else "file")
+            log.info(
+                "target %s: %d bytes (%s)", m.target, local_size, "block device" if is_block_device(fd) else "file"
+            )
 
     def _bind_targets(self, volumes: list[dict]) -> None:
         by_name = {v["name"]: (i, int(v["size"])) for i, v in enumerate(volumes)}
@@ -204,7 +214,8 @@ class Replicator:
             if name not in by_name:
                 raise ReplicationFailed(
                     ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE,
-                    f"the agent has no volume {name!r} (it serves: {', '.join(sorted(by_name))}); fix the device mapping",
+                    f"the agent has no volume {name!r} (it serves: {', '.join(sorted(by_name))}); "
+                    "fix the device mapping",
                 )
             index, size = by_name[name]
             local_size = device_size(t.fd)
@@ -215,6 +226,7 @@ class Replicator:
                 )
             t.index = index
             if t.journal is None or t.size != size:
+                t.readback = set(range(block_count(size, self.cfg.block_size)))
                 t.size = size
                 t.blocks = block_count(size, self.cfg.block_size)
                 identity = {
@@ -245,26 +257,20 @@ class Replicator:
                 finally:
                     self.stats.wire_bytes_in += conn.bytes_in
                     self._conn = None
-                    try:
+                    with contextlib.suppress(OSError):
                         conn.sock.close()
-                    except OSError:
-                        pass
             except _StopRequested:
                 self._set_state(ReplicationState.STOPPED)
                 return Outcome.STOPPED
             except (PairingError, ssl.SSLCertVerificationError, AgentRefused) as exc:
-                step = (
-                    InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE
-                    if not self._established
-                    else InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION
+                self._pairing_failed(
+                    f"pairing with the agent at {self.cfg.agent_host}:{self.cfg.agent_port} failed: {exc}", exc
                 )
-                if not self._paired:
-                    self.reporter.initiation_step(step, StepStatus.FAILED)
-                msg = f"pairing with the agent at {self.cfg.agent_host}:{self.cfg.agent_port} failed: {exc}"
-                log.error("%s", msg)
-                self.reporter.error(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg)
-                raise ReplicationFailed(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg) from exc
             except (OSError, ConnectionError, ProtocolError, ssl.SSLError) as exc:
+                if _is_pairing_alert(exc):
+                    self._pairing_failed(
+                        f"the agent at {self.cfg.agent_host}:{self.cfg.agent_port} refused our certificate: {exc}", exc
+                    )
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
@@ -279,9 +285,7 @@ class Replicator:
                     log.warning("agent not reachable yet: %s", what)
                 if self.cfg.give_up_after is not None and now - down_since >= self.cfg.give_up_after:
                     error = (
-                        ReplicationError.AGENT_NOT_SEEN
-                        if not self._established
-                        else ReplicationError.UNSTABLE_NETWORK
+                        ReplicationError.AGENT_NOT_SEEN if not self._established else ReplicationError.UNSTABLE_NETWORK
                     )
                     if not self._established:
                         self.reporter.initiation_step(
@@ -294,6 +298,25 @@ class Replicator:
                 log.info("reconnecting in %.0f s", backoff)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, 15.0)
+
+    def _pairing_failed(self, msg: str, exc: BaseException) -> None:
+        """A certificate or identity problem does not heal by retrying: report it and give up."""
+        if not self._established:
+            step = (
+                InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION
+                if self._paired
+                else InitiationStep.PAIR_AGENT_WITH_REPLICATION_SOFTWARE
+            )
+            self.reporter.initiation_step(step, StepStatus.FAILED)
+        log.error("%s", msg)
+        self.reporter.error(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg)
+        raise ReplicationFailed(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg) from exc
+
+    def _check_stop(self) -> None:
+        cmd, mbps = self.commands.poll()
+        self._apply_throttle(mbps)
+        if cmd in (Command.STOP, Command.COMPLETE):
+            raise _StopRequested()
 
     def _check_stop_while_down(self) -> None:
         cmd, _ = self.commands.poll()
@@ -375,9 +398,7 @@ class Replicator:
         self._clear_error()
         self._session_start = time.monotonic()
         first = all(t.journal.phase == "SYNC" for t in self._targets)
-        self._set_state(
-            ReplicationState.RESCAN if (self.cfg.rescan or not first) else ReplicationState.INITIAL_SYNC
-        )
+        self._set_state(ReplicationState.RESCAN if (self.cfg.rescan or not first) else ReplicationState.INITIAL_SYNC)
         self._converge(conn, full_verify=True)
         for t in self._targets:
             t.journal.phase = "VERIFIED"
@@ -385,6 +406,8 @@ class Replicator:
         self._in_sync_since = time.monotonic()
         self._set_state(ReplicationState.CONTINUOUS)
         self._report_progress(force=True)
+        if self.stats.ready_seconds is None:
+            self.stats.ready_seconds = time.perf_counter() - self._run_started
         self.reporter.consistency_attained()
         while True:
             cmd, mbps = self.commands.poll()
@@ -407,10 +430,8 @@ class Replicator:
             self._report_progress()
 
     def _bye(self, conn: Connection) -> None:
-        try:
+        with contextlib.suppress(OSError):
             conn.send_json({"op": "BYE"})
-        except OSError:
-            pass
 
     def _apply_throttle(self, mbps: int | None) -> None:
         if mbps != self._throttle_mbps:
@@ -442,16 +463,30 @@ class Replicator:
         """Asks the agent for fresh digests of every volume and lists the blocks that differ locally."""
         need: dict[int, list[int]] = {}
         for t in self._targets:
+            if not reread_local and not self.cfg.rescan and all(d is None for d in t.local):
+                # A full sync with nothing verified yet: every block is needed, no digests to compare.
+                need[t.index] = list(range(t.blocks))
+                t.need_bytes = t.size
+                t.progress.backlogged_bytes, t.progress.replicated_bytes = t.size, 0
+                log.info("%s: full sync of %d blocks (%d bytes)", t.mapping.recovery_device, t.blocks, t.size)
+                continue
             # Blocks with no trusted local digest are read locally when we expect them to be
             # mostly equal (rescan, or a verification pass); in a full sync they are just fetched.
-            local_job = None
-            local_result: list[bytes | None] = []
-            if reread_local or self.cfg.rescan:
-                indices = range(t.blocks) if reread_local else [i for i in range(t.blocks) if t.local[i] is None]
-                if reread_local:
-                    drop_cache(t.fd)
-                local_job = threading.Thread(target=self._digest_local, args=(t, list(indices), local_result))
-                local_job.start()
+            local_result: list[BaseException] = []
+            indices: list[int] = []
+            if reread_local:
+                # Verification: read back whatever this process wrote (or never read) since its last read.
+                indices = sorted(t.readback | {i for i in range(t.blocks) if t.local[i] is None})
+                drop_cache(t.fd)
+            elif self.cfg.rescan:
+                indices = [i for i in range(t.blocks) if t.local[i] is None]
+            local_jobs = []
+            if indices:
+                # Two readers: hashing releases the GIL, so a local rescan uses both cores of a small box.
+                for part in (indices[0::2], indices[1::2]):
+                    job = threading.Thread(target=self._digest_local, args=(t, part, local_result))
+                    job.start()
+                    local_jobs.append(job)
             conn.send_json({"op": "DIGESTS", "volume": t.index})
             source: list[bytes] = []
             while True:
@@ -475,10 +510,10 @@ class Replicator:
                     raise ProtocolError(f"unexpected frame type {ftype} in a digest list")
             if len(source) != t.blocks:
                 raise ProtocolError(f"agent sent {len(source)} digests for {t.blocks} blocks")
-            if local_job is not None:
-                local_job.join()
-                if local_result and isinstance(local_result[0], BaseException):
-                    raise local_result[0]  # type: ignore[misc]
+            for job in local_jobs:
+                job.join()
+            if local_result:
+                raise local_result[0]
             differ = [i for i in range(t.blocks) if t.local[i] != source[i]]
             need[t.index] = differ
             t.need_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in differ)
@@ -490,7 +525,7 @@ class Replicator:
                 len(differ),
                 t.blocks,
                 t.need_bytes,
-                " [full verification pass]" if reread_local else "",
+                f" [verification pass, {len(indices)} block(s) read back]" if reread_local else "",
             )
         self._report_progress(force=True)
         return need
@@ -499,14 +534,14 @@ class Replicator:
         try:
             for i in indices:
                 t.local[i] = block_digest(read_block(t.fd, i, t.size, self.cfg.block_size))
-                self.stats.local_blocks_read += 1
+                with self._stats_lock:
+                    t.readback.discard(i)
+                    self.stats.local_blocks_read += 1
         except BaseException as exc:  # surfaced in the calling thread
             result.append(exc)
 
     def _follow_changes(self, conn: Connection, wait: float) -> None:
-        conn.send_json(
-            {"op": "CHANGES", "since": {str(t.index): t.generation for t in self._targets}, "wait": wait}
-        )
+        conn.send_json({"op": "CHANGES", "since": {str(t.index): t.generation for t in self._targets}, "wait": wait})
         msg = self._expect(conn, "CHANGES")
         changed = {int(k): [i for s, c in v for i in range(s, s + c)] for k, v in msg["changed"].items()}
         if any(changed.values()):
@@ -552,12 +587,15 @@ class Replicator:
                     data = decoder.decode(codec, payload, raw_len)
                     if block_digest(data) != dig:
                         failures.append(index)
-                        log.warning("%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index)
+                        log.warning(
+                            "%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index
+                        )
                         continue
                     off, length = block_span(index, t.size, self.cfg.block_size)
                     if length != raw_len:
                         raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
                     write_all(t.fd, data, off)
+                    t.readback.add(index)
                     done[index] = dig
                 except BaseException as exc:
                     errors.append(exc)
@@ -566,15 +604,17 @@ class Replicator:
 
         thread = threading.Thread(target=writer, name="replicator-writer", daemon=True)
         thread.start()
+        started = time.perf_counter()
         try:
             sent = 0
-            for k in range(min(2, len(batches))):
+            for k in range(min(1, len(batches))):
                 self._request(conn, t, batches[k])
                 sent += 1
             for k, batch in enumerate(batches):
                 if sent < len(batches):
                     self._request(conn, t, batches[sent])
                     sent += 1
+                self._check_stop()
                 want = set(batch)
                 for _ in range(len(batch)):
                     ftype, body = conn.recv_frame()
@@ -587,6 +627,7 @@ class Replicator:
                     if vol != t.index or index not in want:
                         raise ProtocolError(f"unrequested block {vol}/{index}")
                     self._bucket.consume(len(body))
+                    self.stats.blocks_received += 1
                     work.put((index, codec, raw_len, dig, payload))
                     if errors:
                         raise errors[0]
@@ -595,8 +636,6 @@ class Replicator:
                 if errors:
                     raise errors[0]
                 # Checkpoint: data durable first, then the journal says so (and names the next batch).
-                import os
-
                 os.fdatasync(t.fd)
                 nxt = batches[k + 1] if k + 1 < len(batches) else []
                 verified = {i: done.pop(i) for i in batch if i in done}
@@ -622,6 +661,7 @@ class Replicator:
         finally:
             work.put(None)
             thread.join()
+            self.stats.transfer_seconds += time.perf_counter() - started
 
     def _request(self, conn: Connection, t: _Target, batch: list[int]) -> None:
         conn.send_json({"op": "READ", "volume": t.index, "blocks": to_ranges(batch)})
@@ -660,6 +700,16 @@ class Replicator:
         if force or now - self._last_report >= 1.0:
             self._last_report = now
             self.reporter.progress(self.snapshot())
+
+
+_PAIRING_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED", "ACCESS_DENIED")
+
+
+def _is_pairing_alert(exc: BaseException) -> bool:
+    """TLS alerts by which the agent says it does not accept our certificate (TLS 1.3 sends them
+    after our side of the handshake is done, so they surface on the first read)."""
+    reason = str(getattr(exc, "reason", "") or "")
+    return isinstance(exc, ssl.SSLError) and any(a in reason.upper() for a in _PAIRING_ALERTS)
 
 
 def _describe_network_error(exc: BaseException, host: str, port: int) -> str:

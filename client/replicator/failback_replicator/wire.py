@@ -126,7 +126,9 @@ class Connection:
         body = json.dumps(msg, separators=(",", ":")).encode()
         self._send(FRAME_JSON, [body])
 
-    def send_block(self, volume: int, index: int, codec: int, raw_len: int, dig: bytes, payload: bytes | memoryview) -> int:
+    def send_block(
+        self, volume: int, index: int, codec: int, raw_len: int, dig: bytes, payload: bytes | memoryview
+    ) -> int:
         head = _BLOCK.pack(volume, index, codec, raw_len, dig)
         return self._send(FRAME_BLOCK, [head, payload])
 

@@ -1,0 +1,56 @@
+"""A throw-away pairing PKI made with the openssl CLI, for tests and demos.
+
+In production the certificates come from the control plane (IssueAgentCertificateForDrs signs the
+failback client's CSR with CN = failbackClientID and returns the CA that also signed the agent's
+certificate). Keys are written 0600 and never printed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from failback_replicator.tlsconf import TlsFiles
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "pairing-ca") -> CertificateAuthority:
+        directory.mkdir(parents=True, exist_ok=True)
+        key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        key.chmod(0o600)
+        _openssl(
+            "req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", "2",
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+        return cls(cert=cert, key=key)
+
+    def issue(self, directory: Path, common_name: str, purpose: str) -> TlsFiles:
+        """A leaf certificate for `common_name`; purpose 'server' (agent) or 'client' (replicator)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = directory / common_name
+        key, csr, cert = Path(f"{stem}.key"), Path(f"{stem}.csr"), Path(f"{stem}.pem")
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        key.chmod(0o600)
+        _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={common_name}")
+        ext = directory / f"{common_name}.ext"
+        usage = "serverAuth" if purpose == "server" else "clientAuth"
+        ext.write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+        )  # fmt: skip
+        return TlsFiles(ca=self.cert, cert=cert, key=key)

@@ -1,0 +1,308 @@
+"""The replication agent: serves the recovery instance's volumes to the paired failback replicator.
+
+TCP (default 1500), TLS 1.2+, mutual authentication against the pinned pairing CA; a peer whose
+certificate is not from that CA, or whose CN is not a paired failback client ID, is refused and
+logged. Requests are served one at a time per connection; READ streams blocks from a reader
+thread (pread + digest + compression) while the connection thread encrypts and sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from failback_replicator import PROTOCOL_VERSION
+from failback_replicator.blockio import zero_digest
+from failback_replicator.tlsconf import PairingError, TlsFiles, require_identity, server_context
+from failback_replicator.wire import (
+    CODEC_NAMES,
+    CODEC_RAW,
+    CODEC_ZERO,
+    DEFAULT_BLOCK_SIZE,
+    Connection,
+    Encoder,
+    ProtocolError,
+    available_codecs,
+    from_ranges,
+    to_ranges,
+)
+
+from .volume import SourceVolume, VolumeSpec
+
+log = logging.getLogger("drs_agent")
+
+
+@dataclass
+class AgentConfig:
+    recovery_instance_id: str
+    volumes: list[VolumeSpec]
+    tls: TlsFiles
+    paired_clients: set[str]  # failback client IDs (certificate CNs) allowed to connect
+    host: str = "127.0.0.1"
+    port: int = 1500
+    watch_interval: float = 5.0  # seconds between background change scans (0 = off)
+    extra: dict = field(default_factory=dict)
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig) -> None:
+        self.cfg = config
+        self.ctx = server_context(config.tls)
+        self._volumes: dict[int, list[SourceVolume]] = {}  # by block size
+        self._vol_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
+        self.refused: list[str] = []  # reasons, for tests and the log
+        self.port = config.port
+        self.bytes_sent = 0
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> AgentServer:
+        sock = socket.create_server((self.cfg.host, self.cfg.port), reuse_port=False)
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        log.info(
+            "agent for %s listening on %s:%d, volumes: %s",
+            self.cfg.recovery_instance_id,
+            self.cfg.host,
+            self.port,
+            ", ".join(f"{v.name}={v.path}" for v in self.cfg.volumes),
+        )
+        self._spawn(self._accept_loop, "agent-accept")
+        if self.cfg.watch_interval > 0:
+            self._spawn(self._watch_loop, "agent-watch")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        for c in list(self._conns):
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        for t in self._threads:
+            t.join(timeout=10)
+        for vols in self._volumes.values():
+            for v in vols:
+                v.close()
+
+    def __enter__(self) -> AgentServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, target, name: str, *args) -> None:  # type: ignore[no-untyped-def]
+        t = threading.Thread(target=target, name=name, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def volumes(self, block_size: int) -> list[SourceVolume]:
+        with self._vol_lock:
+            if block_size not in self._volumes:
+                self._volumes[block_size] = [SourceVolume(s, block_size) for s in self.cfg.volumes]
+            return self._volumes[block_size]
+
+    # -------------------------------------------------------------- threads
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                raw, addr = self._listener.accept()
+            except OSError:
+                return
+            self._spawn(self._serve, f"agent-conn-{addr[1]}", raw, addr)
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(self.cfg.watch_interval):
+            with self._vol_lock:
+                sets = list(self._volumes.values())
+            for vols in sets:
+                for v in vols:
+                    try:
+                        v.refresh()
+                    except OSError as exc:
+                        log.error("scanning %s failed: %s", v.spec.path, exc)
+
+    def _serve(self, raw: socket.socket, addr: tuple) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        self._conns.add(raw)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(30)
+            try:
+                sock = self.ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                self._refuse(peer, f"TLS handshake failed ({exc.__class__.__name__}: {exc})")
+                return
+            conn = Connection(sock)
+            try:
+                ident = require_identity(sock, self.cfg.paired_clients, "failback client")
+            except PairingError as exc:
+                self._refuse(peer, str(exc))
+                with contextlib.suppress(OSError):
+                    conn.send_json({"op": "ERROR", "error": "NOT_PAIRED", "message": str(exc)})
+                return
+            sock.settimeout(300)
+            log.info("failback client %s connected from %s (%s)", ident, peer, sock.version())
+            try:
+                _Session(self, conn, ident).run()
+            except (OSError, ConnectionError, ProtocolError) as exc:
+                log.info("connection from %s ended: %s", peer, exc)
+            finally:
+                self.bytes_sent += conn.bytes_out
+        finally:
+            self._conns.discard(raw)
+            raw.close()
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        self.refused.append(reason)
+        log.warning("refused connection from %s: %s", peer, reason)
+
+
+class _Session:
+    def __init__(self, server: AgentServer, conn: Connection, ident: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.ident = ident
+        self.vols: list[SourceVolume] = []
+        self.encoder: Encoder | None = None
+
+    def run(self) -> None:
+        while True:
+            msg = self.conn.recv_json()
+            op = msg["op"]
+            if op == "BYE":
+                log.info("failback client %s said goodbye", self.ident)
+                return
+            handler = getattr(self, f"op_{op.lower()}", None)
+            if handler is None or (op != "HELLO" and not self.vols):
+                self._error("BAD_REQUEST", f"unknown or out-of-order request {op!r}")
+                continue
+            try:
+                handler(msg)
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
+                self._error("BAD_REQUEST", f"{op}: {exc.__class__.__name__}: {exc}")
+
+    def _error(self, error: str, message: str) -> None:
+        log.warning("request error for %s: %s %s", self.ident, error, message)
+        self.conn.send_json({"op": "ERROR", "error": error, "message": message})
+
+    def _vol(self, msg: dict) -> tuple[int, SourceVolume]:
+        i = int(msg["volume"])
+        if not 0 <= i < len(self.vols):
+            raise IndexError(f"no volume {i}")
+        return i, self.vols[i]
+
+    def op_hello(self, msg: dict) -> None:
+        if msg.get("version") != PROTOCOL_VERSION:
+            self._error("VERSION", f"agent speaks protocol {PROTOCOL_VERSION}, client {msg.get('version')}")
+            return
+        bs = int(msg.get("block_size", DEFAULT_BLOCK_SIZE))
+        if bs < 64 * 1024 or bs > 16 * 1024 * 1024 or bs & (bs - 1):
+            self._error("BAD_REQUEST", f"block_size {bs} must be a power of two between 64 KiB and 16 MiB")
+            return
+        ours = available_codecs()
+        codec = next((c for c in msg.get("codecs", []) if c in ours and c in CODEC_NAMES), None)
+        self.encoder = Encoder(codec) if codec else None
+        self.vols = self.server.volumes(bs)
+        self.conn.send_json(
+            {
+                "op": "HELLO",
+                "version": PROTOCOL_VERSION,
+                "recovery_instance": self.server.cfg.recovery_instance_id,
+                "codec": codec,
+                "volumes": [{"name": v.spec.name, "size": v.size} for v in self.vols],
+            }
+        )
+
+    def op_digests(self, msg: dict) -> None:
+        i, vol = self._vol(msg)
+        for first, part in vol.scan():
+            self.conn.send_digests(i, first, part)
+        self.conn.send_json({"op": "DIGESTS", "volume": i, "generation": vol.generation})
+
+    def op_scan(self, msg: dict) -> None:
+        for v in self.vols:
+            v.refresh(force=True)
+        self.conn.send_json({"op": "SCAN", "generations": {str(i): v.generation for i, v in enumerate(self.vols)}})
+
+    def op_changes(self, msg: dict) -> None:
+        since = {int(k): int(g) for k, g in msg["since"].items()}
+        deadline = time.monotonic() + min(float(msg.get("wait", 0)), 30.0)
+        while True:
+            result = {i: self.vols[i].changes_since(g) for i, g in since.items()}
+            remaining = deadline - time.monotonic()
+            if any(c for _, c in result.values()) or remaining <= 0:
+                break
+            vol = self.vols[next(iter(since))] if since else None
+            if vol is None:
+                break
+            with vol.changed:
+                vol.changed.wait(min(remaining, 0.5))
+        self.conn.send_json(
+            {
+                "op": "CHANGES",
+                "generations": {str(i): g for i, (g, _) in result.items()},
+                "changed": {str(i): to_ranges(c) for i, (_, c) in result.items()},
+            }
+        )
+
+    def op_read(self, msg: dict) -> None:
+        i, vol = self._vol(msg)
+        indices = list(from_ranges(msg["blocks"]))
+        for b in indices:
+            if not 0 <= b < vol.blocks:
+                raise IndexError(f"block {b} outside volume {i} ({vol.blocks} blocks)")
+        self._stream(i, vol, indices)
+        self.conn.send_json({"op": "READ", "volume": i, "count": len(indices)})
+
+    def _stream(self, i: int, vol: SourceVolume, indices: Iterable[int]) -> None:
+        """Reader thread prepares blocks (read, digest, compress); this thread sends them."""
+        q: queue.Queue = queue.Queue(maxsize=4)
+        encoder = self.encoder
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for b in indices:
+                    if stop.is_set():
+                        return
+                    data, d = vol.read(b)
+                    zero = d == zero_digest(len(data))
+                    if encoder is not None:
+                        codec, payload = encoder.encode(data, zero)
+                    else:
+                        codec, payload = (CODEC_ZERO, b"") if zero else (CODEC_RAW, data)
+                    q.put((b, codec, len(data), d, payload))
+                q.put(None)
+            except BaseException as exc:
+                q.put(exc)
+
+        t = threading.Thread(target=reader, name="agent-reader", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                b, codec, raw_len, d, payload = item
+                self.conn.send_block(i, b, codec, raw_len, d, payload)
+        finally:
+            stop.set()
+            while t.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    q.get(timeout=0.1)
+            t.join()

@@ -1,0 +1,222 @@
+"""Helpers for replication tests and the benchmark: a pairing PKI, source images, a link-cutting
+proxy, and a ready-made agent + replicator configuration on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from failback_replicator.config import ReplicatorConfig, VolumeMapping
+from failback_replicator.tlsconf import TlsFiles
+
+from .pki import CertificateAuthority
+from .server import AgentConfig, AgentServer
+from .volume import VolumeSpec
+
+RECOVERY_INSTANCE_ID = "i-0a1b2c3d4e5f60718"
+CLIENT_ID = "fbc-0123456789abcdefg"
+AGENT_CN = f"drs-agent.{RECOVERY_INSTANCE_ID}"
+
+
+@dataclass(frozen=True)
+class Pki:
+    agent: TlsFiles
+    client: TlsFiles
+    rogue_client: TlsFiles  # valid certificate for CLIENT_ID, but from another CA
+    other_client: TlsFiles  # from the pairing CA, but for another failback client ID
+    rogue_agent: TlsFiles  # an agent certificate from another CA
+
+    @classmethod
+    def create(cls, directory: Path) -> Pki:
+        ca = CertificateAuthority.create(directory / "ca")
+        rogue = CertificateAuthority.create(directory / "rogue-ca", name="rogue-ca")
+        client = ca.issue(directory / "client", CLIENT_ID, "client")
+        rogue_client = rogue.issue(directory / "rogue-client", CLIENT_ID, "client")
+        rogue_agent = rogue.issue(directory / "rogue-agent", AGENT_CN, "server")
+        return cls(
+            agent=ca.issue(directory / "agent", AGENT_CN, "server"),
+            client=client,
+            # The replicator pins the pairing CA; the rogue peer presents its own chain.
+            rogue_client=TlsFiles(ca=ca.cert, cert=rogue_client.cert, key=rogue_client.key),
+            other_client=ca.issue(directory / "other", "fbc-zzzzzzzzzzzzzzzzz", "client"),
+            rogue_agent=TlsFiles(ca=ca.cert, cert=rogue_agent.cert, key=rogue_agent.key),
+        )
+
+
+def make_image(path: Path, size: int, seed: int = 1, zero_fraction: float = 0.25) -> Path:
+    """A disk image of random 64 KiB chunks with some all-zero chunks (like a real disk's free space)."""
+    rng = random.Random(seed)
+    chunk = 64 * 1024
+    with open(path, "wb") as f:
+        for _ in range(size // chunk):
+            f.write(bytes(chunk) if rng.random() < zero_fraction else rng.randbytes(chunk))
+    return path
+
+
+def sha512_file(path: Path, size: int | None = None) -> str:
+    h = hashlib.sha512()
+    with open(path, "rb") as f:
+        remaining = size if size is not None else os.path.getsize(path)
+        while remaining > 0:
+            data = f.read(min(remaining, 4 << 20))
+            if not data:
+                break
+            h.update(data)
+            remaining -= len(data)
+    return h.hexdigest()
+
+
+def change_blocks(path: Path, blocks: list[int], block_size: int, seed: int = 7) -> None:
+    """Overwrites a few bytes in each listed block (as a running server would)."""
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for b in blocks:
+            os.pwrite(fd, rng.randbytes(4096), b * block_size + rng.randrange(0, block_size - 4096))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def start_agent(pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interval: float = 0.2) -> AgentServer:
+    cfg = AgentConfig(
+        recovery_instance_id=RECOVERY_INSTANCE_ID,
+        volumes=[VolumeSpec(name, path) for name, path in volumes.items()],
+        tls=pki.agent,
+        paired_clients={CLIENT_ID},
+        port=port,
+        watch_interval=watch_interval,
+    )
+    return AgentServer(cfg).start()
+
+
+def replicator_config(
+    pki: Pki,
+    port: int,
+    targets: dict[str, Path],
+    state_dir: Path,
+    tls: TlsFiles | None = None,
+    **overrides: object,
+) -> ReplicatorConfig:
+    settings: dict = {
+        "agent_host": "127.0.0.1",
+        "agent_port": port,
+        "agent_identity": AGENT_CN,
+        "client_identity": CLIENT_ID,
+        "recovery_instance_id": RECOVERY_INSTANCE_ID,
+        "tls": tls or pki.client,
+        "volumes": tuple(VolumeMapping(name, path) for name, path in targets.items()),
+        "state_dir": state_dir,
+        "changes_wait": 0.5,
+        "give_up_after": 30.0,
+    }
+    settings.update(overrides)
+    return ReplicatorConfig(**settings)  # type: ignore[arg-type]
+
+
+class CuttingProxy:
+    """Loopback TCP proxy that drops the first connection after `cut_after` bytes from the agent.
+
+    Later connections are forwarded untouched: the replicator's reconnect must resume.
+    """
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.connections = 0
+        self.forwarded = 0  # agent -> replicator bytes, all connections
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [client, upstream]
+            limit = self.cut_after if self.connections == 1 else None
+            threading.Thread(target=self._pump, args=(client, upstream, None, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, limit, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, from_agent: bool) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(256 * 1024)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[: limit - sent])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if from_agent:
+                    self.forwarded += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+class RecordingReporter:
+    """A StateReporter that records every call (and can run a hook on progress, e.g. to cut a link)."""
+
+    def __init__(self, on_progress=None) -> None:  # type: ignore[no-untyped-def]
+        self.calls: list[tuple[str, tuple]] = []
+        self.on_progress = on_progress
+        self.ready = threading.Event()
+        self.snapshots: list = []
+
+    def _rec(self, name: str, *args: object) -> None:
+        self.calls.append((name, args))
+
+    def initiation_step(self, step, status) -> None:  # type: ignore[no-untyped-def]
+        self._rec("initiation_step", str(step), str(status))
+
+    def replication_state(self, state) -> None:  # type: ignore[no-untyped-def]
+        self._rec("replication_state", str(state))
+
+    def progress(self, snapshot) -> None:  # type: ignore[no-untyped-def]
+        self.snapshots.append(snapshot)
+        if self.on_progress is not None:
+            self.on_progress(snapshot)
+
+    def error(self, error, raw) -> None:  # type: ignore[no-untyped-def]
+        self._rec("error", str(error), raw)
+
+    def error_cleared(self) -> None:
+        self._rec("error_cleared")
+
+    def consistency_attained(self) -> None:
+        self._rec("consistency_attained")
+        self.ready.set()
+
+    def completed(self) -> None:
+        self._rec("completed")
+
+    def names(self, kind: str) -> list:
+        return [args for name, args in self.calls if name == kind]

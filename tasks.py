@@ -1,0 +1,235 @@
+"""Invoke tasks: `inv --list` shows them, `inv <task> --help` explains one.
+
+Thin on purpose: every task calls library code in image/. The build is incremental: each stage
+skips itself when its inputs have not changed since its last successful run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from invoke import Context, Exit, task
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+CONFIG_HELP = "image definition to use (default: image/image.yaml)"
+BUILD_HELP = "build directory (default: build/)"
+FORCE_HELP = "rebuild this stage even if its inputs did not change"
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stdout)
+
+
+def _stage(until: str, config: str | None, build_dir: str | None, force: bool) -> None:
+    """Run the pipeline up to `until`, turning known build errors into a clean exit message."""
+    _logging()
+    from image.config import ConfigError
+    from image.pipeline import BuildError, Pipeline
+    from image.run import CommandError
+
+    try:
+        pipe = Pipeline.from_files(Path(config) if config else None, Path(build_dir) if build_dir else None)
+        pipe.build(until, force=until if force else None)
+    except (ConfigError, BuildError, CommandError, FileNotFoundError) as exc:
+        raise Exit(f"{until}: {exc}", code=1) from None
+    print(f"\n{until}: stages\n{pipe.report.format()}")
+    if until in ("iso", "hashes"):
+        print(f"artifact: {pipe.artifact}")
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def rootfs(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Build the base root filesystem (mmdebstrap minbase), its package manifest, kernel and initrd."""
+    _stage("rootfs", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def overlay(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Render overlay/ (*.j2 through Jinja2 with the image definition) into build/cache/overlay."""
+    _stage("overlay", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP,
+            "update-lock": "re-resolve client/requirements.lock (pinned, sha256-hashed wheels) and exit"})
+def client(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False,
+           update_lock: bool = False) -> None:
+    """Build the failback client's venv (wheel + locked dependencies) with the rootfs's python3."""
+    if update_lock:
+        _logging()
+        from image.clientenv import generate_lock
+
+        generate_lock()
+        return
+    _stage("client", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def squashfs(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Make the squashfs layers: the cached base, and the overlay + client venv on top."""
+    _stage("squashfs", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def iso(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Assemble the hybrid BIOS/UEFI ISO (pycdlib) in build/out, with the package manifest beside it."""
+    _stage("iso", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def hashes(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Write <artifact>.sha512 (bare hex) and SHA512SUMS (sha512sum -c format) beside the ISO."""
+    _stage("hashes", config, build_dir, force)
+
+
+@task(default=True, help={"config": CONFIG_HELP, "build-dir": BUILD_HELP})
+def build(c: Context, config: str | None = None, build_dir: str | None = None) -> None:
+    """Build everything, incrementally: rootfs, overlay, client, squashfs, iso, hashes (the default task)."""
+    _stage("hashes", config, build_dir, False)
+
+
+@task(help={"fast": "unit tests only (skip the tests marked slow, boot or e2e)",
+            "k": "only tests matching this pytest -k expression",
+            "args": "extra arguments passed to pytest, e.g. \"-x -vv\""})
+def test(c: Context, fast: bool = False, k: str | None = None, args: str = "") -> None:
+    """ruff check, then pytest: ALL tests (slow, boot, e2e included) unless --fast."""
+    c.run(f"{REPO}/.venv/bin/ruff check {REPO}", pty=False)
+    cmd = [f"{REPO}/.venv/bin/pytest", str(REPO / "tests")]
+    if not fast:
+        cmd.append("--run-slow")
+    if k:
+        cmd += ["-k", repr(k)]
+    if args:
+        cmd.append(args)
+    c.run(" ".join(cmd), pty=False, env={"PYTHONPATH": str(REPO)})
+
+
+@task(help={"all": "also remove the caches (base rootfs, downloads, layers) and the reproducibility builds",
+            "build-dir": BUILD_HELP})
+def clean(c: Context, all: bool = False, build_dir: str | None = None) -> None:
+    """Remove the build outputs (build/out); --all removes the caches too."""
+    from image.pipeline import clean as do_clean
+
+    for path in do_clean(Path(build_dir) if build_dir else None, everything=all):
+        print(f"removed {path}")
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": "parent of repro-a/ and repro-b/ (default: build/)"})
+def reproduce(c: Context, config: str | None = None, build_dir: str | None = None) -> None:
+    """Build everything twice from cold (build/repro-a, build/repro-b) and compare the sha512 of the
+    ISO, each layer, the manifest, kernel and initrd; fails naming the files that differ."""
+    _logging()
+    from image.pipeline import ReproducibilityError
+    from image.pipeline import reproduce as do_reproduce
+
+    try:
+        sums = do_reproduce(Path(config) if config else None, Path(build_dir) if build_dir else None)
+    except ReproducibilityError as exc:
+        raise Exit(f"reproduce: NOT reproducible: {exc}", code=1) from None
+    print("reproduce: both cold builds are identical:")
+    for name, digest in sums.items():
+        print(f"  {digest[:32]}...  {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks of other parts are appended below this line, one marked section each:
+#   smoke   (image.smoke)    -- boot engineer
+#   bench   (image.bench)    -- boot engineer
+#   docker  (Dockerfile)     -- boot engineer
+#   publish (image.publish)  -- publish engineer
+# ---------------------------------------------------------------------------------------------
+
+
+# --- smoke, bench, docker (boot engineer: image/smoke.py, image/bench.py, image/docker.py) ---------------------
+
+ISO_HELP = "ISO to boot (default: build/out/<iso.artifact> of image/image.yaml)"
+TIMEOUT_HELP = "seconds to wait for the summary line, per boot (default 300)"
+
+
+@task(iterable=["way"], help={
+    "iso": ISO_HELP,
+    "way": "boot only this way (repeatable): seabios-cd, seabios-disk, ovmf-cd, ovmf-disk, "
+           "ovmf-secureboot-cd, ovmf-secureboot-disk (default: all six)",
+    "parallel": "boots at a time, 1 or 2 (default 2)",
+    "timeout": TIMEOUT_HELP,
+})
+def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, parallel: int = 2,
+          timeout: int = 300) -> None:
+    """Boot the ISO under QEMU (TCG, 1 GiB) six ways: SeaBIOS / OVMF / OVMF + Secure Boot, each as CD
+    and as disk (USB path); each passes when the serial console shows the client's summary line with
+    the right boot mode and Secure Boot state. Serial logs: build/smoke/<way>/serial.log."""
+    _logging()
+    from image import smoke as sm
+    from image.qemu import BOOT_WAYS, QemuError, boot_way
+    from image.run import CommandError
+
+    try:
+        ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
+        results = sm.run_matrix(Path(iso) if iso else sm.default_iso(), sm.DEFAULT_WORKDIR, ways=ways,
+                                parallel=parallel, timeout=timeout)
+    except (QemuError, CommandError) as exc:
+        raise Exit(f"smoke: {exc}", code=1) from None
+    print("\n" + sm.report(results))
+    failed = [r.way.name for r in results if not r.passed]
+    if failed:
+        raise Exit(f"smoke: FAILED: {', '.join(failed)} (serial logs under {sm.DEFAULT_WORKDIR})", code=1)
+    print(f"smoke: all {len(results)} ways passed")
+
+
+@task(help={
+    "iso": ISO_HELP,
+    "cold": "also time a cold build from scratch in build/bench-cold/ (long: fresh rootfs and layers)",
+    "rebuild": "time the incremental rebuilds after touching/changing a client file (default on; --no-rebuild)",
+    "boot": "time the boots: bare-kernel baseline + the six ways (default on; --no-boot)",
+    "parallel": "boots at a time (default 1, so the times compare with the baseline)",
+    "timeout": TIMEOUT_HELP,
+})
+def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
+          parallel: int = 1, timeout: int = 300) -> None:
+    """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
+    a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
+    _logging()
+    import shutil as _shutil
+
+    from image import bench as b
+    from image import smoke as sm
+    from image.qemu import BOOT_WAYS, QemuError
+    from image.run import CommandError
+
+    inv = [str(REPO / ".venv" / "bin" / "inv")]
+    cold_cmd = None
+    if cold:
+        cold_dir = REPO / "build" / "bench-cold"
+        _shutil.rmtree(cold_dir, ignore_errors=True)
+        cold_cmd = [*inv, "build", "--build-dir", str(cold_dir)]
+    try:
+        report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
+                             build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
+                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout)
+    except (QemuError, CommandError) as exc:
+        raise Exit(f"bench: {exc}", code=1) from None
+    print("\n" + report.format())
+
+
+@task(help={"tag": "image name (default localhost/failback-livecd:latest)",
+            "engine": "docker or buildah (default: docker when installed, else buildah --isolation chroot "
+                      "with a locally made debian:bookworm base in build/cache/docker)",
+            "ca-bundle": "buildah only: CA bundle the build's pip must trust behind a TLS-inspecting proxy "
+                         "(default: $PIP_CERT / $REQUESTS_CA_BUNDLE / $SSL_CERT_FILE when set); not kept in the image"})
+def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: str | None = None,
+           ca_bundle: str | None = None) -> None:
+    """Build the Dockerfile (the ISO build in a container; same install-deps.sh as the README)."""
+    _logging()
+    from image import docker as d
+    from image.run import CommandError
+
+    try:
+        how = d.build(tag, engine, ca_bundle=Path(ca_bundle) if ca_bundle else d.host_ca_bundle())
+    except (CommandError, ValueError, FileNotFoundError) as exc:
+        raise Exit(f"docker: {exc}", code=1) from None
+    print(f"docker: built {tag}; build the ISO with:\n  {how}")

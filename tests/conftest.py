@@ -1,0 +1,66 @@
+"""Shared pytest set-up.
+
+- Plain `pytest` runs the fast unit tests only; tests marked slow, boot or e2e run with
+  `--run-slow` (what `inv test` passes) or FAILBACK_RUN_SLOW=1. Tests marked root are skipped
+  when not running as root.
+- `built_iso` (session scope) runs the default incremental build once per session — a no-op
+  when build/ is already up to date — and gives the ISO's path; `built_pipeline` gives the
+  pipeline itself (paths of the layers, manifest, keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SLOW_MARKERS = ("slow", "boot", "e2e")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow, boot or e2e (full builds, QEMU boots)")
+
+
+def run_slow(config: pytest.Config) -> bool:
+    return bool(config.getoption("--run-slow")) or os.environ.get("FAILBACK_RUN_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow_ok = run_slow(config)
+    is_root = os.geteuid() == 0
+    skip_slow = pytest.mark.skip(reason="slow/boot/e2e test: run with --run-slow (inv test) or FAILBACK_RUN_SLOW=1")
+    skip_root = pytest.mark.skip(reason="needs root")
+    for item in items:
+        if not slow_ok and any(item.get_closest_marker(m) for m in SLOW_MARKERS):
+            item.add_marker(skip_slow)
+        if not is_root and item.get_closest_marker("root"):
+            item.add_marker(skip_root)
+
+
+@pytest.fixture(scope="session")
+def built_pipeline():
+    """The default build (image/image.yaml into build/), brought up to date once per session."""
+    from image.pipeline import Pipeline
+
+    if os.geteuid() != 0:
+        pytest.skip("the image build needs root (mmdebstrap, chroot, mounts)")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    pipe = Pipeline.from_files()
+    pipe.build()
+    logging.getLogger("tests").info("built_iso:\n%s", pipe.report.format())
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def built_iso(built_pipeline) -> Path:
+    """Path of the ISO of the default build (built once per session if out of date)."""
+    return built_pipeline.artifact

@@ -1,0 +1,65 @@
+"""Preflight: summary line (grepped by the ISO smoke tests), memory, boot mode, Secure Boot, hardware clock."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from failback_client import __version__
+from failback_client.preflight import Skew, endpoint_date, gather, hwclock_local, may_fix_clock, secure_boot
+
+from tests.test_client_helpers import BIOS_ROOT, UEFI_ROOT, closed_port
+
+SMOKE = re.compile(r"failback-client \S+ .*boot mode: (BIOS|UEFI) .*secure boot: (on|off)")
+
+
+def test_summary_lines() -> None:
+    bios = gather(BIOS_ROOT)
+    prefix = f"failback-client {__version__} | boot mode: "
+    assert bios.summary_line() == prefix + "BIOS | secure boot: off | memory: 7961 MiB"
+    uefi = gather(UEFI_ROOT)
+    assert uefi.summary_line() == prefix + "UEFI | secure boot: on | memory: 1968 MiB"
+    for pre in (bios, uefi):
+        assert SMOKE.search(pre.summary_line())
+    assert bios.memory_ok and not uefi.memory_ok
+    rows = {r[0]: r for r in uefi.rows()}
+    assert rows["Memory"][2].startswith("LOW") and rows["Secure Boot"][2].startswith("TURN IT OFF")
+    assert rows["Hardware clock"][1] == "local time"
+    assert rows["Local disks"][1] == "/dev/nvme0n1 30 GiB, /dev/nvme1n1 100 GiB"
+
+
+def test_secure_boot_variable_fifth_byte(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    shutil.copytree(UEFI_ROOT, root, symlinks=True)
+    var = root / "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e0db0b8e0d35"
+    var.write_bytes(b"\x06\x00\x00\x00\x00")
+    assert secure_boot(str(root)) is False
+    var.unlink()
+    assert secure_boot(str(root)) is False  # UEFI without Secure Boot support
+    assert secure_boot(BIOS_ROOT) is False
+
+
+@pytest.mark.parametrize(("offset", "local"), [(3600, True), (-5 * 3600 - 1800, True), (4, False), (400, False)])
+def test_hardware_clock_from_rtc(tmp_path: Path, offset: int, local: bool) -> None:
+    now = time.time()
+    rtc = tmp_path / "sys/class/rtc/rtc0"
+    rtc.mkdir(parents=True)
+    (rtc / "since_epoch").write_text(f"{int(now + offset)}\n")
+    assert hwclock_local(str(tmp_path), now)[0] is local
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/adjtime").write_text("0.0 0 0.0\n0\nLOCAL\n")
+    assert hwclock_local(str(tmp_path), now) == (True, "/etc/adjtime says LOCAL")
+
+
+def test_skew_advice_and_unreachable_endpoint() -> None:
+    from datetime import UTC, datetime
+
+    skew = Skew(seconds=3600, server_time=datetime(2026, 11, 25, 20, 0, 0, tzinfo=UTC))
+    assert skew.too_large and "1 h" not in skew.describe() and "3600 s behind" in skew.describe()
+    assert "date -u -s '2026-11-25 20:00:00'" in skew.advice()
+    assert endpoint_date(f"http://127.0.0.1:{closed_port()}", timeout=2) is None
+    assert may_fix_clock(BIOS_ROOT, None) is False  # never off the LiveCD unless asked
+    assert may_fix_clock("/", False) is False
