@@ -233,3 +233,59 @@ def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: st
     except (CommandError, ValueError, FileNotFoundError) as exc:
         raise Exit(f"docker: {exc}", code=1) from None
     print(f"docker: built {tag}; build the ISO with:\n  {how}")
+
+
+# --- publish, bench-publish (publish engineer: image/publish.py, image/bench_publish.py) -----------------------
+
+
+@task(help={
+    "regions": "all (28 commercial DRS regions + us-gov-east-1, us-gov-west-1), commercial, govcloud, "
+               "or a comma list such as us-east-1,eu-west-1",
+    "version": "release version: the {version}/ prefix in the buckets and installerVersion of latest/manifest.json",
+    "iso": "ISO to publish (default: build/out/<iso.artifact> of image/image.yaml)",
+    "assets": "replication assets tarball, published as {version}/failback_assets/failback_assets.tar.gz "
+              "(latest/manifest.json is only written with it)",
+    "endpoint-url": "S3 endpoint (tests, S3-compatible stores; default: AWS, or $AWS_ENDPOINT_URL_S3)",
+    "bucket-prefix": "bucket names are <prefix>-<region> and <prefix>-hashes-<region> "
+                     "(default aws-elastic-disaster-recovery)",
+    "expected-owner": "account id sent as ExpectedBucketOwner on every request",
+    "acl": "canned ACL for every object, e.g. public-read (default none: bucket-owner-enforced buckets "
+           "refuse ACLs; make buckets public with a bucket policy)",
+    "gpg-key": "sign SHA512SUMS with this GPG key (detached, armoured: SHA512SUMS.asc in the hashes bucket)",
+    "dry-run": "print the plan (every object: bucket, key, size, sha512) and write nothing",
+    "jobs": "regions published at once (default 30)",
+    "seed-copy": "upload once per partition and copy server-side to the other regions (default on; --no-seed-copy)",
+    "multipart-threshold-mib": "files from this size go multipart (default 64)",
+    "multipart-chunksize-mib": "multipart part size, at least 5 (default 16)",
+    "progress": "auto (bars on a terminal, lines otherwise), rich, plain or none",
+    "profile": "AWS profile (default: the standard credential chain)",
+})
+def publish(c: Context, regions: str, version: str, iso: str | None = None, assets: str | None = None,
+            endpoint_url: str | None = None, bucket_prefix: str = "aws-elastic-disaster-recovery",
+            expected_owner: str | None = None, acl: str | None = None, gpg_key: str | None = None,
+            dry_run: bool = False, jobs: int = 30, seed_copy: bool = True, multipart_threshold_mib: int = 64,
+            multipart_chunksize_mib: int = 16, progress: str = "auto", profile: str | None = None) -> None:
+    """Publish the ISO (and replication assets) to the DRS regions' S3 buckets: versioned objects first,
+    verified, then their .sha512 hashes, then latest/ copies, then latest/manifest.json. Idempotent: a
+    re-run finishes an interrupted publish and uploads nothing that is already there. Exit 1 if any region failed."""
+    _logging()
+    from image.publish import publish_command
+
+    code = publish_command(regions, version, iso=iso, assets=assets, endpoint_url=endpoint_url,
+                           bucket_prefix=bucket_prefix, expected_owner=expected_owner, acl=acl, gpg_key=gpg_key,
+                           dry_run=dry_run, jobs=jobs, seed_copy=seed_copy,
+                           multipart_threshold_mib=multipart_threshold_mib,
+                           multipart_chunksize_mib=multipart_chunksize_mib, progress=progress, profile=profile)
+    if code:
+        raise Exit(code=code)
+
+
+@task(name="bench-publish", help={"size-mib": "artifact size in MiB (default 200)",
+                                  "regions": "regions of the second run (default 28)"})
+def bench_publish(c: Context, size_mib: int = 200, regions: int = 28) -> None:
+    """Time publishing one artifact to 1 region and to N regions (moto S3 on 127.0.0.1), side by side
+    with the ratio (target: 28 regions <= 3x one region)."""
+    from image.bench_publish import main
+
+    if main(size_mib, regions):
+        raise Exit("bench-publish: a publish did not verify", code=1)

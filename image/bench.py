@@ -68,7 +68,7 @@ class BenchReport:
         if self.baseline_s is not None:
             out.append(f"  {'bare kernel + marker initramfs (baseline)':<42} {self.baseline_s:8.1f} s   1.00x")
         else:
-            out.append(f"  bare kernel baseline: not measured {self.baseline_detail}")
+            out.append(f"  bare kernel baseline: not measured {self.baseline_detail or '(boots not asked for)'}")
         for r in self.boots:
             if not r.passed:
                 out.append(f"  {r.way.name:<42} FAILED after {r.seconds:.1f} s: {r.detail}")

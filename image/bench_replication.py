@@ -65,7 +65,8 @@ class BenchResult:
                 f"  full sync, to ready   {self.full_sync_s:7.2f} s  {mb / self.full_sync_s:8.1f} MiB/s"
                 f"  = {self.full_vs_raw:.2f}x raw  (includes reading every block back to verify)",
                 f"  delta resync (1 %)    {self.delta_s:7.2f} s  "
-                f"{self.delta_blocks_sent}/{self.delta_blocks_total} blocks sent  = {self.delta_speedup:.1f}x faster than full  (target >= 10x)",
+                f"{self.delta_blocks_sent}/{self.delta_blocks_total} blocks sent"
+                f"  = {self.delta_speedup:.1f}x faster than full  (target >= 10x)",
                 f"  resume after a cut    {self.resume_s:7.2f} s  {self.resume_extra_blocks} block(s) fetched beyond"
                 f" one full sync (checkpoint = {self.resume_checkpoint_blocks} blocks)",
                 f"  replicator peak RSS   {self.replicator_peak_rss_kib / 1024:7.1f} MiB  (target: far below 1 GiB)",

@@ -211,7 +211,7 @@ def _input_files(inputs: IsoInputs) -> dict[str, Path]:
 
 # Paths the ISO stage writes itself (besides the kernel, initrd and layers).
 _RESERVED = frozenset({"/boot/grub/grub.cfg", EFI_IMAGE_ISO_PATH, "/.disk/info", "/.disk/boot-packages"})
-_RESERVED_DIRS = ("/isolinux/",)
+_RESERVED_DIRS = ("/isolinux/", "/.disk/")
 
 
 def _collect_tree(
@@ -308,6 +308,18 @@ def _install_mbr_code(path: Path) -> None:
         f.write(code)
 
 
+def boot_loader_versions(cfg: ImageConfig, cache_dir: Path) -> dict[str, str]:
+    """The versions of the boot loader packages the ISO stage would use now (host isolinux/syslinux,
+    and the signed EFI binaries from the image's mirror): for the pipeline's ISO cache key, so a new
+    shim or GRUB in the mirror rebuilds the ISO. Refreshes the private apt lists at most once a day."""
+    sources = efi.AptSources.from_config(cfg)
+    efi.refresh_lists(sources, cache_dir)
+    versions = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES}
+    for package in efi.EFI_PACKAGES:
+        versions[package] = efi.candidate_version(package, sources, cache_dir) or "unknown"
+    return versions
+
+
 def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: Path) -> IsoResult:
     """Write the hybrid ISO at `output`. The same cfg, inputs and loader packages give the same bytes.
 
@@ -317,7 +329,7 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     label = cfg.iso.volume_label
     _input_files(inputs)  # bad input fails here, before anything is fetched or written
     bootmenu.render_isolinux(cfg)
-    efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch)
+    efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch, efi.AptSources.from_config(cfg))
     boot_packages = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES} | efi_img.versions
     tree = _collect_tree(cfg, inputs, efi_img.path, boot_packages)
 

@@ -14,6 +14,8 @@ previous steps have already put in place and verified):
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -85,6 +87,9 @@ class PlannedObject:
     artifact: LocalArtifact | None = None  # upload this file (or copy it from the seed region)
     data: bytes | None = None  # small object written in one PUT
     copy_from: str | None = None  # server-side copy of this key, same bucket
+    # A versioned artifact or its hash: once published never replaced by different bytes (a
+    # reader holding the old hash would otherwise meet a different object).
+    immutable: bool = False
 
     @property
     def is_large(self) -> bool:
@@ -147,6 +152,18 @@ def s3_digests_of_file(path: Path, part_size: int) -> S3Digests:
     return S3Digests(full=base64.b64encode(full.digest()).decode(), composite=composite)
 
 
+@functools.lru_cache(maxsize=16)
+def _composite_cached(path: Path, part_size: int, size: int, mtime_ns: int) -> str | None:
+    return s3_digests_of_file(path, part_size).composite
+
+
+def composite_for_part_size(path: Path, part_size: int) -> str | None:
+    """The composite SHA256 S3 reports for this file uploaded in `part_size` parts (cached: an
+    object uploaded by an earlier run with another part size is checked once, not per region)."""
+    st = path.stat()
+    return _composite_cached(path, part_size, st.st_size, st.st_mtime_ns)
+
+
 def check_version(version: str) -> str:
     if version == "latest" or not _VERSION_RE.match(version):
         raise PlanError(
@@ -203,10 +220,11 @@ def plan_region(
     for a in artifacts:
         objs.append(
             PlannedObject("artifact", release, f"{version}/{a.folder}/{a.name}", a.size, a.sha512,
-                          a.content_type, a.s3, artifact=a)
+                          a.content_type, a.s3, artifact=a, immutable=True)
         )
     for a in artifacts:
-        objs.append(_small("hash", hashes, f"{version}/{a.folder}/{a.name}.sha512", a.sha512.encode(), "text/plain"))
+        h = _small("hash", hashes, f"{version}/{a.folder}/{a.name}.sha512", a.sha512.encode(), "text/plain")
+        objs.append(dataclasses.replace(h, immutable=True))
     objs.append(_small("hash", hashes, f"{version}/SHA512SUMS", sums.encode(), "text/plain"))
     if signature is not None:
         objs.append(_small("hash", hashes, f"{version}/SHA512SUMS.asc", signature, "application/pgp-signature"))

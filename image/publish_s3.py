@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from image.publish_plan import PHASES, PlannedObject, RegionPlan
+from image.publish_plan import PHASES, PlannedObject, RegionPlan, composite_for_part_size
 from image.publish_progress import RegionResult, Reporter
 
 CHECKSUM_ALGORITHM = "SHA256"
@@ -162,8 +162,24 @@ class RegionPublisher:
         except BotoCoreError as exc:
             raise RegionFailure(describe_error(exc, f"s3://{bucket}/{key}", self.plan.region)) from None
 
-    @staticmethod
-    def _mismatch(obj: PlannedObject, head: dict[str, Any] | None) -> str | None:
+    def _checksum_ok(self, obj: PlannedObject, head: dict[str, Any]) -> bool:
+        reported = head.get("ChecksumSHA256")
+        if obj.s3.accepts(reported):
+            return True
+        if not reported or obj.artifact is None:
+            return False
+        # Composite of another part size (an earlier run used another --multipart-chunksize-mib):
+        # learn the part size from part 1 and compute that composite from the local file.
+        try:
+            part = self._client.head_object(**self._owner({"Bucket": obj.bucket, "Key": obj.key, "PartNumber": 1}))
+        except ClientError:
+            return False
+        parts, part_size = part.get("PartsCount") or 0, part.get("ContentLength") or 0
+        if parts < 2 or part_size <= 0:
+            return False
+        return composite_for_part_size(obj.artifact.path, part_size) == reported.split("-", 1)[0]
+
+    def _mismatch(self, obj: PlannedObject, head: dict[str, Any] | None) -> str | None:
         """Why the bucket's object is not ours (None: it is, byte for byte)."""
         if head is None:
             return "missing"
@@ -171,7 +187,7 @@ class RegionPublisher:
             return f"size {head.get('ContentLength')} != {obj.size}"
         if head.get("Metadata", {}).get("sha512") != obj.sha512:
             return "sha512 metadata differs"
-        if not obj.s3.accepts(head.get("ChecksumSHA256")):
+        if not self._checksum_ok(obj, head):
             return f"S3 SHA256 checksum {head.get('ChecksumSHA256')!r} does not match the local file"
         return None
 
@@ -279,6 +295,13 @@ class RegionPublisher:
 
     def _ensure(self, obj: PlannedObject) -> None:
         head = self._head(obj.bucket, obj.key)
+        if (obj.immutable and head is not None
+                and (head.get("Metadata", {}).get("sha512") != obj.sha512 or head.get("ContentLength") != obj.size)):
+            raise RegionFailure(
+                f"s3://{obj.bucket}/{obj.key} already holds a different file (sha512 "
+                f"{head.get('Metadata', {}).get('sha512', 'unknown')[:16]}…): a published version is never "
+                "replaced; publish under a new --version"
+            )
         if self._mismatch(obj, head) is None:
             action = "ok"
         else:

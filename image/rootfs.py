@@ -51,7 +51,8 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[
     cmd = [
         "mmdebstrap", "--variant=minbase", f"--architectures={d.architecture}",
         f"--components={','.join(d.components)}",
-        f"--include={','.join(cfg.packages)}",
+        # usr-is-merged stands in for usrmerge (purged below) in init-system-helpers' dependency.
+        f"--include={','.join((*cfg.packages, 'usr-is-merged'))}",
         "--aptopt=APT::Install-Recommends \"false\"",
         "--aptopt=Acquire::Retries \"3\"",
     ]
@@ -70,7 +71,7 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[
         f"--setup-hook=sync-in {q} /var/cache/apt/archives/",
         f"--customize-hook=sync-out /var/cache/apt/archives {q}",
         "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
-        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --autoremove "
+        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download --autoremove "
         + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
         "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",

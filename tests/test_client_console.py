@@ -10,7 +10,7 @@ import pexpect
 import pytest
 from failback_client.console import Console, ConsoleLock, wants_plain
 
-from tests.test_client_helpers import BIOS_ROOT, client_command, subprocess_env
+from tests.test_client_helpers import BIOS_ROOT, client_command, run_subprocess, subprocess_env
 
 
 def test_plain_table_and_redaction() -> None:
@@ -95,3 +95,19 @@ def test_on_the_livecd_consoles_a_finished_run_waits_for_enter(tmp_path: Path) -
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2
+
+
+def test_console_script_and_closed_input(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("failback-client", path=str(Path(sys.executable).parent))
+    assert script is not None, "the failback-client console script is not installed in this venv"
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("failback-client ")
+    # no console to answer on (stdin closed) and no --no-prompt: one clear sentence, status 2
+    result = run_subprocess({"FAILBACK_SYSROOT": BIOS_ROOT}, "--log-file", str(tmp_path / "c.log"))
+    assert result.returncode == 2
+    assert "The console input ended before all answers were given" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

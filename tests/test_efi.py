@@ -92,7 +92,7 @@ def test_cached_packages_are_reused_offline(efi_cache: Path, monkeypatch: pytest
         calls.append([str(c) for c in cmd])
         raise AssertionError(f"unexpected command {cmd}")
 
-    monkeypatch.setattr(efi, "candidate_version", lambda package: None)
+    monkeypatch.setattr(efi, "candidate_version", lambda *a, **kw: None)
     monkeypatch.setattr(efi, "run", no_apt)
     again, files = efi.fetch_efi_files(efi_cache)
     assert again == versions and calls == []
@@ -100,6 +100,43 @@ def test_cached_packages_are_reused_offline(efi_cache: Path, monkeypatch: pytest
 
 
 def test_unknown_package_without_cache_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(efi, "candidate_version", lambda package: None)
-    with pytest.raises(efi.EfiError, match=r"apt-get update"):
+    monkeypatch.setattr(efi, "candidate_version", lambda *a, **kw: None)
+    with pytest.raises(efi.EfiError, match=r"apt knows no version of shim-signed.*check the mirror"):
         efi.fetch_package("shim-signed", tmp_path)
+
+
+def test_packages_come_from_the_image_definitions_mirror(tmp_path: Path) -> None:
+    """A private apt state in the cache reads only the image definition's sources (the rootfs's)."""
+    from image.config import load_config
+    from image.rootfs import apt_sources
+
+    cfg = load_config()
+    sources = efi.AptSources.from_config(cfg)
+    assert list(sources.lines) == apt_sources(cfg)
+    versions, files = efi.fetch_efi_files(tmp_path, sources)
+    state = sources.state_dir(tmp_path)
+    assert (state / "sources.list").read_text().splitlines() == apt_sources(cfg)
+    assert any((state / "lists").glob("*_InRelease")), "apt-get update did not run in the private state"
+    assert (state / "status").read_text() == ""  # nothing is ever installed
+    for pkg, version in versions.items():
+        assert efi.candidate_version(pkg, sources, tmp_path) == version
+    assert files["EFI/BOOT/BOOTX64.EFI"].name == "shimx64.efi.signed"
+
+
+def test_snapshot_mirror_turns_off_valid_until(tmp_path: Path) -> None:
+    snap = efi.AptSources(("deb http://snapshot.debian.org/archive/debian/20250520T000000Z bookworm main",))
+    plain = efi.AptSources(("deb http://deb.debian.org/debian bookworm main",))
+    assert "Acquire::Check-Valid-Until=false" in efi._apt_options(snap, tmp_path)
+    assert "Acquire::Check-Valid-Until=false" not in efi._apt_options(plain, tmp_path)
+    assert snap.state_dir(tmp_path) != plain.state_dir(tmp_path)
+
+
+def test_other_architectures_are_refused() -> None:
+    import dataclasses
+
+    from image.config import load_config
+
+    cfg = load_config()
+    arm = dataclasses.replace(cfg, debian=dataclasses.replace(cfg.debian, architecture="arm64"))
+    with pytest.raises(efi.EfiError, match=r"debian.architecture: 'arm64' is not supported"):
+        efi.AptSources.from_config(arm)

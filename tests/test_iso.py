@@ -33,7 +33,8 @@ def _write(path: Path, size: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     c = tmp_path_factory.mktemp("iso-cache")
-    efi.fetch_efi_files(c)  # apt-get download of the signed loaders, once for the module
+    # apt-get update + download of the signed loaders from the image's mirror, once for the module.
+    efi.fetch_efi_files(c, efi.AptSources.from_config(load_config()))
     return c
 
 
@@ -98,7 +99,8 @@ def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs
     assert _read(opened, rr_path="/live/vmlinuz") == inputs.kernel.read_bytes()
     assert _read(opened, joliet_path="/live/00-base.squashfs") == inputs.layers[0].read_bytes()
     assert _read(opened, iso_path="/LIVE/INITRD.IMG;1") == inputs.initrd.read_bytes()
-    assert _read(opened, rr_path="/live/filesystem.module") == inputs.extra_files["/live/filesystem.module"].read_bytes()
+    module = inputs.extra_files["/live/filesystem.module"]
+    assert _read(opened, rr_path="/live/filesystem.module") == module.read_bytes()
     # isolinux reads plain ISO9660 names: its files must be findable there, case-insensitively.
     assert _read(opened, iso_path="/ISOLINUX/LDLINUX.C32;1")[:4] == b"\x7fELF"
     info = _read(opened, rr_path="/.disk/info").decode()
@@ -117,6 +119,10 @@ def test_boot_packages_are_recorded(opened: pycdlib.PyCdlib, built: iso.IsoResul
     for pkg in ("isolinux", "syslinux-common", *efi.EFI_PACKAGES):
         assert re.search(rf"^{re.escape(pkg)} \S+$", text, re.M), pkg
         assert f"{pkg} {built.boot_packages[pkg]}\n" in text
+
+
+def test_boot_loader_versions_match_what_the_build_used(cfg, cache: Path, built: iso.IsoResult) -> None:
+    assert iso.boot_loader_versions(cfg, cache) == built.boot_packages
 
 
 def test_dates_are_source_date_epoch_in_utc(opened: pycdlib.PyCdlib) -> None:

@@ -122,11 +122,23 @@ def options(url: str, art: dict[str, Path], tmp: Path, **kw: Any) -> PublishOpti
 
 
 # -- invariants ------------------------------------------------------------------------------
+_DIGESTS: dict[tuple[str, str, str], str] = {}  # (bucket, key, ETag) -> sha512 of the downloaded bytes
+
+
 def sha512_of(client: Any, bucket: str, key: str) -> str | None:
+    """Digest of the object's bytes as downloaded (each version downloaded once, by ETag)."""
     try:
-        return hashlib.sha512(client.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest()
+        resp = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
     except client.exceptions.NoSuchKey:
         return None
+    tag = (bucket, key, resp["ETag"])
+    if tag not in _DIGESTS:
+        try:
+            full = client.get_object(Bucket=bucket, Key=key, IfMatch=resp["ETag"])
+        except client.exceptions.NoSuchKey:
+            return None
+        _DIGESTS[tag] = hashlib.sha512(full["Body"].read()).hexdigest()
+    return _DIGESTS[tag]
 
 
 def keys(client: Any, bucket: str) -> list[str]:
@@ -138,36 +150,40 @@ def keys(client: Any, bucket: str) -> list[str]:
 
 def check_invariants(client: Any, regions: list[str]) -> list[str]:
     """What a reader could see that is wrong: a hash without its object, a hash that does not
-    match, a `latest/` object that is not a published version, a manifest pointing nowhere."""
+    match, a `latest/` object that is not a published version, a manifest pointing nowhere.
+
+    Reads go from the last-written kind of object to the first (latest/ and manifest, then
+    hashes, then versioned objects), so a publish running meanwhile cannot fake a violation:
+    whatever a later object relies on was written before it, hence before we look for it.
+    """
     bad: list[str] = []
     for region in regions:
         rel, hb = f"{PREFIX}-{region}", f"{PREFIX}-hashes-{region}"
-        published: dict[str, str] = {}  # versioned key -> digest its .sha512 publishes
+        rel_keys = keys(client, rel)
+        manifest = None
+        if "latest/manifest.json" in rel_keys:
+            manifest = json.loads(client.get_object(Bucket=rel, Key="latest/manifest.json")["Body"].read())
+        latest = {k: sha512_of(client, rel, k) for k in rel_keys
+                  if k.startswith("latest/") and k != "latest/manifest.json"}
+        published: dict[str, str] = {}  # object key -> digest its .sha512 publishes
         for k in keys(client, hb):
-            if not k.endswith(".sha512"):
-                continue
-            text = client.get_object(Bucket=hb, Key=k)["Body"].read().decode()
-            published[k.removesuffix(".sha512")] = text
-            actual = sha512_of(client, rel, k.removesuffix(".sha512"))
+            if k.endswith(".sha512"):
+                published[k.removesuffix(".sha512")] = client.get_object(Bucket=hb, Key=k)["Body"].read().decode()
+        for k, text in published.items():
+            actual = sha512_of(client, rel, k)
             if actual is None:
-                bad.append(f"{region}: hash {k} published but its object is missing")
+                bad.append(f"{region}: hash of {k} published but the object is missing")
             elif not k.startswith("latest/") and actual != text:
-                bad.append(f"{region}: hash {k} does not match its object")
+                bad.append(f"{region}: hash of {k} does not match the object")
         versioned = {v for k, v in published.items() if not k.startswith("latest/")}
-        for k in keys(client, rel):
-            if k.startswith("latest/") and k != "latest/manifest.json":
-                digest = sha512_of(client, rel, k)
-                if digest not in versioned:
-                    bad.append(f"{region}: {k} is not a verified, hashed version")
-                # latest hash during an update may still be the previous version's; never a stranger's
-                lh = published.get(k)
-                if lh is not None and lh not in versioned:
-                    bad.append(f"{region}: {k}.sha512 names no published version")
-            if not k.startswith("latest/") and k not in published and not k.endswith("/"):
-                pass  # a versioned object may exist before its hash: nothing points at it yet
-        if "latest/manifest.json" in keys(client, rel):
-            man = json.loads(client.get_object(Bucket=rel, Key="latest/manifest.json")["Body"].read())
-            akey = f"{man['installerVersion']}/failback_assets/failback_assets.tar.gz"
+        for k, digest in latest.items():
+            if digest is not None and digest not in versioned:
+                bad.append(f"{region}: {k} is not a verified, hashed version")
+            # during an update the latest hash may still be the previous version's; never a stranger's
+            if k in published and published[k] not in versioned:
+                bad.append(f"{region}: {k}.sha512 names no published version")
+        if manifest is not None:
+            akey = f"{manifest['installerVersion']}/failback_assets/failback_assets.tar.gz"
             if published.get(akey) is None or sha512_of(client, rel, akey) != published[akey]:
                 bad.append(f"{region}: manifest points at {akey}, which is missing or unhashed")
     return bad
@@ -506,3 +522,33 @@ def test_rich_reporter_and_table() -> None:
     render_table([RegionResult("us-east-1", objects=1, planned=1, bytes=100, seconds=0.5, verified=True)],
                  rich_output=True, out=out)
     assert "us-east-1" in out.getvalue() and "yes" in out.getvalue()
+
+
+def test_other_part_size_still_uploads_nothing(
+    s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """Objects uploaded with 5 MiB parts are recognised (composite checksum recomputed for the
+    object's own part size) by a run configured with 6 MiB parts: nothing is re-uploaded."""
+    make_buckets(s3, REGIONS[:1])
+    assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1]), io.StringIO()).ok
+    session, calls = session_with_counter()
+    report = publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], session=session,
+                                     multipart_chunksize=6 * MiB), io.StringIO())
+    assert report.ok and not (set(calls) & WRITE_OPS), calls
+
+
+def test_a_published_version_is_never_replaced(
+    s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    make_buckets(s3, REGIONS[:2])
+    assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:2]), io.StringIO()).ok
+    other = tmp_path / "other" / ISO
+    other.parent.mkdir()
+    other.write_bytes(os.urandom(1 * MiB))
+    out = io.StringIO()
+    report = publish_release(options(moto_url, {**artifacts, "iso": other}, tmp_path, regions=REGIONS[:2]), out)
+    assert not report.ok
+    for r in report.results:
+        assert "already holds a different file" in (r.error or "") and "new --version" in (r.error or "")
+        assert r.written == 0
+    assert_fully_published(moto_url, REGIONS[:2], artifacts)  # the first release, untouched

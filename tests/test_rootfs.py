@@ -41,7 +41,10 @@ def test_key_changes_with_epoch_and_tool_but_not_other_settings() -> None:
 def test_mmdebstrap_command(tmp_path: Path) -> None:
     cmd = rootfs.mmdebstrap_command(CFG, tmp_path / "target", tmp_path / "apt cache")
     assert cmd[0] == "mmdebstrap" and "--variant=minbase" in cmd
-    assert f"--include={','.join(CFG.packages)}" in cmd
+    [include] = [c for c in cmd if c.startswith("--include=")]
+    assert include.removeprefix("--include=").split(",") == [*CFG.packages, "usr-is-merged"]
+    purge = next(c for c in cmd if "apt-get purge" in c)
+    assert "--no-download" in purge and " usrmerge " in purge and " perl " in purge
     assert "--components=main,non-free-firmware" in cmd
     excludes = [c for c in cmd if c.startswith("--dpkgopt=path-exclude=")]
     includes = [c for c in cmd if c.startswith("--dpkgopt=path-include=")]

@@ -67,6 +67,8 @@ class AgentServer:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> AgentServer:
+        if self._listener is not None:
+            raise RuntimeError("agent already started")
         sock = socket.create_server((self.cfg.host, self.cfg.port), reuse_port=False)
         self._listener = sock
         self.port = sock.getsockname()[1]
@@ -85,6 +87,9 @@ class AgentServer:
     def stop(self) -> None:
         self._stop.set()
         if self._listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would leave it listening.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
         for c in list(self._conns):
             with contextlib.suppress(OSError):
@@ -97,7 +102,7 @@ class AgentServer:
                 v.close()
 
     def __enter__(self) -> AgentServer:
-        return self.start()
+        return self if self._listener is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -137,6 +142,7 @@ class AgentServer:
     def _serve(self, raw: socket.socket, addr: tuple) -> None:
         peer = f"{addr[0]}:{addr[1]}"
         self._conns.add(raw)
+        sock: ssl.SSLSocket | None = None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(30)
@@ -145,6 +151,9 @@ class AgentServer:
             except (ssl.SSLError, OSError) as exc:
                 self._refuse(peer, f"TLS handshake failed ({exc.__class__.__name__}: {exc})")
                 return
+            # wrap_socket took over the descriptor: stop() must shut the TLS socket down, not `raw`.
+            self._conns.discard(raw)
+            self._conns.add(sock)
             conn = Connection(sock)
             try:
                 ident = require_identity(sock, self.cfg.paired_clients, "failback client")
@@ -162,8 +171,10 @@ class AgentServer:
             finally:
                 self.bytes_sent += conn.bytes_out
         finally:
-            self._conns.discard(raw)
-            raw.close()
+            for s in (raw, sock):
+                if s is not None:
+                    self._conns.discard(s)
+                    s.close()
 
     def _refuse(self, peer: str, reason: str) -> None:
         self.refused.append(reason)

@@ -127,13 +127,18 @@ class Console:
         self.lock = ConsoleLock(lock_path, me) if lock_path else None
 
     # ---- output -------------------------------------------------------------------------------
+    def _text(self, text: str) -> str:
+        """Redacted; ASCII punctuation on plain consoles (serial terminals often lack UTF-8 glyphs)."""
+        text = self.redact(text)
+        return text.replace("…", "...").replace("—", "-") if self.plain else text
+
     def raw(self, text: str) -> None:
         """One line exactly as given (the summary line the smoke tests grep), never styled or wrapped."""
         self.stdout.write(self.redact(text) + "\n")
         self.stdout.flush()
 
     def line(self, text: str = "", style: str | None = None) -> None:
-        text = self.redact(text)
+        text = self._text(text)
         if text:
             log.info("%s", text)
         if self._rich is not None:
@@ -162,7 +167,7 @@ class Console:
             self.line(text, style="bold cyan")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:
-        cells = [[self.redact(str(c)) for c in row] for row in rows]
+        cells = [[self._text(str(c)) for c in row] for row in rows]
         for row in cells:
             log.info("%s", " | ".join(row))
         if self._rich is not None:
@@ -188,7 +193,7 @@ class Console:
     # ---- input --------------------------------------------------------------------------------
     def ask(self, prompt: str, *, secret: bool = False) -> str:
         """Show `prompt` and read one line. Secrets are read with echo off and never shown."""
-        self.stdout.write(self.redact(prompt))
+        self.stdout.write(self._text(prompt))
         self.stdout.flush()
         with self._no_echo(secret):
             self._await_input()

@@ -81,7 +81,8 @@ def hostname_of(instance: dict[str, Any]) -> str:
 def state_of(instance: dict[str, Any]) -> str:
     failback = instance.get("failback", {}).get("state", "")
     ec2 = instance.get("ec2InstanceState", "")
-    return " / ".join(s for s in (failback.removeprefix("FAILBACK_"), ec2) if s) or "-"
+    drill = "drill" if instance.get("isDrill") else ""
+    return " / ".join(s for s in (failback.removeprefix("FAILBACK_"), ec2, drill) if s) or "-"
 
 
 @dataclass

@@ -89,11 +89,19 @@ def replication_target(endpoint: dict[str, Any], instance: dict[str, Any], port_
     )
 
 
+# Addresses reachable only over a private route (VPN/Direct Connect). Not ipaddress's is_private: that also
+# counts documentation ranges (203.0.113.0/24...) which DRS examples use as public addresses.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "fc00::/7", "fe80::/10", "::1/128"))
+
+
 def _is_private(ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip).is_private
+        address = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    return any(address.version == net.version and address in net for net in PRIVATE_NETWORKS)
 
 
 def service_targets(drs_endpoint: str, region: str, s3_endpoint: str | None,

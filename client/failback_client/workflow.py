@@ -80,6 +80,7 @@ def connect(settings: Settings, console: Console) -> DrsApi:
         console.info(f"Region {settings.region}, endpoint {settings.endpoint_url}")
         check_clock(settings, console)
         api = DrsApi(settings)
+        console.info("Checking the credentials with Elastic Disaster Recovery…")
         try:
             api.check_credentials()
         except CredentialsError as e:

@@ -1,0 +1,129 @@
+"""The replication agent: change tracking by generation, its protocol answers, its command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from drs_agent.testing import CLIENT_ID, RECOVERY_INSTANCE_ID, Pki, change_blocks, make_image, start_agent
+from drs_agent.volume import SourceVolume, VolumeSpec
+from failback_replicator.tlsconf import client_context, require_identity
+from failback_replicator.wire import FRAME_BLOCK, FRAME_DIGESTS, Connection, Decoder, parse_block, parse_digests
+
+BS = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def test_scan_stamps_changed_blocks_with_a_new_generation(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "disk.img", 2 * 1024 * 1024, seed=1)
+    vol = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
+    try:
+        vol.refresh()
+        first = vol.generation
+        assert vol.changes_since(first) == (first, [])
+        change_blocks(img, [2, 9], BS)
+        vol.refresh()
+        gen, changed = vol.changes_since(first)
+        assert gen == first + 1 and changed == [2, 9]
+        assert vol.changes_since(gen) == (gen, [])
+        data, digest = vol.read(9)
+        assert len(data) == BS and digest == vol.digests[9]
+    finally:
+        vol.close()
+
+
+def test_unchanged_old_image_is_not_rescanned(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=2)
+    old = time.time() - 60
+    os.utime(img, (old, old))
+    vol = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
+    try:
+        vol.refresh()
+        vol.refresh()
+        assert vol.scans == 1, "an image file untouched since the last scan was read again"
+        change_blocks(img, [1], BS)  # a write moves mtime: the next look re-reads
+        vol.refresh()
+        assert vol.scans == 2 and vol.changes_since(1)[1] == [1]
+    finally:
+        vol.close()
+
+
+def _connect(pki: Pki, port: int) -> Connection:
+    sock = client_context(pki.client).wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+    require_identity(sock, {"drs-agent." + RECOVERY_INSTANCE_ID}, "agent")
+    return Connection(sock)
+
+
+def test_agent_answers_the_protocol(pki: Pki, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=3)
+    with open(img, "ab") as f:
+        f.write(os.urandom(4096))  # the last block is short
+    with start_agent(pki, {"/dev/xvdb": img}) as agent:
+        conn = _connect(pki, agent.port)
+        conn.send_json({"op": "READ", "volume": 0, "blocks": [[0, 1]]})
+        assert conn.recv_json()["error"] == "BAD_REQUEST"  # HELLO first
+        conn.send_json({"op": "HELLO", "version": 1, "block_size": BS, "codecs": ["zlib"], "client": CLIENT_ID})
+        hello = conn.recv_json()
+        assert hello["recovery_instance"] == RECOVERY_INSTANCE_ID and hello["codec"] == "zlib"
+        assert hello["volumes"] == [{"name": "/dev/xvdb", "size": 1024 * 1024 + 4096}]
+        conn.send_json({"op": "DIGESTS", "volume": 0})
+        digests: list[bytes] = []
+        while True:
+            ftype, body = conn.recv_frame()
+            if ftype != FRAME_DIGESTS:
+                break
+            digests += parse_digests(body)[2]
+        assert len(digests) == 17
+        conn.send_json({"op": "READ", "volume": 0, "blocks": [[15, 2]]})
+        dec = Decoder()
+        raw = img.read_bytes()
+        for index in (15, 16):
+            ftype, body = conn.recv_frame()
+            assert ftype == FRAME_BLOCK
+            _, got, codec, raw_len, digest, payload = parse_block(body)
+            assert got == index and digest == digests[index]
+            assert bytes(dec.decode(codec, payload, raw_len)) == raw[index * BS : (index + 1) * BS]
+        assert conn.recv_json()["op"] == "READ"
+        conn.send_json({"op": "READ", "volume": 0, "blocks": [[17, 1]]})
+        assert "outside volume" in conn.recv_json()["message"]
+        conn.send_json({"op": "CHANGES", "since": {"0": 1}, "wait": 0})
+        assert conn.recv_json()["changed"] == {"0": []}
+        conn.send_json({"op": "BYE"})
+        conn.sock.close()
+
+
+def test_agent_command_line(pki: Pki, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=4)
+    bad = subprocess.run(
+        [sys.executable, "-m", "drs_agent.cli", "--recovery-instance-id", RECOVERY_INSTANCE_ID, "--volume", "disk.img",
+         "--ca", pki.agent.ca, "--cert", pki.agent.cert, "--key", pki.agent.key, "--paired-client", CLIENT_ID],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "expected DEVICE_NAME=PATH" in bad.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drs_agent.cli", "--recovery-instance-id", RECOVERY_INSTANCE_ID,
+         "--volume", f"/dev/xvda={img}", "--ca", pki.agent.ca, "--cert", pki.agent.cert, "--key", pki.agent.key,
+         "--paired-client", CLIENT_ID, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        port = int(line.rsplit(":", 1)[1])
+        conn = _connect(pki, port)
+        conn.send_json({"op": "HELLO", "version": 1, "block_size": BS, "codecs": []})
+        assert conn.recv_json()["volumes"][0]["name"] == "/dev/xvda"
+        conn.sock.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "private" not in (proc.stderr.read() if proc.stderr else "").lower()
