@@ -29,14 +29,16 @@ def _logging() -> None:
 def _stage(until: str, config: str | None, build_dir: str | None, force: bool) -> None:
     """Run the pipeline up to `until`, turning known build errors into a clean exit message."""
     _logging()
+    from image.clientenv import ClientBuildError
     from image.config import ConfigError
+    from image.overlay import RenderError
     from image.pipeline import BuildError, Pipeline
     from image.run import CommandError
 
     try:
         pipe = Pipeline.from_files(Path(config) if config else None, Path(build_dir) if build_dir else None)
         pipe.build(until, force=until if force else None)
-    except (ConfigError, BuildError, CommandError, FileNotFoundError) as exc:
+    except (ConfigError, RenderError, ClientBuildError, BuildError, CommandError, FileNotFoundError) as exc:
         raise Exit(f"{until}: {exc}", code=1) from None
     print(f"\n{until}: stages\n{pipe.report.format()}")
     if until in ("iso", "hashes"):
@@ -181,21 +183,21 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     print(f"smoke: all {len(results)} ways passed")
 
 
-@task(help={
+@task(auto_shortflags=False, help={
     "iso": ISO_HELP,
     "cold": "also time a cold build from scratch in build/bench-cold/ (long: fresh rootfs and layers)",
     "rebuild": "time the incremental rebuilds after touching/changing a client file (default on; --no-rebuild)",
     "boot": "time the boots: bare-kernel baseline + the six ways (default on; --no-boot)",
+    "chain": "also boot each way with the ISO stage's boot chain around a probe initramfs, to show what "
+             "firmware + boot loaders cost (default on; --no-chain)",
     "parallel": "boots at a time (default 1, so the times compare with the baseline)",
     "timeout": TIMEOUT_HELP,
 })
 def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
-          parallel: int = 1, timeout: int = 300) -> None:
+          chain: bool = True, parallel: int = 1, timeout: int = 300) -> None:
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
-    import shutil as _shutil
-
     from image import bench as b
     from image import smoke as sm
     from image.qemu import BOOT_WAYS, QemuError
@@ -203,16 +205,19 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
 
     inv = [str(REPO / ".venv" / "bin" / "inv")]
     cold_cmd = None
+    cold_dir = REPO / "build" / "bench-cold"
     if cold:
-        cold_dir = REPO / "build" / "bench-cold"
-        _shutil.rmtree(cold_dir, ignore_errors=True)
+        b.remove_build_dir(cold_dir)
         cold_cmd = [*inv, "build", "--build-dir", str(cold_dir)]
     try:
         report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
                              build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
-                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout)
+                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain)
     except (QemuError, CommandError) as exc:
         raise Exit(f"bench: {exc}", code=1) from None
+    finally:
+        if cold:
+            b.remove_build_dir(cold_dir)  # a full rootfs and layers nobody reuses
     print("\n" + report.format())
 
 

@@ -3,12 +3,15 @@
 The client (`client/`) is built into a wheel on the host; its dependencies come from
 `client/requirements.lock` (pinned, sha256-checked wheels, downloaded once into a wheelhouse
 keyed by the lock). Both are installed inside the rootfs (chroot) into `cfg.client.venv`,
-whose directory is a bind mount of build/cache/client/<venv>: the result lands in the small
-overlay layer while the cached base stays untouched (it is mounted read-only meanwhile).
+whose directory is a bind mount of a directory under build/cache while the cached base stays
+untouched (it is mounted read-only meanwhile).
 
-Two steps, so a change to client code does not reinstall boto3: a dependencies-only venv
-(keyed by the lock and the base) is copied, then the client wheel is added. Cold and warm
-builds run the same two steps, so they give the same bytes.
+Two steps, so a change to client code does not reinstall (nor recompress) boto3:
+  build/cache/client-deps/<venv>  the locked dependencies only (keyed by lock and base) -> deps layer
+  build/cache/client-full/<venv>  a copy of it plus the client wheel (what is checked to run)
+  build/cache/client/<venv>       just the files the client added            -> top layer
+overlayfs merges the two layers back into one venv on the live system. Cold and warm builds run
+the same steps, so they give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from image.paths import REPO, BuildPaths, digest, tree_digest
@@ -28,7 +32,7 @@ from image.run import run
 
 log = logging.getLogger("image.clientenv")
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 CLIENT_SRC = REPO / "client"
 LOCK = CLIENT_SRC / "requirements.lock"
 # Direct runtime dependencies (client/pyproject.toml), at the versions requirements-dev.txt pins
@@ -106,24 +110,39 @@ def ensure_wheelhouse(paths: BuildPaths, lock: Path = LOCK) -> Path:
     return house
 
 
-def build_client_wheel(dest_dir: Path, epoch: int, src: Path = CLIENT_SRC) -> Path:
-    """Build the client's wheel from a clean copy of client/ (no build/ or egg-info left there)."""
+def client_projects(src: Path = CLIENT_SRC) -> list[Path]:
+    """The installable projects in client/: client/ itself (failback_client) and any sub-project
+    with its own pyproject.toml (e.g. client/replicator), which the live system needs too."""
+    if not (src / "pyproject.toml").is_file():
+        raise ClientBuildError(f"{src}/pyproject.toml is missing: the client is not an installable project")
+    return [src, *sorted(p.parent for p in src.glob("*/pyproject.toml"))]
+
+
+def build_client_wheels(dest_dir: Path, epoch: int, src: Path = CLIENT_SRC) -> list[Path]:
+    """Build one wheel per client project from a clean copy of client/ (no build/ or egg-info is
+    left in the source tree). SOURCE_DATE_EPOCH pins the timestamps inside the wheels."""
+    if dest_dir.exists():
+        shutil.rmtree(dest_dir)
+    dest_dir.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "client"
         shutil.copytree(src, copy, ignore=lambda _d, names: [n for n in names if _ignored(n)], symlinks=True)
-        out = Path(tmp) / "wheel"
-        run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--quiet", "--no-deps",
-             "--no-build-isolation", "--no-index", "-w", str(out), str(copy)],
-            env={"SOURCE_DATE_EPOCH": str(epoch)})
-        wheels = list(out.glob("*.whl"))
-        if len(wheels) != 1:
-            raise ClientBuildError(f"client: expected one wheel from {src}, got {wheels}")
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        for old in dest_dir.glob("*.whl"):
-            old.unlink()
-        target = dest_dir / wheels[0].name
-        shutil.copyfile(wheels[0], target)
-        return target
+        out = Path(tmp) / "wheels"
+        for project in client_projects(src):
+            run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--quiet", "--no-deps",
+                 "--no-build-isolation", "--no-index", "-w", str(out), str(copy / project.relative_to(src))],
+                env={"SOURCE_DATE_EPOCH": str(epoch)})
+        wheels = sorted(out.glob("*.whl"))
+        if len(wheels) != len(client_projects(src)):
+            raise ClientBuildError(f"client: expected {len(client_projects(src))} wheels from {src}, got {wheels}")
+        return [Path(shutil.copyfile(w, dest_dir / w.name)) for w in wheels]
+
+
+def wheel_top_levels(wheel: Path) -> list[str]:
+    """The importable top-level names a wheel installs (what to byte-compile)."""
+    with zipfile.ZipFile(wheel) as z:
+        tops = {n.split("/", 1)[0] for n in z.namelist()}
+    return sorted(t for t in tops if not t.endswith((".dist-info", ".data")))
 
 
 # --- running inside the rootfs -----------------------------------------------------------------
@@ -169,13 +188,27 @@ def _compile(venv: str, target: str) -> list[str]:
             target]
 
 
-def build_deps_venv(rootfs: Path, venv: str, dest: Path, wheelhouse: Path, epoch: int) -> None:
-    """A venv holding only the locked dependencies, at `dest` (host path of `venv`)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+def _venv_dir(tree: Path, venv: str) -> Path:
+    return tree / venv.lstrip("/")
+
+
+def _fresh_tree(tree: Path, venv: str) -> Path:
+    """An empty `tree` holding the (empty) venv directory, the directories leading to it 0755."""
+    if tree.exists():
+        shutil.rmtree(tree)
+    staging = _venv_dir(tree, venv)
+    staging.mkdir(parents=True)
+    for rel in staging.relative_to(tree).parents:
+        os.chmod(tree / rel, 0o755)
+    os.chmod(staging, 0o755)
+    return staging
+
+
+def build_deps_venv(rootfs: Path, venv: str, tree: Path, wheelhouse: Path, epoch: int) -> None:
+    """A venv holding only the locked dependencies, at tree/<venv>."""
+    staging = _fresh_tree(tree, venv)
     log.info("client: installing the locked dependencies into %s (chroot)...", venv)
-    run(chroot_script(rootfs, venv, dest, wheelhouse, [
+    run(chroot_script(rootfs, venv, staging, wheelhouse, [
         ["python3", "-m", "venv", "--without-pip", venv],
         [*_pip(venv), "install", "--no-index", "--find-links", "/tmp/wheelhouse", "--require-hashes",
          "--no-compile", "--only-binary=:all:", "-r", "/tmp/wheelhouse/requirements.lock"],
@@ -183,32 +216,71 @@ def build_deps_venv(rootfs: Path, venv: str, dest: Path, wheelhouse: Path, epoch
     ], epoch))
 
 
-def install_client(rootfs: Path, venv: str, deps_venv: Path, dest_tree: Path, wheel: Path, epoch: int) -> None:
-    """Copy the dependencies venv into dest_tree/<venv> and install the client wheel into it."""
-    staging = dest_tree / venv.lstrip("/")
-    if dest_tree.exists():
-        shutil.rmtree(dest_tree)
-    staging.parent.mkdir(parents=True)
-    shutil.copytree(deps_venv, staging, symlinks=True)
-    for rel in staging.relative_to(dest_tree).parents:  # the directories leading to the venv
-        os.chmod(dest_tree / rel, 0o755)
-    log.info("client: installing %s into %s (chroot)...", wheel.name, venv)
+def install_client(rootfs: Path, venv: str, deps_tree: Path, full_tree: Path, wheels: list[Path],
+                   epoch: int) -> None:
+    """full_tree/<venv> = a copy of the dependencies venv with the client wheels installed into it."""
+    staging = _fresh_tree(full_tree, venv)
+    shutil.copytree(_venv_dir(deps_tree, venv), staging, symlinks=True, dirs_exist_ok=True)
+    log.info("client: installing %s into %s (chroot)...", ", ".join(w.name for w in wheels), venv)
     pyver = run(["chroot", str(rootfs), "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
                 capture=True).stdout.strip()
-    run(chroot_script(rootfs, venv, staging, wheel.parent, [
-        [*_pip(venv), "install", "--no-index", "--no-deps", "--no-compile", f"/tmp/wheelhouse/{wheel.name}"],
-        _compile(venv, f"{venv}/lib/python{pyver}/site-packages/failback_client"),
+    site = f"{venv}/lib/python{pyver}/site-packages"
+    tops = sorted({t for w in wheels for t in wheel_top_levels(w)})
+    run(chroot_script(rootfs, venv, staging, wheels[0].parent, [
+        [*_pip(venv), "install", "--no-index", "--no-deps", "--no-compile",
+         *[f"/tmp/wheelhouse/{w.name}" for w in wheels]],
+        *[_compile(venv, f"{site}/{t}") for t in tops],
     ], epoch))
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.is_symlink() or b.is_symlink():
+        return a.is_symlink() and b.is_symlink() and a.readlink() == b.readlink()
+    return a.stat().st_mode == b.stat().st_mode and a.read_bytes() == b.read_bytes()
+
+
+def split_client_files(venv: str, deps_tree: Path, full_tree: Path, dest_tree: Path) -> int:
+    """dest_tree = what installing the client added to the dependencies venv (its package, its
+    dist-info, its script), with the directories leading there. This small tree goes into the top
+    layer and the dependencies into their own layer, which overlayfs merges back into one venv."""
+    deps, full = _venv_dir(deps_tree, venv), _venv_dir(full_tree, venv)
+    out = _fresh_tree(dest_tree, venv)
+    count = 0
+    for path in sorted(full.rglob("*")):
+        rel = path.relative_to(full)
+        before = deps / rel
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if before.exists() or before.is_symlink():
+            if not _same_file(path, before):
+                raise ClientBuildError(f"client: installing the client changed {venv}/{rel} of the dependencies")
+            continue
+        target = out / rel
+        for parent in reversed(rel.parents[:-1] if len(rel.parents) > 1 else []):
+            d = out / parent
+            if not d.exists():
+                d.mkdir()
+                shutil.copystat(full / parent, d)
+        if path.is_symlink():
+            target.symlink_to(path.readlink())
+        else:
+            shutil.copy2(path, target)
+        count += 1
+    if count == 0:
+        raise ClientBuildError("client: installing the client wheel added no files")
+    return count
+
+
 def check_client(rootfs: Path, venv: str, tree: Path, epoch: int) -> str:
-    """Run the installed client inside the rootfs: imports, and `failback-client --help` when the
-    client has its command-line module. Returns what it printed."""
-    staging = tree / venv.lstrip("/")
-    site = run(["sh", "-c", f"ls -d {shlex.quote(str(staging))}/lib/python3*/site-packages"],
-               capture=True).stdout.strip()
-    has_cli = (Path(site) / "failback_client" / "cli.py").exists()
-    imports = "import failback_client, boto3, botocore, rich, yaml; print('imports ok')"
+    """Run the installed client (tree/<venv>) inside the rootfs: imports, and `failback-client --help`
+    when the client has its command-line module. Returns what it printed."""
+    staging = _venv_dir(tree, venv)
+    sites = sorted(staging.glob("lib/python3*/site-packages"))
+    if not sites:
+        raise ClientBuildError(f"client: {staging} holds no site-packages")
+    has_cli = (sites[0] / "failback_client" / "cli.py").exists()
+    extra = "".join(f", {m}" for m in ("failback_replicator",) if (sites[0] / m).is_dir())
+    imports = f"import failback_client, boto3, botocore, rich, yaml{extra}; print('imports ok')"
     commands = [[f"{venv}/bin/python", "-c", imports]]
     if has_cli:
         commands.append([f"{venv}/bin/failback-client", "--help"])
@@ -218,17 +290,26 @@ def check_client(rootfs: Path, venv: str, tree: Path, epoch: int) -> str:
         return run(chroot_script(rootfs, venv, staging, Path(empty), commands, epoch), capture=True).stdout
 
 
-def build_client(paths: BuildPaths, rootfs_key: str, venv: str, epoch: int, *, lock: Path = LOCK,
-                 src: Path = CLIENT_SRC) -> None:
-    """Build paths.client/<venv>: the dependency venv (cached by the lock) plus the client."""
-    house = ensure_wheelhouse(paths, lock)
-    deps_dir = paths.cache / "client-deps"
+def build_deps(paths: BuildPaths, rootfs_key: str, venv: str, epoch: int, *, lock: Path = LOCK) -> bool:
+    """paths.client_deps/<venv>: the locked dependencies (rebuilt only when the lock or base changes).
+    Returns whether it was rebuilt."""
     dkey = deps_key(rootfs_key, venv, lock)
-    if not paths.is_fresh("client-deps", dkey) or not deps_dir.is_dir():
-        paths.invalidate("client-deps")
-        build_deps_venv(paths.rootfs, venv, deps_dir, house, epoch)
-        paths.mark_done("client-deps", dkey)
-    wheel = build_client_wheel(paths.cache / "client-wheel", epoch, src)
-    install_client(paths.rootfs, venv, deps_dir, paths.client, wheel, epoch)
-    out = check_client(paths.rootfs, venv, paths.client, epoch)
-    log.info("client: check passed: %s", out.strip().splitlines()[0] if out.strip() else "")
+    if paths.is_fresh("client-deps", dkey) and _venv_dir(paths.client_deps, venv).is_dir():
+        return False
+    paths.invalidate("client-deps")
+    build_deps_venv(paths.rootfs, venv, paths.client_deps, ensure_wheelhouse(paths, lock), epoch)
+    paths.mark_done("client-deps", dkey)
+    return True
+
+
+def build_client(paths: BuildPaths, rootfs_key: str, venv: str, epoch: int, *, deps_epoch: int | None = None,
+                 lock: Path = LOCK, src: Path = CLIENT_SRC) -> int:
+    """The dependencies venv (if out of date), then the client on top of a copy of it; leaves the
+    client's own files in paths.client. Returns how many files the client added."""
+    build_deps(paths, rootfs_key, venv, deps_epoch if deps_epoch is not None else epoch, lock=lock)
+    wheels = build_client_wheels(paths.cache / "client-wheels", epoch, src)
+    install_client(paths.rootfs, venv, paths.client_deps, paths.client_full, wheels, epoch)
+    count = split_client_files(venv, paths.client_deps, paths.client_full, paths.client)
+    out = check_client(paths.rootfs, venv, paths.client_full, epoch)
+    log.info("client: %d files; check passed: %s", count, out.strip().splitlines()[0] if out.strip() else "")
+    return count

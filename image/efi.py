@@ -116,8 +116,12 @@ def _apt_options(sources: AptSources | None, cache_dir: Path) -> list[str]:
     root = sources.state_dir(cache_dir)
     for d in ("lists/partial", "archives/partial", "sources.list.d", "preferences.d"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "sources.list").write_text("".join(f"{line}\n" for line in sources.lines))
-    (root / "status").touch()
+    # Rewritten only when changed: apt rebuilds its package cache whenever these files are newer.
+    listing = "".join(f"{line}\n" for line in sources.lines)
+    if not (root / "sources.list").is_file() or (root / "sources.list").read_text() != listing:
+        (root / "sources.list").write_text(listing)
+    if not (root / "status").exists():
+        (root / "status").touch()
     opts = {
         "Dir::Etc::SourceList": root / "sources.list",
         "Dir::Etc::SourceParts": root / "sources.list.d",
@@ -128,6 +132,8 @@ def _apt_options(sources: AptSources | None, cache_dir: Path) -> list[str]:
         "Dir::State::status": root / "status",
         "Dir::Cache": root,
         "Dir::Cache::archives": root / "archives",
+        "Dir::Cache::pkgcache": root / "pkgcache.bin",
+        "Dir::Cache::srcpkgcache": root / "srcpkgcache.bin",
         "APT::Architecture": sources.architecture,
         "APT::Architectures": sources.architecture,
         "Acquire::Retries": 3,
@@ -157,14 +163,25 @@ def _safe_version(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
 
 
+def candidate_versions(
+    packages: list[str], sources: AptSources | None = None, cache_dir: Path | None = None
+) -> dict[str, str | None]:
+    """The versions apt would download, None for a package apt knows no version of. One apt-cache call."""
+    opts = _apt_options(sources, cache_dir) if sources is not None and cache_dir is not None else []
+    out = run(["apt-cache", *opts, "policy", *packages], capture=True, check=False).stdout
+    found: dict[str, str | None] = dict.fromkeys(packages)
+    current = None
+    for line in out.splitlines():
+        if not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1].split(":")[0]  # "pkg:" (or "pkg:amd64:" on multi-arch hosts)
+        elif current in found and (m := re.match(r"^\s+Candidate:\s*(\S+)", line)) and m.group(1) != "(none)":
+            found[current] = m.group(1)
+    return found
+
+
 def candidate_version(package: str, sources: AptSources | None = None, cache_dir: Path | None = None) -> str | None:
     """The version apt would download for `package`, or None when apt knows none (no `apt-get update`)."""
-    opts = _apt_options(sources, cache_dir) if sources is not None and cache_dir is not None else []
-    out = run(["apt-cache", *opts, "policy", package], capture=True, check=False).stdout
-    m = re.search(r"^\s*Candidate:\s*(\S+)", out, re.MULTILINE)
-    if not m or m.group(1) == "(none)":
-        return None
-    return m.group(1)
+    return candidate_versions([package], sources, cache_dir)[package]
 
 
 def fetch_package(
@@ -179,7 +196,7 @@ def fetch_package(
     efi_cache.mkdir(parents=True, exist_ok=True)
     if version is None:
         version = candidate_version(package, sources, cache_dir)
-    if version is None:
+    if version is None:  # apt knows none: fall back on the cache
         cached = sorted(p for p in efi_cache.glob(f"{package}_*") if p.is_dir() and (p / ".complete").exists())
         if len(cached) != 1:
             raise EfiError(
@@ -220,8 +237,9 @@ def fetch_efi_files(
     versions: dict[str, str] = {}
     files: dict[str, Path] = {}
     refresh_lists(sources, cache_dir)
+    candidates = candidate_versions(list(EFI_PACKAGES), sources, cache_dir)
     for package, members in EFI_PACKAGES.items():
-        version, tree = fetch_package(package, cache_dir, sources=sources)
+        version, tree = fetch_package(package, cache_dir, candidates[package], sources)
         versions[package] = version
         for member, fat_path in members.items():
             src = tree / member

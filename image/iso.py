@@ -315,8 +315,8 @@ def boot_loader_versions(cfg: ImageConfig, cache_dir: Path) -> dict[str, str]:
     sources = efi.AptSources.from_config(cfg)
     efi.refresh_lists(sources, cache_dir)
     versions = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES}
-    for package in efi.EFI_PACKAGES:
-        versions[package] = efi.candidate_version(package, sources, cache_dir) or "unknown"
+    for package, version in efi.candidate_versions(list(efi.EFI_PACKAGES), sources, cache_dir).items():
+        versions[package] = version or "unknown"
     return versions
 
 
@@ -327,7 +327,8 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     """
     epoch = int(inputs.source_date_epoch)
     label = cfg.iso.volume_label
-    _input_files(inputs)  # bad input fails here, before anything is fetched or written
+    # Bad input (files, boot menu) fails here, before anything is fetched or written.
+    _input_files(inputs)
     bootmenu.render_isolinux(cfg)
     efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch, efi.AptSources.from_config(cfg))
     boot_packages = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES} | efi_img.versions
@@ -337,12 +338,41 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     tmp = output.with_name(output.name + ".tmp")
     seed = derive_seed(label, epoch)
     started = time.monotonic()
+    try:
+        filler = _write_image(cfg, tree, tmp, epoch, seed)
+        _install_mbr_code(tmp)
+        gpt.normalise_gpt(tmp, seed)
+        if problems := gpt.check_gpt(tmp):
+            raise IsoError(f"{tmp}: GPT still inconsistent after the fixes: {'; '.join(problems)}")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when something failed
+    elapsed = time.monotonic() - started
+    size = output.stat().st_size
+    files = {p: (len(s) if isinstance(s, bytes) else s.stat().st_size) for p, s in tree.items()}
+    if filler:
+        files[GPT_ROOM_PATH] = filler
+    log.info("ISO %s: %.1f MiB written in %.2f s (EFI image %d KiB)", output, size / 2**20, elapsed,
+             efi_img.path.stat().st_size // 1024)
+    return IsoResult(
+        path=output,
+        size=size,
+        efi_image_size=efi_img.path.stat().st_size,
+        boot_packages=boot_packages,
+        write_seconds=elapsed,
+        files=files,
+    )
+
+
+def _write_image(cfg: ImageConfig, tree: Mapping[str, Path | bytes], tmp: Path, epoch: int, seed: str) -> int:
+    """pycdlib's part: the ISO9660/RR/Joliet tree, El Torito and isohybrid, written to `tmp`.
+    Returns the size of the filler added to keep the backup GPT off the data (0: none)."""
     with _pinned_clock(epoch), contextlib.ExitStack() as opened:
         iso = pycdlib.PyCdlib()
         iso.new(
             interchange_level=3,
             sys_ident="LINUX",
-            vol_ident=label,
+            vol_ident=cfg.iso.volume_label,
             app_ident_str="AWS DRS FAILBACK CLIENT LIVECD",
             rock_ridge="1.09",
             joliet=3,
@@ -363,23 +393,4 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
         with tmp.open("wb") as out:
             iso.write_fp(out)
         iso.close()
-    _install_mbr_code(tmp)
-    gpt.normalise_gpt(tmp, seed)
-    if problems := gpt.check_gpt(tmp):
-        raise IsoError(f"{tmp}: GPT still inconsistent after the fixes: {'; '.join(problems)}")
-    os.replace(tmp, output)
-    elapsed = time.monotonic() - started
-    size = output.stat().st_size
-    files = {p: (len(s) if isinstance(s, bytes) else s.stat().st_size) for p, s in tree.items()}
-    if filler:
-        files[GPT_ROOM_PATH] = filler
-    log.info("ISO %s: %.1f MiB written in %.2f s (EFI image %d KiB)", output, size / 2**20, elapsed,
-             efi_img.path.stat().st_size // 1024)
-    return IsoResult(
-        path=output,
-        size=size,
-        efi_image_size=efi_img.path.stat().st_size,
-        boot_packages=boot_packages,
-        write_seconds=elapsed,
-        files=files,
-    )
+    return filler

@@ -58,8 +58,16 @@ class BuildPaths:
         return self.cache / "overlay"
 
     @property
-    def client(self) -> Path:  # tree holding only <cfg.client.venv>
+    def client(self) -> Path:  # tree holding the client's own files in <cfg.client.venv>
         return self.cache / "client"
+
+    @property
+    def client_deps(self) -> Path:  # tree holding <cfg.client.venv> with the locked dependencies only
+        return self.cache / "client-deps"
+
+    @property
+    def client_full(self) -> Path:  # tree holding the complete venv (dependencies + client)
+        return self.cache / "client-full"
 
     @property
     def wheels(self) -> Path:  # downloaded dependency wheels, one directory per lock-file hash
@@ -77,6 +85,10 @@ class BuildPaths:
     @property
     def base_layer(self) -> Path:
         return self.layers / "00-base.squashfs"
+
+    @property
+    def deps_layer(self) -> Path:
+        return self.layers / "05-deps.squashfs"
 
     @property
     def overlay_layer(self) -> Path:

@@ -50,9 +50,9 @@ class BuildReport:
         lines = []
         for r in self.results:
             state = "up to date" if r.skipped else f"built in {r.seconds:6.1f} s"
-            lines.append(f"  {r.stage:<10} {state}" + (f"  {r.detail}" if r.detail else ""))
+            lines.append(f"  {r.stage:<16} {state}" + (f"  {r.detail}" if r.detail else ""))
         total = sum(r.seconds for r in self.results)
-        lines.append(f"  {'total':<10} {total:6.1f} s")
+        lines.append(f"  {'total':<16} {total:6.1f} s")
         return "\n".join(lines)
 
 
@@ -63,12 +63,17 @@ def _mib(path: Path) -> str:
 class Pipeline:
     """One build directory's stages. Keys are computed lazily and at most once per instance."""
 
-    def __init__(self, cfg: ImageConfig, paths: BuildPaths, repo: Path = REPO) -> None:
+    def __init__(self, cfg: ImageConfig, paths: BuildPaths, repo: Path = REPO,
+                 epochs: tuple[int, int] | None = None) -> None:
+        """`epochs` = (base, other) pins the SOURCE_DATE_EPOCHs instead of asking git, so two builds
+        compared with each other cannot disagree because a commit landed in between."""
         self.cfg = cfg
         self.paths = paths
         self.repo = repo
         self.report = BuildReport()
         self._done: set[str] = set()
+        if epochs is not None:
+            self.base_epoch, self.epoch = epochs
 
     @classmethod
     def from_files(cls, config: Path | None = None, build_dir: Path | None = None) -> Pipeline:
@@ -106,6 +111,14 @@ class Pipeline:
         return squashfs.base_layer_key(self.rootfs_key, self.cfg.squashfs, self._mksquashfs_version)
 
     @cached_property
+    def deps_key(self) -> str:
+        return clientenv.deps_key(self.rootfs_key, self.cfg.client.venv, self.repo / "client" / "requirements.lock")
+
+    @cached_property
+    def deps_layer_key(self) -> str:
+        return squashfs.deps_layer_key(self.deps_key, self.cfg.squashfs, self.base_epoch, self._mksquashfs_version)
+
+    @cached_property
     def overlay_layer_key(self) -> str:
         return squashfs.overlay_layer_key(self.overlay_key, self.client_key, self.cfg.squashfs, self.epoch,
                                           self._mksquashfs_version)
@@ -114,8 +127,8 @@ class Pipeline:
     def iso_key(self) -> str:
         code = [tree_digest(self.repo / p) if (self.repo / p).is_dir() else
                 (sha512_file(self.repo / p) if (self.repo / p).exists() else "") for p in _ISO_CODE]
-        return digest("iso", self.base_layer_key, self.overlay_layer_key, self.rootfs_key, self.epoch,
-                      self.cfg.template_vars(), code)
+        return digest("iso", self.base_layer_key, self.deps_layer_key, self.overlay_layer_key, self.rootfs_key,
+                      self.epoch, self.cfg.template_vars(), code)
 
     @property
     def artifact(self) -> Path:
@@ -162,12 +175,15 @@ class Pipeline:
         self.run_rootfs()
         p = self.paths
 
-        def work() -> str:
-            clientenv.build_client(p, self.rootfs_key, self.cfg.client.venv, self.epoch,
-                                   lock=self.repo / "client" / "requirements.lock", src=self.repo / "client")
-            return ""
+        venv = self.cfg.client.venv.lstrip("/")
 
-        self._stage("client", self.client_key, [p.client / self.cfg.client.venv.lstrip("/")], work, force)
+        def work() -> str:
+            n = clientenv.build_client(p, self.rootfs_key, self.cfg.client.venv, self.epoch,
+                                       deps_epoch=self.base_epoch, lock=self.repo / "client" / "requirements.lock",
+                                       src=self.repo / "client")
+            return f"{n} client files"
+
+        self._stage("client", self.client_key, [p.client / venv, p.client_deps / venv], work, force)
 
     def run_squashfs(self, force: bool = False) -> None:
         self.run_rootfs()
@@ -179,13 +195,23 @@ class Pipeline:
             squashfs.build_base_layer(p.rootfs, p.base_layer, self.cfg.squashfs, self.epoch_for_base)
             return _mib(p.base_layer)
 
+        def deps() -> str:
+            squashfs.build_deps_layer(p.client_deps, p.deps_layer, self.cfg.squashfs, self.base_epoch)
+            return _mib(p.deps_layer)
+
         def top() -> str:
             squashfs.build_overlay_layer(p.overlay, p.client, p.overlay_layer, self.cfg.squashfs, self.epoch)
-            squashfs.write_module_file(p.module_file, [p.base_layer, p.overlay_layer])
+            squashfs.write_module_file(p.module_file, list(self.layers))
             return _mib(p.overlay_layer)
 
         self._stage("squashfs-base", self.base_layer_key, [p.base_layer], base, force)
+        self._stage("squashfs-deps", self.deps_layer_key, [p.deps_layer], deps, force)
         self._stage("squashfs-overlay", self.overlay_layer_key, [p.overlay_layer, p.module_file], top, force)
+
+    @property
+    def layers(self) -> tuple[Path, ...]:
+        """The squashfs layers in live-boot's stacking order (lowest first)."""
+        return (self.paths.base_layer, self.paths.deps_layer, self.paths.overlay_layer)
 
     @property
     def epoch_for_base(self) -> int:
@@ -204,7 +230,7 @@ class Pipeline:
             except ImportError as exc:
                 raise BuildError(f"iso: image/iso.py (the ISO stage) is not usable yet: {exc}") from None
             inputs = IsoInputs(
-                kernel=p.kernel, initrd=p.initrd, layers=(p.base_layer, p.overlay_layer),
+                kernel=p.kernel, initrd=p.initrd, layers=self.layers,
                 extra_files={"/live/filesystem.module": p.module_file, "/live/filesystem.packages": p.manifest},
                 source_date_epoch=self.epoch,
             )
@@ -242,7 +268,7 @@ class Pipeline:
         return self.report
 
     def layer_sizes(self) -> dict[str, int]:
-        return {p.name: p.stat().st_size for p in (self.paths.base_layer, self.paths.overlay_layer) if p.exists()}
+        return {p.name: p.stat().st_size for p in self.layers if p.exists()}
 
 
 # --- reproducibility -------------------------------------------------------------------------
@@ -257,6 +283,7 @@ def compared_files(pipe: Pipeline) -> dict[str, Path]:
         f"out/{pipe.cfg.iso.artifact}": pipe.artifact,
         f"out/{p.out_manifest(pipe.cfg.iso.artifact).name}": p.out_manifest(pipe.cfg.iso.artifact),
         f"layers/{p.base_layer.name}": p.base_layer,
+        f"layers/{p.deps_layer.name}": p.deps_layer,
         f"layers/{p.overlay_layer.name}": p.overlay_layer,
         f"layers/{p.module_file.name}": p.module_file,
         "boot/vmlinuz": p.kernel,
@@ -284,13 +311,15 @@ def reproduce(config: Path | None = None, build_dir: Path | None = None) -> dict
     shared downloads) and compare. Returns the common sha512 of each compared file."""
     root = build_dir or DEFAULT_BUILD
     cfg = load_config(config) if config else load_config()
+    first = Pipeline(cfg, BuildPaths(root / "repro-a"))
+    epochs = (first.base_epoch, first.epoch)
     pipes = []
     for name in ("repro-a", "repro-b"):
         d = root / name
         if d.exists():
             shutil.rmtree(d)
         log.info("reproduce: cold build in %s", d)
-        pipe = Pipeline(cfg, BuildPaths(d, downloads=root / "cache"))
+        pipe = Pipeline(cfg, BuildPaths(d, downloads=root / "cache"), epochs=epochs)
         pipe.build()
         log.info("reproduce: %s:\n%s", name, pipe.report.format())
         pipes.append(pipe)

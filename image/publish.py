@@ -20,6 +20,7 @@ from typing import TextIO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ProfileNotFound
 from s3transfer.utils import ChunksizeAdjuster
 
 from image.hashes import sha512_file
@@ -239,6 +240,7 @@ def publish_command(
     out: TextIO = sys.stdout,
 ) -> int:
     """The `inv publish` entry: string options in, exit status out (0 = every region verified)."""
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "found credentials in ..." noise
     try:
         opts = PublishOptions(
             regions=parse_regions(regions),
@@ -262,7 +264,7 @@ def publish_command(
         if opts.multipart_chunksize < 5 * MiB:
             raise PublishError("--multipart-chunksize-mib must be at least 5 (the S3 minimum part size)")
         report = publish_release(opts, out)
-    except (RegionError, PlanError, PublishError) as exc:
+    except (RegionError, PlanError, PublishError, ProfileNotFound) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
     if dry_run:

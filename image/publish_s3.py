@@ -95,9 +95,8 @@ def describe_error(exc: BaseException, what: str, region: str) -> str:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        if code in {"NoSuchBucket", "404"} and "/" not in what.removeprefix("s3://"):
-            return f"{what}: no such bucket (create it in {region}, or check --bucket-prefix)"
-        if code in {"NoSuchBucket"}:
+        is_bucket = "/" not in what.removeprefix("s3://")  # HeadBucket answers a bare 404
+        if code == "NoSuchBucket" or (code == "404" and is_bucket):
             return f"{what}: no such bucket (create it in {region}, or check --bucket-prefix)"
         if code in {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
             return (f"{what}: access denied ({code}); check the credentials' policy, the bucket policy "

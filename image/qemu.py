@@ -429,7 +429,7 @@ def watch_boot(
         return BootResult(
             outcome=seen["outcome"],  # type: ignore[arg-type]
             seconds=float(seen["t"]),  # type: ignore[arg-type]
-            match=m.group(0).strip(),
+            match=_whole_line(m),
             serial_log=serial_log,
             qemu_output=qemu_output,
             groups=m.groups(),
@@ -437,6 +437,13 @@ def watch_boot(
     if timed_out:
         return BootResult("timeout", end, None, serial_log, qemu_output)
     return BootResult("exited", end, f"QEMU exited with status {exit_status}", serial_log, qemu_output)
+
+
+def _whole_line(m: re.Match[str]) -> str:
+    """The match up to the end of its console line (the summary line goes on past what the regex
+    needs). Not from the line's start: boot menus draw with cursor moves, not newlines."""
+    end = m.string.find("\n", m.end())
+    return m.string[m.start() : end if end != -1 else len(m.string)].strip()
 
 
 def short_socket_path(name: str) -> Path:
@@ -460,22 +467,22 @@ def _newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
     return out
 
 
-def write_marker_initramfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
-    """A gzip'd newc initramfs whose /init prints BARE_MARKER on the console and powers off.
+def write_busybox_initramfs(dest: Path, init: str, busybox: Path = Path("/bin/busybox")) -> Path:
+    """A gzip'd newc initramfs holding static busybox and `init` (a busybox sh script) as /init.
 
     Written here (not with cpio) so it is byte-for-byte the same on every run."""
     bb = busybox.read_bytes()
     if not bb.startswith(b"\x7fELF"):
         raise QemuError(f"{busybox} is not a binary; install busybox-static (./install-deps.sh)")
-    init = f"#!/bin/busybox sh\necho {BARE_MARKER}\nexec /bin/busybox poweroff -f\n".encode()
     d = stat.S_IFDIR | 0o755
     entries = [
         _newc_entry("bin", d, ino=1),
         _newc_entry("dev", d, ino=2),
         _newc_entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1), ino=3),
         _newc_entry("proc", d, ino=4),
-        _newc_entry("bin/busybox", stat.S_IFREG | 0o755, bb, ino=5),
-        _newc_entry("init", stat.S_IFREG | 0o755, init, ino=6),
+        _newc_entry("sys", d, ino=5),
+        _newc_entry("bin/busybox", stat.S_IFREG | 0o755, bb, ino=6),
+        _newc_entry("init", stat.S_IFREG | 0o755, f"#!/bin/busybox sh\n{init}".encode(), ino=7),
         _newc_entry("TRAILER!!!", 0),
     ]
     archive = b"".join(entries)
@@ -486,6 +493,33 @@ def write_marker_initramfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(buf.getvalue())
     return dest
+
+
+def write_marker_initramfs(dest: Path) -> Path:
+    """The baseline's initramfs: prints BARE_MARKER on the console and powers off."""
+    return write_busybox_initramfs(dest, f"echo {BARE_MARKER}\nexec /bin/busybox poweroff -f\n")
+
+
+# The boot-chain probe's /init: reports the boot mode and Secure Boot state as the client's summary
+# line would (from /sys/firmware/efi and the kernel's own Secure Boot message; efivarfs is a module),
+# then powers off. Booted from an ISO made by the ISO stage, it times firmware + boot loader + kernel
+# without the live system.
+PROBE_INIT = """\
+/bin/busybox mount -t sysfs sysfs /sys
+mode=BIOS
+sb=off
+if [ -d /sys/firmware/efi ]; then
+  mode=UEFI
+  /bin/busybox dmesg | /bin/busybox grep -q "Secure boot enabled" && sb=on
+fi
+echo "failback-client boot-chain-probe | boot mode: $mode | secure boot: $sb | memory: 0 MiB"
+/bin/busybox sleep 1
+exec /bin/busybox poweroff -f
+"""
+
+
+def write_probe_initramfs(dest: Path) -> Path:
+    return write_busybox_initramfs(dest, PROBE_INIT)
 
 
 def boot_bare_kernel(

@@ -71,8 +71,8 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[
         f"--setup-hook=sync-in {q} /var/cache/apt/archives/",
         f"--customize-hook=sync-out /var/cache/apt/archives {q}",
         "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
-        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download --autoremove "
-        + " ".join(BOOTSTRAP_ONLY),
+        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download "
+        "--autoremove " + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
         "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
         d.suite, str(target), *apt_sources(cfg),
@@ -85,6 +85,7 @@ def build_rootfs(cfg: ImageConfig, paths: BuildPaths, epoch: int) -> None:
     apt_cache = paths.apt_cache
     apt_cache.mkdir(parents=True, exist_ok=True)
     tmp = paths.rootfs.with_name("rootfs.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)  # mmdebstrap wants the parent to exist
     for p in (tmp, paths.rootfs):
         if p.exists():
             shutil.rmtree(p)

@@ -49,6 +49,25 @@ def default_iso() -> Path:
 DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "build" / "smoke"
 
 
+def make_probe_iso(kernel: Path, workdir: Path) -> Path:
+    """An ISO made by the ISO stage (same boot loaders, menu, hybrid layout) around `kernel` and the
+    boot-chain probe initramfs instead of the live system: its summary line times firmware + boot
+    loader + kernel alone, and tells a broken boot chain from a broken live system."""
+    from image.config import load_config
+    from image.iso import IsoInputs, assemble_iso
+    from image.run import run
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    initrd = qemu.write_probe_initramfs(workdir / "probe-initrd.img")
+    empty = workdir / "empty"
+    empty.mkdir(exist_ok=True)
+    layer = workdir / "00-probe.squashfs"
+    if not layer.is_file():
+        run(["mksquashfs", str(empty), str(layer), "-noappend", "-quiet", "-all-root", "-mkfs-time", "0"])
+    inputs = IsoInputs(kernel=kernel, initrd=initrd, layers=(layer,), extra_files={}, source_date_epoch=0)
+    return assemble_iso(load_config(), inputs, workdir / "boot-chain-probe.iso", workdir / "cache").path
+
+
 def check_summary(way: BootWay, boot: BootResult) -> tuple[bool, str]:
     """Whether `boot` shows the summary line with the boot mode and Secure Boot state of `way`."""
     if boot.outcome == "matched":

@@ -1,8 +1,9 @@
 """Stage 4: the squashfs layers live-boot stacks, and the list that orders them.
 
-Two layers: the cached base (rootfs, big, rebuilt only when the base changes) and a small
-layer with the rendered overlay plus the client venv (rebuilt when a template or client code
-changes). live-boot mounts the images named in /live/filesystem.module in order and stacks
+Three layers: the cached base (rootfs, big, rebuilt only when the base changes), the client's
+locked dependencies (its venv without the client; rebuilt when the lock changes) and a small top
+layer with the rendered overlay plus the client's own files (rebuilt when a template or client
+code changes: a second or so). live-boot mounts the images named in /live/filesystem.module in order and stacks
 them with overlayfs so that the LAST one listed is on top (9990-overlay.sh prepends each image
 to its lower-directory list), hence: base first.
 """
@@ -69,8 +70,16 @@ def overlay_layer_key(overlay_key: str, client_key: str, sq: SquashfsConfig, epo
     return digest("overlay-layer", RECIPE_VERSION, overlay_key, client_key, sq, epoch, tool_version)
 
 
+def deps_layer_key(deps_key: str, sq: SquashfsConfig, epoch: int, tool_version: str) -> str:
+    return digest("deps-layer", RECIPE_VERSION, deps_key, sq, epoch, tool_version)
+
+
 def build_base_layer(rootfs: Path, dest: Path, sq: SquashfsConfig, epoch: int) -> float:
     return mksquashfs(rootfs, dest, sq, epoch, excludes=BASE_EXCLUDES)
+
+
+def build_deps_layer(deps_tree: Path, dest: Path, sq: SquashfsConfig, epoch: int) -> float:
+    return mksquashfs(deps_tree, dest, sq, epoch, all_root=True)
 
 
 def merge_trees(dest: Path, *trees: Path) -> None:

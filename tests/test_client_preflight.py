@@ -34,7 +34,7 @@ def test_summary_lines() -> None:
 def test_secure_boot_variable_fifth_byte(tmp_path: Path) -> None:
     root = tmp_path / "r"
     shutil.copytree(UEFI_ROOT, root, symlinks=True)
-    var = root / "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e0db0b8e0d35"
+    var = root / "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
     var.write_bytes(b"\x06\x00\x00\x00\x00")
     assert secure_boot(str(root)) is False
     var.unlink()

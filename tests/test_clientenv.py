@@ -66,6 +66,26 @@ def test_deps_key_ignores_client_code(tmp_path: Path) -> None:
     assert clientenv.deps_key("rootfs", "/opt/failback-client", lock) == before
 
 
+def test_client_projects(tmp_path: Path) -> None:
+    projects = clientenv.client_projects()
+    assert projects[0] == clientenv.CLIENT_SRC
+    assert all((p / "pyproject.toml").is_file() for p in projects)
+    if (clientenv.CLIENT_SRC / "replicator/pyproject.toml").exists():
+        assert clientenv.CLIENT_SRC / "replicator" in projects
+    with pytest.raises(clientenv.ClientBuildError, match="not an installable project"):
+        clientenv.client_projects(tmp_path)
+
+
+def test_wheel_top_levels(tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in ("pkg/__init__.py", "pkg/a.py", "single.py", "x-1.0.dist-info/RECORD", "x-1.0.data/scripts/s"):
+            z.writestr(name, "")
+    assert clientenv.wheel_top_levels(wheel) == ["pkg", "single.py"]
+
+
 def test_missing_lock_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(clientenv.ClientBuildError, match="inv client --update-lock"):
         clientenv.lock_digest(tmp_path / "requirements.lock")
@@ -84,15 +104,49 @@ def test_chroot_script_protects_the_base(tmp_path: Path) -> None:
     assert script.rstrip().endswith("python3 -V")
 
 
+def _venv(tree: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = tree / "opt/fc" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tree
+
+
+def test_split_keeps_only_what_the_client_added(tmp_path: Path) -> None:
+    common = {"pyvenv.cfg": "home = /usr/bin\n", "lib/python3.11/site-packages/boto3/__init__.py": "b\n"}
+    deps = _venv(tmp_path / "deps", common)
+    full = _venv(tmp_path / "full", common | {"lib/python3.11/site-packages/failback_client/__init__.py": "c\n",
+                                              "bin/failback-client": "#!/opt/fc/bin/python\n"})
+    (deps / "opt/fc/bin").mkdir()
+    for tree in (deps, full):
+        (tree / "opt/fc/bin/python3").symlink_to("/usr/bin/python3")
+    n = clientenv.split_client_files("/opt/fc", deps, full, tmp_path / "own")
+    got = sorted(str(p.relative_to(tmp_path / "own")) for p in (tmp_path / "own").rglob("*") if not p.is_dir())
+    assert n == 2
+    assert got == ["opt/fc/bin/failback-client", "opt/fc/lib/python3.11/site-packages/failback_client/__init__.py"]
+    # The client must only add: a changed dependency file would be hidden by the top layer.
+    (full / "opt/fc/lib/python3.11/site-packages/boto3/__init__.py").write_text("changed\n")
+    with pytest.raises(clientenv.ClientBuildError, match=r"changed /opt/fc/lib/python3\.11/site-packages/boto3"):
+        clientenv.split_client_files("/opt/fc", deps, full, tmp_path / "own")
+
+
 @pytest.mark.slow
 @pytest.mark.root
 def test_built_client_venv_runs_in_the_rootfs(built_pipeline) -> None:
     p = built_pipeline.paths
     venv = built_pipeline.cfg.client.venv
-    out = clientenv.check_client(p.rootfs, venv, p.client, built_pipeline.epoch)
+    out = clientenv.check_client(p.rootfs, venv, p.client_full, built_pipeline.epoch)
     assert "imports ok" in out
     assert "usage" in out.lower(), "failback-client --help printed its usage"
-    tree = p.client / venv.lstrip("/")
+    # The split: the top layer holds only the client, the deps layer everything else.
+    own, deps = p.client / venv.lstrip("/"), p.client_deps / venv.lstrip("/")
+    assert list(own.glob("lib/python3*/site-packages/failback_client/__init__.py"))
+    assert not list(own.glob("lib/python3*/site-packages/boto3"))
+    assert list(deps.glob("lib/python3*/site-packages/boto3/__init__.py"))
+    assert not list(deps.glob("lib/python3*/site-packages/failback_client"))
+    if (clientenv.CLIENT_SRC / "replicator/pyproject.toml").exists():
+        assert list(own.glob("lib/python3*/site-packages/failback_replicator/__init__.py"))
+    tree = p.client_full / venv.lstrip("/")
     assert (tree / "bin/failback-client").read_text().startswith(f"#!{venv}/bin/python")
     assert not (tree / "bin/pip").exists(), "no pip in the live venv"
     assert not (p.rootfs / venv.lstrip("/")).exists(), "the cached base must stay untouched"

@@ -92,7 +92,8 @@ def test_cached_packages_are_reused_offline(efi_cache: Path, monkeypatch: pytest
         calls.append([str(c) for c in cmd])
         raise AssertionError(f"unexpected command {cmd}")
 
-    monkeypatch.setattr(efi, "candidate_version", lambda *a, **kw: None)
+    # apt knows nothing (no lists, no network): the unpacked trees in the cache must do.
+    monkeypatch.setattr(efi, "candidate_versions", lambda packages, *a, **kw: dict.fromkeys(packages))
     monkeypatch.setattr(efi, "run", no_apt)
     again, files = efi.fetch_efi_files(efi_cache)
     assert again == versions and calls == []

@@ -321,6 +321,7 @@ def test_iso9660_name_clash_is_refused(cfg, inputs: IsoInputs, cache: Path, tmp_
     extra = {"/live/a-b.txt": f, "/live/a_b.txt": f}
     with pytest.raises(IsoError, match=r"get the same ISO9660 name /LIVE/A_B.TXT;1"):
         assemble_iso(cfg, dataclasses.replace(inputs, extra_files=extra), tmp_path / "x.iso", cache)
+    assert not list(tmp_path.glob("x.iso*"))  # a failed build leaves no partial image behind
 
 
 def test_bad_extra_path(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:

@@ -31,6 +31,11 @@ OVERLAY = REPO / "overlay"
 # The values the overlay's templates see: the real image definition's.
 VALUES: dict[str, Any] = load_config(DEFAULT_CONFIG).template_vars()
 
+# A live system in RAM during a failback: no package downloads, no scrubbing or trimming of the
+# server's disks behind the client's back.
+MASKED_HOUSEKEEPING = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
+                       "e2scrub_reap.service", "fstrim.timer")
+
 VERIFIED_UNITS = [
     "failback-client@tty1.service",
     "failback-client@ttyS0.service",
@@ -127,6 +132,7 @@ def test_client_unit_contract(live_root: Path) -> None:
         ("sysinit.target.wants/systemd-timesyncd.service", "/lib/systemd/system/systemd-timesyncd.service"),
         ("getty@tty1.service", "/dev/null"),
         ("serial-getty@ttyS0.service", "/dev/null"),
+        *[(unit, "/dev/null") for unit in MASKED_HOUSEKEEPING],
     ],
 )
 def test_units_enabled_by_symlink(live_root: Path, link: str, target: str) -> None:
@@ -429,7 +435,8 @@ def merged_live_root(live_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.root
 def test_units_verify_on_the_real_rootfs(merged_live_root: Path) -> None:
-    units = [*VERIFIED_UNITS, "systemd-resolved.service", "systemd-timesyncd.service", "multi-user.target"]
+    units = [*VERIFIED_UNITS, "systemd-resolved.service", "systemd-timesyncd.service", "multi-user.target",
+             "timers.target"]
     proc = analyze_verify(merged_live_root, units)
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
 
@@ -445,6 +452,7 @@ def test_units_verify_on_the_real_rootfs(merged_live_root: Path) -> None:
     ("systemd-networkd-wait-online.service", "enabled"),
     ("systemd-resolved.service", "enabled"),
     ("systemd-timesyncd.service", "enabled"),
+    *[(unit, "masked") for unit in MASKED_HOUSEKEEPING],
 ])
 def test_unit_states_on_the_real_rootfs(merged_live_root: Path, unit: str, state: str) -> None:
     proc = subprocess.run(["systemctl", f"--root={merged_live_root}", "is-enabled", unit],

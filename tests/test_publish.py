@@ -25,6 +25,7 @@ import pytest
 import requests
 from botocore import UNSIGNED
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from image.publish import PublishOptions, publish_command, publish_release
@@ -137,6 +138,10 @@ def sha512_of(client: Any, bucket: str, key: str) -> str | None:
             full = client.get_object(Bucket=bucket, Key=key, IfMatch=resp["ETag"])
         except client.exceptions.NoSuchKey:
             return None
+        except ClientError as exc:  # replaced between the two reads: look again
+            if exc.response["Error"]["Code"] in {"PreconditionFailed", "412"}:
+                return sha512_of(client, bucket, key)
+            raise
         _DIGESTS[tag] = hashlib.sha512(full["Body"].read()).hexdigest()
     return _DIGESTS[tag]
 
@@ -205,7 +210,11 @@ class Watcher:
 
         def loop() -> None:
             while not self._stop.is_set():
-                self.violations += check_invariants(client, self.regions)
+                try:
+                    self.violations += check_invariants(client, self.regions)
+                except Exception as exc:  # a dead watcher must fail the test, not pass it silently
+                    self.violations.append(f"watcher error: {exc!r}")
+                    return
                 self.polls += 1
 
         self._thread = threading.Thread(target=loop, daemon=True)
@@ -552,3 +561,33 @@ def test_a_published_version_is_never_replaced(
         assert "already holds a different file" in (r.error or "") and "new --version" in (r.error or "")
         assert r.written == 0
     assert_fully_published(moto_url, REGIONS[:2], artifacts)  # the first release, untouched
+
+
+def test_error_messages_name_bucket_and_fix() -> None:
+    from image.publish_s3 import describe_error
+
+    def err(code: str, status: int, op: str, headers: dict[str, str] | None = None) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": ""},
+                            "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}}}, op)
+
+    assert describe_error(err("403", 403, "HeadBucket"), "s3://b-x", "eu-west-1") == (
+        "s3://b-x: access denied (403); check the credentials' policy, the bucket policy and --expected-owner")
+    msg = describe_error(err("PermanentRedirect", 301, "PutObject", {"x-amz-bucket-region": "us-west-2"}),
+                         "s3://b-x/k", "eu-west-1")
+    assert msg == "s3://b-x/k: wrong region, the bucket is in us-west-2, not eu-west-1"
+    assert "no such bucket (create it in eu-west-1" in describe_error(err("404", 404, "HeadBucket"), "s3://b-x",
+                                                                       "eu-west-1")
+    from botocore.exceptions import NoCredentialsError
+
+    assert "no AWS credentials found" in describe_error(NoCredentialsError(), "s3://b", "eu-west-1")
+
+
+def test_acl_option_grants_public_read(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    make_buckets(s3, REGIONS[:1])
+    assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], acl="public-read"),
+                           io.StringIO()).ok
+    for bucket in (f"{PREFIX}-us-east-1", f"{PREFIX}-hashes-us-east-1"):
+        for key in keys(s3, bucket):
+            grants = s3.get_object_acl(Bucket=bucket, Key=key)["Grants"]
+            assert any(g["Grantee"].get("URI", "").endswith("/global/AllUsers") and g["Permission"] == "READ"
+                       for g in grants), (bucket, key, grants)

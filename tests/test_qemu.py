@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None
     listing = subprocess.run(["cpio", "-t", "-v"], input=gzip.decompress(a.read_bytes()),
                              capture_output=True, check=True).stdout.decode()
     names = [line.split()[-1] for line in listing.splitlines()]
-    assert names == ["bin", "dev", "dev/console", "proc", "bin/busybox", "init"]
+    assert names == ["bin", "dev", "dev/console", "proc", "sys", "bin/busybox", "init"]
     extract = tmp_path / "x"
     extract.mkdir()
     subprocess.run(["cpio", "-i", "--no-absolute-filenames", "init"], cwd=extract,
@@ -217,6 +218,13 @@ def test_console_text_loses_escape_sequences() -> None:
 
 
 # --- real boots (TCG) -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def qmp_socket() -> Iterator[Path]:
+    sock = qemu.short_socket_path("t")
+    yield sock
+    shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +247,7 @@ def bare_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("secure", "secureboot: Secure boot enabled"),
 ])
 def test_bare_kernel_boots_with_each_firmware(
-    bare_kernel: Path, tmp_path: Path, firmware: str | None, secure_line: str | None
+    bare_kernel: Path, tmp_path: Path, qmp_socket: Path, firmware: str | None, secure_line: str | None
 ) -> None:
     """The firmware and Secure Boot plumbing, proven with the signed Debian kernel booted directly."""
     fw = vars_file = None
@@ -247,7 +255,7 @@ def test_bare_kernel_boots_with_each_firmware(
         fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(), secure_boot=firmware == "secure")
         vars_file = qemu.copy_vars(fw, tmp_path / "vars.fd")
     initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
-    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    log, sock = tmp_path / "serial.log", qmp_socket
     argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0,115200n8 panic=-1",
                             serial_log=log, qmp_socket=sock, firmware=fw, vars_file=vars_file)
     result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile(qemu.BARE_MARKER),
@@ -263,9 +271,9 @@ def test_bare_kernel_boots_with_each_firmware(
 
 
 @pytest.mark.boot
-def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: Path) -> None:
+def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: Path, qmp_socket: Path) -> None:
     initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
-    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    log, sock = tmp_path / "serial.log", qmp_socket
     argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0 panic=-1",
                             serial_log=log, qmp_socket=sock)
     # The guest powers off after the marker: waiting for something else ends with QEMU's exit.
@@ -279,11 +287,11 @@ def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: P
 
 
 @pytest.mark.boot
-def test_failure_line_stops_the_boot_early(bare_kernel: Path, tmp_path: Path) -> None:
+def test_failure_line_stops_the_boot_early(bare_kernel: Path, tmp_path: Path, qmp_socket: Path) -> None:
     """No init at all: the kernel panics, and the watcher stops QEMU instead of waiting out the timeout."""
     empty = tmp_path / "empty.gz"
     empty.write_bytes(gzip.compress(qemu._newc_entry("TRAILER!!!", 0), mtime=0))
-    log, sock = tmp_path / "serial.log", qemu.short_socket_path("t")
+    log, sock = tmp_path / "serial.log", qmp_socket
     argv = qemu.kernel_argv(kernel=bare_kernel, initrd=empty, append="console=ttyS0 panic=0",
                             serial_log=log, qmp_socket=sock)
     result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
@@ -321,3 +329,21 @@ def test_kernel_and_layers_are_read_from_the_iso(tmp_path: Path) -> None:
     assert bench.iso_layers(iso) == {"/live/00-base.squashfs": 5000, "/live/10-overlay.squashfs": 700}
     with pytest.raises(QemuError, match="no file matching 'initrd'"):
         qemu.extract_from_iso(iso, "initrd", tmp_path / "x")
+
+
+def test_match_is_reported_to_the_end_of_its_line() -> None:
+    text = "\\x1b[2Jmenu junk   failback-client 1.0 | boot mode: BIOS | secure boot: off | memory: 9 MiB\nnext"
+    m = re.search(r"failback-client \S+ .*boot mode: (BIOS|UEFI)", text)
+    assert m
+    assert qemu._whole_line(m) == "failback-client 1.0 | boot mode: BIOS | secure boot: off | memory: 9 MiB"
+
+
+def test_bench_removes_build_dirs_but_never_through_a_mount(tmp_path: Path) -> None:
+    from image import bench
+
+    d = tmp_path / "cold"
+    (d / "cache/rootfs/etc").mkdir(parents=True)
+    bench.remove_build_dir(d)
+    assert not d.exists()
+    with pytest.raises(RuntimeError, match=r"still mounted below it: .*/proc"):
+        bench.remove_build_dir(Path("/"))

@@ -141,3 +141,50 @@ def test_unreachable_agent_is_reported_as_not_seen(pki: Pki, volumes: tuple[Path
     assert "AGENT_NOT_SEEN" in [e for e, _ in reporter.names("error")]
     assert f"127.0.0.1:{port} refused" in str(exc.value)
     assert ("PAIR_AGENT_WITH_REPLICATION_SOFTWARE", "FAILED") in reporter.names("initiation_step")
+
+
+def test_pairing_with_a_csr_signed_by_the_control_plane(tmp_path: Path, volumes: tuple[Path, Path]) -> None:
+    """The client's pairing path: key + CSR here, certificate from IssueAgentCertificateForDrs, replicate."""
+    from drs_agent.pki import CertificateAuthority
+    from drs_agent.testing import AGENT_CN, CLIENT_ID
+    from failback_replicator.pairing import PairingSetupError, create_key_and_csr, install_certificates
+
+    src, tgt = volumes
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    agent_tls = ca.issue(tmp_path / "agent", AGENT_CN, "server")
+    key, csr = create_key_and_csr(tmp_path / "replicator", CLIENT_ID)
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and "PRIVATE" not in csr
+    issued = ca.sign_csr(csr, tmp_path / "issued")
+    files = install_certificates(tmp_path / "replicator", issued, ca.cert.read_text())
+    pki = Pki(agent=agent_tls, client=files, rogue_client=files, other_client=files, rogue_agent=agent_tls)
+    with start_agent(pki, {DEV: src}) as agent:
+        r, _ = _replicate(pki, agent.port, tgt, tmp_path / "state")
+        assert r.run() == "COMPLETED"
+    assert tgt.read_bytes() == src.read_bytes()
+    # A certificate issued for another key is caught before any connection.
+    _, other_csr = create_key_and_csr(tmp_path / "elsewhere", CLIENT_ID)
+    with pytest.raises(PairingSetupError, match="does not match"):
+        install_certificates(tmp_path / "replicator", ca.sign_csr(other_csr, tmp_path / "i2"), ca.cert.read_text())
+    with pytest.raises(PairingSetupError, match="common name"):
+        create_key_and_csr(tmp_path / "x", "fbc/../evil")
+
+
+def test_mapping_that_does_not_fit_fails_configuration(pki: Pki, tmp_path: Path) -> None:
+    src = make_image(tmp_path / "source.img", 2 * SIZE, seed=6)
+    small = tmp_path / "small.img"
+    with open(small, "wb") as f:
+        f.truncate(SIZE)
+    with start_agent(pki, {DEV: src}) as agent:
+        for targets, why in (({DEV: small}, "needs"), ({"/dev/nvme9n1": small}, "has no volume '/dev/nvme9n1'")):
+            reporter = RecordingReporter()
+            r = Replicator(
+                replicator_config(pki, agent.port, targets, tmp_path / "state", give_up_after=3.0),
+                reporter=reporter,
+                commands=QueueCommandSource(Command.FINAL_SYNC),
+            )
+            with pytest.raises(ReplicationFailed, match=why) as exc:
+                r.run()
+            assert exc.value.error == "FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE"
+            assert [e for e, _ in reporter.names("error")] == ["FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE"]
+            assert ("ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION", "FAILED") in reporter.names("initiation_step")
+    assert small.read_bytes() == bytes(SIZE)

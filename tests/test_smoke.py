@@ -106,3 +106,22 @@ def test_smoke_way(built_iso: Path, way: qemu.BootWay) -> None:
     """The built ISO boots this way and the client reports the right boot mode and Secure Boot state."""
     [result] = smoke.run_matrix(built_iso, REPO / "build" / "smoke", ways=[way])
     assert result.passed, smoke.report([result])
+
+
+@pytest.fixture(scope="module")
+def probe_iso() -> Path:
+    """The ISO stage's boot chain around the build's kernel and the probe initramfs."""
+    kernel = REPO / "build/cache/boot/vmlinuz"
+    if not kernel.is_file():
+        pytest.skip("no kernel in build/cache/boot yet (inv rootfs)")
+    return smoke.make_probe_iso(kernel, REPO / "build" / "smoke" / "probe")
+
+
+@pytest.mark.boot
+@pytest.mark.parametrize("way", BOOT_WAYS, ids=lambda w: w.name)
+def test_boot_chain_probe(probe_iso: Path, way: qemu.BootWay) -> None:
+    """Firmware, boot loaders and the signed kernel boot each way (the live system left out), and the
+    firmware state reaches Linux: the probe reports the boot mode and Secure Boot state of the way."""
+    [result] = smoke.run_matrix(probe_iso, REPO / "build" / "smoke" / "probe", ways=[way], timeout=180)
+    assert result.passed, smoke.report([result])
+    assert "boot-chain-probe" in result.detail

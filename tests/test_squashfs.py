@@ -94,9 +94,10 @@ def test_merge_trees_refuses_a_file_in_both(tmp_path: Path) -> None:
 
 def test_module_file_lists_base_first(tmp_path: Path) -> None:
     mod = tmp_path / "filesystem.module"
-    squashfs.write_module_file(mod, [tmp_path / "00-base.squashfs", tmp_path / "10-overlay.squashfs"])
+    squashfs.write_module_file(mod, [tmp_path / "00-base.squashfs", tmp_path / "05-deps.squashfs",
+                                     tmp_path / "10-overlay.squashfs"])
     # live-boot stacks the last listed on top: the overlay must come after the base.
-    assert mod.read_text() == "00-base.squashfs\n10-overlay.squashfs\n"
+    assert mod.read_text() == "00-base.squashfs\n05-deps.squashfs\n10-overlay.squashfs\n"
 
 
 def test_layer_keys() -> None:
@@ -104,6 +105,9 @@ def test_layer_keys() -> None:
     assert base == squashfs.base_layer_key("rootfs1", ZSTD, "4.5.1")
     assert base != squashfs.base_layer_key("rootfs2", ZSTD, "4.5.1")
     assert base != squashfs.base_layer_key("rootfs1", SquashfsConfig("xz", None), "4.5.1")
+    deps = squashfs.deps_layer_key("deps1", ZSTD, EPOCH, "4.5.1")
+    assert deps != squashfs.deps_layer_key("deps2", ZSTD, EPOCH, "4.5.1")
+    assert deps != squashfs.deps_layer_key("deps1", ZSTD, EPOCH + 1, "4.5.1")
     top = squashfs.overlay_layer_key("ovl", "client1", ZSTD, EPOCH, "4.5.1")
     assert top != squashfs.overlay_layer_key("ovl", "client2", ZSTD, EPOCH, "4.5.1")
     assert top != squashfs.overlay_layer_key("ovl2", "client1", ZSTD, EPOCH, "4.5.1")

@@ -54,3 +54,16 @@ class CertificateAuthority:
             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
         )  # fmt: skip
         return TlsFiles(ca=self.cert, cert=cert, key=key)
+
+    def sign_csr(self, csr_pem: str, directory: Path, purpose: str = "client") -> str:
+        """Signs a CSR as IssueAgentCertificateForDrs would; returns the certificate PEM."""
+        directory.mkdir(parents=True, exist_ok=True)
+        csr, cert, ext = directory / "request.csr", directory / "issued.pem", directory / "issued.ext"
+        csr.write_text(csr_pem)
+        usage = "serverAuth" if purpose == "server" else "clientAuth"
+        ext.write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+        )  # fmt: skip
+        return cert.read_text()

@@ -162,7 +162,8 @@ class AgentServer:
                 with contextlib.suppress(OSError):
                     conn.send_json({"op": "ERROR", "error": "NOT_PAIRED", "message": str(exc)})
                 return
-            sock.settimeout(300)
+            # Generous: the replicator may spend long stretches reading its local disk between requests.
+            sock.settimeout(3600)
             log.info("failback client %s connected from %s (%s)", ident, peer, sock.version())
             try:
                 _Session(self, conn, ident).run()

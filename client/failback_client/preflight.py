@@ -22,7 +22,7 @@ from failback_client.devices import LocalDisk, _read, _under, discover, human_si
 log = logging.getLogger(__name__)
 
 MIN_MEM_KB = 3_800_000  # the real launcher refuses below this MemTotal (about 4 GiB)
-SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e0db0b8e0d35"
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 SKEW_LIMIT_S = 240.0  # SigV4 refuses requests more than 5 minutes off; keep a margin
 SKEW_WARN_S = 30.0
 

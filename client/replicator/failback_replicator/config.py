@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,13 @@ class ReplicatorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplicatorConfig:
         d = dict(d)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        for f in fields(cls):
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in d:
+                raise ConfigError(f"missing setting {f.name!r}")
         try:
             tls = d.pop("tls")
             d["tls"] = TlsFiles(ca=Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]))

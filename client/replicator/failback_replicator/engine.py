@@ -53,6 +53,7 @@ from .journal import Journal
 from .throttle import TokenBucket
 from .tlsconf import PairingError, client_context, require_identity
 from .wire import (
+    DIGEST_SIZE,
     FRAME_BLOCK,
     FRAME_DIGESTS,
     FRAME_JSON,
@@ -184,6 +185,14 @@ class Replicator:
             raise ReplicationFailed(ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE, str(exc)) from exc
         try:
             return self._run_sessions()
+        except ReplicationFailed as exc:
+            if exc.error is ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE and not self._established:
+                self.reporter.initiation_step(
+                    InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION, StepStatus.FAILED
+                )
+            if self._error is not exc.error:
+                self._report_error(exc.error, str(exc).split(": ", 1)[-1])
+            raise
         finally:
             for t in self._targets:
                 try:
@@ -309,7 +318,7 @@ class Replicator:
             )
             self.reporter.initiation_step(step, StepStatus.FAILED)
         log.error("%s", msg)
-        self.reporter.error(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg)
+        self._report_error(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg)
         raise ReplicationFailed(ReplicationError.FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE, msg) from exc
 
     def _check_stop(self) -> None:
@@ -422,7 +431,8 @@ class Replicator:
                 conn.send_json({"op": "SCAN"})
                 self._expect(conn, "SCAN")
                 self._follow_changes(conn, wait=0.0)
-                self._converge(conn, full_verify=True)
+                # SCAN + CHANGES already brought the last writes: go straight to the verification.
+                self._converge(conn, full_verify=True, compare_first=False)
                 self.reporter.completed()
                 self._bye(conn)
                 return Outcome.COMPLETED
@@ -434,16 +444,18 @@ class Replicator:
             conn.send_json({"op": "BYE"})
 
     def _apply_throttle(self, mbps: int | None) -> None:
-        if mbps != self._throttle_mbps:
+        # None: the service did not say (keep the configured value); 0: no throttling.
+        if mbps is not None and mbps != self._throttle_mbps:
             log.info("bandwidth throttling: %s", f"{mbps} Mbps" if mbps else "off")
             self._throttle_mbps = mbps
             self._bucket.set_rate(mbps)
 
     # ------------------------------------------------------------------ sync steps
-    def _converge(self, conn: Connection, full_verify: bool) -> None:
-        """Fetch until source digests equal local ones; with full_verify, re-read every local block once."""
-        need = self._compare(conn, reread_local=False)
-        self._fetch_all(conn, need)
+    def _converge(self, conn: Connection, full_verify: bool, compare_first: bool = True) -> None:
+        """Fetch until source digests equal local ones; with full_verify, first read back every block
+        written (or never read) since the last read-back and compare it too."""
+        if compare_first:
+            self._fetch_all(conn, self._compare(conn, reread_local=False))
         rounds = 0
         while True:
             rounds += 1
@@ -565,7 +577,9 @@ class Replicator:
         Two batches are requested ahead so the link never idles during a checkpoint; a writer
         thread verifies and writes while this thread receives (decryption and hashing overlap).
         """
-        cp = self.cfg.checkpoint_blocks
+        # Each checkpoint rewrites the whole journal (32 bytes per block): on big volumes checkpoint
+        # less often so journal writes stay under ~5 % of the data written.
+        cp = max(self.cfg.checkpoint_blocks, t.blocks * DIGEST_SIZE * 20 // self.cfg.block_size)
         batches = [wanted[i : i + cp] for i in range(0, len(wanted), cp)]
         t.journal.mark_inflight(batches[0])
         t.journal.save()

@@ -110,7 +110,7 @@ class StateReporter(Protocol):
 
 class CommandSource(Protocol):
     def poll(self) -> tuple[Command, int | None]:
-        """The service's current command and bandwidth throttle in Mbps (None/0 = unlimited)."""
+        """The service's current command and bandwidth throttle in Mbps (0 = unlimited, None = unchanged)."""
         ...
 
 

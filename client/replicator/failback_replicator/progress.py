@@ -13,7 +13,6 @@ import time
 from typing import TextIO
 
 from .interfaces import (
-    Command,
     InitiationStep,
     ReplicationError,
     ReplicationSnapshot,
@@ -69,7 +68,7 @@ class ProgressDisplay:
         self.stream = stream or sys.stdout
         self.live = is_live_terminal(self.stream) if live is None else live
         self.interval = 0.5 if self.live else interval
-        self._last = 0.0
+        self._last: float | None = None
         self._drawn = 0
         self._state = ""
 
@@ -93,7 +92,7 @@ class ProgressDisplay:
 
     def progress(self, snapshot: ReplicationSnapshot) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval:
+        if self._last is not None and now - self._last < self.interval:
             return
         self._last = now
         lines = [f"{snapshot.state}: " + format_disk(d) for d in snapshot.disks]
@@ -118,6 +117,3 @@ class ProgressDisplay:
 
     def completed(self) -> None:
         self._line("Final sync done: every volume flushed and verified")
-
-    def command(self, command: Command) -> None:
-        self._line(f"Service command: {command}")

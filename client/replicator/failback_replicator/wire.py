@@ -73,6 +73,8 @@ class Encoder:
         self.codec = CODEC_NAMES[codec]
         self._zc = _zstd.ZstdCompressor(level=level) if self.codec == CODEC_ZSTD else None
         self._level = level
+        self._seen = 0
+        self._incompressible_run = 0
 
     def _compress(self, data: bytes | memoryview) -> bytes:
         if self._zc is not None:
@@ -82,11 +84,19 @@ class Encoder:
     def encode(self, data: bytes | memoryview, zero: bool) -> tuple[int, bytes | memoryview]:
         if zero:
             return CODEC_ZERO, b""
+        # After a run of incompressible blocks (encrypted or already compressed data) only every
+        # 8th block is probed, so such regions cost almost nothing extra.
+        self._seen += 1
+        if self._incompressible_run >= 4 and self._seen % 8:
+            return CODEC_RAW, data
         if len(data) > _SAMPLE and len(self._compress(data[:_SAMPLE])) > _SAMPLE * _WORTH_RATIO:
+            self._incompressible_run += 1
             return CODEC_RAW, data
         packed = self._compress(data)
         if len(packed) > len(data) * _WORTH_RATIO:
+            self._incompressible_run += 1
             return CODEC_RAW, data
+        self._incompressible_run = 0
         return self.codec, packed
 
 

@@ -1,0 +1,21 @@
+"""Replication benchmark (slow): prints figures next to baselines from the same run.
+
+Speed targets are reported, not asserted; what is asserted is correctness (digests, inside the
+benchmark), what was sent, and the memory budget of a 1 GiB LiveCD.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from image.bench_replication import MiB, run_benchmark
+
+
+@pytest.mark.slow
+def test_replication_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_benchmark(256 * MiB)
+    with capsys.disabled():
+        print("\n" + result.report())
+    assert result.delta_blocks_sent == len(range(0, result.delta_blocks_total, 100))
+    assert 0 <= result.resume_extra_blocks <= 2 * result.resume_checkpoint_blocks
+    assert result.replicator_peak_rss_kib < 256 * 1024, "the replicator must leave most of 1 GiB to the system"
