@@ -294,3 +294,14 @@ def bench_publish(c: Context, size_mib: int = 200, regions: int = 28) -> None:
 
     if main(size_mib, regions):
         raise Exit("bench-publish: a publish did not verify", code=1)
+
+
+@task(help={"out": "output directory (default build/out/failback_assets)"})
+def assets(c: Context, out: str | None = None) -> None:
+    """Build the replication software bundle (failback_assets.tar.gz), its .sha512 and
+    latest/manifest.json, reproducibly; `inv publish --assets` uploads it."""
+    _logging()
+    from image.assets import build_assets
+
+    result = build_assets(Path(out) if out else None)
+    print(f"{result.tarball}\nsha512 {result.sha512}\ninstallerVersion {result.version}")
