@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from failback_client.api import INITIATION_STEPS, DrsApi
+from failback_client.api import DrsApi
 from failback_client.console import Console
+from failback_client.drs_model import FAILBACK_INITIATION_STEPS as INITIATION_STEPS
 from failback_client.errors import ClientError
 
 log = logging.getLogger(__name__)
