@@ -47,23 +47,22 @@ class CertificateAuthority:
         key.chmod(0o600)
         _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={common_name}")
         ext = directory / f"{common_name}.ext"
+        self._sign(csr, cert, ext, purpose)
+        return TlsFiles(ca=self.cert, cert=cert, key=key)
+
+    def _sign(self, csr: Path, cert: Path, ext: Path, purpose: str) -> None:
+        """Signs `csr` into `cert`: a leaf certificate for TLS server or client authentication."""
         usage = "serverAuth" if purpose == "server" else "clientAuth"
         ext.write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
         _openssl(
             "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
         )  # fmt: skip
-        return TlsFiles(ca=self.cert, cert=cert, key=key)
 
     def sign_csr(self, csr_pem: str, directory: Path, purpose: str = "client") -> str:
         """Signs a CSR as IssueAgentCertificateForDrs would; returns the certificate PEM."""
         directory.mkdir(parents=True, exist_ok=True)
         csr, cert, ext = directory / "request.csr", directory / "issued.pem", directory / "issued.ext"
         csr.write_text(csr_pem)
-        usage = "serverAuth" if purpose == "server" else "clientAuth"
-        ext.write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
-        _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
-            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
-        )  # fmt: skip
+        self._sign(csr, cert, ext, purpose)
         return cert.read_text()
