@@ -164,7 +164,7 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
           timeout: int = 300) -> None:
     """Boot the ISO under QEMU (TCG, 1 GiB) six ways: SeaBIOS / OVMF / OVMF + Secure Boot, each as CD
     and as disk (USB path); each passes when the serial console shows the client's summary line with
-    the right boot mode and Secure Boot state. Serial logs: build/smoke/<way>/serial.log."""
+    the right boot mode and Secure Boot state. Serial logs: <build dir>/smoke/<way>/serial.log."""
     _logging()
     from image import smoke as sm
     from image.qemu import BOOT_WAYS, QemuError, boot_way
@@ -172,14 +172,15 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
 
     try:
         ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
-        results = sm.run_matrix(Path(iso) if iso else sm.default_iso(), sm.DEFAULT_WORKDIR, ways=ways,
+        iso_path = Path(iso) if iso else sm.default_iso()
+        results = sm.run_matrix(iso_path, sm.workdir_for(iso_path), ways=ways,
                                 parallel=parallel, timeout=timeout)
     except (QemuError, CommandError) as exc:
         raise Exit(f"smoke: {exc}", code=1) from None
     print("\n" + sm.report(results))
     failed = [r.way.name for r in results if not r.passed]
     if failed:
-        raise Exit(f"smoke: FAILED: {', '.join(failed)} (serial logs under {sm.DEFAULT_WORKDIR})", code=1)
+        raise Exit(f"smoke: FAILED: {', '.join(failed)} (serial logs under {sm.workdir_for(iso_path)})", code=1)
     print(f"smoke: all {len(results)} ways passed")
 
 
@@ -192,9 +193,10 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
              "firmware + boot loaders cost (default on; --no-chain)",
     "parallel": "boots at a time (default 1, so the times compare with the baseline)",
     "timeout": TIMEOUT_HELP,
+    "against": "another ISO (e.g. a copy of the previous build's) booted right after each way: before/after",
 })
 def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
-          chain: bool = True, parallel: int = 1, timeout: int = 300) -> None:
+          chain: bool = True, parallel: int = 1, timeout: int = 300, against: str | None = None) -> None:
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
@@ -212,7 +214,8 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
     try:
         report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
                              build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
-                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain)
+                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain,
+                             against=Path(against) if against else None)
     except (QemuError, CommandError) as exc:
         raise Exit(f"bench: {exc}", code=1) from None
     finally:
@@ -259,6 +262,8 @@ def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: st
     "gpg-key": "sign SHA512SUMS with this GPG key (detached, armoured: SHA512SUMS.asc in the hashes bucket)",
     "dry-run": "print the plan (every object: bucket, key, size, sha512) and write nothing",
     "jobs": "regions published at once (default 30)",
+    "transfer-jobs": "large objects (uploads, server-side copies) written at once across all regions "
+                     "(default 8; the CPU count for an S3 endpoint on loopback)",
     "seed-copy": "upload once per partition and copy server-side to the other regions (default on; --no-seed-copy)",
     "multipart-threshold-mib": "files from this size go multipart (default 64)",
     "multipart-chunksize-mib": "multipart part size, at least 5 (default 16)",
@@ -268,7 +273,8 @@ def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: st
 def publish(c: Context, regions: str, version: str, iso: str | None = None, assets: str | None = None,
             endpoint_url: str | None = None, bucket_prefix: str = "aws-elastic-disaster-recovery",
             expected_owner: str | None = None, acl: str | None = None, gpg_key: str | None = None,
-            dry_run: bool = False, jobs: int = 30, seed_copy: bool = True, multipart_threshold_mib: int = 64,
+            dry_run: bool = False, jobs: int = 30, transfer_jobs: int = 0, seed_copy: bool = True,
+            multipart_threshold_mib: int = 64,
             multipart_chunksize_mib: int = 16, progress: str = "auto", profile: str | None = None) -> None:
     """Publish the ISO (and replication assets) to the DRS regions' S3 buckets: versioned objects first,
     verified, then their .sha512 hashes, then latest/ copies, then latest/manifest.json. Idempotent: a
@@ -278,7 +284,7 @@ def publish(c: Context, regions: str, version: str, iso: str | None = None, asse
 
     code = publish_command(regions, version, iso=iso, assets=assets, endpoint_url=endpoint_url,
                            bucket_prefix=bucket_prefix, expected_owner=expected_owner, acl=acl, gpg_key=gpg_key,
-                           dry_run=dry_run, jobs=jobs, seed_copy=seed_copy,
+                           dry_run=dry_run, jobs=jobs, transfer_jobs=transfer_jobs, seed_copy=seed_copy,
                            multipart_threshold_mib=multipart_threshold_mib,
                            multipart_chunksize_mib=multipart_chunksize_mib, progress=progress, profile=profile)
     if code:
@@ -296,6 +302,17 @@ def bench_publish(c: Context, size_mib: int = 200, regions: int = 28) -> None:
         raise Exit("bench-publish: a publish did not verify", code=1)
 
 
+@task(name="bench-replication", help={"size-mib": "volume size in MiB (default 256)",
+                                      "repeat": "runs; more than one also prints the spread of the ratios",
+                                      "link-mbps": "also full vs delta on a throttled link of this speed (0: skip)"})
+def bench_replication(c: Context, size_mib: int = 256, repeat: int = 1, link_mbps: int = 200) -> None:
+    """Replication on loopback, side by side in one run: full sync vs a raw socket copy, delta (1 %)
+    vs full sync, resume after a cut, the replicator's peak RSS (prints; asserts nothing about speed)."""
+    from image.bench_replication import main
+
+    main(["--size-mib", str(size_mib), "--repeat", str(repeat), "--link-mbps", str(link_mbps)])
+
+
 @task(help={"out": "output directory (default build/out/failback_assets)"})
 def assets(c: Context, out: str | None = None) -> None:
     """Build the replication software bundle (failback_assets.tar.gz), its .sha512 and
@@ -305,3 +322,50 @@ def assets(c: Context, out: str | None = None) -> None:
 
     result = build_assets(Path(out) if out else None)
     print(f"{result.tarball}\nsha512 {result.sha512}\ninstallerVersion {result.version}")
+
+
+@task(help={
+    "iso": "ISO to boot (default build/e2e/out/aws-failback-livecd-64bit.iso: `inv build -b build/e2e` first)",
+    "work": "scratch directory (default build/e2e/run)",
+    "timeout": "seconds for the whole run (default 2400)",
+})
+def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: float = 2400.0) -> None:
+    """The whole failback in QEMU: control plane + S3 + agent on the host, the ISO booted unattended from a
+    seed volume, Failback pressed, digests compared; ends printing source and target sha512."""
+    _logging()
+    from image.e2e import E2EError, E2EOptions, default_iso, run_e2e
+    from image.paths import DEFAULT_BUILD
+
+    try:
+        res = run_e2e(E2EOptions(iso=Path(iso) if iso else default_iso(),
+                                 work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout))
+    except E2EError as exc:
+        raise Exit(f"e2e: {exc}", code=1) from None
+    print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
+          f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
+    for note in res.notes:
+        print(note)
+    print(f"source sha512: {res.source_sha512}")
+    print(f"target sha512: {res.target_sha512}")
+    if not res.ok:
+        raise Exit("e2e: the failback did not complete with equal digests", code=1)
+
+
+@task(iterable=["set"], help={
+    "out": "seed image to write (e.g. build/seed.img); mode 0600: it may hold credentials",
+    "set": "KEY=VALUE (repeatable; keys as in client/SEED.md, e.g. AWS_REGION=eu-west-1); wins over --file",
+    "file": "seed file to start from (failback-seed.env or .yaml format)",
+    "format": "fat (USB stick / virtual disk, default) or iso (second CD drive)",
+})
+def seed(c: Context, out: str, set: list[str] | None = None, file: str | None = None, format: str = "fat") -> None:
+    """Build a seed volume (label FBSEED, holding failback-seed.env) for an unattended failback."""
+    _logging()
+    from image.run import CommandError
+    from image.seedimage import SeedImageError, build_seed_image
+
+    try:
+        result = build_seed_image(Path(out), seed_file=Path(file) if file else None, sets=set or (),
+                                  kind=format)  # type: ignore[arg-type]
+    except (SeedImageError, CommandError) as exc:
+        raise Exit(f"seed: {exc}", code=1) from None
+    print(f"seed: {result.describe()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ class BenchReport:
     baseline_s: float | None = None
     baseline_detail: str = ""
     boots: list[smoke.WayResult] = field(default_factory=list)
+    # The baseline booted again right before each way (way name -> seconds): on a shared machine the
+    # load changes between boots, so each way's ratio is taken against its own neighbour.
+    way_baselines: dict[str, float] = field(default_factory=dict)
+    way_baseline_cpu: dict[str, float] = field(default_factory=dict)
+    # The same ways booting another ISO (`against`, e.g. the previous build), interleaved with these.
+    against: Path | None = None
+    against_boots: list[smoke.WayResult] = field(default_factory=list)
     # The same ways on the boot-chain probe ISO (no live system): what firmware + loaders cost.
     probe_boots: list[smoke.WayResult] = field(default_factory=list)
 
@@ -69,26 +77,51 @@ class BenchReport:
         out.append("")
         out.append("boot: seconds from QEMU start (TCG, 1 GiB) to the line; 'chain' = the same way booting the")
         out.append("ISO stage's boot chain around the same kernel with a probe initramfs (no live system)")
+        if self.way_baselines:
+            out.append("  ratio = seconds / the bare-kernel boot measured right before that way ('base')")
         if self.baseline_s is not None:
-            out.append(f"  {'bare kernel (baseline)':<24} {self.baseline_s:8.1f} s   1.00x")
+            out.append(f"  {'bare kernel (baseline)':<24} {self.baseline_s:8.1f} s   1.00x"
+                       + ("  (median of the runs before each way)" if len(self.way_baselines) > 1 else ""))
         else:
             out.append(f"  bare kernel baseline: not measured {self.baseline_detail or '(boots not asked for)'}")
         probes = {r.way.name: r for r in self.probe_boots}
+        others = {r.way.name: r for r in self.against_boots}
         for r in self.boots:
+            base = self.way_baselines.get(r.way.name, self.baseline_s)
             probe = probes.get(r.way.name)
-            chain = ""
+            extra = f"  base {base:4.1f} s" if r.way.name in self.way_baselines and base else ""
             if probe is not None:
-                chain = f"   chain {probe.seconds:5.1f} s" if probe.passed else f"   chain FAILED ({probe.detail})"
+                extra += f"   chain {probe.seconds:5.1f} s" if probe.passed else f"   chain FAILED ({probe.detail})"
+            other = others.get(r.way.name)
+            if other is not None:
+                extra += (f"   against {other.seconds:5.1f} s" + (f" {other.seconds / base:5.2f}x" if base else "")
+                          if other.passed else f"   against FAILED ({other.detail})")
             if not r.passed:
-                out.append(f"  {r.way.name:<24} FAILED after {r.seconds:.1f} s: {r.detail}{chain}")
+                out.append(f"  {r.way.name:<24} FAILED after {r.seconds:.1f} s: {r.detail}{extra}")
                 continue
-            ratio = f"{r.seconds / self.baseline_s:5.2f}x" if self.baseline_s else "  n/a"
+            ratio = f"{r.seconds / base:5.2f}x" if base else "  n/a"
             verdict = ""
-            if self.baseline_s:
-                met = r.seconds / self.baseline_s <= BOOT_RATIO_TARGET
+            if base:
+                met = r.seconds / base <= BOOT_RATIO_TARGET
                 verdict = f"  (target <= {BOOT_RATIO_TARGET:.0f}x: {'met' if met else 'MISSED'})"
-            out.append(f"  {r.way.name:<24} {r.seconds:8.1f} s  {ratio}{chain}{verdict}")
+            out.append(f"  {r.way.name:<24} {r.seconds:8.1f} s  {ratio}{extra}{verdict}")
+            cpu = _cpu(r)
+            if cpu is not None and r.way.name in self.way_baseline_cpu:
+                line = f"  {'':<24} QEMU CPU {cpu:6.1f} s  base {self.way_baseline_cpu[r.way.name]:4.1f} s"
+                other_cpu = _cpu(other) if other is not None else None
+                if other_cpu is not None:
+                    line += f"   against {other_cpu:6.1f} s"
+                out.append(line)
+        if self.way_baseline_cpu:
+            out.append("  QEMU CPU = host CPU seconds of the guest: steadier than seconds on a loaded machine, but it "
+                       "leaves out the boot menu's countdown (the guest sleeps)")
+        if self.against is not None:
+            out.append(f"  against = {self.against}, booted right after each way")
         return "\n".join(out)
+
+
+def _cpu(r: smoke.WayResult) -> float | None:
+    return r.boot.cpu_seconds if r.boot is not None else None
 
 
 def remove_build_dir(path: Path) -> None:
@@ -127,6 +160,9 @@ def iso_layers(iso: Path) -> dict[str, int]:
         pc.close()
 
 
+BASELINE_APPEND = "console=tty0 console=ttyS0,115200n8 quiet"
+
+
 def baseline_kernel(iso: Path, workdir: Path) -> Path:
     """The ISO's own kernel, so the baseline runs exactly the kernel the ISO boots."""
     return qemu.extract_from_iso(iso, r"/vmlinuz[^/]*$", workdir / "vmlinuz")
@@ -142,9 +178,14 @@ def run_bench(
     parallel: int = 1,
     timeout: float = smoke.DEFAULT_TIMEOUT,
     probe: bool = True,
+    against: Path | None = None,
 ) -> BenchReport:
-    """Measure what is asked: builds only when their commands are given, boots when `ways`."""
+    """Measure what is asked: builds only when their commands are given, boots when `ways`; with
+    `against`, each way also boots that ISO right after this one (a before/after comparison under
+    the same load)."""
     report = BenchReport()
+    # Absolute: the probe ISO's apt cache (image/efi.py) breaks on a relative directory.
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if cold_build_cmd:
         report.cold_build_s = timed(lambda: run(cold_build_cmd, cwd=REPO))
@@ -162,14 +203,37 @@ def run_bench(
         raise qemu.QemuError(f"{iso}: no such ISO; build it first (inv build) or pass --iso")
     report.iso_bytes = iso.stat().st_size
     report.layers = iso_layers(iso)
+    if against is not None and not against.is_file():
+        raise qemu.QemuError(f"{against}: no such ISO to compare against")
+    report.against = against
     if ways:
         kernel = baseline_kernel(iso, workdir)
-        base = qemu.boot_bare_kernel(kernel, workdir, append="console=tty0 console=ttyS0,115200n8 quiet")
-        if base.outcome == "matched":
-            report.baseline_s = base.seconds
+        if parallel > 1:
+            # Two guests at once: one baseline for all (they would disturb each other's).
+            base = qemu.boot_bare_kernel(kernel, workdir, append=BASELINE_APPEND)
+            if base.outcome == "matched":
+                report.baseline_s = base.seconds
+            else:
+                report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
+            report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout)
+            if against is not None:
+                report.against_boots = smoke.run_matrix(against, workdir / "against", ways=ways, parallel=parallel,
+                                                        timeout=timeout)
         else:
-            report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
-        report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout)
+            for way in ways:
+                base = qemu.boot_bare_kernel(kernel, workdir / "baseline" / way.name, append=BASELINE_APPEND)
+                if base.outcome == "matched":
+                    report.way_baselines[way.name] = base.seconds
+                    if base.cpu_seconds is not None:
+                        report.way_baseline_cpu[way.name] = base.cpu_seconds
+                else:
+                    report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
+                report.boots += smoke.run_matrix(iso, workdir / "boots", ways=[way], timeout=timeout)
+                if against is not None:
+                    report.against_boots += smoke.run_matrix(against, workdir / "against", ways=[way],
+                                                             timeout=timeout)
+            if report.way_baselines:
+                report.baseline_s = statistics.median(report.way_baselines.values())
         if probe:
             probe_iso = smoke.make_probe_iso(kernel, workdir / "probe")
             report.probe_boots = smoke.run_matrix(probe_iso, workdir / "probe", ways=ways, parallel=parallel,

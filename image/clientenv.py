@@ -41,6 +41,9 @@ RUNTIME_REQUIREMENTS = ("boto3==1.43.11", "botocore==1.43.11", "s3transfer==0.17
                         "PyYAML==6.0.3")
 # Not part of the package: editable-install and build leftovers.
 _SRC_IGNORE = ("__pycache__", "build", "dist", ".pytest_cache")
+# Not baked into the ISO: the client downloads the replication software (failback_assets.tar.gz, built by
+# `inv assets` from client/replicator), so it can be updated without a new ISO.
+DOWNLOADED_PROJECTS = ("replicator",)
 _CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -53,7 +56,8 @@ def _ignored(name: str) -> bool:
 
 
 def client_source_digest(src: Path = CLIENT_SRC) -> str:
-    return tree_digest(src, exclude=tuple(n for n in os.listdir(src) if _ignored(n)) + _SRC_IGNORE)
+    return tree_digest(src, exclude=tuple(n for n in os.listdir(src) if _ignored(n)) + _SRC_IGNORE
+                       + DOWNLOADED_PROJECTS)
 
 
 def lock_digest(lock: Path = LOCK) -> str:
@@ -111,11 +115,11 @@ def ensure_wheelhouse(paths: BuildPaths, lock: Path = LOCK) -> Path:
 
 
 def client_projects(src: Path = CLIENT_SRC) -> list[Path]:
-    """The installable projects in client/: client/ itself (failback_client) and any sub-project
-    with its own pyproject.toml (e.g. client/replicator), which the live system needs too."""
+    """The installable projects in client/ that go into the ISO: client/ itself (failback_client) and any
+    sub-project with its own pyproject.toml, except the downloaded replication software (client/replicator)."""
     if not (src / "pyproject.toml").is_file():
         raise ClientBuildError(f"{src}/pyproject.toml is missing: the client is not an installable project")
-    return [src, *sorted(p.parent for p in src.glob("*/pyproject.toml"))]
+    return [src, *sorted(p.parent for p in src.glob("*/pyproject.toml") if p.parent.name not in DOWNLOADED_PROJECTS)]
 
 
 def build_client_wheels(dest_dir: Path, epoch: int, src: Path = CLIENT_SRC) -> list[Path]:
@@ -126,7 +130,8 @@ def build_client_wheels(dest_dir: Path, epoch: int, src: Path = CLIENT_SRC) -> l
     dest_dir.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "client"
-        shutil.copytree(src, copy, ignore=lambda _d, names: [n for n in names if _ignored(n)], symlinks=True)
+        shutil.copytree(src, copy, symlinks=True, ignore=lambda d, names: [
+            n for n in names if _ignored(n) or (Path(d) == src and n in DOWNLOADED_PROJECTS)])
         out = Path(tmp) / "wheels"
         for project in client_projects(src):
             run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--quiet", "--no-deps",
@@ -279,8 +284,10 @@ def check_client(rootfs: Path, venv: str, tree: Path, epoch: int) -> str:
     if not sites:
         raise ClientBuildError(f"client: {staging} holds no site-packages")
     has_cli = (sites[0] / "failback_client" / "cli.py").exists()
-    extra = "".join(f", {m}" for m in ("failback_replicator",) if (sites[0] / m).is_dir())
-    imports = f"import failback_client, boto3, botocore, rich, yaml{extra}; print('imports ok')"
+    if (sites[0] / "failback_replicator").is_dir():
+        raise ClientBuildError("client: the replication software was installed into the client venv; it is downloaded "
+                               "at run time and must not be in the ISO")
+    imports = "import failback_client, boto3, botocore, rich, yaml; print('imports ok')"
     commands = [[f"{venv}/bin/python", "-c", imports]]
     if has_cli:
         commands.append([f"{venv}/bin/failback-client", "--help"])

@@ -60,6 +60,30 @@ class SquashfsConfig:
 
 
 @dataclass(frozen=True)
+class InitramfsConfig:
+    """How initramfs-tools builds the initrd (written into the rootfs before the kernel is installed).
+
+    The initrd only has to find the live medium and mount its squashfs layers: every byte of it is
+    read by the boot loader and unpacked by the kernel before anything else runs."""
+
+    policy: str  # initramfs-tools MODULES=: most (Debian's default), dep, list, netboot
+    modules: tuple[str, ...]  # kernel modules added (with their dependencies) whatever the policy
+    drop: tuple[str, ...]  # globs relative to the initramfs root, removed after every hook ran
+    compression: str  # initramfs-tools COMPRESS=
+    level: int | None  # COMPRESSLEVEL= (None: initramfs-tools' default)
+
+
+# Debian's own initramfs-tools settings: what an image definition without `initramfs` gets.
+DEFAULT_INITRAMFS = InitramfsConfig(policy="most", modules=(), drop=(), compression="zstd", level=None)
+INITRAMFS_POLICIES = ("most", "dep", "list", "netboot")
+# Compressors of initramfs-tools the Debian kernel unpacks: level range, and the package whose
+# program compresses (gzip is essential; the others must be in the package list).
+INITRAMFS_COMPRESSORS: dict[str, tuple[tuple[int, int], str | None]] = {
+    "zstd": ((1, 19), "zstd"), "lz4": ((1, 12), "lz4"), "xz": ((0, 9), "xz-utils"), "gzip": ((1, 9), None),
+}
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     dhcp_timeout: int
 
@@ -84,6 +108,8 @@ class ImageConfig:
     client: ClientConfig
     hostname: str
     path: Path  # the file it was loaded from (for messages and relative look-ups)
+    initramfs: InitramfsConfig = DEFAULT_INITRAMFS
+    mask_units: tuple[str, ...] = ()  # systemd units masked in the base (never started)
 
     def template_vars(self) -> dict[str, Any]:
         """The whole definition as plain nested values, for the overlay's Jinja2 templates."""
@@ -100,6 +126,8 @@ class ImageConfig:
             "network": _plain(self.network),
             "client": _plain(self.client),
             "hostname": self.hostname,
+            "initramfs": _plain(self.initramfs),
+            "mask_units": list(self.mask_units),
         }
 
 
@@ -207,7 +235,7 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         data, "",
         {"debian", "packages", "kernel_cmdline", "boot", "iso", "source_date_epoch", "squashfs", "network",
          "client", "hostname"},
-        {"exclude_paths", "include_paths"},
+        {"exclude_paths", "include_paths", "initramfs", "mask_units"},
     )
 
     d = v.mapping(top["debian"], "debian", {"suite", "mirror", "components", "architecture"}, {"security_mirror"})
@@ -310,9 +338,45 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
     hostname = v.string(top["hostname"], "hostname", pattern=_HOSTNAME_RE,
                         hint="letters, digits and '-', at most 63, not starting or ending with '-'")
 
+    initramfs = _initramfs(v, top["initramfs"], packages) if "initramfs" in top else DEFAULT_INITRAMFS
+    mask_units = v.string_list(top.get("mask_units", []), "mask_units", pattern=_UNIT_RE, non_empty=False,
+                               hint="a systemd unit file name such as systemd-pstore.service")
+
     return ImageConfig(debian=debian, packages=packages, exclude_paths=exclude, include_paths=include,
                        kernel_cmdline=kernel_cmdline, boot=boot, iso=iso, source_date_epoch=sde,
-                       squashfs=squashfs, network=network, client=client, hostname=hostname, path=v.path)
+                       squashfs=squashfs, network=network, client=client, hostname=hostname, path=v.path,
+                       initramfs=initramfs, mask_units=mask_units)
+
+
+_UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._:\\-]*\.(service|socket|mount|automount|swap|target|path|timer)$")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_RELATIVE_GLOB_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9_.*?/\[\]-]+$")
+
+
+def _initramfs(v: _Validator, value: Any, packages: tuple[str, ...]) -> InitramfsConfig:
+    i = v.mapping(value, "initramfs", set(), {"policy", "modules", "drop", "compression", "level"})
+    d = DEFAULT_INITRAMFS
+    policy = v.string(i.get("policy", d.policy), "initramfs.policy")
+    if policy not in INITRAMFS_POLICIES:
+        raise v.fail("initramfs.policy", f"must be one of {', '.join(INITRAMFS_POLICIES)} (initramfs-tools MODULES=), "
+                                         f"got {policy!r}")
+    modules = v.string_list(i.get("modules", []), "initramfs.modules", pattern=_MODULE_RE,
+                            hint="a kernel module name such as sr_mod", non_empty=False)
+    if policy == "list" and not modules:
+        raise v.fail("initramfs.modules", "must list the modules that find the live medium when policy is list")
+    drop = v.string_list(i.get("drop", []), "initramfs.drop", pattern=_RELATIVE_GLOB_RE,
+                         hint="a glob relative to the initramfs root such as usr/lib/firmware, without '..'",
+                         non_empty=False)
+    compression = v.string(i.get("compression", d.compression), "initramfs.compression")
+    if compression not in INITRAMFS_COMPRESSORS:
+        raise v.fail("initramfs.compression", f"must be one of {', '.join(INITRAMFS_COMPRESSORS)}, got {compression!r}")
+    (lo, hi), package = INITRAMFS_COMPRESSORS[compression]
+    if package and package not in packages:
+        raise v.fail("initramfs.compression", f"{compression} needs the package {package!r} in packages")
+    level = i.get("level")
+    if level is not None:
+        level = v.integer(level, "initramfs.level", minimum=lo, maximum=hi)
+    return InitramfsConfig(policy=policy, modules=modules, drop=drop, compression=compression, level=level)
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> ImageConfig:

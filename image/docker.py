@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,9 +126,32 @@ class Container:
     def __exit__(self, *exc: object) -> None:
         run(["buildah", *self.store.flags, "rm", self.name], check=False)
 
-    def run(self, *cmd: str, check: bool = True) -> str:
-        return run(["buildah", *self.store.flags, "run", "--isolation", "chroot", self.name, "--", *cmd],
+    def run(self, *cmd: str, check: bool = True, options: Sequence[str] = ()) -> str:
+        return run(["buildah", *self.store.flags, "run", "--isolation", "chroot", *options, self.name, "--", *cmd],
                    capture=True, check=check).stdout  # fmt: skip
+
+
+# What `docker run --privileged` gives the build and buildah's chroot isolation does not by default:
+# mmdebstrap (root mode) mounts /proc and /sys in the rootfs it makes and creates device nodes; the
+# client stage unshares a mount namespace. (--cap-add ALL is refused here: the host's own bounding
+# set lacks some capabilities.)
+BUILD_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_MKNOD")
+BUILD_VOLUME = "/src/build"  # the Dockerfile's VOLUME
+
+
+def build_inside(store: ContainerStore, image: str, build_dir: Path, ca_bundle: Path | None = None,
+                 task: Sequence[str] = ("build",)) -> str:
+    """Run `inv <task>` (the image's default command) in a working container of `image`, with the
+    host's `build_dir` as the image's /src/build volume, as `docker run --privileged -v ...` would.
+    Returns the task's output; the products land in `build_dir`."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    options = [f"--cap-add={c}" for c in BUILD_CAPABILITIES]
+    options += ["--volume", f"{build_dir.resolve()}:{BUILD_VOLUME}", *ca_mount_args(store, ca_bundle)]
+    with Container(store, image) as ctr:
+        # buildah run mounts a fresh anonymous volume over every VOLUME of the image, on top of a
+        # --volume for the same path: drop the declaration in this working container (not the image).
+        run(["buildah", *store.flags, "config", "--volume", f"{BUILD_VOLUME}-", ctr.name])
+        return ctr.run(".venv/bin/inv", *task, options=options)
 
 
 def build(

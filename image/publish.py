@@ -4,19 +4,23 @@
 optionally signs SHA512SUMS with GPG, then publishes the regions in parallel
 (image.publish_s3), one thread per region. The first region of each partition uploads the
 artifacts; the others copy them server-side from it once they are verified there, so the
-bytes leave this host once per partition. The exit status (`publish_command`) is 0 only if
-every region ended verified.
+bytes leave this host once per partition. Large-object writes share one budget across the
+regions (`default_transfer_jobs`). The exit status (`publish_command`) is 0 only if every
+region ended verified.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -68,7 +72,8 @@ class PublishOptions:
     seed_copy: bool = True
     multipart_threshold: int = 64 * MiB
     multipart_chunksize: int = 16 * MiB
-    max_concurrency: int = 4  # parts in flight per region
+    max_concurrency: int = 4  # parts in flight per upload
+    transfer_jobs: int | None = None  # large-object writes in flight across all regions (None: default_transfer_jobs)
     release_dir: Path = OUT_DIR / "release"
     progress: str = "auto"  # auto | rich | plain | none
     profile: str | None = None
@@ -95,6 +100,26 @@ def default_iso_path() -> Path:
     from image.config import load_config
 
     return OUT_DIR / load_config(REPO / "image" / "image.yaml").iso.artifact
+
+
+def default_transfer_jobs(endpoint_url: str | None) -> int:
+    """Large-object writes (uploads, server-side copies) in flight at once across all regions.
+
+    On AWS a copy is S3's work and 8 keep every region moving. An S3 server on this host (moto,
+    MinIO on loopback) does every copy with our own CPUs: more copies in flight than CPUs only
+    make each one slower (and longer than botocore's read timeout, which retries it).
+    """
+    host = urlsplit(endpoint_url).hostname if endpoint_url else None
+    if host is not None and (host == "localhost" or _is_loopback(host)):
+        return max(1, os.cpu_count() or 1)
+    return 8
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def transfer_config(opts: PublishOptions) -> TransferConfig:
@@ -195,6 +220,7 @@ def publish_release(opts: PublishOptions, out: TextIO = sys.stdout) -> PublishRe
         expected_owner=opts.expected_owner,
         acl=opts.acl,
         seed_copy=opts.seed_copy,
+        budget=threading.BoundedSemaphore(opts.transfer_jobs or default_transfer_jobs(opts.endpoint_url)),
     )
     board = SeedBoard()
     seeds = seed_regions(opts.regions)
@@ -231,6 +257,7 @@ def publish_command(
     gpg_key: str | None = None,
     dry_run: bool = False,
     jobs: int = 30,
+    transfer_jobs: int = 0,
     seed_copy: bool = True,
     multipart_threshold_mib: int = 64,
     multipart_chunksize_mib: int = 16,
@@ -254,6 +281,7 @@ def publish_command(
             gpg_key=gpg_key,
             dry_run=dry_run,
             jobs=jobs,
+            transfer_jobs=transfer_jobs or None,
             seed_copy=seed_copy,
             multipart_threshold=multipart_threshold_mib * MiB,
             multipart_chunksize=multipart_chunksize_mib * MiB,
@@ -261,6 +289,8 @@ def publish_command(
             profile=profile,
             release_dir=Path(release_dir) if release_dir else OUT_DIR / "release",
         )
+        if transfer_jobs < 0:
+            raise PublishError("--transfer-jobs must be at least 1 (0: the default)")
         if opts.multipart_chunksize < 5 * MiB:
             raise PublishError("--multipart-chunksize-mib must be at least 5 (the S3 minimum part size)")
         report = publish_release(opts, out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -44,6 +44,11 @@ class S3Settings:
     expected_owner: str | None = None
     acl: str | None = None
     seed_copy: bool = True
+    # Large-object writes (uploads and server-side copies) in flight at once across ALL regions.
+    # Without it 28 regions start 28 copies of the ISO at once: on an S3 server with few CPUs
+    # (moto, MinIO on the build host) each then takes minutes, past botocore's 60 s read timeout,
+    # and the retries redo the work; it also bounds our upload threads and buffers.
+    budget: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(8))
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,6 @@ class RegionPublisher:
         self._etags: dict[tuple[str, str], str] = {}
         self._client: Any = None
         self._seed_objects: dict[str, SeedObject] | None = None
-        self._seed_client: Any = None
         self._bytes_lock = threading.Lock()
 
     # -- S3 calls with the owner header and clear errors -------------------------------------
@@ -235,27 +239,28 @@ class RegionPublisher:
             self.result.sent_bytes += nbytes
         self.reporter.advance(self.plan.region, nbytes)
 
-    def _copy(self, obj: PlannedObject, source: SeedObject, source_client: Any) -> None:
+    def _copy(self, obj: PlannedObject, source: SeedObject) -> None:
+        """Server-side copy: no byte of the object passes through this host."""
+        what = f"copy s3://{source.bucket}/{source.key} -> s3://{obj.bucket}/{obj.key}"
         extra = self._extra_args(obj)
         # The copy must be of the object we verified, not of whatever replaced it since.
-        # (s3transfer takes no ExpectedSourceBucketOwner; the source was HEADed with the owner check.)
         extra.update(MetadataDirective="REPLACE", CopySourceIfMatch=source.etag)
-        self._call(
-            f"copy s3://{source.bucket}/{source.key} -> s3://{obj.bucket}/{obj.key}",
-            self._client.copy,
-            CopySource={"Bucket": source.bucket, "Key": source.key},
-            Bucket=obj.bucket,
-            Key=obj.key,
-            ExtraArgs=extra,
-            Callback=self._progress,
-            SourceClient=source_client,
-            Config=self._copy_config(),
-        )
-
-    def _copy_config(self) -> TransferConfig:
+        if obj.size <= COPY_SINGLE_LIMIT:
+            if self.settings.expected_owner:
+                extra["ExpectedSourceBucketOwner"] = self.settings.expected_owner
+            # One CopyObject: atomic in S3, no HEAD of the source, no transfer threads.
+            self._call(what, self._client.copy_object, Bucket=obj.bucket, Key=obj.key,
+                       CopySource={"Bucket": source.bucket, "Key": source.key}, **extra)
+            self._progress(obj.size)
+            return
+        # Over 5 GiB S3 copies only by parts: s3transfer's managed copy (it takes no
+        # ExpectedSourceBucketOwner; the source was HEADed with the owner check).
         t = self.settings.transfer
-        return TransferConfig(multipart_threshold=COPY_SINGLE_LIMIT, multipart_chunksize=t.multipart_chunksize,
-                              max_concurrency=t.max_request_concurrency, use_threads=True)
+        config = TransferConfig(multipart_threshold=COPY_SINGLE_LIMIT, multipart_chunksize=t.multipart_chunksize,
+                                max_concurrency=t.max_request_concurrency, use_threads=True)
+        self._call(what, self._client.copy, CopySource={"Bucket": source.bucket, "Key": source.key},
+                   Bucket=obj.bucket, Key=obj.key, ExtraArgs=extra, Callback=self._progress,
+                   SourceClient=make_client(self.settings, source.region), Config=config)
 
     def _write(self, obj: PlannedObject) -> str:
         """Write one object; returns the action done (for the progress lines)."""
@@ -267,22 +272,23 @@ class RegionPublisher:
             return "put"
         if obj.copy_from is not None:
             etag = self._etags[(obj.bucket, obj.copy_from)]
-            self._copy(obj, SeedObject(obj.bucket, obj.copy_from, etag, self.plan.region), self._client)
+            with self.settings.budget:
+                self._copy(obj, SeedObject(obj.bucket, obj.copy_from, etag, self.plan.region))
             return "copied"
         assert obj.artifact is not None
-        seed = self._seed_for(obj)
+        seed = self._seed_for(obj)  # waits for the seed region: never while holding a budget slot
         if seed is not None:
             try:
-                if self._seed_client is None:
-                    self._seed_client = make_client(self.settings, seed.region)
-                self._copy(obj, seed, self._seed_client)
+                with self.settings.budget:
+                    self._copy(obj, seed)
                 return f"copied from {seed.region}"
             except RegionFailure as exc:
                 # e.g. no read access to the seed bucket: uploading ourselves still works.
                 self.result.notes.append(f"seed copy failed, uploaded instead: {exc}")
-        self._call(what, self._client.upload_file, Filename=str(obj.artifact.path), Bucket=obj.bucket,
-                   Key=obj.key, ExtraArgs=self._extra_args(obj), Callback=self._sent,
-                   Config=self.settings.transfer)
+        with self.settings.budget:
+            self._call(what, self._client.upload_file, Filename=str(obj.artifact.path), Bucket=obj.bucket,
+                       Key=obj.key, ExtraArgs=self._extra_args(obj), Callback=self._sent,
+                       Config=self.settings.transfer)
         return "uploaded"
 
     def _seed_for(self, obj: PlannedObject) -> SeedObject | None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -350,6 +351,10 @@ class BootResult:
     serial_log: Path
     qemu_output: str = ""
     groups: tuple[str | None, ...] = field(default_factory=tuple)
+    # CPU seconds the host spent on this QEMU (user + system, to its exit ~0.5 s after the match).
+    # Unlike `seconds` it hardly moves with the machine's load, but misses time the guest sleeps
+    # (a boot menu's countdown). Only meaningful when no other child process ran alongside.
+    cpu_seconds: float | None = None
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -404,8 +409,11 @@ def watch_boot(
     thread.start()
     qemu_output = ""
     timed_out = False
+    cpu: float | None = None
     try:
+        cpu_before = _children_cpu()
         proc = run(argv, capture=True, check=False, timeout=timeout)
+        cpu = _children_cpu() - cpu_before
         qemu_output = (proc.stdout + proc.stderr).strip()
         exit_status = proc.returncode
     except CommandError as exc:
@@ -433,10 +441,18 @@ def watch_boot(
             serial_log=serial_log,
             qemu_output=qemu_output,
             groups=m.groups(),
+            cpu_seconds=cpu,
         )
     if timed_out:
         return BootResult("timeout", end, None, serial_log, qemu_output)
-    return BootResult("exited", end, f"QEMU exited with status {exit_status}", serial_log, qemu_output)
+    return BootResult("exited", end, f"QEMU exited with status {exit_status}", serial_log, qemu_output,
+                      cpu_seconds=cpu)
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _whole_line(m: re.Match[str]) -> str:

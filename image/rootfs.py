@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 import shlex
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import jinja2
 
 from image.config import ImageConfig
 from image.paths import BuildPaths, digest
@@ -20,7 +24,8 @@ from image.run import run
 log = logging.getLogger("image.rootfs")
 
 # Bump when the recipe below changes in a way that changes the rootfs.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
 BOOTSTRAP_ONLY = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl", "perl",
                   "perl-modules-5.36", "libperl5.36")
@@ -30,10 +35,61 @@ def mmdebstrap_version() -> str:
     return run(["mmdebstrap", "--version"], capture=True).stdout.strip()
 
 
+@dataclass(frozen=True)
+class SetupFile:
+    """A file put into the rootfs before its packages are installed (so their scripts see it)."""
+
+    path: str  # absolute path inside the rootfs
+    text: str
+    mode: int
+
+
+def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
+    """initramfs-tools settings from the image definition's `initramfs` section. They must exist
+    before linux-image-* is installed, so the one initrd its postinst generates is already the
+    small one. None of them is a conffile of initramfs-tools (dpkg would ask about those)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    values = {"source": f"image/{cfg.path.name}", "initramfs": cfg.initramfs}
+    files = [SetupFile("/etc/initramfs-tools/conf.d/failback.conf",
+                       env.get_template("initramfs-failback.conf.j2").render(values), 0o644)]
+    if cfg.initramfs.modules or cfg.initramfs.drop:
+        files.append(SetupFile("/etc/initramfs-tools/hooks/failback",
+                               env.get_template("initramfs-hook.j2").render(values), 0o755))
+    return tuple(files)
+
+
 def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str) -> str:
     """Cache key of the base: changes whenever any input of mmdebstrap changes."""
     return digest("rootfs", RECIPE_VERSION, cfg.debian, cfg.packages, cfg.exclude_paths, cfg.include_paths,
-                  epoch, tool_version)
+                  initramfs_setup_files(cfg), cfg.mask_units, epoch, tool_version)
+
+
+def write_setup_files(files: tuple[SetupFile, ...], staging: Path) -> list[tuple[Path, SetupFile]]:
+    """Write `files` under `staging` (fresh) for mmdebstrap to upload; (host path, file) pairs."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    out = []
+    for i, f in enumerate(files):
+        host = staging / f"{i:02d}-{Path(f.path).name}"
+        host.parent.mkdir(parents=True, exist_ok=True)
+        host.write_text(f.text)
+        host.chmod(f.mode)
+        out.append((host, f))
+    return out
+
+
+def setup_hooks(staged: Sequence[tuple[Path, SetupFile]]) -> list[str]:
+    """mmdebstrap --essential-hook options that put the staged files in place (after the essential
+    packages, before the package list is installed)."""
+    if not staged:
+        return []
+    dirs = sorted({str(Path(f.path).parent) for _, f in staged})
+    hooks = ["--essential-hook=mkdir -p " + " ".join(f'"$1"{shlex.quote(d)}' for d in dirs)]
+    for host, f in staged:
+        hooks.append(f"--essential-hook=upload {shlex.quote(str(host))} {shlex.quote(f.path)}")
+        hooks.append(f'--essential-hook=chmod {f.mode:o} "$1"{shlex.quote(f.path)}')
+    return hooks
 
 
 def apt_sources(cfg: ImageConfig) -> list[str]:
@@ -46,7 +102,18 @@ def apt_sources(cfg: ImageConfig) -> list[str]:
     return sources
 
 
-def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[str]:
+def mask_hooks(units: Sequence[str]) -> list[str]:
+    """Mask `units` the way `systemctl mask` does (a link to /dev/null in /etc/systemd/system):
+    each unit a live system starts costs a process start under emulation and on slow firmware."""
+    if not units:
+        return []
+    links = " ".join(f'"$1"/etc/systemd/system/{shlex.quote(u)}' for u in units)
+    return ["--customize-hook=mkdir -p \"$1\"/etc/systemd/system && for l in " + links
+            + "; do ln -sfn /dev/null \"$l\"; done"]
+
+
+def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
+                       staged: Sequence[tuple[Path, SetupFile]] = ()) -> list[str]:
     d = cfg.debian
     cmd = [
         "mmdebstrap", "--variant=minbase", f"--architectures={d.architecture}",
@@ -69,12 +136,14 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path) -> list[
         "--skip=download/empty", "--skip=essential/unlink",
         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
         f"--setup-hook=sync-in {q} /var/cache/apt/archives/",
+        *setup_hooks(staged),
         f"--customize-hook=sync-out /var/cache/apt/archives {q}",
         "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
         "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download "
         "--autoremove " + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
         "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
+        *mask_hooks(cfg.mask_units),
         d.suite, str(target), *apt_sources(cfg),
     ]
     return cmd
@@ -90,7 +159,8 @@ def build_rootfs(cfg: ImageConfig, paths: BuildPaths, epoch: int) -> None:
         if p.exists():
             shutil.rmtree(p)
     log.info("rootfs: mmdebstrap %s with %d packages (a few minutes)...", cfg.debian.suite, len(cfg.packages))
-    run(mmdebstrap_command(cfg, tmp, apt_cache), env={"SOURCE_DATE_EPOCH": str(epoch)})
+    staged = write_setup_files(initramfs_setup_files(cfg), paths.cache / "rootfs-setup")
+    run(mmdebstrap_command(cfg, tmp, apt_cache, staged), env={"SOURCE_DATE_EPOCH": str(epoch)})
     tmp.rename(paths.rootfs)
     write_manifest(paths.rootfs, paths.manifest)
     extract_boot_files(paths.rootfs, paths.kernel, paths.initrd)

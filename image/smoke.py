@@ -49,6 +49,16 @@ def default_iso() -> Path:
 DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "build" / "smoke"
 
 
+def workdir_for(iso: Path) -> Path:
+    """Where the boots of `iso` keep their serial logs, NVRAM copies and disk copy: <build>/smoke for
+    <build>/out/<iso> (build/smoke for the default build), so that boots of ISOs from different build
+    directories (engineers sharing a machine) never write the same files."""
+    iso = iso.resolve()
+    if iso.parent.name == "out":
+        return iso.parent.parent / "smoke"
+    return DEFAULT_WORKDIR / iso.stem
+
+
 def make_probe_iso(kernel: Path, workdir: Path) -> Path:
     """An ISO made by the ISO stage (same boot loaders, menu, hybrid layout) around `kernel` and the
     boot-chain probe initramfs instead of the live system: its summary line times firmware + boot

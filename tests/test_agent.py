@@ -58,6 +58,36 @@ def test_unchanged_old_image_is_not_rescanned(tmp_path: Path) -> None:
         vol.close()
 
 
+def test_digests_taken_by_reads_of_an_unchanged_image_serve_the_next_scan(tmp_path: Path) -> None:
+    """After a full sync READ every block of an image nobody writes, the verification's DIGESTS
+    is answered from those digests (no second pass over the source) -- and only then."""
+    img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=5)
+    old = time.time() - 60
+    os.utime(img, (old, old))
+    vol = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
+    try:
+        buf = bytearray(BS)
+        for i in range(vol.blocks - 1):
+            vol.read(i, buf)
+        vol.refresh()
+        assert vol.scans == 1, "a block never read was not digested: the scan must read the image"
+        for i in range(vol.blocks):
+            vol.read(i, buf)
+        vol.refresh()
+        assert vol.scans == 1, "every block was read under the same stamp: the cache is current"
+        change_blocks(img, [3], BS)  # mtime moves: neither the reads nor the scan are current now
+        for i in range(vol.blocks):
+            vol.read(i, buf)  # within 2 s of the write: the stamp is not trusted, nothing is cached
+        assert [d for _, d in vol.scan()] and vol.scans == 2
+        fresh = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
+        try:
+            assert [bytes(p) for _, p in fresh.scan()] == [bytes(p) for _, p in vol.scan(force=True)]
+        finally:
+            fresh.close()
+    finally:
+        vol.close()
+
+
 def _connect(pki: Pki, port: int) -> Connection:
     sock = client_context(pki.client).wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
     require_identity(sock, {"drs-agent." + RECOVERY_INSTANCE_ID}, "agent")

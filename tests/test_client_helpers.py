@@ -51,6 +51,7 @@ CLIENT_ENV_VARS = (
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_DRS_ENDPOINT", "RECOVERY_INSTANCE_ID", "DEVICE_MAPPING", "NO_PROMPT",
     "FAILBACK_SYSROOT", "FAILBACK_S3_ENDPOINT", "FAILBACK_CONSOLE_LOCK", "FAILBACK_INCLUDE_LOOP", "FAILBACK_PLAIN",
     "FAILBACK_FIX_CLOCK", "FAILBACK_AGENT_PORT", "https_proxy", "HTTPS_PROXY", "AWS_PROFILE", "AWS_CONFIG_FILE",
+    "FAILBACK_CHECK_ONLY", "FAILBACK_WORK_DIR", "REBOOT",
 )
 
 
@@ -72,7 +73,9 @@ def closed_port() -> int:
 def client_env(cp, *, root: str = BIOS_ROOT, agent_port: int | None = None, with_creds: bool = True,
                **extra: str) -> dict[str, str]:
     """Launcher-style variables for a client run against control plane `cp`."""
-    env = {"FAILBACK_SYSROOT": root, "FAILBACK_S3_ENDPOINT": cp.url, "FAILBACK_FIX_CLOCK": "0"}
+    # FAILBACK_CHECK_ONLY: these runs end after guide step 12 (tests/test_client_replication*.py go further).
+    env = {"FAILBACK_SYSROOT": root, "FAILBACK_S3_ENDPOINT": cp.url, "FAILBACK_FIX_CLOCK": "0",
+           "FAILBACK_CHECK_ONLY": "1"}
     if with_creds:
         env.update(AWS_ACCESS_KEY=cp.access_key, AWS_SECRET_KEY=cp.secret_key, AWS_REGION=cp.region,
                    AWS_DRS_ENDPOINT=cp.url)

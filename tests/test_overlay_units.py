@@ -108,12 +108,12 @@ def test_client_unit_contract(live_root: Path) -> None:
         "StandardInput=tty",
         "Restart=always",
         "Conflicts=getty@%i.service serial-getty@%i.service",
-        "After=network-online.target",
-        "Wants=network-online.target",
         "Environment=FAILBACK_CONSOLE_LOCK=/run/failback-client/console.lock",
         "ExecStart=/usr/lib/failback/launch %i",
     ):
         assert re.search(rf"^{re.escape(line)}", text, re.M), line
+    # The summary line comes at once: the client waits for the network itself (issue 2 and 6).
+    assert not re.search(r"^(After|Requires|Wants)=.*network-online\.target", text, re.M)
 
 
 @pytest.mark.parametrize(
@@ -382,6 +382,16 @@ def test_launcher_exports_seed_and_sets_term(launcher: tuple[Path, Path]) -> Non
     assert env["TERM"] == "vt220"
     assert env["FAILBACK_CONSOLE"] == "ttyS0"
     assert run_launch(launch, "tty1", tmp / "absent.env")["TERM"] == "linux"
+
+
+def test_launcher_reads_the_proxy_and_the_dhcp_timeout(launcher: tuple[Path, Path]) -> None:
+    launch, tmp = launcher
+    netenv = tmp / "network.env"
+    netenv.write_text("https_proxy='http://10.0.2.2:3128'\nHTTPS_PROXY='http://10.0.2.2:3128'\n")
+    env = run_launch(launch, "tty1", tmp / "absent.env", FAILBACK_NETWORK_ENV=str(netenv))
+    assert env["https_proxy"] == env["HTTPS_PROXY"] == "http://10.0.2.2:3128"
+    assert env["FAILBACK_DHCP_TIMEOUT"] == str(VALUES["network"]["dhcp_timeout"])
+    assert run_launch(launch, "tty1", tmp / "absent.env", FAILBACK_DHCP_TIMEOUT="5")["FAILBACK_DHCP_TIMEOUT"] == "5"
 
 
 def test_launcher_explains_a_missing_client(tmp_path: Path) -> None:

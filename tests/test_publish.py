@@ -28,7 +28,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from image.publish import PublishOptions, publish_command, publish_release
+from image.publish import PublishOptions, default_transfer_jobs, publish_command, publish_release
 from image.publish_plan import bytes_digests, s3_digests_of_file
 from image.publish_regions import ALL_REGIONS, RegionError, parse_regions
 
@@ -318,8 +318,10 @@ def test_publish_three_regions_then_anonymous_download(
     make_buckets(s3, REGIONS)
     session, calls = session_with_counter()
     sent_owner: list[str] = []
+    copies: list[dict[str, Any]] = []
     session.events.register("before-parameter-build.s3",
                             lambda params, **_: sent_owner.append(params.get("ExpectedBucketOwner", "")))
+    session.events.register("before-parameter-build.s3.CopyObject", lambda params, **_: copies.append(params))
     out = io.StringIO()
     opts = options(moto_url, artifacts, tmp_path, session=session, expected_owner="123456789012")
     with Watcher(moto_url, REGIONS) as watcher:
@@ -333,6 +335,9 @@ def test_publish_three_regions_then_anonymous_download(
     assert calls["UploadPart"] == 3 and calls["CreateMultipartUpload"] >= 1
     assert calls["CopyObject"] + calls["UploadPartCopy"] > 0
     assert sent_owner and all(o == "123456789012" for o in sent_owner)
+    # a copy is only of the verified source (its ETag), in the owner's bucket, and S3 re-checksums it
+    assert copies and all(c["ExpectedSourceBucketOwner"] == "123456789012" and c["CopySourceIfMatch"]
+                          and c["ChecksumAlgorithm"] == "SHA256" for c in copies)
     assert all(r.verified and r.objects == r.planned for r in report.results)
     text = out.getvalue()
     for region in REGIONS:
@@ -591,3 +596,52 @@ def test_acl_option_grants_public_read(s3: Any, moto_url: str, artifacts: dict[s
             grants = s3.get_object_acl(Bucket=bucket, Key=key)["Grants"]
             assert any(g["Grantee"].get("URI", "").endswith("/global/AllUsers") and g["Permission"] == "READ"
                        for g in grants), (bucket, key, grants)
+
+
+def test_large_writes_share_one_budget_across_regions(
+    s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """With transfer_jobs=1, never two uploads/copies of an artifact at once, whatever the regions."""
+    regions = [*REGIONS, "sa-east-1", "eu-central-1"]
+    make_buckets(s3, regions)
+    session, _ = session_with_counter()
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most seen
+    finished: list[str] = []
+    # An upload spans CreateMultipartUpload..CompleteMultipartUpload (or is one PutObject); a copy is one CopyObject.
+    starts, ends = {"CreateMultipartUpload", "PutObject", "CopyObject"}, {"CompleteMultipartUpload", "PutObject",
+                                                                            "CopyObject"}
+
+    def large(params: dict[str, Any]) -> bool:
+        return str(params.get("Key", "")).endswith((ISO, "failback_assets.tar.gz"))
+
+    def before(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        context["test_params"] = dict(params)  # after-call gets no request parameters
+        if model.name in starts and large(params):
+            with lock:
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+
+    def after(model: Any, context: dict[str, Any], **_: Any) -> None:
+        if model.name in ends and large(context.get("test_params", {})):
+            with lock:
+                in_flight[0] -= 1
+                finished.append(model.name)
+
+    session.events.register("before-parameter-build.s3", before)
+    session.events.register("after-call.s3", after)
+    report = publish_release(options(moto_url, artifacts, tmp_path, regions=regions, session=session,
+                                     transfer_jobs=1), io.StringIO())
+    assert report.ok
+    assert_fully_published(moto_url, regions, artifacts)
+    assert len(finished) == 2 * 2 * len(regions)  # 2 artifacts, at {version}/ and latest/, in every region
+    assert in_flight == [0, 1]
+
+
+def test_default_transfer_jobs() -> None:
+    cpus = os.cpu_count() or 1
+    assert default_transfer_jobs(None) == 8  # AWS: copies are S3's work
+    assert default_transfer_jobs("https://s3.eu-west-1.amazonaws.com") == 8
+    assert default_transfer_jobs("https://minio.example.test:9000") == 8
+    for url in ("http://127.0.0.1:5000", "http://localhost:9000", "http://[::1]:9000", "http://127.0.0.2"):
+        assert default_transfer_jobs(url) == cpus, url  # the server shares our CPUs

@@ -347,3 +347,32 @@ def test_bench_removes_build_dirs_but_never_through_a_mount(tmp_path: Path) -> N
     assert not d.exists()
     with pytest.raises(RuntimeError, match=r"still mounted below it: .*/proc"):
         bench.remove_build_dir(Path("/"))
+
+
+def test_bench_ratio_uses_the_baseline_next_to_each_way(tmp_path: Path) -> None:
+    """Under a shared machine's changing load, each way is compared with the bare-kernel boot measured
+    right before it; an `against` ISO (e.g. the previous build) is shown beside it."""
+    from image import bench
+    from image.smoke import WayResult
+
+    cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
+    report = bench.BenchReport(
+        baseline_s=5.0, way_baselines={"seabios-cd": 4.0, "ovmf-disk": 6.0}, against=tmp_path / "before.iso",
+        boots=[WayResult(cd, True, 16.0, "ok", tmp_path), WayResult(disk, True, 30.0, "ok", tmp_path)],
+        against_boots=[WayResult(cd, True, 40.0, "ok", tmp_path), WayResult(disk, False, 300.0, "no line", tmp_path)],
+    )
+    lines = {line.split()[0]: line for line in report.format().splitlines() if line.strip()}
+    assert "16.0 s   4.00x  base  4.0 s   against  40.0 s 10.00x  (target <= 4x: met)" in lines["seabios-cd"]
+    assert "30.0 s   5.00x  base  6.0 s   against FAILED (no line)  (target <= 4x: MISSED)" in lines["ovmf-disk"]
+    assert f"against = {tmp_path / 'before.iso'}" in report.format()
+
+
+def test_watch_boot_measures_the_child_cpu_time(tmp_path: Path) -> None:
+    """cpu_seconds counts what the watched process burnt (a loaded machine stretches `seconds`, not it)."""
+    log = tmp_path / "serial.log"
+    busy = ("python3 -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass'; "
+            f"echo READY-MARK >> {log}; sleep 1")
+    result = qemu.watch_boot(["sh", "-c", busy], serial_log=log, qmp_socket=tmp_path / "none.sock",
+                             pattern=re.compile("READY-MARK"), timeout=30)
+    assert result.outcome == "matched", result.tail()
+    assert result.cpu_seconds is not None and 0.35 <= result.cpu_seconds < result.seconds + 1.5

@@ -18,6 +18,6 @@ def test_replication_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
         print("\n" + result.report())
     assert result.delta_blocks_sent == len(range(0, result.delta_blocks_total, 100))
     assert 0 <= result.resume_extra_blocks <= 2 * result.resume_checkpoint_blocks
-    # Memory is a target, reported like the speed figures: one CI run measured 3.3 GiB peak RSS here
-    # (36-51 MiB in earlier runs) -- an open defect noted on issue 4, not yet explained.
-    print(f"replicator peak RSS: {result.replicator_peak_rss_kib / 1024:.0f} MiB (target < 256 MiB)")
+    # Memory is a bound, not a speed: VmHWM of the replicator process (the 3.3 GiB one CI run reported
+    # was ru_maxrss inheriting the big pytest parent's peak; tests/test_replication_memory.py).
+    assert result.replicator_peak_rss_kib < 128 * 1024, f"replicator peak RSS {result.replicator_peak_rss_kib} KiB"

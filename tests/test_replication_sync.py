@@ -102,6 +102,37 @@ def test_delta_to_the_original_server_sends_only_changed_blocks(pki: Pki, tmp_pa
     assert reporter.snapshots[-1].disks[0].rescanned_bytes == SIZE
 
 
+def test_a_block_that_reads_back_wrong_is_fetched_again(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every written block is read back from the device (after its checkpoint) and compared; one the
+    device returns wrong is not trusted: the verification refetches it."""
+    import failback_replicator.engine as engine
+
+    src = make_image(tmp_path / "source.img", SIZE, seed=31, zero_fraction=0.0)
+    tgt = blank(tmp_path / "target.img")
+    real, lied = engine.read_block_into, []
+
+    def bad_sector_once(fd: int, index: int, size: int, bs: int, buf: bytearray) -> memoryview:
+        view = real(fd, index, size, bs, buf)
+        if index == 5 and not lied:
+            lied.append(index)
+            view[100] ^= 0xFF
+        return view
+
+    monkeypatch.setattr(engine, "read_block_into", bad_sector_once)
+    with start_agent(pki, {DEV: src}) as agent:
+        cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=False, block_size=BS,
+                                checkpoint_blocks=8)  # fmt: skip
+        r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC))
+        assert r.run() is Outcome.COMPLETED
+    assert lied, "block 5 was never read back"
+    assert sha512_file(tgt) == sha512_file(src)
+    fetched = list(r.stats.fetched_by_volume[DEV])
+    assert fetched.count(5) == 2 and sorted(set(fetched)) == list(range(BLOCKS))
+    assert r.stats.local_blocks_read >= BLOCKS
+
+
 def test_cut_link_resumes_without_resending_verified_blocks(pki: Pki, tmp_path: Path) -> None:
     src = make_image(tmp_path / "source.img", SIZE, seed=12, zero_fraction=0.0)
     tgt = blank(tmp_path / "target.img")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,19 @@ from failback_replicator.journal import Journal
 from failback_replicator.progress import ProgressDisplay, human_eta
 from failback_replicator.throttle import TokenBucket
 from failback_replicator.wire import (
+    BLOCK_HEADER_SIZE,
     CODEC_RAW,
     CODEC_ZERO,
     CODEC_ZLIB,
     CODEC_ZSTD,
+    FRAME_BLOCK,
+    Connection,
     Decoder,
     Encoder,
     ProtocolError,
     available_codecs,
     from_ranges,
+    parse_block,
     to_ranges,
 )
 
@@ -75,11 +80,11 @@ def test_journal_is_atomic_and_distrusts_in_flight_blocks(tmp_path: Path) -> Non
     assert not list(tmp_path.glob("*.tmp"))
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     again, how = Journal.load_or_new(path, ident, 4)
-    assert again.verified == [b"a" * 32, b"b" * 32, None, None]
+    assert list(again.verified) == [b"a" * 32, b"b" * 32, None, None]
     assert again.inflight == {2, 3} and "2 in flight" in how
     # A journal about another volume or geometry is ignored, never applied.
     other, how = Journal.load_or_new(path, {**ident, "size": 8 << 20}, 8)
-    assert other.verified == [None] * 8 and "ignored" in how
+    assert list(other.verified) == [None] * 8 and "ignored" in how
     path.write_bytes(b"garbage\n")
     _, how = Journal.load_or_new(path, ident, 4)
     assert "ignored" in how
@@ -161,3 +166,19 @@ def test_progress_on_a_terminal_redraws_in_place() -> None:
     display.progress(_snapshot(20 << 20))
     assert "\x1b[1F\x1b[J" in out.getvalue()  # cursor up one line, erase, redraw
     assert human_eta(3725) == "1:02:05" and human_eta(None) == "--:--"
+
+
+def test_frames_are_received_into_a_reused_buffer_and_oversized_ones_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        sender, receiver = Connection(a), Connection(b)
+        block = os.urandom(4096)
+        sender.send_block(0, 7, CODEC_RAW, len(block), b"d" * 32, block)
+        buf = bytearray(4096 + BLOCK_HEADER_SIZE)
+        ftype, body = receiver.recv_frame(buf, limit=len(buf))
+        assert ftype == FRAME_BLOCK and body.obj is buf  # no per-frame allocation
+        assert parse_block(body)[1] == 7 and bytes(parse_block(body)[5]) == block
+        # A peer announcing more than a block (+ header) is refused before anything is allocated.
+        sender.send_block(0, 8, CODEC_RAW, 8192, b"d" * 32, os.urandom(8192))
+        with pytest.raises(ProtocolError, match="limit"):
+            receiver.recv_frame(buf, limit=len(buf))

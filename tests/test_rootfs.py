@@ -7,9 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from image import rootfs
-from image.config import DEFAULT_CONFIG, load_config
+from image.config import DEFAULT_CONFIG, DEFAULT_INITRAMFS, ConfigError, load_config
 
 CFG = load_config(DEFAULT_CONFIG)
 KEY = rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5")
@@ -24,7 +25,13 @@ KEY = rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5")
     replace(CFG, packages=tuple(p for p in CFG.packages if p != "less")),
     replace(CFG, exclude_paths=CFG.exclude_paths[1:]),
     replace(CFG, include_paths=()),
-], ids=["suite", "mirror", "security", "components", "add-package", "drop-package", "excludes", "includes"])
+    replace(CFG, initramfs=replace(CFG.initramfs, modules=CFG.initramfs.modules[1:])),
+    replace(CFG, initramfs=replace(CFG.initramfs, drop=())),
+    replace(CFG, initramfs=replace(CFG.initramfs, level=3)),
+    replace(CFG, initramfs=DEFAULT_INITRAMFS),
+    replace(CFG, mask_units=CFG.mask_units[1:]),
+], ids=["suite", "mirror", "security", "components", "add-package", "drop-package", "excludes", "includes",
+        "initramfs-modules", "initramfs-drop", "initramfs-level", "initramfs-default", "mask-units"])
 def test_key_changes_with_each_input(changed) -> None:
     assert rootfs.rootfs_key(changed, 1700000000, "mmdebstrap 1.3.5") != KEY
 
@@ -58,6 +65,121 @@ def test_mmdebstrap_command(tmp_path: Path) -> None:
     assert any("sync-in '" + str(tmp_path / "apt cache") + "'" in c for c in cmd), "cache path must be quoted"
     assert not any("Check-Valid-Until" in c for c in cmd)
     assert any("machine-id" in c for c in cmd)
+
+
+def test_initramfs_files_from_the_definition() -> None:
+    files = {f.path: f for f in rootfs.initramfs_setup_files(CFG)}
+    conf = files["/etc/initramfs-tools/conf.d/failback.conf"].text
+    assert "MODULES=list\n" in conf and "COMPRESS=zstd\n" in conf and f"COMPRESSLEVEL={CFG.initramfs.level}\n" in conf
+    hook = files["/etc/initramfs-tools/hooks/failback"]
+    assert hook.mode == 0o755 and hook.text.startswith("#!/bin/sh\n")
+    added = [line.split()[1] for line in hook.text.splitlines() if line.startswith("manual_add_modules ")]
+    assert added == list(CFG.initramfs.modules)
+    for needed in ("sr_mod", "isofs", "squashfs", "overlay", "usb_storage", "ahci"):
+        assert needed in added, needed
+    # Not conffiles of initramfs-tools (dpkg would stop to ask about a pre-existing one), and no
+    # module list initramfs-tools would load at boot whether the hardware is there or not.
+    assert set(files) == {"/etc/initramfs-tools/conf.d/failback.conf", "/etc/initramfs-tools/hooks/failback"}
+
+
+def test_default_initramfs_is_debians() -> None:
+    [conf] = rootfs.initramfs_setup_files(replace(CFG, initramfs=DEFAULT_INITRAMFS))
+    assert "MODULES=most\n" in conf.text and "COMPRESSLEVEL" not in conf.text
+
+
+def _fake_initramfs_tree(root: Path) -> Path:
+    """A tree shaped like the one mkinitramfs builds, with modules from three places."""
+    kernel = root / "usr/lib/modules/6.1.0-99-amd64/kernel"
+    for rel in ("drivers/net/ethernet/intel/e1000e.ko", "drivers/scsi/sr_mod.ko", "fs/squashfs/squashfs.ko",
+                "fs/btrfs/btrfs.ko"):
+        (kernel / rel).parent.mkdir(parents=True, exist_ok=True)
+        (kernel / rel).write_bytes(b"\0")
+    (root / "usr/lib/firmware/bnx2x").mkdir(parents=True)
+    (root / "usr/lib/firmware/bnx2x/fw.bin").write_bytes(b"\0")
+    return kernel
+
+
+def test_hook_passes_shellcheck_drops_globs_then_adds_modules(tmp_path: Path) -> None:
+    hook_file = next(f for f in rootfs.initramfs_setup_files(CFG) if f.path.endswith("/failback"))
+    [(hook, _)] = rootfs.write_setup_files((hook_file,), tmp_path / "staging")
+    subprocess.run(["shellcheck", "-s", "sh", str(hook)], check=True)
+    assert subprocess.run([str(hook), "prereqs"], capture_output=True, text=True, check=True).stdout == "\n"
+    # Run it for real, with a stand-in hook-functions library that records manual_add_modules calls
+    # (the real one needs a kernel's module tree): the drops must happen before the adds.
+    dest = tmp_path / "initramfs"
+    kernel = _fake_initramfs_tree(dest)
+    lib = tmp_path / "hook-functions"
+    lib.write_text('manual_add_modules() { [ ! -e usr/lib/firmware ] && echo "$1" >> "$RECORD"; }\n')
+    script = tmp_path / "hook-under-test"
+    script.write_text(hook.read_text().replace("/usr/share/initramfs-tools/hook-functions", str(lib)))
+    script.chmod(0o755)
+    record = tmp_path / "added"
+    subprocess.run([str(script)], env={"DESTDIR": str(dest), "RECORD": str(record), "PATH": "/usr/bin:/bin"},
+                   check=True)
+    assert not (kernel / "drivers/net").exists() and not (dest / "usr/lib/firmware").exists()
+    assert not (kernel / "fs/btrfs").exists()
+    assert (kernel / "drivers/scsi/sr_mod.ko").is_file() and (kernel / "fs/squashfs/squashfs.ko").is_file()
+    assert record.read_text().split() == list(CFG.initramfs.modules)
+    # Without DESTDIR it must refuse rather than delete from the build machine's own root.
+    bad = subprocess.run([str(hook)], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "DESTDIR" in bad.stderr
+
+
+def test_mask_units_link_to_dev_null(tmp_path: Path) -> None:
+    [hook] = rootfs.mask_hooks(("systemd-pstore.service", "dev-x\\x2d1.mount"))
+    root = tmp_path / "root dir"
+    root.mkdir()
+    subprocess.run(["sh", "-c", hook.removeprefix("--customize-hook="), "hook", str(root)], check=True)
+    for unit in ("systemd-pstore.service", "dev-x\\x2d1.mount"):
+        assert (root / "etc/systemd/system" / unit).readlink() == Path("/dev/null")
+    assert rootfs.mask_hooks(()) == []
+    cmd = rootfs.mmdebstrap_command(CFG, tmp_path / "t", tmp_path / "a")
+    assert rootfs.mask_hooks(CFG.mask_units)[0] in cmd
+
+
+def test_setup_files_go_in_before_the_packages(tmp_path: Path) -> None:
+    staged = rootfs.write_setup_files(rootfs.initramfs_setup_files(CFG), tmp_path / "stag ing")
+    cmd = rootfs.mmdebstrap_command(CFG, tmp_path / "target", tmp_path / "apt", staged)
+    hooks = [c.removeprefix("--essential-hook=") for c in cmd if c.startswith("--essential-hook=")]
+    assert hooks[0].startswith("mkdir -p ") and '"$1"/etc/initramfs-tools/hooks' in hooks[0]
+    for host, f in staged:
+        assert host.read_text() == f.text and (host.stat().st_mode & 0o777) == f.mode
+        up = hooks.index(f"upload '{host}' {f.path}")
+        assert hooks[up + 1] == f'chmod {f.mode:o} "$1"{f.path}'
+    assert rootfs.mmdebstrap_command(CFG, tmp_path / "t", tmp_path / "a").count("--essential-hook") == 0
+
+
+@pytest.mark.parametrize(("change", "key", "words"), [
+    ({"policy": "some"}, "initramfs.policy", "most, dep, list, netboot"),
+    ({"modules": ["sr mod"]}, "initramfs.modules[0]", "kernel module name"),
+    ({"policy": "list", "modules": []}, "initramfs.modules", "find the live medium"),
+    ({"drop": ["/usr/lib/firmware"]}, "initramfs.drop[0]", "relative to the initramfs root"),
+    ({"drop": ["usr/../etc"]}, "initramfs.drop[0]", "without '..'"),
+    ({"compression": "lzop"}, "initramfs.compression", "zstd, lz4, xz, gzip"),
+    ({"compression": "lz4", "level": 3}, "initramfs.compression", "'lz4' in packages"),
+    ({"level": 20}, "initramfs.level", "between 1 and 19"),
+    ({"colour": 1}, "initramfs.colour", "unknown key"),
+    ({"mask_units": ["pstore"]}, "mask_units[0]", "systemd unit file name"),
+])
+def test_bad_initramfs_settings_name_the_key(tmp_path: Path, change: dict, key: str, words: str) -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if "mask_units" in change:
+        data.update(change)
+    else:
+        data["initramfs"].update(change)
+    path = tmp_path / "image.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: {key}: " in str(err.value) and words in str(err.value)
+
+
+def test_initramfs_section_is_optional(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    del data["initramfs"]
+    path = tmp_path / "image.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).initramfs == DEFAULT_INITRAMFS
 
 
 def test_snapshot_mirror_disables_valid_until(tmp_path: Path) -> None:
@@ -121,7 +243,7 @@ def test_boot_files_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_built_base(built_pipeline) -> None:
+def test_built_base(built_pipeline, tmp_path: Path) -> None:
     p = built_pipeline.paths
     manifest = dict(line.split("\t")[:2] for line in p.manifest.read_text().splitlines())
     for pkg in ("live-boot", "systemd-sysv", "python3", "python3-venv", "firmware-bnx2x", "systemd-resolved"):
@@ -141,3 +263,19 @@ def test_built_base(built_pipeline) -> None:
                              capture_output=True, text=True, check=True).stdout
     assert "scripts/live" in listing and "lib/live/boot/9990-overlay.sh" in listing
     assert "squashfs.ko" in listing and "overlay.ko" in listing
+    # The initramfs section: the live medium's drivers, no network drivers or firmware (initramfs.drop).
+    for module in ("sr_mod.ko", "isofs.ko", "ahci.ko", "usb-storage.ko", "uas.ko", "virtio_blk.ko"):
+        assert f"/{module}" in listing, module
+    assert "kernel/drivers/net/" not in listing and "usr/lib/firmware/" not in listing
+    assert _forced_modules(p.initrd, tmp_path) == [], "the initrd must not load drivers whatever the hardware"
+    for unit in built_pipeline.cfg.mask_units:
+        assert (p.rootfs / "etc/systemd/system" / unit).readlink() == Path("/dev/null"), unit
+    assert p.initrd.read_bytes()[:4] == b"\x28\xb5\x2f\xfd", "zstd-compressed (initramfs.compression)"
+
+
+def _forced_modules(initrd: Path, tmp: Path) -> list[str]:
+    """The modules the initrd loads at boot whatever the hardware (its conf/modules)."""
+    subprocess.run(f"zstd -dc {initrd} | cpio -id --quiet conf/modules", shell=True, cwd=tmp, check=True)
+    listed = tmp / "conf/modules"
+    lines = listed.read_text().splitlines() if listed.exists() else []
+    return [line for line in lines if line.strip() and not line.startswith("#")]

@@ -80,6 +80,13 @@ def test_plan_per_way(tmp_path: Path, way: qemu.BootWay) -> None:
         assert not vars_copy.exists() and not any("pflash" in a for a in argv)
 
 
+def test_workdir_follows_the_build_directory(tmp_path: Path) -> None:
+    # Engineers boot ISOs of their own build directories on one machine: never the same files.
+    assert smoke.workdir_for(tmp_path / "build/boot/out/x.iso") == tmp_path / "build/boot/smoke"
+    assert smoke.workdir_for(smoke.default_iso()) == smoke.DEFAULT_WORKDIR
+    assert smoke.workdir_for(tmp_path / "elsewhere/my.iso") == smoke.DEFAULT_WORKDIR / "my"
+
+
 def test_matrix_refuses_a_missing_iso(tmp_path: Path) -> None:
     with pytest.raises(qemu.QemuError, match="no such ISO; build it first"):
         smoke.run_matrix(tmp_path / "nope.iso", tmp_path)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from failback_replicator import PROTOCOL_VERSION
 from failback_replicator.blockio import zero_digest
+from failback_replicator.buffers import BufferPool
 from failback_replicator.tlsconf import PairingError, TlsFiles, require_identity, server_context
 from failback_replicator.wire import (
     CODEC_NAMES,
@@ -240,8 +241,8 @@ class _Session:
 
     def op_digests(self, msg: dict) -> None:
         i, vol = self._vol(msg)
-        for first, part in vol.scan():
-            self.conn.send_digests(i, first, part)
+        for first, packed in vol.scan():
+            self.conn.send_digests(i, first, [packed])
         self.conn.send_json({"op": "DIGESTS", "volume": i, "generation": vol.generation})
 
     def op_scan(self, msg: dict) -> None:
@@ -280,23 +281,30 @@ class _Session:
         self.conn.send_json({"op": "READ", "volume": i, "count": len(indices)})
 
     def _stream(self, i: int, vol: SourceVolume, indices: Iterable[int]) -> None:
-        """Reader thread prepares blocks (read, digest, compress); this thread sends them."""
-        q: queue.Queue = queue.Queue(maxsize=4)
+        """Reader thread prepares blocks (read, digest, compress); this thread sends them.
+
+        Blocks live in a fixed pool of buffers (queue + one being read + one being sent), so a
+        slow replicator costs the agent no memory: the reader waits for the sender, which waits
+        for TCP."""
+        depth = 4
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        pool = BufferPool(depth + 2, vol.block_size)
         encoder = self.encoder
         stop = threading.Event()
 
         def reader() -> None:
             try:
                 for b in indices:
+                    buf = pool.get()
                     if stop.is_set():
                         return
-                    data, d = vol.read(b)
+                    data, d = vol.read(b, buf)
                     zero = d == zero_digest(len(data))
                     if encoder is not None:
                         codec, payload = encoder.encode(data, zero)
                     else:
                         codec, payload = (CODEC_ZERO, b"") if zero else (CODEC_RAW, data)
-                    q.put((b, codec, len(data), d, payload))
+                    q.put((b, codec, len(data), d, payload, buf))
                 q.put(None)
             except BaseException as exc:
                 q.put(exc)
@@ -310,11 +318,14 @@ class _Session:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                b, codec, raw_len, d, payload = item
+                b, codec, raw_len, d, payload, buf = item
                 self.conn.send_block(i, b, codec, raw_len, d, payload)
+                pool.put(buf)
         finally:
             stop.set()
-            while t.is_alive():
+            while t.is_alive():  # unblock the reader: it may wait on a full queue or for a buffer
                 with contextlib.suppress(queue.Empty):
-                    q.get(timeout=0.1)
+                    item = q.get(timeout=0.1)
+                    if isinstance(item, tuple):
+                        pool.put(item[-1])
             t.join()

@@ -8,6 +8,8 @@ import hashlib
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,3 +222,42 @@ class RecordingReporter:
 
     def names(self, kind: str) -> list:
         return [args for name, args in self.calls if name == kind]
+
+
+# Runs in the measured child: records its own peak RSS (VmHWM) as it exits, then runs the module
+# (or -c code) given after it, as `python -m` / `python -c` would.
+_PEAK_PROBE = """
+import atexit, os, runpy, sys
+def _record_peak():
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["FAILBACK_PEAK_RSS_FILE"], "w") as f:
+        f.write(kib)
+atexit.register(_record_peak)
+if sys.argv[1] == "-c":
+    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+    exec(compile(code, "<measured>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def run_measuring_peak_rss(
+    args: list[str], peak_file: Path, timeout: float = 600, **popen: object
+) -> tuple[subprocess.CompletedProcess, int]:
+    """Runs `python <args>` (a module and its arguments, or -c CODE ...) as a child process; returns
+    its result and the child's own peak RSS in KiB (VmHWM, which the child reads as it exits).
+
+    Not ru_maxrss (nor RUSAGE_CHILDREN, nor wait4's rusage): Linux carries the parent's peak RSS
+    over fork+exec into the child's figure, so a child of a big test process would "peak" at the
+    size of its parent. That is how one CI run saw a 40 MiB replicator at 3.3 GiB.
+    """
+    peak_file.unlink(missing_ok=True)
+    env = {**os.environ, **popen.pop("env", {}), "FAILBACK_PEAK_RSS_FILE": str(peak_file)}  # type: ignore[dict-item]
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, *args], env=env, capture_output=True, text=True, timeout=timeout, **popen
+    )  # type: ignore[call-overload]
+    if not peak_file.exists():
+        raise RuntimeError(f"child exited ({proc.returncode}) without recording its peak RSS: {proc.stderr[-2000:]}")
+    return proc, int(peak_file.read_text())

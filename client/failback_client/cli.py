@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from failback_client import __version__
@@ -11,7 +12,8 @@ from failback_client.console import Console, ConsoleReleased
 from failback_client.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ClientError
 from failback_client.logs import REDACTOR, install_excepthook, setup_logging
 from failback_client.mapping import MappingError
-from failback_client.settings import DM_VALUE_FORMATS, Settings, from_arguments
+from failback_client.seed import Seed
+from failback_client.settings import DM_VALUE_FORMATS, Settings, from_arguments_and_seed
 
 log = logging.getLogger("failback_client")
 
@@ -26,6 +28,7 @@ environment variables (arguments win over them):
   DEVICE_MAPPING                               --device-mapping
   NO_PROMPT=1                                  --no-prompt
   https_proxy                                  HTTPS proxy for DRS and S3
+  (and the seed: client/SEED.md; arguments > environment > seed > prompt)
 
 test and development hooks (unset on the LiveCD):
   FAILBACK_SYSROOT=DIR       read /proc, /sys, /dev, /etc and /run under DIR (recorded trees)
@@ -35,11 +38,16 @@ test and development hooks (unset on the LiveCD):
   FAILBACK_PLAIN=1           plain lines instead of rich output
   FAILBACK_AGENT_PORT=N      TCP port checked on the recovery instance instead of 1500
   FAILBACK_FIX_CLOCK=0|1     never/always correct a skewed clock (default: only on the LiveCD, as root)
+  FAILBACK_NO_SEED=1         do not look for a seed (FBSEED volume, failback.* kernel arguments)
+  FAILBACK_WORK_DIR=DIR      where the replication software is unpacked and runs (default /var/lib/failback)
+  FAILBACK_CHECK_ONLY=1      --check-only
+  REBOOT=0                   --no-reboot
 
 exit status:
-  0 done (this version stops before downloading the replication software), 2 bad or missing argument,
+  0 failback completed (or stopped by StopFailback, or --check-only done), 2 bad or missing argument,
   3 credentials/region/endpoint/clock, 4 no recovery instance, 5 no valid volume mapping,
-  6 connectivity or linking failed, 7 DRS refused a call, 130 interrupted
+  6 connectivity or linking failed, 7 DRS refused a call, 8 downloading, configuring, pairing or
+  running the replication software failed, 130 interrupted
 """
 
 
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt", action="store_true",
                    help="never ask: anything missing is an error naming its argument and variable")
     p.add_argument("--log-console", action="store_true", help="also write the log to the console (stderr)")
+    p.add_argument("--no-reboot", action="store_true",
+                   help="after a completed failback, do not eject the medium and reboot (also REBOOT=0)")
+    p.add_argument("--check-only", action="store_true",
+                   help="stop after the connectivity checks (guide step 12): download, pair and write nothing")
     p.add_argument("--log-file", metavar="LOG_FILE",
                    help="log file (created mode 0600; default /var/log/failback-client.log when writable)")
     p.add_argument("--version", action="version", version=f"failback-client {__version__}")
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # Secrets given as arguments or variables are redacted from the very first line of output.
     REDACTOR.add(args.secret_access_key, args.session_token)
     try:
-        settings = from_arguments(args)
+        settings = from_arguments_and_seed(args, load_seed())
         REDACTOR.add(*settings.secrets())
         log_path = setup_logging(log_file=settings.log_file, log_console=settings.log_console)
         console = Console(plain=True if settings.plain else None, lock_path=settings.console_lock)
@@ -106,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return status
+
+
+def load_seed() -> Seed:
+    """The seed from the kernel command line and a FBSEED volume (client/SEED.md); FAILBACK_NO_SEED=1 skips it."""
+    from failback_client.seed import Seed, load_local
+    from failback_client.settings import ENV_SYSROOT, env_flag
+
+    if env_flag(os.environ, "FAILBACK_NO_SEED"):
+        return Seed()
+    return load_local(os.environ.get(ENV_SYSROOT) or "/")
 
 
 def _run(settings: Settings, console: Console) -> int:

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from failback_client.errors import UsageError
@@ -39,6 +40,9 @@ ENV_INCLUDE_LOOP = "FAILBACK_INCLUDE_LOOP"  # offer loop devices as local disks 
 ENV_PLAIN = "FAILBACK_PLAIN"  # force plain line output (no rich)
 ENV_AGENT_PORT = "FAILBACK_AGENT_PORT"  # TCP port checked on the recovery instance instead of DRS's (1500)
 ENV_FIX_CLOCK = "FAILBACK_FIX_CLOCK"  # 1: correct a skewed clock even off the LiveCD; 0: never correct it
+ENV_REBOOT = "REBOOT"  # 0: after a completed failback, do not eject the medium and reboot (seed key too)
+ENV_WORK_DIR = "FAILBACK_WORK_DIR"  # where the replication software is unpacked and runs (default /var/lib/failback)
+ENV_CHECK_ONLY = "FAILBACK_CHECK_ONLY"  # 1: stop after the connectivity checks (guide step 12), write nothing
 
 RECOVERY_INSTANCE_ID_RE = re.compile(r"^i-[0-9a-fA-F]{8,}$")
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -79,7 +83,11 @@ class Settings:
     plain: bool = False
     fix_clock: bool | None = None  # None: only on the LiveCD
     agent_port: int | None = None
+    reboot: bool = True  # eject the medium and reboot after a completed failback (LiveCD only)
+    work_dir: str | None = None  # None: /var/lib/failback
+    check_only: bool = False
     origin: dict[str, str] = field(default_factory=dict)  # setting -> "argument --x" / "variable X" / "prompt"
+    seed: Any = field(default=None, repr=False)  # failback_client.seed.Seed read at start (client/SEED.md)
 
     @property
     def endpoint_known(self) -> bool:
@@ -197,6 +205,9 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         raise UsageError(f"environment variable {ENV_AGENT_PORT}={port!r} is not a TCP port number")
     s.agent_port = int(port) if port else None
     s.fix_clock = env_flag(env, ENV_FIX_CLOCK) if ENV_FIX_CLOCK in env else None
+    s.reboot = not getattr(args, "no_reboot", False) and env_flag(env, ENV_REBOOT, default=True)
+    s.work_dir = env.get(ENV_WORK_DIR) or None
+    s.check_only = bool(getattr(args, "check_only", False)) or env_flag(env, ENV_CHECK_ONLY)
     return s
 
 
@@ -206,3 +217,53 @@ def missing_error(name: str, what: str) -> UsageError:
     return UsageError(
         f"{what} is missing and --no-prompt forbids asking: give {argument} or set {' or '.join(variables)}"
     )
+
+
+# ---- the seed (client/SEED.md): arguments > environment > seed > prompt --------------------------------------
+
+
+def from_arguments_and_seed(args: argparse.Namespace, seed: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """from_arguments() with the seed's values below the environment's; origins name the seed and its line."""
+    env = os.environ if env is None else env
+    s = from_arguments(args, {**seed.env(), **env})
+    _seed_origins(s, seed, env)
+    s.seed = seed
+    return s
+
+
+def _seed_origins(s: Settings, seed: Any, env: Mapping[str, str]) -> None:
+    for name, (_argument, variables) in SOURCES.items():
+        origin = s.origin.get(name, "")
+        for var in variables:
+            if origin.startswith(f"variable {var}") and var not in env and var in seed:
+                s.origin[name] = seed.values[var].origin + origin[len(f"variable {var}"):]
+
+
+def fill_from_seed(s: Settings, seed: Any) -> list[str]:
+    """Fill the settings still unset (no argument, variable or earlier seed gave them) from a later seed
+    (the URL's, fetched once the network is up). Returns the names it filled."""
+    later = from_arguments(argparse.Namespace(default_endpoint=False, endpoint=None, dm_value_format=None,
+                                              no_prompt=False, log_console=False, log_file=None), seed.env())
+    _seed_origins(later, seed, {})
+    filled = []
+    for name in SOURCES:
+        if name not in s.origin and name in later.origin:
+            setattr(s, name, getattr(later, name))
+            s.origin[name] = later.origin[name]
+            if name == "endpoint":
+                s.default_endpoint = later.default_endpoint
+            filled.append(name)
+    if s.s3_endpoint is None and later.s3_endpoint:
+        s.s3_endpoint = later.s3_endpoint
+        filled.append("s3_endpoint")
+    if s.agent_port is None and later.agent_port:
+        s.agent_port = later.agent_port
+        filled.append("agent_port")
+    if not s.no_prompt and later.no_prompt:
+        s.no_prompt = True
+        filled.append("no_prompt")
+    earlier = s.seed.values if s.seed is not None else {}
+    if "REBOOT" in seed and "REBOOT" not in os.environ and "REBOOT" not in earlier and hasattr(later, "reboot"):
+        s.reboot = later.reboot
+        filled.append("reboot")
+    return filled

@@ -1,32 +1,40 @@
-"""The failback client's console workflow: preflight -> arguments/prompts -> identify -> map -> verify.
+"""The failback client's console workflow: preflight -> arguments/prompts -> identify -> map -> verify ->
+download -> configure -> pair -> replicate -> finish (guide steps 5-19).
 
-Downloading and pairing the replication software (guide steps 13-16) are not in this version: the workflow
-stops cleanly after step 12 with exit status 0 and says so.
+With --check-only (FAILBACK_CHECK_ONLY=1) it stops cleanly after the connectivity checks of step 12.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from failback_client import __version__
 from failback_client.api import DrsApi
+from failback_client.configure import ReplicationSetup, check_config, mapped_volumes, write_config
 from failback_client.console import Console
 from failback_client.devices import LocalDisk
-from failback_client.errors import EXIT_OK, ClockError, ConnectivityError, CredentialsError
+from failback_client.download import download_software
+from failback_client.errors import EXIT_OK, ClientError, ClockError, ConnectivityError, CredentialsError
+from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, report_completion
 from failback_client.identify import choose, local_identity, recovery_disks
 from failback_client.map_volumes import choose_mapping, show_mapping
-from failback_client.mapping import to_api
+from failback_client.mapping import MappedVolume, to_api
+from failback_client.pairing import create_key_and_csr, install_certificates, tls_paths
 from failback_client.preflight import Preflight, correct_clock, gather, may_fix_clock, measure_skew
 from failback_client.prompts import complete_settings
+from failback_client.replicate import Outcome, Supervisor
+from failback_client.replication_api import ReplicationApi
 from failback_client.settings import Settings
-from failback_client.verify import StepReporter, replication_target, service_targets, tcp_problem
+from failback_client.verify import StepReporter, Target, replication_target, service_targets, tcp_problem
 
 log = logging.getLogger(__name__)
 
-STOP_MESSAGE = ("Downloading and pairing the replication software is not available in this version; "
-                "the failback client stops here (steps 13-16 of the guide come in a later version).")
+STOP_MESSAGE = ("--check-only: every check passed; the failback client stops here without downloading the "
+                "replication software or writing to any disk.")
+DEFAULT_WORK_DIR = "/var/lib/failback"  # on the LiveCD: the RAM-backed root (nothing of it survives a reboot)
 
 
 def run_preflight(settings: Settings, console: Console) -> Preflight:
@@ -164,5 +172,78 @@ def run(settings: Settings, console: Console) -> int:
             console.error(p)
         raise ConnectivityError(f"{len(problems)} connectivity check(s) failed; fix them and start the client again")
 
-    console.info(STOP_MESSAGE)
+    if settings.check_only:
+        console.info(STOP_MESSAGE)
+        return EXIT_OK
+    rapi = ReplicationApi(api, client_id, choice.id)
+    original = bool(choice.original_server or link.get("failbackToOriginalServer"))
+    return replicate(settings, console, api, rapi, steps, volumes, replication, original)
+
+
+def _step(steps: StepReporter, rapi: ReplicationApi, name: str, error: str, action):  # type: ignore[no-untyped-def]
+    """Run one initiation step: IN_PROGRESS, then SUCCEEDED, or FAILED with the DRS error name reported."""
+    steps.set(name, "IN_PROGRESS")
+    try:
+        result = action()
+    except ClientError as e:
+        steps.set(name, "FAILED")
+        try:
+            rapi.update_info(dataReplicationError={"error": error, "rawError": str(e)[:1000]})
+        except ClientError as report_error:
+            log.warning("could not report %s: %s", error, report_error)
+        raise
+    return result
+
+
+def replicate(settings: Settings, console: Console, api: DrsApi, rapi: ReplicationApi, steps: StepReporter,
+              volumes: list[MappedVolume], agent: Target, original_server: bool) -> int:
+    """Steps 13-19: download, configure, pair, replicate until Failback (or StopFailback), finish."""
+    work = Path(settings.work_dir or DEFAULT_WORK_DIR)
+    run_dir, tls_dir = work / "run", work / "tls"
+
+    console.info(f"Downloading the replication software for {settings.region}...")
+    software = _step(steps, rapi, "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+                     "FAILED_TO_DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+                     lambda: download_software(settings.region or "", settings.s3_endpoint, work / "software"))
+    steps.set("DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT", "SUCCEEDED")
+    console.ok(f"Replication software {software.version} downloaded, sha512 verified ({software.sha512[:16]}...)")
+
+    def configure() -> ReplicationSetup:
+        bandwidth = api.replication_configuration(rapi.ids["recoveryInstanceID"]).get("bandwidthThrottling")
+        setup = ReplicationSetup(
+            recovery_instance_id=rapi.ids["recoveryInstanceID"], client_id=rapi.ids["failbackClientID"],
+            agent_host=agent.host, agent_port=agent.port, volumes=mapped_volumes(volumes), rescan=original_server,
+            bandwidth_mbps=bandwidth or None, state_dir=work / "state", tls=tls_paths(tls_dir))
+        check_config(software, write_config(setup, run_dir / "replicator.json"))
+        return setup
+
+    setup = _step(steps, rapi, "CONFIGURE_REPLICATION_SOFTWARE", "FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE", configure)
+    steps.set("CONFIGURE_REPLICATION_SOFTWARE", "SUCCEEDED")
+    console.info("Replication: " + ("rescan (original server: only blocks that differ are sent)" if setup.rescan
+                                    else "full sync (another server: every block is sent)")
+                 + (f", bandwidth limited to {setup.bandwidth_mbps} Mbps" if setup.bandwidth_mbps else ""))
+
+    def pair() -> None:
+        csr = create_key_and_csr(tls_dir, setup.client_id)
+        issued = rapi.issue_certificate(csr)
+        install_certificates(tls_dir, setup.client_id, issued["certificate"], issued["caCertificate"])
+        setup.agent_identity = issued["agentCommonName"]
+        check_config(software, write_config(setup, run_dir / "replicator.json"))
+        console.ok(f"Certificate issued for {setup.client_id}; pairing with agent {setup.agent_identity} at "
+                   f"{agent.address}")
+
+    _step(steps, rapi, "PAIR_AGENT_WITH_REPLICATION_SOFTWARE", "FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE", pair)
+    # PAIR_AGENT_WITH_REPLICATION_SOFTWARE succeeds when the replication software's TLS handshake does.
+
+    supervisor = Supervisor(software, setup, run_dir / "replicator.json", rapi, steps, console)
+    outcome = supervisor.run()
+    if outcome is Outcome.STOPPED:
+        console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
+                     "and nothing more is written. Start the failback client again to fail back later.")
+        return EXIT_OK
+    targets = [Path(target) for _, target in setup.volumes]
+    after_final_sync(targets, console, settings)
+    report_completion(rapi, console)
+    console.ok(SUCCESS_MESSAGE)
+    finish(settings, console)
     return EXIT_OK

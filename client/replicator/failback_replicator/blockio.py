@@ -50,6 +50,20 @@ def read_block(fd: int, index: int, size: int, block_size: int) -> bytes:
     return data
 
 
+def read_block_into(fd: int, index: int, size: int, block_size: int, buf: bytearray) -> memoryview:
+    """Like read_block, into a caller's reusable buffer (no 1 MiB allocation, zeroing and page
+    faults per block); returns the view of the block's bytes inside `buf`."""
+    off, length = block_span(index, size, block_size)
+    view = memoryview(buf)[:length]
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:]], off + got)
+        if not n:
+            raise OSError(f"unexpected end of volume at offset {off + got}")
+        got += n
+    return view
+
+
 def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -58,10 +72,11 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> Non
         offset += n
 
 
-def drop_cache(fd: int) -> None:
-    """Ask the kernel to forget cached pages so a verification pass reads what is on the device."""
+def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to forget cached pages (of a range; 0 = to the end) so a read-back reads what
+    is on the device. Only clean pages go: call it after fdatasync."""
     with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}

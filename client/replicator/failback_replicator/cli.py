@@ -6,7 +6,9 @@ and CommandSource) or start this program. Then:
   `--command-file` (one word: CONTINUE, FINAL_SYNC, STOP, COMPLETE; optional second word = Mbps);
 - state goes to the console (progress lines), the log, and `--status-file` (JSON, replaced
   atomically on every report) for a supervising process to forward to the control plane.
-Exit status: 0 final sync completed, 3 stopped by the service, 2 bad configuration, 1 failed.
+`--check-config` only validates the configuration (the client runs it at CONFIGURE_REPLICATION_SOFTWARE).
+Exit status: 0 final sync completed (or configuration usable), 3 stopped by the service, 2 bad configuration,
+1 failed.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-file", type=Path, default=None)
     p.add_argument("--log-file", type=Path, default=None)
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between plain progress lines")
+    p.add_argument("--check-config", action="store_true",
+                   help="only check the configuration file (exit 0 if usable, 2 if not) and exit")
     args = p.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"failback-replicator: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(f"failback-replicator: configuration {args.config} is usable", flush=True)
+        return 0
     commands = FileCommandSource(args.command_file)
     signal.signal(signal.SIGUSR1, lambda *_: commands.set(Command.FINAL_SYNC))
     signal.signal(signal.SIGTERM, lambda *_: commands.set(Command.STOP))

@@ -19,7 +19,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +34,10 @@ from .blockio import (
     drop_cache,
     is_block_device,
     open_volume,
-    read_block,
+    read_block_into,
     write_all,
 )
+from .buffers import BufferPool, window_for
 from .config import ConfigError, ReplicatorConfig, VolumeMapping
 from .interfaces import (
     Command,
@@ -49,10 +52,11 @@ from .interfaces import (
     StateReporter,
     StepStatus,
 )
-from .journal import Journal
+from .journal import DigestTable, Journal
 from .throttle import TokenBucket
 from .tlsconf import PairingError, client_context, require_identity
 from .wire import (
+    BLOCK_HEADER_SIZE,
     DIGEST_SIZE,
     FRAME_BLOCK,
     FRAME_DIGESTS,
@@ -62,7 +66,7 @@ from .wire import (
     ProtocolError,
     available_codecs,
     parse_block,
-    parse_digests,
+    parse_digest_frame,
     parse_json,
     to_ranges,
 )
@@ -105,7 +109,9 @@ class Stats:
     blocks_received: int = 0  # every block that arrived, checkpointed or not (resume cost)
     transfer_seconds: float = 0.0  # time spent streaming blocks
     ready_seconds: float | None = None  # run() start -> first consistency attained
-    fetched_by_volume: dict[str, list[int]] = field(default_factory=dict)
+    # Every block index fetched, in order (tests, benchmark): 8 bytes a block in an array('q'),
+    # not ~40 in a list of ints, since it grows for as long as continuous replication runs.
+    fetched_by_volume: dict[str, array] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,11 +126,12 @@ class _Target:
     generation: int = 0  # agent generation the local copy is known to match
     need_bytes: int = 0
     # Blocks whose on-disk contents have not been read back since this process wrote them (or since
-    # it started: a reboot may have happened). The verification pass re-reads exactly these.
-    readback: set[int] = field(default_factory=set)
+    # it started: a reboot may have happened): one byte per block, 1 = to read back. The
+    # verification pass re-reads exactly these.
+    readback: bytearray = field(default_factory=bytearray)
 
     @property
-    def local(self) -> list[bytes | None]:
+    def local(self) -> DigestTable:
         return self.journal.verified
 
 
@@ -235,7 +242,7 @@ class Replicator:
                 )
             t.index = index
             if t.journal is None or t.size != size:
-                t.readback = set(range(block_count(size, self.cfg.block_size)))
+                t.readback = bytearray(b"\x01") * block_count(size, self.cfg.block_size)
                 t.size = size
                 t.blocks = block_count(size, self.cfg.block_size)
                 identity = {
@@ -471,13 +478,13 @@ class Replicator:
                 self._report_error(ReplicationError.NOT_CONVERGING, f"{n} block(s) still differ after {rounds} rounds")
             self._fetch_all(conn, need)
 
-    def _compare(self, conn: Connection, reread_local: bool) -> dict[int, list[int]]:
+    def _compare(self, conn: Connection, reread_local: bool) -> dict[int, Sequence[int]]:
         """Asks the agent for fresh digests of every volume and lists the blocks that differ locally."""
-        need: dict[int, list[int]] = {}
+        need: dict[int, Sequence[int]] = {}
         for t in self._targets:
-            if not reread_local and not self.cfg.rescan and all(d is None for d in t.local):
+            if not reread_local and not self.cfg.rescan and t.local.known == 0:
                 # A full sync with nothing verified yet: every block is needed, no digests to compare.
-                need[t.index] = list(range(t.blocks))
+                need[t.index] = range(t.blocks)
                 t.need_bytes = t.size
                 t.progress.backlogged_bytes, t.progress.replicated_bytes = t.size, 0
                 log.info("%s: full sync of %d blocks (%d bytes)", t.mapping.recovery_device, t.blocks, t.size)
@@ -488,27 +495,32 @@ class Replicator:
             indices: list[int] = []
             if reread_local:
                 # Verification: read back whatever this process wrote (or never read) since its last read.
-                indices = sorted(t.readback | {i for i in range(t.blocks) if t.local[i] is None})
+                marks = bytearray(t.readback)
+                for i in t.local.unknown():
+                    marks[i] = 1
+                indices = [i for i, m in enumerate(marks) if m]
                 drop_cache(t.fd)
             elif self.cfg.rescan:
-                indices = [i for i in range(t.blocks) if t.local[i] is None]
+                indices = list(t.local.unknown())
             local_jobs = []
             if indices:
-                # Two readers: hashing releases the GIL, so a local rescan uses both cores of a small box.
+                # Two readers: hashing releases the GIL, so a local rescan uses both cores of a small
+                # box -- and runs while the agent digests its side (the DIGESTS request goes out now).
                 for part in (indices[0::2], indices[1::2]):
                     job = threading.Thread(target=self._digest_local, args=(t, part, local_result))
                     job.start()
                     local_jobs.append(job)
             conn.send_json({"op": "DIGESTS", "volume": t.index})
-            source: list[bytes] = []
+            # The source's digests, packed (32 bytes a block): compared with the local table at the end.
+            source = bytearray()
             while True:
                 ftype, body = conn.recv_frame()
                 if ftype == FRAME_DIGESTS:
-                    vol, first, digs = parse_digests(body)
-                    if vol != t.index or first != len(source):
+                    vol, first, packed = parse_digest_frame(body)
+                    if vol != t.index or first != len(source) // DIGEST_SIZE:
                         raise ProtocolError("digest frames out of order")
-                    source.extend(digs)
-                    t.progress.rescanned_bytes = min(t.size, len(source) * self.cfg.block_size)
+                    source += packed
+                    t.progress.rescanned_bytes = min(t.size, len(source) // DIGEST_SIZE * self.cfg.block_size)
                     self._report_progress()
                 elif ftype == FRAME_JSON:
                     msg = parse_json(body)
@@ -520,13 +532,13 @@ class Replicator:
                     break
                 else:
                     raise ProtocolError(f"unexpected frame type {ftype} in a digest list")
-            if len(source) != t.blocks:
-                raise ProtocolError(f"agent sent {len(source)} digests for {t.blocks} blocks")
+            if len(source) != t.blocks * DIGEST_SIZE:
+                raise ProtocolError(f"agent sent {len(source) // DIGEST_SIZE} digests for {t.blocks} blocks")
             for job in local_jobs:
                 job.join()
             if local_result:
                 raise local_result[0]
-            differ = [i for i in range(t.blocks) if t.local[i] != source[i]]
+            differ = t.local.differing(source)
             need[t.index] = differ
             t.need_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in differ)
             t.progress.backlogged_bytes = t.need_bytes
@@ -544,10 +556,12 @@ class Replicator:
 
     def _digest_local(self, t: _Target, indices: list[int], result: list) -> None:
         try:
+            buf = bytearray(self.cfg.block_size)  # one per reader thread, reused for every block
             for i in indices:
-                t.local[i] = block_digest(read_block(t.fd, i, t.size, self.cfg.block_size))
+                d = block_digest(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
                 with self._stats_lock:
-                    t.readback.discard(i)
+                    t.local[i] = d
+                    t.readback[i] = 0
                     self.stats.local_blocks_read += 1
         except BaseException as exc:  # surfaced in the calling thread
             result.append(exc)
@@ -565,39 +579,84 @@ class Replicator:
         self._in_sync_since = time.monotonic()
 
     # ------------------------------------------------------------------ block transfer
-    def _fetch_all(self, conn: Connection, need: dict[int, list[int]]) -> None:
+    def _fetch_all(self, conn: Connection, need: dict[int, Sequence[int]]) -> None:
         for t in self._targets:
             blocks = need.get(t.index, [])
             if blocks:
                 self._fetch(conn, t, blocks)
 
-    def _fetch(self, conn: Connection, t: _Target, wanted: list[int]) -> None:
+    def _fetch(self, conn: Connection, t: _Target, wanted: Sequence[int]) -> None:
         """Streams `wanted` blocks from the agent into the target, checkpointing the journal.
 
-        Two batches are requested ahead so the link never idles during a checkpoint; a writer
-        thread verifies and writes while this thread receives (decryption and hashing overlap).
+        This thread receives (decryption); a writer thread decodes, verifies, writes and
+        checkpoints (fdatasync + journal) in order, so the link keeps flowing during a checkpoint.
+        The next batch is requested before the current one is received, so the agent never idles.
+        Memory: every block between the socket and the disk sits in one buffer of a fixed pool
+        (`window_for(block_size)` buffers); when the writer falls behind, this thread waits for a
+        free buffer and TCP flow control stops the agent.
         """
+        bs = self.cfg.block_size
         # Each checkpoint rewrites the whole journal (32 bytes per block): on big volumes checkpoint
         # less often so journal writes stay under ~5 % of the data written.
-        cp = max(self.cfg.checkpoint_blocks, t.blocks * DIGEST_SIZE * 20 // self.cfg.block_size)
+        cp = max(self.cfg.checkpoint_blocks, t.blocks * DIGEST_SIZE * 20 // bs)
         batches = [wanted[i : i + cp] for i in range(0, len(wanted), cp)]
         t.journal.mark_inflight(batches[0])
         t.journal.save()
-        work: queue.Queue = queue.Queue(maxsize=8)
+        pool = BufferPool(window_for(bs), bs + BLOCK_HEADER_SIZE)
+        # Unbounded in type only: block items each hold a pool buffer, and there is one checkpoint
+        # item per batch (a batch is longer than the pool, so at most two are ever queued).
+        work: queue.SimpleQueue = queue.SimpleQueue()
+        checkpoints: deque[dict[int, bytes]] = deque()  # made durable by the writer, reported here
+        to_read_back: queue.SimpleQueue = queue.SimpleQueue()  # checkpointed batches, for the verifier
         failures: list[int] = []
-        done: dict[int, bytes] = {}
         errors: list[BaseException] = []
+
+        def verifier() -> None:
+            """Reads each checkpointed batch back from the device while the transfer goes on, so the
+            verification pass after the sync has (almost) nothing left to re-read."""
+            buf = bytearray(bs)
+            while (batch := to_read_back.get()) is not None:
+                if errors:
+                    continue
+                try:
+                    for start, count in to_ranges(batch):
+                        drop_cache(t.fd, start * bs, count * bs)
+                    for i in batch:
+                        if not t.readback[i]:
+                            continue
+                        d = block_digest(read_block_into(t.fd, i, t.size, bs, buf))
+                        with self._stats_lock:
+                            self.stats.local_blocks_read += 1
+                            if d != t.local[i]:  # the device does not hold what was written
+                                log.warning("%s block %d reads back wrong", t.mapping.recovery_device, i)
+                                t.local[i] = d  # the verification pass will see it differ: refetched
+                            t.readback[i] = 0
+                except BaseException as exc:
+                    errors.append(exc)
 
         def writer() -> None:
             decoder = Decoder()
-            while True:
-                item = work.get()
-                try:
-                    if item is None:
-                        return
+            done: dict[int, bytes] = {}
+            while (item := work.get()) is not None:
+                if len(item) == 2:  # checkpoint: data durable first, then the journal says so
+                    batch, nxt = item
                     if errors:
                         continue
-                    index, codec, raw_len, dig, payload = item
+                    try:
+                        os.fdatasync(t.fd)
+                        verified = {i: done.pop(i) for i in batch if i in done}
+                        with self._stats_lock:
+                            t.journal.mark_verified(verified, nxt)
+                        t.journal.save()
+                        checkpoints.append(verified)
+                        to_read_back.put(list(verified))
+                    except BaseException as exc:
+                        errors.append(exc)
+                    continue
+                index, codec, raw_len, dig, payload, buf = item
+                try:
+                    if errors:
+                        continue
                     data = decoder.decode(codec, payload, raw_len)
                     if block_digest(data) != dig:
                         failures.append(index)
@@ -605,79 +664,85 @@ class Replicator:
                             "%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index
                         )
                         continue
-                    off, length = block_span(index, t.size, self.cfg.block_size)
+                    off, length = block_span(index, t.size, bs)
                     if length != raw_len:
                         raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
                     write_all(t.fd, data, off)
-                    t.readback.add(index)
+                    t.readback[index] = 1
                     done[index] = dig
                 except BaseException as exc:
                     errors.append(exc)
                 finally:
-                    work.task_done()
+                    del payload
+                    pool.put(buf)
 
         thread = threading.Thread(target=writer, name="replicator-writer", daemon=True)
         thread.start()
+        checker = threading.Thread(target=verifier, name="replicator-read-back", daemon=True)
+        checker.start()
         started = time.perf_counter()
         try:
-            sent = 0
-            for k in range(min(1, len(batches))):
-                self._request(conn, t, batches[k])
-                sent += 1
+            self._request(conn, t, batches[0])
             for k, batch in enumerate(batches):
-                if sent < len(batches):
-                    self._request(conn, t, batches[sent])
-                    sent += 1
+                if k + 1 < len(batches):
+                    self._request(conn, t, batches[k + 1])
                 self._check_stop()
                 want = set(batch)
                 for _ in range(len(batch)):
-                    ftype, body = conn.recv_frame()
-                    if ftype == FRAME_JSON:
-                        msg = parse_json(body)
-                        raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
-                    if ftype != FRAME_BLOCK:
-                        raise ProtocolError(f"expected a block, got frame type {ftype}")
-                    vol, index, codec, raw_len, dig, payload = parse_block(body)
-                    if vol != t.index or index not in want:
-                        raise ProtocolError(f"unrequested block {vol}/{index}")
+                    buf = pool.get()
+                    try:
+                        ftype, body = conn.recv_frame(buf, limit=bs + BLOCK_HEADER_SIZE)
+                        if ftype == FRAME_JSON:
+                            msg = parse_json(body)
+                            raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
+                        if ftype != FRAME_BLOCK:
+                            raise ProtocolError(f"expected a block, got frame type {ftype}")
+                        vol, index, codec, raw_len, dig, payload = parse_block(body)
+                        if vol != t.index or index not in want:
+                            raise ProtocolError(f"unrequested block {vol}/{index}")
+                    except BaseException:
+                        pool.put(buf)
+                        raise
                     self._bucket.consume(len(body))
                     self.stats.blocks_received += 1
-                    work.put((index, codec, raw_len, dig, payload))
+                    work.put((index, codec, raw_len, dig, payload, buf))
                     if errors:
                         raise errors[0]
                 self._expect(conn, "READ")
-                work.join()
+                work.put((batch, batches[k + 1] if k + 1 < len(batches) else []))
+                self._report_checkpoints(t, checkpoints)
                 if errors:
                     raise errors[0]
-                # Checkpoint: data durable first, then the journal says so (and names the next batch).
-                os.fdatasync(t.fd)
-                nxt = batches[k + 1] if k + 1 < len(batches) else []
-                verified = {i: done.pop(i) for i in batch if i in done}
-                t.journal.mark_verified(verified, nxt)
-                t.journal.save()
-                n_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in verified)
-                self.stats.blocks_fetched += len(verified)
-                self.stats.bytes_written += n_bytes
-                self.stats.fetched_by_volume.setdefault(t.mapping.recovery_device, []).extend(verified)
-                self._meter.add(n_bytes)
-                t.need_bytes = max(0, t.need_bytes - n_bytes)
-                t.progress.backlogged_bytes = t.need_bytes
-                t.progress.replicated_bytes = min(t.size, t.progress.replicated_bytes + n_bytes)
-                t.progress.rate_bps = self._meter.rate
-                self._report_progress()
-            if failures:
-                self.stats.digest_failures += len(failures)
-                if self.stats.digest_failures > 64:
-                    raise ProtocolError(f"{self.stats.digest_failures} blocks failed verification: link corrupts data")
-                retry = sorted(set(failures))
-                failures.clear()
-                self._fetch(conn, t, retry)
         finally:
             work.put(None)
             thread.join()
+            to_read_back.put(None)
+            checker.join()
+            self._report_checkpoints(t, checkpoints)  # whatever the writer made durable meanwhile
             self.stats.transfer_seconds += time.perf_counter() - started
+        if errors:
+            raise errors[0]
+        if failures:
+            self.stats.digest_failures += len(failures)
+            if self.stats.digest_failures > 64:
+                raise ProtocolError(f"{self.stats.digest_failures} blocks failed verification: link corrupts data")
+            self._fetch(conn, t, sorted(set(failures)))
 
-    def _request(self, conn: Connection, t: _Target, batch: list[int]) -> None:
+    def _report_checkpoints(self, t: _Target, checkpoints: deque[dict[int, bytes]]) -> None:
+        while checkpoints:
+            verified = checkpoints.popleft()
+            n_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in verified)
+            self.stats.blocks_fetched += len(verified)
+            self.stats.bytes_written += n_bytes
+            self.stats.fetched_by_volume.setdefault(t.mapping.recovery_device, array("q")).extend(verified)
+            self._meter.add(n_bytes)
+            t.need_bytes = max(0, t.need_bytes - n_bytes)
+            t.progress.backlogged_bytes = t.need_bytes
+            t.progress.replicated_bytes = min(t.size, t.progress.replicated_bytes + n_bytes)
+            t.progress.rate_bps = self._meter.rate
+            self._report_progress()
+
+    def _request(self, conn: Connection, t: _Target, batch: Sequence[int]) -> None:
         conn.send_json({"op": "READ", "volume": t.index, "blocks": to_ranges(batch)})
 
     # ------------------------------------------------------------------ reporting

@@ -38,6 +38,7 @@ DEFAULT_BLOCK_SIZE = 1024 * 1024
 _HEADER = struct.Struct("!BI")
 # volume index, block index, codec, raw length, digest
 _BLOCK = struct.Struct("!HQBI32s")
+BLOCK_HEADER_SIZE = _BLOCK.size  # a BLOCK frame is at most this + the block size (never sent bigger)
 _DIGESTS = struct.Struct("!HQ")
 
 # Compression is tried on a sample first: when the sample does not shrink below this ratio the
@@ -171,14 +172,16 @@ class Connection:
             got += n
         self.bytes_in += len(view)
 
-    def recv_frame(self) -> tuple[int, memoryview]:
+    def recv_frame(self, into: bytearray | None = None, limit: int = MAX_FRAME) -> tuple[int, memoryview]:
+        """The next frame. With `into`, a frame that fits is received into that (reused) buffer and
+        the returned view points into it; `limit` refuses bigger frames before allocating anything."""
         self._recv_exact(self._hdr)
         ftype, length = _HEADER.unpack(self._hdr)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"peer announced a frame of {length} bytes (limit {MAX_FRAME})")
-        body = bytearray(length)
+        if length > min(limit, MAX_FRAME):
+            raise ProtocolError(f"peer announced a frame of {length} bytes (limit {min(limit, MAX_FRAME)})")
+        body = memoryview(into)[:length] if into is not None and length <= len(into) else memoryview(bytearray(length))
         self._recv_exact(body)
-        return ftype, memoryview(body)
+        return ftype, body
 
     def recv_json(self) -> dict[str, Any]:
         ftype, body = self.recv_frame()
@@ -204,11 +207,19 @@ def parse_block(body: memoryview) -> tuple[int, int, int, int, bytes, memoryview
     return volume, index, codec, raw_len, dig, body[_BLOCK.size :]
 
 
-def parse_digests(body: memoryview) -> tuple[int, int, list[bytes]]:
+def parse_digest_frame(body: memoryview) -> tuple[int, int, memoryview]:
+    """(volume, first block, the packed digests: 32 bytes a block)."""
+    if len(body) < _DIGESTS.size:
+        raise ProtocolError("short digest frame")
     volume, first = _DIGESTS.unpack_from(body)
     rest = body[_DIGESTS.size :]
     if len(rest) % DIGEST_SIZE:
         raise ProtocolError("digest frame length is not a multiple of the digest size")
+    return volume, first, rest
+
+
+def parse_digests(body: memoryview) -> tuple[int, int, list[bytes]]:
+    volume, first, rest = parse_digest_frame(body)
     return volume, first, [bytes(rest[i : i + DIGEST_SIZE]) for i in range(0, len(rest), DIGEST_SIZE)]
 
 

@@ -14,6 +14,14 @@
 # NETMASK may be dotted (255.255.255.0) or a prefix length (24). DNS may list several
 # servers separated by commas or spaces.
 #
+# HTTPS_PROXY=http://host:port (with or without CONFIG_NETWORK) sets the HTTPS proxy the
+# client uses for DRS and S3 (kept in /run/failback/network.env, read by the launcher);
+# HTTPS_PROXY= (set but empty) removes it. The replication stream (TCP 1500) never goes
+# through the proxy.
+#
+# The failback client itself runs this with RESTART_CLIENT=0 to apply a static address
+# asked at its prompt (or given in its seed) without restarting itself.
+#
 # For tests: FAILBACK_ROOT prefixes the paths it reads and writes (/etc, /sys) and
 # FAILBACK_ADDR_TIMEOUT bounds the wait for the address (seconds, default 30).
 set -u
@@ -89,6 +97,78 @@ first_wired_nic() {
 		fi
 	done
 	return 1
+}
+
+# proxy_problem VALUE: prints why VALUE is not a proxy URL (never the value: it may hold a password).
+proxy_problem() {
+	p=$1
+	case $p in
+	http://* | https://*) p=${p#*://} ;;
+	*://*)
+		echo "the HTTPS proxy must be written http://host:port (or host:port)"
+		return 0
+		;;
+	esac
+	p=${p%/}
+	p=${p##*@}
+	case $p in
+	*/* | *\?*)
+		echo "the HTTPS proxy must be only http://host:port (no path)"
+		return 0
+		;;
+	*:*) ;;
+	*)
+		echo "the HTTPS proxy needs a port, e.g. http://proxy.example.com:3128"
+		return 0
+		;;
+	esac
+	host=${p%:*}
+	port=${p##*:}
+	case $host in
+	'' | *[!A-Za-z0-9.-]*)
+		echo "the HTTPS proxy's host name is not valid"
+		return 0
+		;;
+	esac
+	case $port in
+	'' | *[!0-9]* | 0*)
+		echo "the HTTPS proxy's port is not a number 1-65535"
+		return 0
+		;;
+	esac
+	[ ${#port} -le 5 ] && [ "$port" -le 65535 ] || echo "the HTTPS proxy's port is not a number 1-65535"
+}
+
+check_proxy() {
+	[ -n "${HTTPS_PROXY+set}" ] || return 0
+	[ -n "$HTTPS_PROXY" ] || return 0
+	case $HTTPS_PROXY in
+	*"'"* | *" "* | *"	"*) die "HTTPS_PROXY: the proxy URL must not contain quotes or spaces" ;;
+	esac
+	why=$(proxy_problem "$HTTPS_PROXY")
+	[ -z "$why" ] || die "HTTPS_PROXY: $why"
+}
+
+write_proxy() {
+	[ -n "${HTTPS_PROXY+set}" ] || return 0
+	envdir=$root/run/failback
+	if [ -z "$HTTPS_PROXY" ]; then
+		rm -f "$envdir/network.env"
+		echo "$prog: HTTPS proxy removed"
+		return 0
+	fi
+	case $HTTPS_PROXY in
+	*://*) url=$HTTPS_PROXY ;;
+	*) url=http://$HTTPS_PROXY ;;
+	esac
+	mkdir -p "$envdir" || die "cannot create $envdir"
+	(
+		umask 077
+		# Single quotes: the launcher reads this with the shell; the checks above allow no quote.
+		printf "https_proxy='%s'\nHTTPS_PROXY='%s'\n" "$url" "$url" >"$envdir/.network.env.tmp"
+	) || die "cannot write $envdir/network.env"
+	mv -f "$envdir/.network.env.tmp" "$envdir/network.env" || die "cannot write $envdir/network.env"
+	echo "$prog: HTTPS proxy set for DRS and S3 (the replication stream on TCP 1500 stays direct)"
 }
 
 restart_client() {
@@ -182,9 +262,14 @@ config_network() {
 	echo "$prog: $nic is up with $IPADDR/$prefix"
 }
 
+check_proxy
 case ${CONFIG_NETWORK:-} in
 1 | yes | true) config_network ;;
 '' | 0 | no | false) ;;
 *) die "CONFIG_NETWORK='$CONFIG_NETWORK': use CONFIG_NETWORK=1 to configure a static address" ;;
 esac
-restart_client
+write_proxy
+case ${RESTART_CLIENT:-1} in
+0) ;;
+*) restart_client ;;
+esac

@@ -1,0 +1,77 @@
+"""The DRS calls made while the replication software runs (guide steps 15-19), over the workflow's boto3 client.
+
+Errors become one sentence through `api.explain`, like the workflow's own calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import botocore.exceptions
+
+from failback_client.api import DrsApi, explain
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1000  # rawError / message: keep what DRS shows short
+
+
+class ReplicationApi:
+    def __init__(self, api: DrsApi, client_id: str, recovery_instance_id: str) -> None:
+        self.api = api
+        self.client = api.client
+        self.ids = {"failbackClientID": client_id, "recoveryInstanceID": recovery_instance_id}
+
+    @contextlib.contextmanager
+    def _calling(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            log.info("%s failed: %s", action, e)
+            raise explain(e, self.api.settings, action) from None
+
+    def issue_certificate(self, csr_pem: str) -> dict[str, Any]:
+        with self._calling("asking DRS to sign the replication software's certificate (IssueAgentCertificateForDrs)"):
+            return self.client.issue_agent_certificate_for_drs(**self.ids, certificateSigningRequest=csr_pem)
+
+    def update_info(self, **fields: Any) -> str | None:
+        """UpdateAgentReplicationInfoForDrs with only the given fields; returns the failback state."""
+        with self._calling("reporting the replication state to DRS"):
+            return self.client.update_agent_replication_info_for_drs(**self.ids, **fields).get("failbackState")
+
+    def progress(self, disks: list[dict[str, Any]], lag_seconds: int | None, eta: str | None,
+                 throughput: int | None) -> None:
+        fields: dict[str, Any] = {"replicatedDisks": disks}
+        if lag_seconds is not None:
+            fields["lagSeconds"] = max(0, int(lag_seconds))
+        if eta:
+            fields["etaDateTime"] = eta
+        if throughput is not None:
+            fields["throughputBytesPerSecond"] = max(0, int(throughput))
+        with self._calling("reporting replication progress to DRS"):
+            self.client.notify_agent_replication_progress_for_drs(**self.ids, **fields)
+
+    def connected(self, version: str) -> None:
+        with self._calling("telling DRS the replication software reached the agent"):
+            self.client.notify_agent_connected_for_drs(**self.ids, agentVersion=version[:255])
+
+    def disconnected(self, error: str | None, message: str | None) -> None:
+        fields: dict[str, Any] = {}
+        if error:
+            fields["error"] = error
+        if message:
+            fields["message"] = message[:MAX_MESSAGE]
+        with self._calling("telling DRS the link to the agent is down"):
+            self.client.notify_agent_disconnected_for_drs(**self.ids, **fields)
+
+    def consistency_attained(self, when: str, final_sync: bool) -> str | None:
+        with self._calling("telling DRS the volumes are consistent"):
+            return self.client.notify_consistency_attained_for_drs(
+                **self.ids, consistencyDateTime=when, finalSync=final_sync).get("failbackState")
+
+    def command(self) -> dict[str, Any]:
+        with self._calling("asking DRS what to do next (GetFailbackCommandForDrs)"):
+            return self.client.get_failback_command_for_drs(**self.ids)

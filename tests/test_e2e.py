@@ -1,0 +1,33 @@
+"""The whole failback in QEMU (image/e2e.py, `inv e2e`): the ISO boots (TCG, 1 GiB) with an empty disk and a
+seed volume, the client runs unattended against the control plane, S3 and the agent on the host, the test
+presses Failback, the guest completes and reboots, and its disk equals the source volume.
+
+The ISO: FAILBACK_E2E_ISO if set, else build/e2e's (`inv build -b build/e2e`) if built, else the session's
+default build (CI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from image.e2e import E2EOptions, default_iso, run_e2e
+
+
+@pytest.mark.e2e
+@pytest.mark.root
+def test_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    iso = Path(os.environ["FAILBACK_E2E_ISO"]) if os.environ.get("FAILBACK_E2E_ISO") else default_iso()
+    if not iso.is_file():
+        iso = request.getfixturevalue("built_iso")
+    res = run_e2e(E2EOptions(iso=iso, work=tmp_path))
+    print(f"\ne2e: ready after {res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s, QEMU {res.boot_outcome}")
+    print(f"source sha512: {res.source_sha512}\ntarget sha512: {res.target_sha512}")
+    detail = "\n".join(res.notes)
+    assert res.job_status == "COMPLETED", detail
+    assert res.failback_state == "FAILBACK_COMPLETED", detail
+    assert res.target_sha512 == res.source_sha512, detail
+    # REBOOT=1 in the seed: after reporting completion the guest ejects its medium and restarts
+    assert res.boot_outcome == "matched", detail
