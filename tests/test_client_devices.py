@@ -45,6 +45,15 @@ def test_boot_medium_by_mount_only(tmp_path: Path) -> None:
     assert not any(d.boot_medium for d in discover(str(root)))
 
 
+def test_seed_volume_is_never_a_target(tmp_path: Path) -> None:
+    """A FAT seed stick labelled FBSEED (client/SEED.md) is read for settings, never offered as a target disk."""
+    root = tmp_path / "root"
+    shutil.copytree(BIOS_ROOT, root, symlinks=True)
+    assert [d.name for d in targets(discover(str(root)))] == ["sda", "sdb"]
+    (root / "dev/disk/by-label/FBSEED").symlink_to("../../sdb")
+    assert [d.name for d in targets(discover(str(root)))] == ["sda"]
+
+
 def test_missing_sysfs_gives_no_disks(tmp_path: Path) -> None:
     assert discover(str(tmp_path)) == []
 

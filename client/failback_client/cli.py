@@ -42,12 +42,14 @@ test and development hooks (unset on the LiveCD):
   FAILBACK_WORK_DIR=DIR      where the replication software is unpacked and runs (default /var/lib/failback)
   FAILBACK_CHECK_ONLY=1      --check-only
   REBOOT=0                   --no-reboot
+  CONVERT=0                  --no-convert
 
 exit status:
   0 failback completed (or stopped by StopFailback, or --check-only done), 2 bad or missing argument,
   3 credentials/region/endpoint/clock, 4 no recovery instance, 5 no valid volume mapping,
   6 connectivity or linking failed, 7 DRS refused a call, 8 downloading, configuring, pairing or
-  running the replication software failed, 130 interrupted
+  running the replication software failed, 9 conversion failed (disks left as replicated),
+  130 interrupted
 """
 
 
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-console", action="store_true", help="also write the log to the console (stderr)")
     p.add_argument("--no-reboot", action="store_true",
                    help="after a completed failback, do not eject the medium and reboot (also REBOOT=0)")
+    p.add_argument("--no-convert", action="store_true",
+                   help="after the final sync, leave the restored volumes as replicated: do not adapt the restored "
+                        "system to this machine's drivers, disks and network (also CONVERT=0)")
     p.add_argument("--check-only", action="store_true",
                    help="stop after the connectivity checks (guide step 12): download, pair and write nothing")
     p.add_argument("--log-file", metavar="LOG_FILE",

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 SECTOR = 512
 BOOT_LABEL = "DRSFAILBACK"
+SEED_LABEL = "FBSEED"  # the unattended seed volume (client/SEED.md): read, never a failback target
 LIVE_MEDIUM_MOUNT = "/run/live/medium"
 SKIP_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd")
 PERSISTENT_KINDS = ("by-path", "by-id", "by-uuid")
@@ -133,7 +134,8 @@ def discover(root: str = "/", *, include_loop: bool = False) -> list[LocalDisk]:
         members = {name, *parts}
         labels = {label for member in members for label in links["by-label"].get(member, [])}
         disk.boot_medium = bool(
-            members & live or BOOT_LABEL in labels or _iso_volume_id(root, name) == BOOT_LABEL
+            members & live or labels & {BOOT_LABEL, SEED_LABEL}
+            or _iso_volume_id(root, name) in (BOOT_LABEL, SEED_LABEL)
         )
         disks.append(disk)
     return disks

@@ -33,11 +33,19 @@ RB_AUTOBOOT = 0x01234567  # reboot(2): LINUX_REBOOT_CMD_RESTART
 
 
 def after_final_sync(targets: list[Path], console: Console, settings: Settings) -> None:
-    """HOOK for the lead: call conversion here, i.e.
-    `failback_client.convert.convert(targets, console, options)` (issue 7), after the verified final sync and
-    before the completion report. A conversion failure must raise a ClientError so that no completion is
-    reported. Until it is wired in, the restored volumes are left exactly as replicated."""
-    log.info("conversion hook: not wired in yet; targets %s left as replicated", ", ".join(map(str, targets)))
+    """Conversion (guide step 18, failback_client.convert) after the verified final sync and before the
+    completion report. A failure raises a ClientError so that no completion is reported: conversion has put
+    back every file it changed, the disks are as replicated, and running the client again re-runs it."""
+    if not settings.convert:
+        console.info("Conversion skipped (CONVERT=0 / --no-convert): the restored volumes are left as replicated")
+        return
+    from failback_client.convert import convert
+
+    report = convert(targets, console)
+    if not report.ok:
+        raise ClientError(f"Conversion failed at step '{report.failed_step}': {report.error}. The disks are as "
+                          "replicated (changed files were put back); fix the cause and start the client again",
+                          exit_status=9)
 
 
 def report_completion(rapi: ReplicationApi, console: Console) -> str | None:

@@ -42,7 +42,7 @@ CLIENT_KEYS: tuple[str, ...] = (
 )
 NETWORK_KEYS: tuple[str, ...] = ("IPADDR", "NETMASK", "GATEWAY", "DNS", "NIC", "HTTPS_PROXY")
 STATIC_KEYS: tuple[str, ...] = ("IPADDR", "NETMASK", "GATEWAY", "DNS")
-KEYS: tuple[str, ...] = (*CLIENT_KEYS, *NETWORK_KEYS, "REBOOT")
+KEYS: tuple[str, ...] = (*CLIENT_KEYS, *NETWORK_KEYS, "REBOOT", "CONVERT")
 SECRET_KEYS: frozenset[str] = frozenset({"AWS_SECRET_KEY", "AWS_SESSION_TOKEN"})
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -96,7 +96,7 @@ def value_problem(key: str, value: str) -> str | None:
         except MappingError as e:
             return f"not a device mapping: {e.reason}"
         return None
-    if key in ("NO_PROMPT", "REBOOT"):
+    if key in ("NO_PROMPT", "REBOOT", "CONVERT"):
         return None if yes_no(v) is not None else f"{v!r} is not a yes/no value; use 1 or 0"
     if key == "FAILBACK_AGENT_PORT":
         return None if v.isdigit() and 0 < int(v) < 65536 else f"{v!r} is not a TCP port number (1-65535)"

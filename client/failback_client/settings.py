@@ -42,6 +42,7 @@ ENV_AGENT_PORT = "FAILBACK_AGENT_PORT"  # TCP port checked on the recovery insta
 ENV_FIX_CLOCK = "FAILBACK_FIX_CLOCK"  # 1: correct a skewed clock even off the LiveCD; 0: never correct it
 ENV_REBOOT = "REBOOT"  # 0: after a completed failback, do not eject the medium and reboot (seed key too)
 ENV_WORK_DIR = "FAILBACK_WORK_DIR"  # where the replication software is unpacked and runs (default /var/lib/failback)
+ENV_CONVERT = "CONVERT"  # 0: leave the restored volumes as replicated (no conversion after the final sync)
 ENV_CHECK_ONLY = "FAILBACK_CHECK_ONLY"  # 1: stop after the connectivity checks (guide step 12), write nothing
 
 RECOVERY_INSTANCE_ID_RE = re.compile(r"^i-[0-9a-fA-F]{8,}$")
@@ -86,6 +87,7 @@ class Settings:
     reboot: bool = True  # eject the medium and reboot after a completed failback (LiveCD only)
     work_dir: str | None = None  # None: /var/lib/failback
     check_only: bool = False
+    convert: bool = True  # adapt the restored system to this machine after the final sync (guide step 18)
     origin: dict[str, str] = field(default_factory=dict)  # setting -> "argument --x" / "variable X" / "prompt"
     seed: Any = field(default=None, repr=False)  # failback_client.seed.Seed read at start (client/SEED.md)
 
@@ -208,6 +210,7 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     s.reboot = not getattr(args, "no_reboot", False) and env_flag(env, ENV_REBOOT, default=True)
     s.work_dir = env.get(ENV_WORK_DIR) or None
     s.check_only = bool(getattr(args, "check_only", False)) or env_flag(env, ENV_CHECK_ONLY)
+    s.convert = not getattr(args, "no_convert", False) and env_flag(env, ENV_CONVERT, default=True)
     return s
 
 
@@ -266,4 +269,7 @@ def fill_from_seed(s: Settings, seed: Any) -> list[str]:
     if "REBOOT" in seed and "REBOOT" not in os.environ and "REBOOT" not in earlier and hasattr(later, "reboot"):
         s.reboot = later.reboot
         filled.append("reboot")
+    if "CONVERT" in seed and "CONVERT" not in os.environ and "CONVERT" not in earlier:
+        s.convert = later.convert
+        filled.append("convert")
     return filled

@@ -22,6 +22,7 @@ from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, re
 from failback_client.identify import choose, local_identity, recovery_disks
 from failback_client.map_volumes import choose_mapping, show_mapping
 from failback_client.mapping import MappedVolume, to_api
+from failback_client.network import direct_note, prepare_network
 from failback_client.pairing import create_key_and_csr, install_certificates, tls_paths
 from failback_client.preflight import Preflight, correct_clock, gather, may_fix_clock, measure_skew
 from failback_client.prompts import complete_settings
@@ -110,6 +111,7 @@ def connect(settings: Settings, console: Console) -> DrsApi:
 
 def run(settings: Settings, console: Console) -> int:
     pre = run_preflight(settings, console)
+    prepare_network(settings, console)
     api = connect(settings, console)
 
     identity = local_identity(settings.sysroot)
@@ -157,7 +159,8 @@ def run(settings: Settings, console: Console) -> int:
         problems.append(problem)
         steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "FAILED")
     else:
-        console.ok(f"Reached {replication.what} at {replication.address}")
+        note = direct_note()
+        console.ok(f"Reached {replication.what} at {replication.address}" + (f" ({note})" if note else ""))
         steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "SUCCEEDED")
         api.seen(client_id, choice.id)
     for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint,
