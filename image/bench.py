@@ -113,8 +113,8 @@ class BenchReport:
                     line += f"   against {other_cpu:6.1f} s"
                 out.append(line)
         if self.way_baseline_cpu:
-            out.append("  QEMU CPU = host CPU seconds of the guest: steadier than seconds on a loaded machine, but it "
-                       "leaves out the boot menu's countdown (the guest sleeps)")
+            out.append("  QEMU CPU = host CPU seconds of the guest: on an idle machine about the seconds (TCG, and "
+                       "boot loaders busy-wait), on a loaded one much steadier than them")
         if self.against is not None:
             out.append(f"  against = {self.against}, booted right after each way")
         return "\n".join(out)

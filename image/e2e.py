@@ -9,6 +9,13 @@ QEMU's user-mode network. Once DRS shows the recovery instance Ready, the Failba
 (StartFailbackLaunch); the guest does the final sync, reports completion (the job becomes COMPLETED), and
 reboots (QEMU runs with -no-reboot, so the reboot ends it). Then the guest disk's digest must equal the source
 volume's. Prints `source sha512: <hex>` and `target sha512: <hex>`.
+
+With `convert` (the default), the recovery instance has a second volume: a bootable cloud-like Debian disk
+(image/convert_fixture.py: NVMe names in fstab and GRUB, an NVMe-only initramfs, a MAC-pinned network). The
+guest replicates it too and converts it after the final sync (guide step 18); when the guest has rebooted, the
+host boots that converted disk on the same machine model (virtio-blk, not NVMe) and it must reach its marker
+line with a DHCP address. The data volume's digests are compared (conversion leaves a disk without an
+operating system as replicated); the OS volume is expected to differ from its source by the conversion.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ class E2EOptions:
     memory_mib: int = 1024
     timeout: float = 2400.0
     way: str = "seabios-cd"  # Linux servers boot the client in BIOS mode (user guide)
+    convert: bool = True  # also replicate, convert and boot a cloud-like OS volume (issue: conversion)
+    converted_boot_timeout: float = 600.0
 
 
 @dataclass
@@ -70,11 +79,16 @@ class E2EResult:
     boot_outcome: str  # "matched": the guest rebooted (the kernel's restart line)
     serial_log: Path
     notes: list[str] = field(default_factory=list)
+    converted_boot: str = "not run"  # "matched": the converted OS volume booted to its marker with an address
+    converted_boot_line: str = ""
+    converted_boot_seconds: float = 0.0
+    converted: bool = False  # whether the run included the OS volume
 
     @property
     def ok(self) -> bool:
         return (self.source_sha512 == self.target_sha512 and self.job_status == "COMPLETED"
-                and self.failback_state == "FAILBACK_COMPLETED" and self.boot_outcome == "matched")
+                and self.failback_state == "FAILBACK_COMPLETED" and self.boot_outcome == "matched"
+                and (not self.converted or self.converted_boot == "matched"))
 
 
 def _random_credential() -> Any:
@@ -182,10 +196,15 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     started = time.monotonic()
     source = make_source(work / "source.img", opts.source_mib, opts.fill_mib)
     size = source.stat().st_size
-    target = work / "target.img"
-    target.unlink(missing_ok=True)
-    with open(target, "wb") as f:
-        f.truncate(opts.target_mib * MiB)
+    target = blank_disk(work / "target.img", opts.target_mib * MiB)
+    # volume name on the recovery instance -> (source image, local device in the guest, target image)
+    volumes = {"/dev/nvme1n1": (source, "/dev/vdb" if opts.convert else "/dev/vda", target)}
+    if opts.convert:
+        from image.convert_fixture import cloud_fixture, copy_image
+
+        os_source = copy_image(cloud_fixture().image, work / "os-source.img")
+        os_target = blank_disk(work / "os-target.img", os_source.stat().st_size)
+        volumes = {"/dev/nvme0n1": (os_source, "/dev/vda", os_target), **volumes}
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -194,10 +213,13 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     credential = _random_credential()
     seed = parse_seed({
         "source_servers": [{"id": SOURCE_SERVER, "hostname": "e2e01", "nics": [{"mac": OTHER_MAC}],
-                            "disks": [{"device": "/dev/sda", "bytes": size}]}],
+                            "disks": [{"device": f"/dev/sd{chr(97 + i)}", "bytes": v[0].stat().st_size}
+                                      for i, v in enumerate(volumes.values())]}],
         "recovery_instances": [{"id": RECOVERY_INSTANCE, "source_server": SOURCE_SERVER, "private_ip": GUEST_HOST,
                                 "use_private_ip": True,
-                                "disks": [{"device": "/dev/nvme0n1", "bytes": size, "source_device": "/dev/sda"}]}],
+                                "disks": [{"device": name, "bytes": v[0].stat().st_size,
+                                           "source_device": f"/dev/sd{chr(97 + i)}"}
+                                          for i, (name, v) in enumerate(volumes.items())]}],
     })
     state = work / "controlplane.db"
     state.unlink(missing_ok=True)
@@ -208,7 +230,7 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         version = publish_assets(f"http://127.0.0.1:{moto_port}", work / "assets")
         ca, cert, key = agent_certificate(plane, work / "agent-tls")
         agent = AgentServer(AgentConfig(recovery_instance_id=RECOVERY_INSTANCE,
-                                        volumes=[VolumeSpec("/dev/nvme0n1", source)],
+                                        volumes=[VolumeSpec(name, v[0]) for name, v in volumes.items()],
                                         tls=TlsFiles(ca=ca, cert=cert, key=key), paired_clients=LinkedClient(plane),
                                         port=0, watch_interval=1.0)).start()
         plane_port = int(plane.url.rsplit(":", 1)[1])
@@ -217,20 +239,23 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         build_seed_image(seed_img, kind="fat", sets=[
             f"AWS_REGION={REGION}", f"AWS_ACCESS_KEY={credential.access_key}",
             f"AWS_SECRET_KEY={credential.secret_key}", f"AWS_DRS_ENDPOINT=http://{GUEST_HOST}:{plane_port}",
-            f"RECOVERY_INSTANCE_ID={RECOVERY_INSTANCE}", "DEVICE_MAPPING=/dev/nvme0n1=/dev/vda", "NO_PROMPT=1",
+            f"RECOVERY_INSTANCE_ID={RECOVERY_INSTANCE}",
+            "DEVICE_MAPPING=" + ",".join(f"{name}={v[1]}" for name, v in volumes.items()), "NO_PROMPT=1",
             f"FAILBACK_S3_ENDPOINT=http://{GUEST_HOST}:{moto_port}", f"FAILBACK_AGENT_PORT={agent.port}",
             "REBOOT=1"])
-        log.info("e2e: replication software %s in S3 at :%d, control plane %s, agent :%d, source %d bytes",
-                 version, moto_port, plane.url, agent.port, size)
+        log.info("e2e: replication software %s in S3 at :%d, control plane %s, agent :%d, volumes %s",
+                 version, moto_port, plane.url, agent.port,
+                 ", ".join(f"{n} ({v[0].stat().st_size} bytes) -> {v[1]}" for n, v in volumes.items()))
 
         way = qemu.boot_way(opts.way)
         serial = work / "serial.log"
         qmp = qemu.short_socket_path("e2e-qmp")
         argv = qemu.iso_argv(way, image=opts.iso, serial_log=serial, qmp_socket=qmp, memory_mib=opts.memory_mib)
-        # The empty disk the recovery volume lands on (virtio: /dev/vda), then the seed volume (/dev/vdb).
-        argv += ["-drive", f"if=none,id=target,file={target},format=raw",
-                 "-device", "virtio-blk-pci,drive=target,bootindex=1",
-                 "-drive", f"if=none,id=seed,file={seed_img},format=raw,readonly=on",
+        # The empty disks the recovery volumes land on (virtio, in order: /dev/vda, /dev/vdb), then the seed.
+        for i, (_source, _device, tgt) in enumerate(sorted(volumes.values(), key=lambda v: v[1])):
+            argv += ["-drive", f"if=none,id=target{i},file={tgt},format=raw",
+                     "-device", f"virtio-blk-pci,drive=target{i}" + (",bootindex=1" if i == 0 else "")]
+        argv += ["-drive", f"if=none,id=seed,file={seed_img},format=raw,readonly=on",
                  "-device", "virtio-blk-pci,drive=seed"]
         boot: dict[str, Any] = {}
 
@@ -291,12 +316,32 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
                         seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial)
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))
+        if opts.convert and outcome == "matched":
+            res.converted = True
+            from image.convert_fixture import boot_disk
+
+            converted = boot_disk(volumes["/dev/nvme0n1"][2], "virtio-blk", work,
+                                  timeout=opts.converted_boot_timeout)
+            res.converted_boot, res.converted_boot_seconds = converted.outcome, converted.seconds
+            res.converted_boot_line = converted.match or ""
+            if converted.outcome != "matched":
+                res.notes.append("converted disk's serial console tail:\n" + converted.tail(40))
+        elif opts.convert:
+            res.converted = True
         return res
     finally:
         if agent is not None:
             agent.stop()
         plane.stop()
         moto.stop()
+
+
+def blank_disk(path: Path, size: int) -> Path:
+    """An empty (sparse) disk image: the local server's disk the failback writes to."""
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
 
 
 def plane_client(plane: Any, credential: Any) -> Any:
@@ -315,11 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iso", type=Path, default=None, help="ISO to boot (default build/e2e/out/...iso)")
     p.add_argument("--work", type=Path, default=DEFAULT_BUILD / "e2e" / "run", help="scratch directory")
     p.add_argument("--timeout", type=float, default=2400.0)
+    p.add_argument("--no-convert", action="store_true",
+                   help="only the data volume: skip the cloud-like OS volume, its conversion and its boot")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    res = run_e2e(E2EOptions(iso=args.iso or default_iso(), work=args.work, timeout=args.timeout))
+    res = run_e2e(E2EOptions(iso=args.iso or default_iso(), work=args.work, timeout=args.timeout,
+                             convert=not args.no_convert))
     print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
           f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
+    if res.converted:
+        print(f"converted OS volume booted on virtio-blk: {res.converted_boot} after "
+              f"{res.converted_boot_seconds:.0f} s ({res.converted_boot_line or 'no marker line'})")
     for note in res.notes:
         print(note)
     print(f"source sha512: {res.source_sha512}")

@@ -352,8 +352,8 @@ class BootResult:
     qemu_output: str = ""
     groups: tuple[str | None, ...] = field(default_factory=tuple)
     # CPU seconds the host spent on this QEMU (user + system, to its exit ~0.5 s after the match).
-    # Unlike `seconds` it hardly moves with the machine's load, but misses time the guest sleeps
-    # (a boot menu's countdown). Only meaningful when no other child process ran alongside.
+    # Unlike `seconds` it hardly moves with the machine's load (it would miss time a guest sleeps, but
+    # under TCG firmware and boot loaders busy-wait). Only meaningful when no other child ran alongside.
     cpu_seconds: float | None = None
 
     def tail(self, lines: int = 30) -> str:

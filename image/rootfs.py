@@ -24,7 +24,8 @@ from image.run import run
 log = logging.getLogger("image.rootfs")
 
 # Bump when the recipe below changes in a way that changes the rootfs.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
+BASE_HOSTNAME = "localhost"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
 BOOTSTRAP_ONLY = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl", "perl",
@@ -143,6 +144,9 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
         "--autoremove " + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
         "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
+        # mmdebstrap copies the build machine's /etc/hostname in: the base would differ from one
+        # build host (or container) to the next. The overlay sets the image's own hostname.
+        f"--customize-hook=echo {BASE_HOSTNAME} > \"$1\"/etc/hostname",
         *mask_hooks(cfg.mask_units),
         d.suite, str(target), *apt_sources(cfg),
     ]

@@ -150,8 +150,8 @@ def test_built_client_venv_runs_in_the_rootfs(built_pipeline) -> None:
     assert not (p.rootfs / venv.lstrip("/")).exists(), "the cached base must stay untouched"
     pycs = list(tree.rglob("failback_client/__pycache__/*.pyc"))
     assert pycs, "bytecode is compiled at build time"
-    # checked-hash pycs: flags field (bytes 4-8) = 0b11, so they hold no source mtime.
-    assert all(pyc.read_bytes()[4:8] == b"\x03\x00\x00\x00" for pyc in pycs)
+    # unchecked-hash pycs: flags field (bytes 4-8) = 0b01 (hash-based, not checked), so no source mtime.
+    assert all(pyc.read_bytes()[4:8] == b"\x01\x00\x00\x00" for pyc in pycs)
     site = subprocess.run(["chroot", str(p.rootfs), "python3", "-c", "import sys; print(sys.version_info[:2])"],
                           capture_output=True, text=True, check=True).stdout
     assert site.strip() == "(3, 11)"

@@ -31,3 +31,8 @@ def test_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     assert res.target_sha512 == res.source_sha512, detail
     # REBOOT=1 in the seed: after reporting completion the guest ejects its medium and restarts
     assert res.boot_outcome == "matched", detail
+    # the OS volume, converted by the guest after the final sync, boots on this machine (virtio-blk, not NVMe)
+    # and gets an address by DHCP (the unconverted image does not: tests/test_convert_linux.py)
+    print(f"converted OS volume: {res.converted_boot} after {res.converted_boot_seconds:.0f} s: "
+          f"{res.converted_boot_line}")
+    assert res.converted and res.converted_boot == "matched", detail

@@ -65,6 +65,7 @@ def test_mmdebstrap_command(tmp_path: Path) -> None:
     assert any("sync-in '" + str(tmp_path / "apt cache") + "'" in c for c in cmd), "cache path must be quoted"
     assert not any("Check-Valid-Until" in c for c in cmd)
     assert any("machine-id" in c for c in cmd)
+    assert '--customize-hook=echo localhost > "$1"/etc/hostname' in cmd, "not the build machine's name"
 
 
 def test_initramfs_files_from_the_definition() -> None:
@@ -250,6 +251,7 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
         assert pkg in manifest, pkg
     assert not [m for m in manifest if m.startswith(("grub", "shim"))], "boot loaders do not belong in the base"
     assert (p.rootfs / "etc/machine-id").read_bytes() == b""
+    assert (p.rootfs / "etc/hostname").read_text() == "localhost\n", "the build host's name must not leak in"
     assert not list((p.rootfs / "var/cache/apt/archives").glob("*.deb")), "downloads must not stay in the base"
     assert list(p.apt_cache.glob("*.deb")), "downloads are kept for the next cold build"
     assert not list((p.rootfs / "usr/share/man").rglob("*.gz")), "man pages are excluded"
@@ -268,6 +270,13 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
         assert f"/{module}" in listing, module
     assert "kernel/drivers/net/" not in listing and "usr/lib/firmware/" not in listing
     assert _forced_modules(p.initrd, tmp_path) == [], "the initrd must not load drivers whatever the hardware"
+    # initramfs.drop must not break a kept module: every dependency depmod recorded is in the initrd.
+    subprocess.run(f"zstd -dc {p.initrd} | cpio -id --quiet 'usr/lib/modules/*/modules.dep'", shell=True,
+                   cwd=tmp_path, check=True)
+    [dep_file] = tmp_path.glob("usr/lib/modules/*/modules.dep")
+    needed = {w.rstrip(":") for line in dep_file.read_text().splitlines() for w in line.split()}
+    absent = sorted(n for n in needed if f"{dep_file.parent.relative_to(tmp_path)}/{n}" not in listing)
+    assert not absent, f"modules.dep names modules the initrd lacks: {absent[:5]}"
     for unit in built_pipeline.cfg.mask_units:
         assert (p.rootfs / "etc/systemd/system" / unit).readlink() == Path("/dev/null"), unit
     assert p.initrd.read_bytes()[:4] == b"\x28\xb5\x2f\xfd", "zstd-compressed (initramfs.compression)"
