@@ -24,8 +24,10 @@ from image.run import run
 log = logging.getLogger("image.rootfs")
 
 # Bump when the recipe below changes in a way that changes the rootfs.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 BASE_HOSTNAME = "localhost"
+BASE_FILES_HOOK = (f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
+                   f' && echo {BASE_HOSTNAME} > "$1"/etc/hostname && chmod 0644 "$1"/etc/hostname')
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
 BOOTSTRAP_ONLY = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl", "perl",
@@ -144,9 +146,10 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
         "--autoremove " + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
         "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
-        # mmdebstrap copies the build machine's /etc/hostname in: the base would differ from one
-        # build host (or container) to the next. The overlay sets the image's own hostname.
-        f"--customize-hook=echo {BASE_HOSTNAME} > \"$1\"/etc/hostname",
+        # mmdebstrap copies the build machine's /etc/hostname in (its content AND mode), and
+        # systemd-resolved's postinst keeps a backup of the build machine's resolv.conf: the base would
+        # differ from one build host (or container) to the next. The overlay sets the image's hostname.
+        f"--customize-hook={BASE_FILES_HOOK}",
         *mask_hooks(cfg.mask_units),
         d.suite, str(target), *apt_sources(cfg),
     ]

@@ -65,7 +65,9 @@ def test_mmdebstrap_command(tmp_path: Path) -> None:
     assert any("sync-in '" + str(tmp_path / "apt cache") + "'" in c for c in cmd), "cache path must be quoted"
     assert not any("Check-Valid-Until" in c for c in cmd)
     assert any("machine-id" in c for c in cmd)
-    assert '--customize-hook=echo localhost > "$1"/etc/hostname' in cmd, "not the build machine's name"
+    hook = next(a for a in cmd if "/etc/hostname" in a)
+    assert hook.startswith("--customize-hook=rm -f ") and 'echo localhost > "$1"/etc/hostname' in hook, hook
+    assert "chmod 0644" in hook and ".resolv.conf.systemd-resolved.bak" in hook, "no build-host file or mode leaks in"
 
 
 def test_initramfs_files_from_the_definition() -> None:
@@ -252,6 +254,8 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     assert not [m for m in manifest if m.startswith(("grub", "shim"))], "boot loaders do not belong in the base"
     assert (p.rootfs / "etc/machine-id").read_bytes() == b""
     assert (p.rootfs / "etc/hostname").read_text() == "localhost\n", "the build host's name must not leak in"
+    assert (p.rootfs / "etc/hostname").stat().st_mode & 0o7777 == 0o644, "nor the build host's file mode"
+    assert not (p.rootfs / "etc/.resolv.conf.systemd-resolved.bak").exists(), "nor its resolv.conf"
     assert not list((p.rootfs / "var/cache/apt/archives").glob("*.deb")), "downloads must not stay in the base"
     assert list(p.apt_cache.glob("*.deb")), "downloads are kept for the next cold build"
     assert not list((p.rootfs / "usr/share/man").rglob("*.gz")), "man pages are excluded"
