@@ -21,7 +21,6 @@ operating system as replicated); the OS volume is expected to differ from its so
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from image.hashes import sha512_file
 from image.paths import DEFAULT_BUILD
 from image.run import run
 
@@ -110,19 +110,6 @@ def make_source(path: Path, size_mib: int, fill_mib: int) -> Path:
         (tree / "data" / f"chunk{i:03d}.bin").write_bytes(rng.randbytes(MiB))
     run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "restored", "-d", str(tree), str(path), f"{size_mib}M"])
     return path
-
-
-def sha512_prefix(path: Path, size: int) -> str:
-    h = hashlib.sha512()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(left, 4 * MiB))
-            if not data:
-                raise E2EError(f"{path} is shorter than {size} bytes")
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
 
 
 def publish_assets(url: str, out: Path) -> str:
@@ -308,8 +295,8 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         if job is not None:
             jobs = plane_client(plane, credential).describe_jobs(filters={"jobIDs": [job["jobID"]]})["items"]
             job_status = jobs[0]["status"] if jobs else "MISSING"
-        src_digest = sha512_prefix(source, size)
-        tgt_digest = sha512_prefix(target, size)
+        src_digest = sha512_file(source, size)
+        tgt_digest = sha512_file(target, size)
         outcome = result.outcome if result is not None else "no result"
         res = E2EResult(source_sha512=src_digest, target_sha512=tgt_digest, job_status=job_status,
                         failback_state=doc["failback"]["state"], seconds_to_ready=ready_at or -1.0,

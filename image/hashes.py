@@ -13,12 +13,21 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
-def sha512_file(path: Path) -> str:
-    """The sha512 of a file, read in 1 MiB chunks (ISOs do not fit in memory comfortably)."""
+def sha512_file(path: Path | str, size: int | None = None) -> str:
+    """The sha512 of a file, read in 1 MiB chunks (ISOs do not fit in memory comfortably); with `size`, of its
+    first `size` bytes only (a disk image compared with a smaller source volume). A shorter file is an error."""
     h = hashlib.sha512()
+    left = size
     with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
+        while left is None or left > 0:
+            chunk = f.read(_CHUNK if left is None else min(left, _CHUNK))
+            if not chunk:
+                break
             h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    if left:
+        raise ValueError(f"{path} ended {left} bytes before the {size} bytes to hash")
     return h.hexdigest()
 
 

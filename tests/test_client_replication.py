@@ -26,16 +26,16 @@ from typing import Any, ClassVar
 from urllib.request import Request, urlopen
 
 import pytest
-from drs_agent.testing import change_blocks
+from drs_agent.testing import CuttingProxy, change_blocks
 from failback_client.download import DownloadError, download_software, unpack
 from failback_client.identify import local_identity
 from failback_client.pairing import PairingError, create_key_and_csr, install_certificates
 
+from image.hashes import sha512_file
 from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
 from tests.test_client_replication_helpers import (
     BUCKET,
     REGION,
-    CutOnceProxy,
     MiB,
     agent_tls_from_controlplane,
     build_test_assets,
@@ -45,7 +45,6 @@ from tests.test_client_replication_helpers import (
     make_ext4,
     publish_assets,
     seed_for,
-    sha512_of,
     start_agent,
     start_moto,
 )
@@ -313,8 +312,8 @@ class Stack:
         digests = {}
         for name, src in self.sources.items():
             size = src.stat().st_size
-            digests[name] = sha512_of(src, size)
-            assert sha512_of(self.devices[name], size) == digests[name], f"{name}: target differs from source"
+            digests[name] = sha512_file(src, size)
+            assert sha512_file(self.devices[name], size) == digests[name], f"{name}: target differs from source"
         return digests
 
 
@@ -371,9 +370,9 @@ def test_full_sync_continuous_writes_and_failback(s3: str, stack_factory, tmp_pa
 
         # the recovery instance keeps running and writing: the change must arrive before Failback is pressed
         change_blocks(src0, [3, 17, 40], 1 * MiB, seed=11)
-        expected = sha512_of(src0, sizes["/dev/nvme0n1"])
+        expected = sha512_file(src0, sizes["/dev/nvme0n1"])
         wait_for("continuous replication of the new writes",
-                 lambda: sha512_of(stack.devices["/dev/nvme0n1"], sizes["/dev/nvme0n1"]) == expected, client, 60)
+                 lambda: sha512_file(stack.devices["/dev/nvme0n1"], sizes["/dev/nvme0n1"]) == expected, client, 60)
 
         job = cp.press_failback(RI)
         status = client.wait(120)
@@ -532,7 +531,7 @@ def test_cut_link_and_killed_replicator_resume(s3: str, stack_factory, tmp_path:
     size = src.stat().st_size
     stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC], bandwidth_mbps=200),
                           {"/dev/nvme0n1": src}, {"/dev/nvme0n1": blank(tmp_path / "t.img", 64 * MiB)})
-    proxy = CutOnceProxy(stack.agent.port, cut_after=12 * MiB)
+    proxy = CuttingProxy(stack.agent.port, cut_after=12 * MiB)
     env = stack.env(s3, FAILBACK_AGENT_PORT=str(proxy.port))
     client = ClientProcess(env, tmp_path / "client.out")
     killed: list[int] = []

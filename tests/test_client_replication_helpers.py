@@ -6,7 +6,6 @@ real agent serving ext4 images with a certificate issued by that control plane.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -77,19 +76,6 @@ def make_ext4(path: Path, size_mib: int, seed: int, fill_mib: int) -> Path:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", f"vol{seed}", "-d", str(tree), str(path),
                     f"{size_mib}M"], check=True, capture_output=True)
     return path
-
-
-def sha512_of(path: Path | str, size: int) -> str:
-    h = hashlib.sha512()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(left, 4 * MiB))
-            if not data:
-                raise AssertionError(f"{path} ended {left} bytes early")
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -189,65 +175,4 @@ def clean_env(env: dict[str, str]) -> dict[str, str]:
     base["PYTHONUNBUFFERED"] = "1"
     return base
 
-
-class CutOnceProxy:
-    """Loopback TCP proxy to the agent that cuts the link once, after `cut_after` bytes from the agent have
-    crossed it (counting every connection: the client's step-12 probe connects first and carries nothing)."""
-
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        import socket
-        import threading
-
-        self.target_port, self.cut_after = target_port, cut_after
-        self.cuts = self.connections = self.forwarded = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._socks: list[Any] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        for s in [self._listener, *self._socks]:
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self._socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, src: Any, dst: Any, from_agent: bool) -> None:
-        import socket
-
-        try:
-            while True:
-                data = src.recv(256 * 1024)
-                if not data:
-                    break
-                dst.sendall(data)
-                if from_agent:
-                    with self._lock:
-                        self.forwarded += len(data)
-                        cut = self.cuts == 0 and self.forwarded >= self.cut_after
-                        if cut:
-                            self.cuts = 1
-                    if cut:
-                        break
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
 

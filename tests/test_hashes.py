@@ -63,3 +63,14 @@ def test_sums_keep_other_existing_artifacts(tmp_path: Path) -> None:
 def test_missing_artifact(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="build the ISO first"):
         write_hashes(tmp_path / "nope.iso")
+
+
+def test_sha512_of_a_prefix_and_a_short_file(tmp_path: Path) -> None:
+    """Disk images are compared over the source volume's size; a target shorter than that is an error."""
+    data = bytes(range(256)) * 9000  # > 2 chunks
+    f = tmp_path / "disk.img"
+    f.write_bytes(data)
+    assert sha512_file(f) == hashlib.sha512(data).hexdigest()
+    assert sha512_file(f, 1_500_001) == hashlib.sha512(data[:1_500_001]).hexdigest()
+    with pytest.raises(ValueError, match="ended 1 bytes before"):
+        sha512_file(f, len(data) + 1)

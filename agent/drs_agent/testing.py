@@ -123,9 +123,9 @@ def replicator_config(
 
 
 class CuttingProxy:
-    """Loopback TCP proxy that drops the first connection after `cut_after` bytes from the agent.
-
-    Later connections are forwarded untouched: the replicator's reconnect must resume.
+    """Loopback TCP proxy that cuts the link once: the first connection to carry `cut_after` bytes from the
+    agent is dropped there. Connections before it that carry less (e.g. a client's bare TCP reachability probe)
+    and every later one are forwarded untouched: the replicator's reconnect must resume.
     """
 
     def __init__(self, target_port: int, cut_after: int) -> None:
@@ -137,6 +137,7 @@ class CuttingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
+        self._cut_lock = threading.Lock()
         self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -156,21 +157,24 @@ class CuttingProxy:
             self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._socks += [client, upstream]
-            limit = self.cut_after if self.connections == 1 else None
-            threading.Thread(target=self._pump, args=(client, upstream, None, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, limit, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, from_agent: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_agent: bool) -> None:
         sent = 0
         try:
             while True:
                 data = src.recv(256 * 1024)
                 if not data:
                     break
-                if limit is not None and sent + len(data) >= limit:
-                    dst.sendall(data[: limit - sent])
-                    self.cuts += 1
-                    break
+                if from_agent and sent + len(data) >= self.cut_after:
+                    with self._cut_lock:
+                        cut = self.cuts == 0
+                        if cut:
+                            self.cuts = 1
+                    if cut:
+                        dst.sendall(data[: self.cut_after - sent])
+                        break
                 dst.sendall(data)
                 sent += len(data)
                 if from_agent:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from failback_client import network_values as nv
 from failback_client import seed as seedmod
 from failback_client.console import Console
+from failback_client.devices import _read
 from failback_client.errors import ConnectivityError, UsageError
 from failback_client.logs import REDACTOR
 from failback_client.settings import Settings, env_flag, fill_from_seed
@@ -51,14 +52,6 @@ class Nic:
         link = {True: "link up", False: "no link", None: "link unknown"}[self.carrier]
         addr = ", ".join(self.addresses) if self.addresses else "no address yet"
         return f"{self.name}  {self.mac or '?'}  {link}  {addr}"
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _under(root: str, path: str) -> str:
