@@ -13,6 +13,15 @@ Printed side by side, nothing asserted on time:
 On real S3 a server-side copy is S3's work; here it is moto's, on the same CPUs as the
 publisher (moto reads, writes and MD5s/SHA256s every copied byte). The N-region floor therefore
 bounds what any publisher can reach on this host; the report says how close the publish gets.
+
+The TEST server's storage is configurable and always printed (`MotoStorage`): by default moto
+spools every object over 5 MiB to a temporary file on disk, so each 200 MiB copy also costs a
+200 MiB file write and reads (kernel time, page-cache pressure, writeback). "memory" keeps the
+objects in RAM (MOTO_S3_DEFAULT_KEY_BUFFER_SIZE above the artifact size), lets glibc reuse the
+freed copy buffers instead of mapping and faulting fresh pages for each one, and has the server
+touch that RAM once before the first timed run (otherwise whichever run comes first pays the
+kernel's page faults for every object); "both" measures the two side by side in one run.
+Neither changes a single request of the publisher or what it verifies.
 """
 
 from __future__ import annotations
@@ -46,14 +55,78 @@ PREFIX = "aws-elastic-disaster-recovery"
 VERSION = "bench-1"
 
 
-def _serve(conn: Connection) -> None:
+@dataclass(frozen=True)
+class MotoStorage:
+    """How the benchmark's moto server holds object bytes: configuration of the TEST server only."""
+
+    name: str  # "disk" (moto's default) or "memory"
+    env: dict[str, str]  # set in the server process's environment before it starts
+    note: str = ""  # why this storage was chosen (e.g. a fallback)
+    prefault: int = 0  # bytes the server allocates, touches and frees before the timed runs
+
+    def describe(self, key_buffer: int) -> str:
+        """The printed line; `key_buffer` is what the running server reported it uses."""
+        where = "in memory" if self.name == "memory" else "temporary files on disk above that size (moto's default)"
+        env = " ".join(f"{k}={v}" for k, v in self.env.items() if k != "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE")
+        line = f"moto key buffer: {where} (MOTO_S3_DEFAULT_KEY_BUFFER_SIZE={key_buffer}"
+        line += f"; glibc {env}: freed copy buffers reused)" if env else ")"
+        if self.prefault:
+            line += f"; {self.prefault / 2**30:.1f} GiB touched before the timed runs"
+        return line + (f"; {self.note}" if self.note else "")
+
+
+def _mem_available() -> int:
+    """Bytes the kernel says new allocations can get without swapping (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def moto_storage(name: str, size_mib: int, regions: int) -> MotoStorage:
+    """The server storage for one run; "memory" falls back to "disk" (saying so) without the RAM.
+
+    In memory the server holds every object of the run at once: the 2N versioned and latest/
+    copies plus the seed's multipart parts, and a few copies' transient buffers on top.
+    """
+    if name == "disk":
+        return MotoStorage("disk", {})
+    if name != "memory":
+        raise ValueError(f"bad moto storage {name!r}: use memory, disk or both")
+    objects = (2 * regions + 1 + 4) * size_mib * MiB  # + the parts, and transient buffers of copies
+    need = objects + 1024 * MiB  # + moto itself
+    avail = _mem_available()
+    if avail < need * 5 // 4:  # keep a quarter spare for the rest of the host (QEMU, builds)
+        return MotoStorage("disk", {}, note=f"memory asked but {need / 2**30:.1f} GiB needed and only "
+                           f"{avail / 2**30:.1f} GiB available: stayed on disk")
+    return MotoStorage("memory", {
+        "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str((size_mib + 1) * MiB),
+        # One arena, no mmap for big blocks, no trimming: a freed 200 MiB buffer is reused by the
+        # next copy (moto's werkzeug threads would otherwise each get new zero-filled pages).
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+    }, note=f"~{need / 2**30:.1f} GiB of RAM for {2 * regions + 1} objects", prefault=objects)
+
+
+def _prefault(total: int, block: int = 64 * MiB) -> None:
+    """Grow the heap to `total` bytes, writing every page, and free it: with MALLOC_TRIM_THRESHOLD_
+    high the pages stay mapped, so objects allocated later reuse them instead of faulting."""
+    blocks = [b"\x01" * block for _ in range(total // block)]  # bytes * n: malloc + memset
+    del blocks
+
+
+def _serve(conn: Connection, prefault: int = 0) -> None:
     """Child process: moto's S3 server; answers each message with its own (CPU seconds, peak RSS KiB)."""
+    if prefault:
+        _prefault(prefault)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     from moto.server import ThreadedMotoServer
+    from moto.settings import get_s3_default_key_buffer_size
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    conn.send(server.get_host_and_port())
+    conn.send((*server.get_host_and_port(), get_s3_default_key_buffer_size()))
     try:
         while conn.recv() != "stop":
             t = os.times()
@@ -67,16 +140,31 @@ def _serve(conn: Connection) -> None:
 class MotoProcess:
     """moto's S3 server in a spawned child process (no fork: the parent may hold threads and locks)."""
 
+    def __init__(self, storage: MotoStorage | None = None) -> None:
+        self.storage = storage or MotoStorage("disk", {})
+        self.key_buffer = 0  # what the running server reports (moto reads it per object)
+
     def __enter__(self) -> MotoProcess:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child,), name="moto-s3", daemon=True)
-        self._proc.start()
+        self._proc = ctx.Process(target=_serve, args=(child, self.storage.prefault), name="moto-s3", daemon=True)
+        # The child inherits os.environ at exec: glibc reads its MALLOC_* settings only at
+        # start-up, so they cannot be set from inside the child. Restored right after.
+        saved = {k: os.environ.get(k) for k in self.storage.env}
+        try:
+            os.environ.update(self.storage.env)
+            self._proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
-        if not self._conn.poll(60):
+        if not self._conn.poll(180):  # with a prefault it first writes every page of its RAM
             self._proc.kill()
-            raise RuntimeError("moto's S3 server did not start within 60 s")
-        host, port = self._conn.recv()
+            raise RuntimeError("moto's S3 server did not start within 180 s")
+        host, port, self.key_buffer = self._conn.recv()
         self.url = f"http://{host}:{port}"
         return self
 
@@ -125,6 +213,8 @@ class BenchResult:
     baseline_runs: tuple[float, float] = (0.0, 0.0)  # 1-region wall times before / after
     server_peak_rss_mib: float = 0.0
     cpus: int = 1
+    storage: str = ""  # the printed "moto key buffer: ..." line
+    storage_name: str = "disk"  # the server storage actually used (memory may have fallen back)
 
     @property
     def ratio(self) -> float:
@@ -155,6 +245,7 @@ class BenchResult:
             row("MiB sent from this host", self.one.sent_mib, self.many.sent_mib, ".0f", ratio=False),
             row("MiB copied inside S3", self.one.copied_mib, self.many.copied_mib, ".0f", ratio=False),
             f"{'all verified':<34}{'yes' if self.one.ok else 'NO':>10}{'yes' if self.many.ok else 'NO':>12}",
+            self.storage,
             f"raw floor = 1 upload + {2 * n - 1} server-side copies with boto3, no hashing/verification/ordering; "
             f"S3 server peak RSS {self.server_peak_rss_mib:.0f} MiB",
             f"the S3 server's own work for {n} regions is {self.floor_many.server_cpu:.1f} CPU-s even on the floor: "
@@ -237,7 +328,9 @@ def _raw_floor(server: MotoProcess, regions: list[str], artifact: Path, jobs: in
     return _measured(server, regions, work)
 
 
-def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None = None, jobs: int = 30) -> BenchResult:
+def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None = None, jobs: int = 30,
+                  storage: MotoStorage | None = None) -> BenchResult:
+    storage = storage or moto_storage("memory", size_mib, regions)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # moto accepts any credentials
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     base = OUT_DIR.parent / "bench"
@@ -247,7 +340,7 @@ def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None =
         work = Path(tmp)
         artifact = work / ARTIFACT
         write_artifact(artifact, size_mib)
-        with MotoProcess() as server:
+        with MotoProcess(storage) as server:
             # The host is shared (2 CPUs, other builds): the 1-region publish is timed before AND
             # after the N-region one and their mean used, so load drift biases neither side.
             before = _publish(server, one, artifact, work, jobs)
@@ -257,11 +350,42 @@ def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None =
             after = _publish(server, one, artifact, work, jobs)
             server.reset()
             peak_rss = server.usage()[1] / 1024
+            described = server.storage.describe(server.key_buffer)
     return BenchResult(size_mib, _mean(before, after), many_run, floor_one, floor_many,
-                       (before.seconds, after.seconds), peak_rss, os.cpu_count() or 1)
+                       (before.seconds, after.seconds), peak_rss, os.cpu_count() or 1, described,
+                       server.storage.name)
 
 
-def main(size_mib: int = 200, regions: int = 28, jobs: int = 30, out: TextIO = sys.stdout) -> int:
-    result = run_benchmark(size_mib, regions, jobs=jobs)
-    print(result.render(), file=out)
-    return 0 if result.one.ok and result.many.ok else 1
+def render_comparison(disk: BenchResult, memory: BenchResult) -> str:
+    """One run, two server storages: what keeping moto's objects in RAM changed."""
+    n = disk.many.regions
+
+    def per_copy(r: BenchResult) -> float:
+        return r.floor_many.server_cpu / (2 * n - 1)  # ~ the floor's server CPU per copy
+
+    return "\n".join([
+        f"moto storage, same run:{disk.storage_name:>15}{memory.storage_name:>10}",
+        f"{'publish 1 region (s)':<23}{disk.one.seconds:>15.2f}{memory.one.seconds:>10.2f}",
+        f"{f'publish {n} regions (s)':<23}{disk.many.seconds:>15.2f}{memory.many.seconds:>10.2f}",
+        f"{'ratio':<23}{disk.ratio:>14.2f}x{memory.ratio:>9.2f}x",
+        f"{'floor N regions (s)':<23}{disk.floor_many.seconds:>15.2f}{memory.floor_many.seconds:>10.2f}",
+        f"{'server CPU, publish N':<23}{disk.many.server_cpu:>15.1f}{memory.many.server_cpu:>10.1f}",
+        f"{'server CPU-s per copy':<23}{per_copy(disk):>15.2f}{per_copy(memory):>10.2f}",
+    ])
+
+
+def main(size_mib: int = 200, regions: int = 28, jobs: int = 30, moto_buffer: str = "memory",
+         out: TextIO = sys.stdout) -> int:
+    """Print the benchmark; `moto_buffer` is memory, disk or both (both: the two, then a comparison)."""
+    if moto_buffer not in {"memory", "disk", "both"}:
+        print(f"bench-publish: bad --moto-buffer {moto_buffer!r}: use memory, disk or both", file=sys.stderr)
+        return 2
+    names = ["disk", "memory"] if moto_buffer == "both" else [moto_buffer]
+    results = []
+    for name in names:
+        result = run_benchmark(size_mib, regions, jobs=jobs, storage=moto_storage(name, size_mib, regions))
+        print(result.render() + "\n", file=out, flush=True)
+        results.append(result)
+    if len(results) == 2:
+        print(render_comparison(*results), file=out)
+    return 0 if all(r.one.ok and r.many.ok for r in results) else 1

@@ -9,10 +9,12 @@
   process's size -- the 3.3 GiB once seen in CI for a replicator that used ~40 MiB.
 
 CPU seconds are printed beside wall seconds: on a shared 2-core box the wall figures swing with
-the neighbours' load, the work done much less. The SHA-256 line is the floor of that work: a full
-sync to "ready" hashes every byte four times (agent read, arrival check, read-back, the agent's
-digests for the verification -- which the bench makes it re-read, as it must on a block device),
-a rescan hashes the local disk once.
+the neighbours' load, the work done much less. The digest floor lines are the floor of that work,
+per algorithm: a full sync to "ready" hashes every byte four times (agent read, arrival check,
+read-back, the agent's digests for the verification -- which the bench makes it re-read, as it
+must on a block device), a rescan hashes the local disk once. The block digest is negotiated
+(protocol version 2: BLAKE3 where both sides have it); the same full sync pinned to SHA-256 runs
+in the same process right after it, so the effect of the digest is measured, not assumed.
 
 Run: `inv bench-replication [--repeat 3]`, or .venv/bin/python -m image.bench_replication [--size-mib 256]
 [--dir /dev/shm/x] [--repeat 3] (or `pytest --run-slow tests/test_replication_bench.py -s`). Prints;
@@ -22,7 +24,6 @@ asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -32,10 +33,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from failback_replicator.tlsconf import client_context, server_context
+from failback_replicator.wire import DIGEST_SHA256, available_digests, digest_function
 
 from image.run import run
 
@@ -60,6 +62,13 @@ class BenchResult:
     resume_checkpoint_blocks: int
     replicator_peak_rss_kib: int
     sha256_pass_s: float = 0.0  # one SHA-256 pass over the volume's bytes, one core, from memory
+    digest: str = ""  # the block digest the replicator and the agent negotiated
+    protocol_version: int = 0
+    digest_pass_s: dict[str, float] = field(default_factory=dict)  # one pass per available algorithm
+    sha256_full_sync_s: float = 0.0  # the same full sync with digests pinned to SHA-256
+    sha256_full_transfer_s: float = 0.0
+    sha256_full_cpu_replicator_s: float = 0.0
+    sha256_full_cpu_agent_s: float = 0.0
     raw_copy_cpu_s: float = 0.0
     full_cpu_replicator_s: float = 0.0
     full_cpu_agent_s: float = 0.0
@@ -78,12 +87,31 @@ class BenchResult:
     def full_transfer_vs_raw(self) -> float:
         return self.raw_copy_s / self.full_transfer_s
 
+    def _floor(self, name: str, seconds: float) -> str:
+        return (
+            f"  {name + ' floor':20s}  {seconds:7.2f} s  per pass on one core: full sync 4 passes on 2 cores"
+            f" >= {2 * seconds:.2f} s (= {self.raw_copy_s / (2 * seconds):.2f}x raw at best),"
+            f" rescan 1 pass >= {seconds / 2:.2f} s"
+        )
+
     def report(self) -> str:
         mb = self.size_bytes / MiB
-        sha = self.sha256_pass_s
+        floors = {DIGEST_SHA256: self.sha256_pass_s, **self.digest_pass_s}
+        sha_line = []
+        if self.digest != DIGEST_SHA256 and self.sha256_full_sync_s:
+            sha_line = [
+                f"  same, SHA-256 digests {self.sha256_full_transfer_s:7.2f} s transfer"
+                f" = {self.raw_copy_s / self.sha256_full_transfer_s:.2f}x raw,"
+                f" {self.sha256_full_sync_s:.2f} s to ready = {self.raw_copy_s / self.sha256_full_sync_s:.2f}x raw"
+                f"  CPU replicator {self.sha256_full_cpu_replicator_s:.2f} s"
+                f" + agent {self.sha256_full_cpu_agent_s:.2f} s"
+                "  (same run, digests pinned to sha256)"
+            ]
         return "\n".join(
             [
                 f"replication benchmark, {mb:.0f} MiB volume, loopback, one run, load {os.getloadavg()[0]:.1f}",
+                f"  block digest          {self.digest} (negotiated, protocol version {self.protocol_version};"
+                f" available here: {', '.join(floors)})",
                 f"  raw socket copy       {self.raw_copy_s:7.2f} s  {mb / self.raw_copy_s:8.1f} MiB/s  (baseline)"
                 f"  CPU {self.raw_copy_cpu_s:.2f} s",
                 f"  TLS socket copy       {self.tls_copy_s:7.2f} s  {mb / self.tls_copy_s:8.1f} MiB/s"
@@ -95,9 +123,8 @@ class BenchResult:
                 f"  full sync, to ready   {self.full_sync_s:7.2f} s  {mb / self.full_sync_s:8.1f} MiB/s"
                 f"  = {self.full_vs_raw:.2f}x raw  (includes reading every block back to verify)"
                 f"  CPU replicator {self.full_cpu_replicator_s:.2f} s + agent {self.full_cpu_agent_s:.2f} s",
-                f"  SHA-256 floor         {sha:7.2f} s  per pass on one core: full sync 4 passes on 2 cores"
-                f" >= {2 * sha:.2f} s (= {self.raw_copy_s / (2 * sha):.2f}x raw at best),"
-                f" rescan 1 pass >= {sha / 2:.2f} s",
+                *sha_line,
+                *(self._floor({"sha256": "SHA-256", "blake3": "BLAKE3"}.get(n, n), s) for n, s in floors.items()),
                 f"  delta resync (1 %)    {self.delta_s:7.2f} s  "
                 f"{self.delta_blocks_sent}/{self.delta_blocks_total} blocks sent"
                 f"  = {self.delta_speedup:.1f}x faster than full"
@@ -205,13 +232,15 @@ def _replicate_in_child(cfg) -> dict:  # type: ignore[no-untyped-def]
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "agent_cpu_s": _cpu_s() - before}
 
 
-def sha256_pass(path: Path, chunk: int = MiB) -> float:
-    """Seconds to SHA-256 the file's bytes in 1 MiB pieces on one core (read from memory first)."""
+def digest_pass(path: Path, algorithm: str = DIGEST_SHA256, chunk: int = MiB) -> float:
+    """Seconds to digest the file's bytes in 1 MiB pieces on one core (read from memory first), with
+    the replicator's own digest function."""
+    fn = digest_function(algorithm)
     data = path.read_bytes()
     view = memoryview(data)
     start = time.perf_counter()
     for off in range(0, len(view), chunk):
-        hashlib.sha256(view[off : off + chunk]).digest()
+        fn(view[off : off + chunk])
     return time.perf_counter() - start
 
 
@@ -241,7 +270,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
         bs = MiB
         blocks = size // bs
 
-        sha_s = sha256_pass(src)
+        passes = {a: digest_pass(src, a) for a in available_digests()}
         raw_dst = d / "raw.img"
         cpu0 = _cpu_s()
         raw_s = raw_socket_copy(src, raw_dst)
@@ -262,12 +291,25 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt}, d / "state-full", rescan=False)
             full = _replicate_in_child(cfg)
             assert sha512_file(tgt) == sha512_file(src), "full sync: target differs from source"
+            algorithm = full["digest_algorithm"]
+            # The same full sync with SHA-256 digests (another target, the agent's SHA-256 cache).
+            sha_full = None
+            if algorithm != DIGEST_SHA256:
+                tgt_sha = d / "target-sha256.img"
+                _blank(tgt_sha, size)
+                _age(src, 0)
+                cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt_sha}, d / "state-full-sha256",
+                                        rescan=False, digests=(DIGEST_SHA256,))  # fmt: skip
+                sha_full = _replicate_in_child(cfg)
+                assert sha_full["digest_algorithm"] == DIGEST_SHA256
+                assert sha512_file(tgt_sha) == sha512_file(src), "full sync (sha256): target differs from source"
+                tgt_sha.unlink()
 
             # Delta: the "original server" differs in 1 % of blocks; rescan sends only those.
             changed = list(range(0, blocks, 100))
             change_blocks(src, changed, bs)
             time.sleep(2.1)  # let the source's mtime age so the agent may trust its digest cache
-            agent.volumes(bs)[0].refresh()
+            agent.volumes(bs, algorithm)[0].refresh()
             cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt}, d / "state-delta", rescan=True)
             delta = _replicate_in_child(cfg)
             assert sha512_file(tgt) == sha512_file(src), "delta: target differs from source"
@@ -282,7 +324,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
                 link_full = float(_replicate_in_child(cfg)["ready_seconds"])
                 change_blocks(src, changed, bs, seed=8)
                 time.sleep(2.1)
-                agent.volumes(bs)[0].refresh()
+                agent.volumes(bs, algorithm)[0].refresh()
                 cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt3}, d / "state-link-delta",
                                         rescan=True, bandwidth_mbps=link_mbps)  # fmt: skip
                 link_delta = float(_replicate_in_child(cfg)["ready_seconds"])
@@ -315,7 +357,14 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             resume_extra_blocks=int(resume["blocks_received"]) - blocks,
             resume_checkpoint_blocks=cfg.checkpoint_blocks,
             replicator_peak_rss_kib=max(int(x["maxrss_kib"]) for x in (full, delta, resume)),
-            sha256_pass_s=sha_s,
+            sha256_pass_s=passes[DIGEST_SHA256],
+            digest=algorithm,
+            protocol_version=int(full["protocol_version"]),
+            digest_pass_s={a: s for a, s in passes.items() if a != DIGEST_SHA256},
+            sha256_full_sync_s=float(sha_full["ready_seconds"]) if sha_full else 0.0,
+            sha256_full_transfer_s=float(sha_full["transfer_seconds"]) if sha_full else 0.0,
+            sha256_full_cpu_replicator_s=float(sha_full["cpu_s"]) if sha_full else 0.0,
+            sha256_full_cpu_agent_s=float(sha_full["agent_cpu_s"]) if sha_full else 0.0,
             raw_copy_cpu_s=raw_cpu,
             full_cpu_replicator_s=float(full["cpu_s"]),
             full_cpu_agent_s=float(full["agent_cpu_s"]),
@@ -338,6 +387,11 @@ def spread(results: list[BenchResult]) -> str:
             f"spread over {len(results)} runs",
             line("full transfer / raw", [r.full_transfer_vs_raw for r in results]),
             line("full to ready / raw", [r.full_vs_raw for r in results]),
+            *(
+                [line("SHA-256 transfer / raw", [r.raw_copy_s / r.sha256_full_transfer_s for r in results])]
+                if all(r.sha256_full_transfer_s for r in results)
+                else []
+            ),
             line("delta speed-up", [r.delta_speedup for r in results]),
             line("resume extra blocks", [float(r.resume_extra_blocks) for r in results], ""),
             line("peak RSS MiB", [r.replicator_peak_rss_kib / 1024 for r in results], ""),

@@ -338,13 +338,16 @@ def plane_client(plane: Any, credential: Any) -> Any:
                            secret_key=credential.secret_key)
 
 
-def default_iso(build_dir: Path | None = None) -> Path:
-    return (build_dir or DEFAULT_BUILD / "e2e") / "out" / "aws-failback-livecd-64bit.iso"
+def default_iso() -> Path:
+    """The ISO `inv build` made (the one under test, as for `inv smoke`), never a stale copy elsewhere."""
+    from image.smoke import default_iso as built_iso
+
+    return built_iso()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iso", type=Path, default=None, help="ISO to boot (default build/e2e/out/...iso)")
+    p.add_argument("--iso", type=Path, default=None, help="ISO to boot (default build/out/...iso, made by `inv build`)")
     p.add_argument("--work", type=Path, default=DEFAULT_BUILD / "e2e" / "run", help="scratch directory")
     p.add_argument("--timeout", type=float, default=2400.0)
     p.add_argument("--no-convert", action="store_true",

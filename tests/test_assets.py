@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from drs_agent.testing import Pki, make_image, replicator_config, sha512_file, start_agent
 
-from image.assets import TARBALL, build_assets
+from image.assets import TARBALL, AssetsError, build_assets, fetch_wheels, locked_pins
+
+SO = "failback_assets/lib/blake3/blake3.cpython-311-x86_64-linux-gnu.so"
 
 EPOCH = 1_700_000_000
 
@@ -49,6 +51,10 @@ def test_bundle_layout_and_metadata(tmp_path: Path, epoch: int) -> None:
     assert "failback_assets/bin/failback-replicator" in names
     assert "failback_assets/lib/failback_replicator/engine.py" in names
     assert "failback_assets/PROTOCOL.md" in names
+    # The pinned blake3 wheel, unpacked for the LiveCD's CPython 3.11 (no installation there).
+    assert {SO, "failback_assets/lib/blake3/__init__.py", "failback_assets/requirements.lock"} <= set(names)
+    assert "failback_assets/lib/blake3-1.0.11.dist-info/METADATA" in names
+    assert {m.mode for m in members if m.name.startswith("failback_assets/lib/") and m.isfile()} == {0o644}
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "root", "root", EPOCH)}
     launcher = next(m for m in members if m.name.endswith("bin/failback-replicator"))
@@ -90,10 +96,55 @@ def test_unpacked_bundle_replicates_with_system_python(tmp_path: Path, epoch: in
              "--status-file", tmp_path / "status.json", "--progress-interval", "0"],
             capture_output=True, text=True, timeout=120, env=env,
         )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Final sync completed" in proc.stdout
+        # Debian's python3 has no blake3: the bundle's own copy was used.
+        assert "protocol version 2, block digest blake3" in proc.stderr, proc.stderr[-2000:]
+        assert sha512_file(tgt) == sha512_file(src)
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["completed"] is True and status["dataReplicationState"] == "CONTINUOUS"
+        assert status["initiationSteps"]["ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION"] == "SUCCEEDED"
+        assert status["replicatedDisks"][0]["replicatedStorageBytes"] == size
+
+        # A broken native library (a bad unpack, a noexec mount...) costs speed, not the failback.
+        (tmp_path / "opt" / SO).write_bytes(b"\x7fELF not really")
+        tgt2 = tmp_path / "target2.img"
+        with open(tgt2, "wb") as f:
+            f.truncate(size)
+        cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt2}, tmp_path / "state2", rescan=False)
+        (tmp_path / "replicator.json").write_text(cfg.to_json())
+        proc = subprocess.run(
+            [launcher, "--config", tmp_path / "replicator.json", "--command-file", tmp_path / "command",
+             "--status-file", tmp_path / "status.json", "--progress-interval", "0"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Final sync completed" in proc.stdout
-    assert sha512_file(tgt) == sha512_file(src)
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert status["completed"] is True and status["dataReplicationState"] == "CONTINUOUS"
-    assert status["initiationSteps"]["ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION"] == "SUCCEEDED"
-    assert status["replicatedDisks"][0]["replicatedStorageBytes"] == size
+    assert sha512_file(tgt2) == sha512_file(src)
+    assert "protocol version 2, block digest sha256" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "blake3 unavailable" in line]) == 1, proc.stderr
+
+
+def test_pinned_wheels_are_hash_checked(tmp_path: Path) -> None:
+    """The bundle is never built from a wheel that is not the pinned one: a tampered cache and an
+    unfetchable pin both stop the build with a message that says what to do."""
+    wheels = fetch_wheels()  # the real lock (downloaded once into build/cache/replicator-wheels)
+    assert [w.name for w in wheels] == ["blake3-1.0.11-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"]
+    lock = Path(__file__).parents[1] / "client/replicator/requirements.lock"
+    assert hashlib.sha256(wheels[0].read_bytes()).hexdigest() in locked_pins(lock)["blake3==1.0.11"]
+    # A cached wheel that changed since it was fetched.
+    cache = tmp_path / "cache"
+    house = cache / hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    house.mkdir(parents=True)
+    (house / ".complete").touch()
+    (house / wheels[0].name).write_bytes(wheels[0].read_bytes() + b"\0")
+    with pytest.raises(AssetsError, match="matches no hash"):
+        fetch_wheels(lock, cache)
+    # A pin whose hash PyPI's wheel does not have: pip refuses it, the build stops.
+    bad = tmp_path / "requirements.lock"
+    bad.write_text("blake3==1.0.11 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    with pytest.raises(AssetsError, match="cannot fetch the wheels the replication bundle needs"):
+        fetch_wheels(bad, cache)
+    assert not list(cache.glob("*.partial"))
+    bad.write_text("blake3==1.0.11\n")
+    with pytest.raises(AssetsError, match="no --hash"):
+        fetch_wheels(bad, cache)

@@ -161,3 +161,26 @@ def test_unreachable_recovery_instance_and_s3(cp, monkeypatch, capsys, tmp_path:
     assert f"127.0.0.1:{port}: connection refused" in run.out and "security group" in run.out
     assert "Cannot reach the regional S3 endpoint" in run.out
     assert steps_of(cp, "i-0000000000000a001")["ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION"] == "FAILED"
+
+
+def test_console_instance_prints_the_summary_line_first_and_once(cp, monkeypatch, capsys, tmp_path: Path) -> None:
+    """On a LiveCD console (FAILBACK_CONSOLE set by the launcher) the line comes before anything is loaded;
+    the workflow must not print it a second time."""
+    env = {**client_env(cp), "FAILBACK_CONSOLE": "ttyS0", "FAILBACK_SYSROOT": UEFI_ROOT}
+    run = run_in_process(monkeypatch, capsys, tmp_path, env, "--no-prompt", "--region", "mars-north-9")
+    lines = run.out.splitlines()
+    assert lines[0].startswith("failback-client ") and "boot mode: UEFI | secure boot: on" in lines[0], run.out
+    assert sum(line.startswith("failback-client ") for line in lines) == 1, run.out
+    assert run.status != 0  # the bad region still fails as before, after the line
+
+
+def test_importing_the_command_line_loads_nothing_heavy() -> None:
+    """What runs before the summary line: no YAML, HTTP, boto3 or rich (seconds under emulation)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, failback_client.cli; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('failback_client', 'yaml', 'boto3', 'botocore', 'rich', 'urllib3') or m == 'urllib.request')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert set(loaded) <= {"failback_client", "failback_client.cli", "failback_client.errors"}, loaded

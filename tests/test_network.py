@@ -358,3 +358,34 @@ def test_after_start_sh_the_static_address_is_kept(live: dict[str, object]) -> N
     nic = network.prepare_network(settings_for(root, seed), con, addresses=addresses_from(root))
     assert nic is not None and nic.addresses == ("10.0.2.70/24",)
     assert "static address set by /usr/bin/start.sh" in out.getvalue() and "DHCP" not in out.getvalue()
+
+
+def test_wait_for_resolver_waits_for_resolveds_stub_file(tmp_path: Path) -> None:
+    """/etc/resolv.conf is a symlink to systemd-resolved's stub file: lookups wait until resolved made it."""
+    (tmp_path / "etc").mkdir()
+    stub = tmp_path / "run/systemd/resolve/stub-resolv.conf"
+    (tmp_path / "etc/resolv.conf").symlink_to(stub)
+    now = [0.0]
+    naps: list[float] = []
+
+    def sleep(s: float) -> None:
+        naps.append(s)
+        now[0] += s
+        if len(naps) == 3:  # resolved comes up while we wait
+            stub.parent.mkdir(parents=True)
+            stub.write_text("nameserver 127.0.0.53\n")
+
+    assert network.wait_for_resolver(str(tmp_path), 30, sleep=sleep, clock=lambda: now[0]) is True
+    assert len(naps) == 3
+
+
+def test_wait_for_resolver_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/resolv.conf").symlink_to(tmp_path / "run/missing")
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    assert network.wait_for_resolver(str(tmp_path), 2, sleep=sleep, clock=lambda: now[0]) is False
+    assert now[0] >= 2

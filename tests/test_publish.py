@@ -5,6 +5,7 @@ Artifacts are a few MiB with a 5 MiB part size so the ISO goes multipart (3 part
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -495,9 +497,50 @@ def test_one_failing_region_does_not_hide_the_others(
     assert_fully_published(moto_url, ["us-east-1", "ap-southeast-2"], artifacts)
 
 
-def test_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
-    home = tmp_path / "gnupg"
+def gnupg_daemons(home: Path) -> list[int]:
+    """PIDs of live processes started for this GnuPG home (gpg-agent, keyboxd, dirmngr...): gpg
+    passes them `--homedir HOME`, or they inherit GNUPGHOME=HOME."""
+    arg, env = str(home).encode(), b"GNUPGHOME=" + str(home).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if arg in cmdline.split(b"\0") or env in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+@contextlib.contextmanager
+def gnupg_home(home: Path) -> Iterator[Path]:
+    """A throw-away GnuPG home; on exit the daemons gpg autostarted for it are stopped (a
+    gpg-agent otherwise outlives the test, holding a deleted tmp dir)."""
     home.mkdir(mode=0o700)
+    try:
+        yield home
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False, capture_output=True)
+        deadline = time.monotonic() + 10
+        while gnupg_daemons(home) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in gnupg_daemons(home):  # did not obey gpgconf: started by this test, for this home
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    with gnupg_home(tmp_path / "gnupg") as home:
+        check_gpg_signature_of_sha512sums(s3, moto_url, artifacts, tmp_path, home)
+        # signing went through a gpg-agent of this home: the check below can see one
+        assert gnupg_daemons(home), "no gpg-agent found for the test's GnuPG home"
+    assert gnupg_daemons(home) == [], "a GnuPG daemon outlived the test"
+
+
+def check_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path,
+                                      home: Path) -> None:
     gpg = ["gpg", "--homedir", str(home), "--batch"]
     subprocess.run([*gpg, "--passphrase", "", "--quick-gen-key", "Release Test <release@example.test>",
                     "ed25519", "sign", "never"], check=True, capture_output=True)

@@ -17,6 +17,8 @@ def test_replication_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print("\n" + result.report())
     assert result.delta_blocks_sent == len(range(0, result.delta_blocks_total, 100))
+    # Both ends in the dev venv have blake3: protocol version 2 negotiates it (SHA-256 ran beside it).
+    assert (result.protocol_version, result.digest) == (2, "blake3") and result.sha256_full_sync_s > 0
     assert 0 <= result.resume_extra_blocks <= 2 * result.resume_checkpoint_blocks
     # Memory is a bound, not a speed: VmHWM of the replicator process (the 3.3 GiB one CI run reported
     # was ru_maxrss inheriting the big pytest parent's peak; tests/test_replication_memory.py).

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from failback_replicator.tlsconf import TlsFiles
+from failback_replicator.wire import DIGEST_ALGORITHMS
 
 from .server import AgentConfig, AgentServer
 from .volume import VolumeSpec
@@ -38,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1500)
     p.add_argument("--watch-interval", type=float, default=5.0)
+    p.add_argument("--digests", default=None,
+                   help="block digests served, comma-separated (default: all available, blake3 then sha256)")
     args = p.parse_args(argv)
+    digests = tuple(d.strip() for d in args.digests.split(",") if d.strip()) if args.digests else None
+    if digests is not None and (not digests or set(digests) - set(DIGEST_ALGORITHMS)):
+        p.error(f"--digests {args.digests!r}: choose from {', '.join(DIGEST_ALGORITHMS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = AgentConfig(
         recovery_instance_id=args.recovery_instance_id,
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         watch_interval=args.watch_interval,
+        digests=digests,
     )
     server = AgentServer(cfg).start()
     done = threading.Event()

@@ -18,8 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from failback_replicator import PROTOCOL_VERSION
-from failback_replicator.blockio import zero_digest
+from failback_replicator import PROTOCOL_VERSIONS
 from failback_replicator.buffers import BufferPool
 from failback_replicator.tlsconf import PairingError, TlsFiles, require_identity, server_context
 from failback_replicator.wire import (
@@ -27,10 +26,13 @@ from failback_replicator.wire import (
     CODEC_RAW,
     CODEC_ZERO,
     DEFAULT_BLOCK_SIZE,
+    DIGEST_SHA256,
     Connection,
     Encoder,
     ProtocolError,
     available_codecs,
+    available_digests,
+    choose_digest,
     from_ranges,
     to_ranges,
 )
@@ -49,6 +51,10 @@ class AgentConfig:
     host: str = "127.0.0.1"
     port: int = 1500
     watch_interval: float = 5.0  # seconds between background change scans (0 = off)
+    # Protocol versions and block digests served (None: all this build has). Tests narrow them to
+    # play a version-1 or a SHA-256-only agent.
+    protocol_versions: tuple[int, ...] = PROTOCOL_VERSIONS
+    digests: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -56,7 +62,7 @@ class AgentServer:
     def __init__(self, config: AgentConfig) -> None:
         self.cfg = config
         self.ctx = server_context(config.tls)
-        self._volumes: dict[int, list[SourceVolume]] = {}  # by block size
+        self._volumes: dict[tuple[int, str], list[SourceVolume]] = {}  # by block size and digest
         self._vol_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -113,11 +119,19 @@ class AgentServer:
         self._threads.append(t)
         t.start()
 
-    def volumes(self, block_size: int) -> list[SourceVolume]:
+    def volumes(self, block_size: int, digest: str = DIGEST_SHA256) -> list[SourceVolume]:
+        """The volumes with their digest caches for sessions of this block size and digest algorithm
+        (a cache holds one algorithm's digests: sessions that negotiated another have their own)."""
         with self._vol_lock:
-            if block_size not in self._volumes:
-                self._volumes[block_size] = [SourceVolume(s, block_size) for s in self.cfg.volumes]
-            return self._volumes[block_size]
+            key = (block_size, digest)
+            if key not in self._volumes:
+                self._volumes[key] = [SourceVolume(s, block_size, digest) for s in self.cfg.volumes]
+            return self._volumes[key]
+
+    def digests(self) -> list[str]:
+        """The block digests this agent serves, in its order of preference."""
+        have = available_digests()
+        return [d for d in have if self.cfg.digests is None or d in self.cfg.digests]
 
     # -------------------------------------------------------------- threads
     def _accept_loop(self) -> None:
@@ -218,26 +232,37 @@ class _Session:
         return i, self.vols[i]
 
     def op_hello(self, msg: dict) -> None:
-        if msg.get("version") != PROTOCOL_VERSION:
-            self._error("VERSION", f"agent speaks protocol {PROTOCOL_VERSION}, client {msg.get('version')}")
+        version = msg.get("version")
+        spoken = self.server.cfg.protocol_versions
+        if version not in spoken:
+            self._error("VERSION", f"agent speaks protocol {', '.join(map(str, spoken))}, client {version}")
             return
         bs = int(msg.get("block_size", DEFAULT_BLOCK_SIZE))
         if bs < 64 * 1024 or bs > 16 * 1024 * 1024 or bs & (bs - 1):
             self._error("BAD_REQUEST", f"block_size {bs} must be a power of two between 64 KiB and 16 MiB")
             return
+        # Version 1 knows SHA-256 only; version 2 takes the replicator's first choice that we have.
+        offered = msg.get("digests", []) if version >= 2 else [DIGEST_SHA256]
+        digest = choose_digest(offered if isinstance(offered, list) else [], self.server.digests())
+        if digest is None:
+            self._error("BAD_REQUEST", f"no common block digest: client offers {offered}, agent has "
+                        f"{', '.join(self.server.digests())}")  # fmt: skip
+            return
         ours = available_codecs()
         codec = next((c for c in msg.get("codecs", []) if c in ours and c in CODEC_NAMES), None)
         self.encoder = Encoder(codec) if codec else None
-        self.vols = self.server.volumes(bs)
-        self.conn.send_json(
-            {
-                "op": "HELLO",
-                "version": PROTOCOL_VERSION,
-                "recovery_instance": self.server.cfg.recovery_instance_id,
-                "codec": codec,
-                "volumes": [{"name": v.spec.name, "size": v.size} for v in self.vols],
-            }
-        )
+        self.vols = self.server.volumes(bs, digest)
+        reply = {
+            "op": "HELLO",
+            "version": version,
+            "recovery_instance": self.server.cfg.recovery_instance_id,
+            "codec": codec,
+            "volumes": [{"name": v.spec.name, "size": v.size} for v in self.vols],
+        }
+        if version >= 2:
+            reply["digest"] = digest
+        log.info("failback client %s: protocol version %d, block digest %s", self.ident, version, digest)
+        self.conn.send_json(reply)
 
     def op_digests(self, msg: dict) -> None:
         i, vol = self._vol(msg)
@@ -299,7 +324,7 @@ class _Session:
                     if stop.is_set():
                         return
                     data, d = vol.read(b, buf)
-                    zero = d == zero_digest(len(data))
+                    zero = d == vol.hasher.zero(len(data))
                     if encoder is not None:
                         codec, payload = encoder.encode(data, zero)
                     else:

@@ -86,7 +86,11 @@ def change_blocks(path: Path, blocks: list[int], block_size: int, seed: int = 7)
         os.close(fd)
 
 
-def start_agent(pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interval: float = 0.2) -> AgentServer:
+def start_agent(
+    pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interval: float = 0.2, **settings: object
+) -> AgentServer:
+    """An agent on loopback; `settings` are further AgentConfig fields (e.g. protocol_versions=(1,)
+    and digests=("sha256",) to play a version-1 agent)."""
     cfg = AgentConfig(
         recovery_instance_id=RECOVERY_INSTANCE_ID,
         volumes=[VolumeSpec(name, path) for name, path in volumes.items()],
@@ -94,6 +98,7 @@ def start_agent(pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interva
         paired_clients={CLIENT_ID},
         port=port,
         watch_interval=watch_interval,
+        **settings,  # type: ignore[arg-type]
     )
     return AgentServer(cfg).start()
 

@@ -22,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from failback_replicator.blockio import block_count, block_digest, device_size, open_volume, read_block_into
+from failback_replicator.blockio import block_count, block_hasher, device_size, open_volume, read_block_into
 from failback_replicator.journal import DigestTable
+from failback_replicator.wire import DIGEST_SHA256
 
 _TRUST_AGE_NS = 2_000_000_000  # mtime older than this at stat time: no write can share its tick
-# Threads that read and hash during a scan: SHA-256 releases the GIL, so a scan (the source half of
+# Threads that read and hash during a scan: SHA-256 and BLAKE3 release the GIL, so a scan (the source half of
 # every verification and rescan) runs on several cores; more than 4 rarely pays on one disk.
 SCAN_THREADS = max(1, min(4, os.cpu_count() or 1))
 
@@ -38,9 +39,10 @@ class VolumeSpec:
 
 
 class SourceVolume:
-    def __init__(self, spec: VolumeSpec, block_size: int) -> None:
+    def __init__(self, spec: VolumeSpec, block_size: int, digest: str = DIGEST_SHA256) -> None:
         self.spec = spec
         self.block_size = block_size
+        self.hasher = block_hasher(digest)  # the block digest of the sessions this set of digests serves
         self.fd = open_volume(spec.path, writable=False)
         self.size = device_size(self.fd)
         self.blocks = block_count(self.size, block_size)
@@ -59,7 +61,9 @@ class SourceVolume:
         self._fresh = bytearray(self.blocks)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:  # idempotent: a second AgentServer.stop() must not close a reused fd number
+            os.close(self.fd)
+            self.fd = -1
 
     def _trusted_stamp(self) -> tuple[int, int, int] | None:
         """The image's stamp now, if a later write is sure to change it (None for block devices)."""
@@ -94,7 +98,7 @@ class SourceVolume:
             def digest_of(i: int) -> bytes:
                 if not hasattr(buffers, "buf"):
                     buffers.buf = bytearray(self.block_size)
-                return block_digest(read_block_into(self.fd, i, self.size, self.block_size, buffers.buf))
+                return self.hasher(read_block_into(self.fd, i, self.size, self.block_size, buffers.buf))
 
             with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="agent-scan") as hashers:
                 for first in range(0, self.blocks, chunk):
@@ -125,7 +129,7 @@ class SourceVolume:
         `buf` (a reusable buffer of at least one block; the result is a view into it) if given."""
         stamp = self._trusted_stamp()  # before the read: a write during it changes the stamp
         data = read_block_into(self.fd, index, self.size, self.block_size, buf or bytearray(self.block_size))
-        d = block_digest(data)
+        d = self.hasher(data)
         with self.lock:
             # Keep the cache current: the next scan does not report this version as new (the
             # replicator has it), and digests taken under one trusted stamp may serve DIGESTS.

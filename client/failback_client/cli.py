@@ -6,14 +6,17 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from failback_client import __version__
-from failback_client.console import Console, ConsoleReleased
 from failback_client.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ClientError
-from failback_client.logs import REDACTOR, install_excepthook, setup_logging
-from failback_client.mapping import MappingError
-from failback_client.seed import Seed
-from failback_client.settings import DM_VALUE_FORMATS, Settings, from_arguments_and_seed
+
+# Only what the summary line needs is imported here: on the LiveCD console that line is printed first,
+# and the other modules (seconds of loading under emulation or from a slow CD) are imported after it.
+if TYPE_CHECKING:
+    from failback_client.console import Console
+    from failback_client.seed import Seed
+    from failback_client.settings import Settings
 
 log = logging.getLogger("failback_client")
 
@@ -54,6 +57,8 @@ exit status:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from failback_client.settings import DM_VALUE_FORMATS
+
     p = argparse.ArgumentParser(
         prog="failback-client",
         description="AWS Elastic Disaster Recovery failback client: identifies the recovery instance, maps its "
@@ -97,7 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def early_summary() -> bool:
+    """On a LiveCD console (the launcher sets FAILBACK_CONSOLE) print the summary line before anything else
+    loads; the workflow then does not repeat it. Elsewhere the workflow prints it as its first line."""
+    if not os.environ.get("FAILBACK_CONSOLE"):
+        return False
+    from failback_client.machine import ENV_SYSROOT, summary
+
+    sys.stdout.write(summary(os.environ.get(ENV_SYSROOT) or "/") + "\n")
+    sys.stdout.flush()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    shown = early_summary()
+    from failback_client.console import Console, ConsoleReleased
+    from failback_client.logs import REDACTOR, install_excepthook, setup_logging
+    from failback_client.settings import from_arguments_and_seed
+
     install_excepthook()
     args = build_parser().parse_args(argv)
     # Secrets given as arguments or variables are redacted from the very first line of output.
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         REDACTOR.add(*settings.secrets())
         log_path = setup_logging(log_file=settings.log_file, log_console=settings.log_console)
         console = Console(plain=True if settings.plain else None, lock_path=settings.console_lock)
+        console.summary_shown = shown
     except ClientError as e:
         _report(None, str(e))
         return e.exit_status
@@ -137,6 +160,8 @@ def load_seed() -> Seed:
 
 def _run(settings: Settings, console: Console) -> int:
     """The workflow, with every expected failure turned into its message and exit status."""
+    from failback_client.console import ConsoleReleased
+    from failback_client.mapping import MappingError
     from failback_client.workflow import run
 
     try:
@@ -161,6 +186,8 @@ def _run(settings: Settings, console: Console) -> int:
 
 
 def _report(console: Console | None, message: str) -> None:
+    from failback_client.logs import REDACTOR
+
     message = REDACTOR(message)
     log.error("%s", message)
     if console is not None:

@@ -125,6 +125,8 @@ class Console:
             self._rich = RichConsole(file=self.stdout, highlight=False, soft_wrap=True)
         me = self.tty or f"stdin of pid {os.getpid()}"
         self.lock = ConsoleLock(lock_path, me) if lock_path else None
+        # Set by the command line when it printed the summary line before loading the workflow.
+        self.summary_shown = False
 
     # ---- output -------------------------------------------------------------------------------
     def _text(self, text: str) -> str:

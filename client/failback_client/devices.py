@@ -11,6 +11,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from failback_client.machine import _read, _under
+
 log = logging.getLogger(__name__)
 
 SECTOR = 512
@@ -43,18 +45,6 @@ class LocalDisk:
         if kind == "dev-name":
             return [self.path]
         return list(getattr(self, kind.replace("-", "_")))
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _under(root: str, path: str) -> str:
-    return os.path.join(root, path.lstrip("/"))
 
 
 def _partitions(root: str, disk: str) -> list[str]:

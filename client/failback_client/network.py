@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from failback_client import network_values as nv
 from failback_client import seed as seedmod
 from failback_client.console import Console
-from failback_client.devices import _read
 from failback_client.errors import ConnectivityError, UsageError
 from failback_client.logs import REDACTOR
+from failback_client.machine import _read, _under
 from failback_client.settings import Settings, env_flag, fill_from_seed
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ ENV_NETWORK = "FAILBACK_NETWORK"  # 1: manage the network even off the LiveCD; 0
 ENV_DHCP_TIMEOUT = "FAILBACK_DHCP_TIMEOUT"  # seconds (the launcher sets the image's network.dhcp_timeout)
 ENV_START_SH = "FAILBACK_START_SH"  # tests: another start.sh
 DEFAULT_DHCP_TIMEOUT = 30
+RESOLVER_WAIT_S = 30.0  # systemd-resolved normally starts within a second; minutes only on a very slow machine
 START_SH = "/usr/bin/start.sh"
 STATIC_GLOB_DIR = "/etc/systemd/network"
 DIRECT_NOTE = "the replication stream (TCP 1500) goes direct, not through the HTTPS proxy"
@@ -52,10 +53,6 @@ class Nic:
         link = {True: "link up", False: "no link", None: "link unknown"}[self.carrier]
         addr = ", ".join(self.addresses) if self.addresses else "no address yet"
         return f"{self.name}  {self.mac or '?'}  {link}  {addr}"
-
-
-def _under(root: str, path: str) -> str:
-    return path if root in ("", "/") else os.path.join(root, path.lstrip("/"))
 
 
 def ip_addresses() -> dict[str, list[str]]:
@@ -332,9 +329,26 @@ def prepare_network(settings: Settings, console: Console, *, runner: Runner = _r
                 p.proxy, p.proxy_origin = proxy, "prompt"
             ready = wait_for_address(console, 10, sysroot=settings.sysroot, addresses=addresses, nic=cfg.nic)
     console.ok(f"Network ready: {ready.name} {', '.join(ready.addresses)}")
+    if not wait_for_resolver(settings.sysroot):
+        console.warn(f"Network: name resolution (systemd-resolved) is not up after {RESOLVER_WAIT_S:.0f} s; "
+                     "host names may not resolve (see `systemctl status systemd-resolved` on tty2)")
     apply_proxy(p.proxy, p.proxy_origin, console)
     _fetch_url_seed(settings, console)
     return ready
+
+
+def wait_for_resolver(sysroot: str, timeout: float = RESOLVER_WAIT_S, *,
+                      sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> bool:
+    """The LiveCD's /etc/resolv.conf is systemd-resolved's stub file, which exists once resolved runs. The
+    client starts before resolved (its unit does not wait for sysinit.target, so the summary line shows at
+    once), so the first name lookup waits for that file. False when it did not appear in time."""
+    path = _under(sysroot, "/etc/resolv.conf")
+    deadline = clock() + timeout
+    while not os.path.exists(path):  # follows the symlink: False while its target is missing
+        if clock() >= deadline:
+            return False
+        sleep(0.2)
+    return True
 
 
 def _fetch_url_seed(settings: Settings, console: Console) -> None:

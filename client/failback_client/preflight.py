@@ -16,13 +16,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from failback_client import __version__
-from failback_client.devices import LocalDisk, _read, _under, discover, human_size
+from failback_client.devices import LocalDisk, discover, human_size
+from failback_client.machine import _read, _under, boot_mode, memory_kb, secure_boot, summary_line
 
 log = logging.getLogger(__name__)
 
 MIN_MEM_KB = 3_800_000  # the real launcher refuses below this MemTotal (about 4 GiB)
-SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 SKEW_LIMIT_S = 240.0  # SigV4 refuses requests more than 5 minutes off; keep a margin
 SKEW_WARN_S = 30.0
 
@@ -45,9 +44,7 @@ class Preflight:
         return self.memory_kb is None or self.memory_kb >= MIN_MEM_KB
 
     def summary_line(self) -> str:
-        memory = "unknown" if self.memory_mib is None else f"{self.memory_mib} MiB"
-        return (f"failback-client {__version__} | boot mode: {self.boot_mode} | "
-                f"secure boot: {'on' if self.secure_boot else 'off'} | memory: {memory}")
+        return summary_line(self.boot_mode, self.secure_boot, self.memory_kb)
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(check, value, verdict) for the preflight table."""
@@ -66,33 +63,6 @@ class Preflight:
         disks = ", ".join(f"{d.path} {human_size(d.size_bytes)}" for d in targets) or "none"
         rows.append(("Local disks", disks, "ok" if targets else "NO DISK to fail back to"))
         return rows
-
-
-def memory_kb(root: str) -> int | None:
-    for line in _read(_under(root, "/proc/meminfo")).splitlines():
-        if line.startswith("MemTotal:"):
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                return int(parts[1])
-    return None
-
-
-def boot_mode(root: str) -> str:
-    return "UEFI" if os.path.isdir(_under(root, "/sys/firmware/efi")) else "BIOS"
-
-
-def secure_boot(root: str) -> bool | None:
-    """The SecureBoot efivar: 4 attribute bytes, then the value byte (1 = on)."""
-    if boot_mode(root) == "BIOS":
-        return False
-    try:
-        with open(_under(root, SECURE_BOOT_VAR), "rb") as f:
-            data = f.read(5)
-    except FileNotFoundError:
-        return False  # firmware without Secure Boot support
-    except OSError:
-        return None
-    return len(data) >= 5 and data[4] == 1
 
 
 def hwclock_local(root: str, now: float | None = None) -> tuple[bool | None, str]:

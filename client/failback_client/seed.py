@@ -26,6 +26,7 @@ import yaml
 
 from failback_client import network_values as nv
 from failback_client.errors import UsageError
+from failback_client.machine import _under
 
 log = logging.getLogger(__name__)
 
@@ -360,10 +361,6 @@ Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-
-
-def _under(root: str, path: str) -> str:
-    return path if root in ("", "/") else os.path.join(root, path.lstrip("/"))
 
 
 def find_volume(sysroot: str = "/", runner: Runner = _run) -> str | None:

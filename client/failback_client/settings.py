@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from failback_client.errors import UsageError
+from failback_client.machine import ENV_SYSROOT
 from failback_client.regions import default_endpoint
 
 DM_VALUE_FORMATS: tuple[str, ...] = ("dev-name", "by-path", "by-id", "by-uuid", "all-strict")
@@ -33,7 +34,6 @@ SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 # Test and development hooks (documented in --help); harmless on the LiveCD where they are unset.
-ENV_SYSROOT = "FAILBACK_SYSROOT"  # read /proc, /sys, /dev, /etc, /run under this root
 ENV_S3_ENDPOINT = "FAILBACK_S3_ENDPOINT"  # S3 endpoint URL checked in step 12 instead of s3.{region}.amazonaws.com
 ENV_CONSOLE_LOCK = "FAILBACK_CONSOLE_LOCK"  # set by the LiveCD units on tty1 and ttyS0: console arbitration
 ENV_INCLUDE_LOOP = "FAILBACK_INCLUDE_LOOP"  # offer loop devices as local disks (tests on real loop devices)

@@ -15,7 +15,7 @@ from failback_client import __version__
 from failback_client.api import DrsApi
 from failback_client.configure import ReplicationSetup, check_config, mapped_volumes, write_config
 from failback_client.console import Console
-from failback_client.devices import LocalDisk
+from failback_client.devices import LocalDisk, discover
 from failback_client.download import download_software
 from failback_client.errors import EXIT_OK, ClientError, ClockError, ConnectivityError, CredentialsError
 from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, report_completion
@@ -41,7 +41,8 @@ DEFAULT_WORK_DIR = "/var/lib/failback"  # on the LiveCD: the RAM-backed root (no
 def run_preflight(settings: Settings, console: Console) -> Preflight:
     """Print the summary line first (before any prompt), then the preflight table and its warnings."""
     pre = gather(settings.sysroot, include_loop=settings.include_loop)
-    console.raw(pre.summary_line())
+    if not console.summary_shown:
+        console.raw(pre.summary_line())
     console.table(("Check", "Value", "Verdict"), pre.rows(), title="Preflight")
     if not pre.memory_ok:
         console.warn("This machine has less than 4 GiB of memory; the AWS failback client would refuse to run. "
@@ -112,6 +113,9 @@ def connect(settings: Settings, console: Console) -> DrsApi:
 def run(settings: Settings, console: Console) -> int:
     pre = run_preflight(settings, console)
     prepare_network(settings, console)
+    # Read the disks again: the client starts while udev may still be naming them (by-id, by-path),
+    # and the network step gave it time to finish.
+    pre.disks = discover(settings.sysroot, include_loop=settings.include_loop)
     api = connect(settings, console)
 
     identity = local_identity(settings.sysroot)

@@ -278,9 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         host_url = "http://" + headers.get("host", "")
         status, extra, payload, operation, key = self.plane.handle(self.command, self.path, headers, body, host_url)
-        self._respond(status, extra, payload)
         code = extra.get("x-amzn-ErrorType")
+        # Recorded before the answer goes out: a client that has its answer finds the request in the log.
         self.plane.requests.append(RequestRecord(operation, status, code, key))
+        self._respond(status, extra, payload)
         log.info("%s %s -> %s%s (%.1f ms)", self.command, operation or self.path, status,
                  f" {code}" if code else "", (time.monotonic() - started) * 1000)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from pathlib import Path
 
-from .wire import digest
+from .wire import DIGEST_SHA256, digest_function
 
 
 def device_size(fd: int) -> int:
@@ -79,13 +80,31 @@ def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-_ZERO_DIGESTS: dict[int, bytes] = {}
+class BlockHasher:
+    """A block's digest under one algorithm (the session's); an all-zero block (free space) costs a
+    memcmp, its digest is computed once per length."""
+
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm = algorithm
+        self._fn = digest_function(algorithm)
+        self._zeros: dict[int, bytes] = {}
+
+    def zero(self, length: int) -> bytes:
+        if length not in self._zeros:
+            self._zeros[length] = self._fn(bytes(length))
+        return self._zeros[length]
+
+    def __call__(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self.zero(len(data)) if is_zero(data) else self._fn(data)
 
 
-def zero_digest(length: int) -> bytes:
-    if length not in _ZERO_DIGESTS:
-        _ZERO_DIGESTS[length] = digest(bytes(length))
-    return _ZERO_DIGESTS[length]
+@functools.cache
+def block_hasher(algorithm: str = DIGEST_SHA256) -> BlockHasher:
+    return BlockHasher(algorithm)
+
+
+def zero_digest(length: int, algorithm: str = DIGEST_SHA256) -> bytes:
+    return block_hasher(algorithm).zero(length)
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -101,5 +120,5 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 _ZEROS = bytes(1024 * 1024)
 
 
-def block_digest(data: bytes | memoryview) -> bytes:
-    return zero_digest(len(data)) if is_zero(data) else digest(data)
+def block_digest(data: bytes | memoryview, algorithm: str = DIGEST_SHA256) -> bytes:
+    return block_hasher(algorithm)(data)

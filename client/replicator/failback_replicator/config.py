@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .tlsconf import TlsFiles
-from .wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT
+from .wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT, DIGEST_ALGORITHMS
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,9 @@ class ReplicatorConfig:
     agent_not_seen_after: float = 60.0  # reconnect attempts this long => AGENT_NOT_SEEN
     give_up_after: float | None = None  # None: keep retrying until STOP
     max_converge_rounds: int = 8
+    # Block digests to offer the agent, in order of preference; None: every one available here
+    # (BLAKE3 when the blake3 module loads, then SHA-256). ["sha256"] pins SHA-256.
+    digests: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -61,6 +64,12 @@ class ReplicatorConfig:
             raise ConfigError(f"agent_port: {self.agent_port} is not a TCP port")
         if self.checkpoint_blocks < 1:
             raise ConfigError("checkpoint_blocks: must be at least 1")
+        if self.digests is not None:
+            bad = [d for d in self.digests if d not in DIGEST_ALGORITHMS]
+            if bad or not self.digests:
+                raise ConfigError(
+                    f"digests: {list(self.digests)} must list some of {', '.join(DIGEST_ALGORITHMS)} (or be null)"
+                )
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -84,6 +93,10 @@ class ReplicatorConfig:
             d["tls"] = TlsFiles(ca=Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]))
             d["volumes"] = tuple(VolumeMapping(v["recovery_device"], Path(v["target"])) for v in d.pop("volumes"))
             d["state_dir"] = Path(d["state_dir"])
+            if d.get("digests") is not None:
+                if not isinstance(d["digests"], list | tuple):
+                    raise ConfigError(f"digests: {d['digests']!r} is not a list of algorithm names")
+                d["digests"] = tuple(d["digests"])
             cfg = cls(**d)
         except KeyError as exc:
             raise ConfigError(f"missing setting {exc.args[0]!r}") from None

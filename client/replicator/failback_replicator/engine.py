@@ -27,8 +27,9 @@ from pathlib import Path
 
 from . import PROTOCOL_VERSION, __version__
 from .blockio import (
+    BlockHasher,
     block_count,
-    block_digest,
+    block_hasher,
     block_span,
     device_size,
     drop_cache,
@@ -57,6 +58,8 @@ from .throttle import TokenBucket
 from .tlsconf import PairingError, client_context, require_identity
 from .wire import (
     BLOCK_HEADER_SIZE,
+    DIGEST_ALGORITHMS,
+    DIGEST_SHA256,
     DIGEST_SIZE,
     FRAME_BLOCK,
     FRAME_DIGESTS,
@@ -65,6 +68,7 @@ from .wire import (
     Decoder,
     ProtocolError,
     available_codecs,
+    available_digests,
     parse_block,
     parse_digest_frame,
     parse_json,
@@ -109,6 +113,8 @@ class Stats:
     blocks_received: int = 0  # every block that arrived, checkpointed or not (resume cost)
     transfer_seconds: float = 0.0  # time spent streaming blocks
     ready_seconds: float | None = None  # run() start -> first consistency attained
+    protocol_version: int = 0  # negotiated with the agent in the last session
+    digest_algorithm: str = ""  # block digest negotiated in the last session
     # Every block index fetched, in order (tests, benchmark): 8 bytes a block in an array('q'),
     # not ~40 in a list of ints, since it grows for as long as continuous replication runs.
     fetched_by_volume: dict[str, array] = field(default_factory=dict)
@@ -129,6 +135,9 @@ class _Target:
     # it started: a reboot may have happened): one byte per block, 1 = to read back. The
     # verification pass re-reads exactly these.
     readback: bytearray = field(default_factory=bytearray)
+    # Blocks the journal vouched for under another digest algorithm (one byte a block, 1 = re-read
+    # locally to recompute its digest before comparing), or None.
+    recompute: bytearray | None = None
 
     @property
     def local(self) -> DigestTable:
@@ -180,6 +189,7 @@ class Replicator:
         self._session_start = time.monotonic()
         self._meter = _RateMeter()
         self._conn: Connection | None = None
+        self._hash: BlockHasher = block_hasher(DIGEST_SHA256)  # the session's block digest (HELLO)
 
     # ------------------------------------------------------------------ public
     def run(self) -> Outcome:
@@ -254,9 +264,20 @@ class Replicator:
                 }
                 safe = "".join(c if c.isalnum() else "_" for c in name).strip("_")
                 path = Path(self.cfg.state_dir) / f"journal-{safe}.bin"
-                t.journal, how = Journal.load_or_new(path, identity, t.blocks)
+                t.journal, how = Journal.load_or_new(path, identity, t.blocks, self._hash.algorithm)
                 log.info("%s: %s", name, how)
                 t.progress.total_bytes = size
+            # Digests of another algorithm (an older journal, or the last session negotiated another
+            # one) are never compared with this session's: the blocks they vouched for are re-read.
+            was = t.journal.digest
+            vouched = t.journal.adopt_digest(self._hash.algorithm)
+            if vouched is not None:
+                t.recompute = vouched
+                log.info(
+                    "%s: journal digests are %s, this session's are %s: %d verified block(s) will be re-read "
+                    "locally to recompute them",
+                    name, was, self._hash.algorithm, vouched.count(1),
+                )  # fmt: skip
 
     # ------------------------------------------------------------------ sessions
     def _run_sessions(self) -> Outcome:
@@ -374,20 +395,46 @@ class Replicator:
             self.reporter.initiation_step(
                 InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION, StepStatus.IN_PROGRESS
             )
-        conn.send_json(
-            {
-                "op": "HELLO",
-                "version": PROTOCOL_VERSION,
-                "software": f"failback-replicator/{__version__}",
-                "client": self.cfg.client_identity,
-                "recovery_instance": self.cfg.recovery_instance_id,
-                "block_size": self.cfg.block_size,
-                "codecs": available_codecs(),
-            }
+        offered = [a for a in (self.cfg.digests or DIGEST_ALGORITHMS) if a in available_digests()]
+        if not offered:
+            raise ReplicationFailed(
+                ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE,
+                f"none of the configured block digests {list(self.cfg.digests or ())} is available here "
+                f"(have: {', '.join(available_digests())})",
+            )
+        hello = {
+            "op": "HELLO",
+            "version": PROTOCOL_VERSION,
+            "software": f"failback-replicator/{__version__}",
+            "client": self.cfg.client_identity,
+            "recovery_instance": self.cfg.recovery_instance_id,
+            "block_size": self.cfg.block_size,
+            "codecs": available_codecs(),
+            "digests": offered,
+        }
+        conn.send_json(hello)
+        reply = conn.recv_json()
+        if reply["op"] == "ERROR" and reply.get("error") == "VERSION" and DIGEST_SHA256 in offered:
+            # A version-1 agent refuses HELLO 2 but keeps the connection: say HELLO again in version 1,
+            # whose only digest is SHA-256.
+            log.info("the agent speaks protocol version 1 (%s): using version 1, SHA-256", reply.get("message"))
+            hello = {k: v for k, v in hello.items() if k != "digests"} | {"version": 1}
+            conn.send_json(hello)
+            reply = conn.recv_json()
+        if reply["op"] == "ERROR":
+            raise AgentRefused(f"{reply.get('error')}: {reply.get('message')}")
+        if reply["op"] != "HELLO":
+            raise ProtocolError(f"expected HELLO, agent sent {reply['op']}")
+        if reply.get("version") != hello["version"]:
+            raise AgentRefused(f"agent speaks protocol version {reply.get('version')}, we speak {hello['version']}")
+        algorithm = reply.get("digest") if hello["version"] >= 2 else DIGEST_SHA256
+        if algorithm not in offered:  # does not heal by reconnecting: refused, like a version mismatch
+            raise AgentRefused(f"agent picked block digest {algorithm!r}, we offered {offered}")
+        self._hash = block_hasher(algorithm)
+        self.stats.protocol_version, self.stats.digest_algorithm = hello["version"], algorithm
+        log.info(
+            "agent: protocol version %d, block digest %s, codec %s", hello["version"], algorithm, reply.get("codec")
         )
-        reply = self._expect(conn, "HELLO")
-        if reply.get("version") != PROTOCOL_VERSION:
-            raise AgentRefused(f"agent speaks protocol version {reply.get('version')}, we speak {PROTOCOL_VERSION}")
         if reply.get("recovery_instance") != self.cfg.recovery_instance_id:
             raise AgentRefused(
                 f"agent serves recovery instance {reply.get('recovery_instance')!r}, "
@@ -482,7 +529,7 @@ class Replicator:
         """Asks the agent for fresh digests of every volume and lists the blocks that differ locally."""
         need: dict[int, Sequence[int]] = {}
         for t in self._targets:
-            if not reread_local and not self.cfg.rescan and t.local.known == 0:
+            if not reread_local and not self.cfg.rescan and t.local.known == 0 and t.recompute is None:
                 # A full sync with nothing verified yet: every block is needed, no digests to compare.
                 need[t.index] = range(t.blocks)
                 t.need_bytes = t.size
@@ -502,6 +549,9 @@ class Replicator:
                 drop_cache(t.fd)
             elif self.cfg.rescan:
                 indices = list(t.local.unknown())
+            elif t.recompute is not None:  # a full sync that already verified blocks under another digest
+                indices = [i for i, m in enumerate(t.recompute) if m]
+            t.recompute = None
             local_jobs = []
             if indices:
                 # Two readers: hashing releases the GIL, so a local rescan uses both cores of a small
@@ -558,7 +608,7 @@ class Replicator:
         try:
             buf = bytearray(self.cfg.block_size)  # one per reader thread, reused for every block
             for i in indices:
-                d = block_digest(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
+                d = self._hash(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
                 with self._stats_lock:
                     t.local[i] = d
                     t.readback[i] = 0
@@ -610,6 +660,7 @@ class Replicator:
         to_read_back: queue.SimpleQueue = queue.SimpleQueue()  # checkpointed batches, for the verifier
         failures: list[int] = []
         errors: list[BaseException] = []
+        hasher = self._hash
 
         def verifier() -> None:
             """Reads each checkpointed batch back from the device while the transfer goes on, so the
@@ -624,7 +675,7 @@ class Replicator:
                     for i in batch:
                         if not t.readback[i]:
                             continue
-                        d = block_digest(read_block_into(t.fd, i, t.size, bs, buf))
+                        d = hasher(read_block_into(t.fd, i, t.size, bs, buf))
                         with self._stats_lock:
                             self.stats.local_blocks_read += 1
                             if d != t.local[i]:  # the device does not hold what was written
@@ -658,7 +709,7 @@ class Replicator:
                     if errors:
                         continue
                     data = decoder.decode(codec, payload, raw_len)
-                    if block_digest(data) != dig:
+                    if hasher(data) != dig:
                         failures.append(index)
                         log.warning(
                             "%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index

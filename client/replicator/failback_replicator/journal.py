@@ -7,7 +7,10 @@ verified blocks whose digest still matches the source are never sent again, in-f
 treated as unknown and redone.
 
 Format (binary, small: 32 bytes per block): a JSON header line, then one digest per block (all
-zero bytes = not verified). Updated atomically: write tmp + fsync + rename + fsync(dir).
+zero bytes = not verified). Updated atomically: write tmp + fsync + rename + fsync(dir). The header
+names the digest algorithm (protocol version 2 negotiates it; a journal without one was written by
+a version-1 replicator: SHA-256). Digests of one algorithm are never compared with another's: when
+a session uses another algorithm, the blocks the journal vouched for are re-read locally instead.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .wire import DIGEST_SIZE
+from .wire import DIGEST_SHA256, DIGEST_SIZE
 
 _UNKNOWN = bytes(DIGEST_SIZE)
 MAGIC = "failback-replicator-journal/1"
@@ -70,6 +73,13 @@ class DigestTable:
     def __iter__(self) -> Iterator[bytes | None]:
         return (self[i] for i in range(self.blocks))
 
+    def known_mask(self) -> bytearray:
+        """One byte a block: 1 where a digest is known."""
+        mask = bytearray(b"\x01") * self.blocks
+        for i in self.unknown():
+            mask[i] = 0
+        return mask
+
     def unknown(self) -> Iterator[int]:
         """Indices without a digest (scans in 32 KiB steps: a mostly known table costs little)."""
         step = 1024
@@ -115,6 +125,7 @@ class Journal:
     verified: DigestTable = field(default=None)  # type: ignore[assignment]
     inflight: set[int] = field(default_factory=set)
     phase: str = "SYNC"  # SYNC -> VERIFIED (a full verification pass found both sides equal)
+    digest: str = DIGEST_SHA256  # the algorithm of the digests in `verified`
     saves: int = 0
 
     def __post_init__(self) -> None:
@@ -122,17 +133,22 @@ class Journal:
             self.verified = DigestTable(self.blocks)
 
     @classmethod
-    def load_or_new(cls, path: Path, identity: dict[str, object], blocks: int) -> tuple[Journal, str]:
-        """Returns the journal and a one-line description of what was found (for the log)."""
-        journal = cls(path=path, identity=identity, blocks=blocks)
+    def load_or_new(
+        cls, path: Path, identity: dict[str, object], blocks: int, digest: str = DIGEST_SHA256
+    ) -> tuple[Journal, str]:
+        """Returns the journal and a one-line description of what was found (for the log). A new
+        journal uses `digest`; a loaded one keeps the algorithm it names (see `adopt_digest`)."""
+        journal = cls(path=path, identity=identity, blocks=blocks, digest=digest)
         if not path.exists():
             return journal, "no journal: starting fresh"
         try:
             journal._read()
         except (JournalMismatch, ValueError, OSError) as exc:
-            return cls(path=path, identity=identity, blocks=blocks), f"journal ignored ({exc})"
+            return cls(path=path, identity=identity, blocks=blocks, digest=digest), f"journal ignored ({exc})"
         done = journal.verified.known
-        return journal, f"journal: {done}/{blocks} blocks verified, {len(journal.inflight)} in flight (redone)"
+        return journal, (
+            f"journal: {done}/{blocks} blocks verified ({journal.digest}), {len(journal.inflight)} in flight (redone)"
+        )
 
     def _read(self) -> None:
         with open(self.path, "rb") as f:
@@ -149,9 +165,22 @@ class Journal:
         self.verified.recount()
         self.inflight = set(header.get("inflight", []))
         self.phase = str(header.get("phase", "SYNC"))
+        self.digest = str(header.get("digest", DIGEST_SHA256))  # version-1 journals hold SHA-256
         for i in self.inflight:  # half-written blocks are never trusted
             if 0 <= i < self.blocks:
                 self.verified[i] = None
+
+    def adopt_digest(self, algorithm: str) -> bytearray | None:
+        """Switches the journal to `algorithm`. Digests of another algorithm are dropped, never compared
+        with the source's: returns the blocks they vouched for (one byte a block, 1 = was verified) so
+        the caller re-reads them locally to recompute their digests, or None when nothing changes."""
+        if algorithm == self.digest:
+            return None
+        vouched = self.verified.known_mask() if self.verified.known else None
+        self.verified = DigestTable(self.blocks)
+        self.digest = algorithm
+        self.phase = "SYNC"
+        return vouched
 
     def mark_inflight(self, indices: set[int] | list[int]) -> None:
         for i in indices:
@@ -171,6 +200,7 @@ class Journal:
             "identity": self.identity,
             "blocks": self.blocks,
             "phase": self.phase,
+            "digest": self.digest,
             "inflight": sorted(self.inflight),
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
