@@ -321,9 +321,13 @@ def assets(c: Context, out: str | None = None) -> None:
     """Build the replication software bundle (failback_assets.tar.gz), its .sha512 and
     latest/manifest.json, reproducibly; `inv publish --assets` uploads it."""
     _logging()
-    from image.assets import build_assets
+    from image.assets import AssetsError, build_assets
+    from image.config import ConfigError
 
-    result = build_assets(Path(out) if out else None)
+    try:
+        result = build_assets(Path(out) if out else None)
+    except (AssetsError, ConfigError) as exc:
+        raise Exit(f"assets: {exc}", code=1) from None
     print(f"{result.tarball}\nsha512 {result.sha512}\ninstallerVersion {result.version}")
 
 
