@@ -147,11 +147,6 @@ class BenchResult:
         )
 
 
-def _blank(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-
-
 def raw_socket_copy(src: Path, dst: Path, chunk: int = MiB, tls: tuple | None = None) -> float:
     """Plain TCP on loopback: read the file, send it, receive and pwrite it, fsync. No hashing;
     with tls=(server_ctx, client_ctx) the same copy over TLS (to show what the encryption alone costs)."""
@@ -254,6 +249,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
     from drs_agent.testing import (
         CuttingProxy,
         Pki,
+        blank_image,
         change_blocks,
         make_image,
         replicator_config,
@@ -284,7 +280,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             # Full sync ("a different server"): every block streamed and verified on arrival, then the
             # verification pass reads every block back. Timed to "ready" (consistency attained).
             tgt = d / "target.img"
-            _blank(tgt, size)
+            blank_image(tgt, size)
             # "Just written": the agent cannot trust digests it took while serving READs, so the
             # verification re-reads the source, as it always must on a live block device.
             _age(src, 0)
@@ -296,7 +292,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             sha_full = None
             if algorithm != DIGEST_SHA256:
                 tgt_sha = d / "target-sha256.img"
-                _blank(tgt_sha, size)
+                blank_image(tgt_sha, size)
                 _age(src, 0)
                 cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt_sha}, d / "state-full-sha256",
                                         rescan=False, digests=(DIGEST_SHA256,))  # fmt: skip
@@ -318,7 +314,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             link_full = link_delta = None
             if link_mbps:
                 tgt3 = d / "target3.img"
-                _blank(tgt3, size)
+                blank_image(tgt3, size)
                 cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt3}, d / "state-link-full",
                                         rescan=False, bandwidth_mbps=link_mbps)  # fmt: skip
                 link_full = float(_replicate_in_child(cfg)["ready_seconds"])
@@ -332,7 +328,7 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
 
             # Resume: a fresh full sync through a proxy that cuts the link at 60 % of the bytes.
             tgt2 = d / "target2.img"
-            _blank(tgt2, size)
+            blank_image(tgt2, size)
             proxy = CuttingProxy(agent.port, cut_after=int(size * 0.6))
             cfg = replicator_config(pki, proxy.port, {"/dev/xvda": tgt2}, d / "state-resume", rescan=False)
             resume = _replicate_in_child(cfg)

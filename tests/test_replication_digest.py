@@ -20,6 +20,7 @@ from drs_agent.testing import (
     AGENT_CN,
     CLIENT_ID,
     Pki,
+    blank_image,
     change_blocks,
     make_image,
     replicator_config,
@@ -48,9 +49,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def blank(path: Path, size: int = SIZE) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
+    return blank_image(path, size)
 
 
 def sync(cfg: ReplicatorConfig) -> Replicator:

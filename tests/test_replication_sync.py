@@ -16,6 +16,7 @@ from drs_agent.testing import (
     CuttingProxy,
     Pki,
     RecordingReporter,
+    blank_image,
     change_blocks,
     make_image,
     replicator_config,
@@ -40,9 +41,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def blank(path: Path, size: int = SIZE) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
+    return blank_image(path, size)
 
 
 def fast_sleep(_: float) -> None:

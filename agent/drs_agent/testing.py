@@ -51,6 +51,13 @@ class Pki:
         )
 
 
+def blank_image(path: Path, size: int) -> Path:
+    """An empty (sparse, all-zero) target image of `size` bytes: what a fresh local disk reads as."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def make_image(path: Path, size: int, seed: int = 1, zero_fraction: float = 0.25) -> Path:
     """A disk image of random 64 KiB chunks with some all-zero chunks (like a real disk's free space)."""
     rng = random.Random(seed)
