@@ -71,6 +71,9 @@ class InitramfsConfig:
     drop: tuple[str, ...]  # globs relative to the initramfs root, removed after every hook ran
     compression: str  # initramfs-tools COMPRESS=
     level: int | None  # COMPRESSLEVEL= (None: initramfs-tools' default)
+    # Leave a sleeping shell behind at init-bottom so the initrd's busybox, libc and ld.so pages are
+    # not freed when the live root takes over (see initramfs-keep-code.j2 for why that matters).
+    keep_code: bool = False
 
 
 # Debian's own initramfs-tools settings: what an image definition without `initramfs` gets.
@@ -354,7 +357,8 @@ _RELATIVE_GLOB_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9_.*?/\[\]-]
 
 
 def _initramfs(v: _Validator, value: Any, packages: tuple[str, ...]) -> InitramfsConfig:
-    i = v.mapping(value, "initramfs", set(), {"policy", "modules", "drop", "compression", "level"})
+    i = v.mapping(value, "initramfs", set(), {"policy", "modules", "drop", "compression", "level",
+                                                         "keep_code"})
     d = DEFAULT_INITRAMFS
     policy = v.string(i.get("policy", d.policy), "initramfs.policy")
     if policy not in INITRAMFS_POLICIES:
@@ -376,7 +380,9 @@ def _initramfs(v: _Validator, value: Any, packages: tuple[str, ...]) -> Initramf
     level = i.get("level")
     if level is not None:
         level = v.integer(level, "initramfs.level", minimum=lo, maximum=hi)
-    return InitramfsConfig(policy=policy, modules=modules, drop=drop, compression=compression, level=level)
+    keep_code = v.boolean(i.get("keep_code", d.keep_code), "initramfs.keep_code")
+    return InitramfsConfig(policy=policy, modules=modules, drop=drop, compression=compression, level=level,
+                           keep_code=keep_code)
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> ImageConfig:

@@ -59,6 +59,10 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
     if cfg.initramfs.modules or cfg.initramfs.drop:
         files.append(SetupFile("/etc/initramfs-tools/hooks/failback",
                                env.get_template("initramfs-hook.j2").render(values), 0o755))
+    if cfg.initramfs.keep_code:
+        # initramfs-tools copies /etc/initramfs-tools/scripts/* into every initrd it builds.
+        files.append(SetupFile("/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
+                               env.get_template("initramfs-keep-code.j2").render(values), 0o755))
     return tuple(files)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +86,44 @@ def test_initramfs_files_from_the_definition() -> None:
         assert needed in added, needed
     # Not conffiles of initramfs-tools (dpkg would stop to ask about a pre-existing one), and no
     # module list initramfs-tools would load at boot whether the hardware is there or not.
-    assert set(files) == {"/etc/initramfs-tools/conf.d/failback.conf", "/etc/initramfs-tools/hooks/failback"}
+    assert set(files) == {"/etc/initramfs-tools/conf.d/failback.conf", "/etc/initramfs-tools/hooks/failback",
+                          "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code"}
+
+
+def test_keep_code_script_leaves_a_sleeping_shell_that_maps_busybox(tmp_path: Path) -> None:
+    """The init-bottom script returns at once (the boot goes on) and leaves a background shell whose
+    mappings keep the initrd's code pages allocated; without keep_code there is no such script."""
+    script_file = next(f for f in rootfs.initramfs_setup_files(CFG) if f.path.endswith("/failback-keep-code"))
+    assert CFG.initramfs.keep_code and script_file.mode == 0o755
+    [(script, _)] = rootfs.write_setup_files((script_file,), tmp_path / "staging")
+    subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
+    assert subprocess.run([str(script), "prereqs"], capture_output=True, text=True, check=True).stdout == "\n"
+    # Run it for real under busybox's sh (what the initrd runs it with; its `sleep` applet too): it
+    # must return at once while a child keeps sleeping. A marker in the environment finds the children.
+    marker = f"KEEP_CODE_TEST={os.getpid()}-{time.monotonic_ns()}"
+    busybox = shutil.which("busybox")
+    assert busybox, "install-deps.sh installs busybox-static"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sleep").symlink_to(busybox)
+    run = subprocess.run([busybox, "sh", str(script)], env={"PATH": str(bin_dir), marker.split("=")[0]: marker},
+                         capture_output=True, text=True, timeout=10)
+    assert run.returncode == 0 and run.stdout == run.stderr == ""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                left.append((int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")))
+        except OSError:
+            continue
+    try:
+        assert [b"sleep", b"86400", b""] in [c for _, c in left], left
+        assert any(c[:2] == [busybox.encode(), b"sh"] for _, c in left), "the loop's shell was not left behind"
+    finally:
+        for pid, _ in left:
+            os.kill(pid, signal.SIGKILL)
+    off = replace(CFG, initramfs=replace(CFG.initramfs, keep_code=False))
+    assert not any(f.path.endswith("/failback-keep-code") for f in rootfs.initramfs_setup_files(off))
 
 
 def test_default_initramfs_is_debians() -> None:
