@@ -7,6 +7,7 @@ skips itself when its inputs have not changed since its last successful run.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -194,9 +195,11 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     "parallel": "boots at a time (default 1, so the times compare with the baseline)",
     "timeout": TIMEOUT_HELP,
     "against": "another ISO (e.g. a copy of the previous build's) booted right after each way: before/after",
+    "cpus": "vCPUs of every guest, baseline included (default 1, as inv smoke boots; at most the host's cores)",
 })
 def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
-          chain: bool = True, parallel: int = 1, timeout: int = 300, against: str | None = None) -> None:
+          chain: bool = True, parallel: int = 1, timeout: int = 300, against: str | None = None,
+          cpus: int = 1) -> None:
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
@@ -205,6 +208,8 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
     from image.qemu import BOOT_WAYS, QemuError
     from image.run import CommandError
 
+    if not 1 <= cpus <= (os.cpu_count() or 1):
+        raise Exit(f"bench: --cpus must be between 1 and this machine's {os.cpu_count()} cores, got {cpus}", code=1)
     inv = [str(REPO / ".venv" / "bin" / "inv")]
     cold_cmd = None
     cold_dir = REPO / "build" / "bench-cold"
@@ -215,7 +220,7 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
         report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
                              build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
                              ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain,
-                             against=Path(against) if against else None)
+                             against=Path(against) if against else None, cpus=cpus)
     except (QemuError, CommandError) as exc:
         raise Exit(f"bench: {exc}", code=1) from None
     finally:

@@ -52,6 +52,7 @@ class BenchReport:
     against_boots: list[smoke.WayResult] = field(default_factory=list)
     # The same ways on the boot-chain probe ISO (no live system): what firmware + loaders cost.
     probe_boots: list[smoke.WayResult] = field(default_factory=list)
+    cpus: int = 1  # vCPUs of every guest, baseline included
 
     def format(self) -> str:
         out = ["== failback LiveCD benchmark =="]
@@ -75,7 +76,8 @@ class BenchReport:
         for name, size in self.layers.items():
             out.append(f"  {name:<42} {size / MIB:8.1f} MiB")
         out.append("")
-        out.append("boot: seconds from QEMU start (TCG, 1 GiB) to the line; 'chain' = the same way booting the")
+        out.append(f"boot: seconds from QEMU start (TCG, 1 GiB, {self.cpus} vCPU) to the line; 'chain' = the same way "
+                   "booting the")
         out.append("ISO stage's boot chain around the same kernel with a probe initramfs (no live system)")
         if self.way_baselines:
             out.append("  ratio = seconds / the bare-kernel boot measured right before that way ('base')")
@@ -179,11 +181,12 @@ def run_bench(
     timeout: float = smoke.DEFAULT_TIMEOUT,
     probe: bool = True,
     against: Path | None = None,
+    cpus: int = 1,
 ) -> BenchReport:
     """Measure what is asked: builds only when their commands are given, boots when `ways`; with
     `against`, each way also boots that ISO right after this one (a before/after comparison under
     the same load)."""
-    report = BenchReport()
+    report = BenchReport(cpus=cpus)
     # Absolute: the probe ISO's apt cache (image/efi.py) breaks on a relative directory.
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -210,32 +213,34 @@ def run_bench(
         kernel = baseline_kernel(iso, workdir)
         if parallel > 1:
             # Two guests at once: one baseline for all (they would disturb each other's).
-            base = qemu.boot_bare_kernel(kernel, workdir, append=BASELINE_APPEND)
+            base = qemu.boot_bare_kernel(kernel, workdir, append=BASELINE_APPEND, cpus=cpus)
             if base.outcome == "matched":
                 report.baseline_s = base.seconds
             else:
                 report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
-            report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout)
+            report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout,
+                                            cpus=cpus)
             if against is not None:
                 report.against_boots = smoke.run_matrix(against, workdir / "against", ways=ways, parallel=parallel,
-                                                        timeout=timeout)
+                                                        timeout=timeout, cpus=cpus)
         else:
             for way in ways:
-                base = qemu.boot_bare_kernel(kernel, workdir / "baseline" / way.name, append=BASELINE_APPEND)
+                base = qemu.boot_bare_kernel(kernel, workdir / "baseline" / way.name, append=BASELINE_APPEND,
+                                             cpus=cpus)
                 if base.outcome == "matched":
                     report.way_baselines[way.name] = base.seconds
                     if base.cpu_seconds is not None:
                         report.way_baseline_cpu[way.name] = base.cpu_seconds
                 else:
                     report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
-                report.boots += smoke.run_matrix(iso, workdir / "boots", ways=[way], timeout=timeout)
+                report.boots += smoke.run_matrix(iso, workdir / "boots", ways=[way], timeout=timeout, cpus=cpus)
                 if against is not None:
                     report.against_boots += smoke.run_matrix(against, workdir / "against", ways=[way],
-                                                             timeout=timeout)
+                                                             timeout=timeout, cpus=cpus)
             if report.way_baselines:
                 report.baseline_s = statistics.median(report.way_baselines.values())
         if probe:
             probe_iso = smoke.make_probe_iso(kernel, workdir / "probe")
             report.probe_boots = smoke.run_matrix(probe_iso, workdir / "probe", ways=ways, parallel=parallel,
-                                                  timeout=timeout)
+                                                  timeout=timeout, cpus=cpus)
     return report

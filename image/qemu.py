@@ -191,13 +191,13 @@ def boot_way(name: str) -> BootWay:
     raise QemuError(f"unknown boot way {name!r}; known: {', '.join(w.name for w in BOOT_WAYS)}")
 
 
-def _base_argv(*, serial_log: Path, qmp_socket: Path, memory_mib: int, smm: bool) -> list[str]:
+def _base_argv(*, serial_log: Path, qmp_socket: Path, memory_mib: int, smm: bool, cpus: int = 1) -> list[str]:
     return [
         QEMU,
         "-accel", "tcg",
         "-machine", f"{MACHINE},smm={'on' if smm else 'off'}",
         "-m", str(memory_mib),
-        "-smp", "1",
+        "-smp", str(cpus),
         # -nodefaults + explicit devices: -nographic would put QEMU's monitor on our stdin/stdout.
         "-nodefaults",
         "-display", "none",
@@ -244,14 +244,16 @@ def iso_argv(
     firmware: Firmware | None = None,
     vars_file: Path | None = None,
     memory_mib: int = MEMORY_MIB,
+    cpus: int = 1,
 ) -> list[str]:
-    """The QEMU command that boots `image` (the ISO, or its El Torito-less copy for disk ways)."""
+    """The QEMU command that boots `image` (the ISO, or its El Torito-less copy for disk ways), on
+    `cpus` vCPUs (one TCG thread each: more than the host's cores only slows every one down)."""
     if (way.firmware == "uefi") != (firmware is not None) or (firmware is None) != (vars_file is None):
         raise QemuError(f"{way.name}: UEFI ways need firmware and a vars file, BIOS ways neither")
     if firmware is not None and way.secure_boot != firmware.secure_boot_enforced:
         raise QemuError(f"{way.name}: firmware {firmware.descriptor.name} does not match secure_boot={way.secure_boot}")
     smm = firmware is not None and firmware.requires_smm
-    argv = _base_argv(serial_log=serial_log, qmp_socket=qmp_socket, memory_mib=memory_mib, smm=smm)
+    argv = _base_argv(serial_log=serial_log, qmp_socket=qmp_socket, memory_mib=memory_mib, smm=smm, cpus=cpus)
     argv += _firmware_argv(firmware, vars_file)
     if way.medium == "cd":
         argv += [
@@ -277,11 +279,12 @@ def kernel_argv(
     memory_mib: int = MEMORY_MIB,
     firmware: Firmware | None = None,
     vars_file: Path | None = None,
+    cpus: int = 1,
 ) -> list[str]:
     """A direct kernel boot on the same machine as the ISO ways (SeaBIOS unless `firmware`): the
     benchmark's baseline."""
     smm = firmware is not None and firmware.requires_smm
-    argv = _base_argv(serial_log=serial_log, qmp_socket=qmp_socket, memory_mib=memory_mib, smm=smm)
+    argv = _base_argv(serial_log=serial_log, qmp_socket=qmp_socket, memory_mib=memory_mib, smm=smm, cpus=cpus)
     argv += _firmware_argv(firmware, vars_file)
     return [*argv, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
 
@@ -539,7 +542,8 @@ def write_probe_initramfs(dest: Path) -> Path:
 
 
 def boot_bare_kernel(
-    kernel: Path, workdir: Path, *, timeout: float = 120, append: str = "console=tty0 console=ttyS0,115200n8"
+    kernel: Path, workdir: Path, *, timeout: float = 120, append: str = "console=tty0 console=ttyS0,115200n8",
+    cpus: int = 1,
 ) -> BootResult:
     """Boot `kernel` with the marker initramfs on the BIOS machine; seconds until the marker."""
     initrd = write_marker_initramfs(workdir / "marker-initramfs.cpio.gz")
@@ -547,7 +551,8 @@ def boot_bare_kernel(
     qmp = short_socket_path("bare")
     try:
         argv = kernel_argv(
-            kernel=kernel, initrd=initrd, append=f"{append} panic=-1", serial_log=serial_log, qmp_socket=qmp
+            kernel=kernel, initrd=initrd, append=f"{append} panic=-1", serial_log=serial_log, qmp_socket=qmp,
+            cpus=cpus,
         )
         return watch_boot(argv, serial_log=serial_log, qmp_socket=qmp,
                           pattern=re.compile(re.escape(BARE_MARKER)), timeout=timeout)

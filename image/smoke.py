@@ -100,7 +100,7 @@ def check_summary(way: BootWay, boot: BootResult) -> tuple[bool, str]:
 
 
 def plan_way(
-    way: BootWay, iso: Path, workdir: Path, firmwares: Sequence[Firmware], disk_image: Path | None
+    way: BootWay, iso: Path, workdir: Path, firmwares: Sequence[Firmware], disk_image: Path | None, cpus: int = 1
 ) -> tuple[list[str], Path, Path]:
     """The QEMU command for `way`, its serial log and its QMP socket (VARS copied fresh)."""
     waydir = workdir / way.name
@@ -117,7 +117,8 @@ def plan_way(
             raise qemu.QemuError(f"{way.name}: needs the El Torito-less disk copy of the ISO")
         image = disk_image
     argv = qemu.iso_argv(
-        way, image=image, serial_log=serial_log, qmp_socket=qmp_socket, firmware=firmware, vars_file=vars_file
+        way, image=image, serial_log=serial_log, qmp_socket=qmp_socket, firmware=firmware, vars_file=vars_file,
+        cpus=cpus,
     )
     return argv, serial_log, qmp_socket
 
@@ -130,8 +131,9 @@ def run_way(
     firmwares: Sequence[Firmware],
     disk_image: Path | None,
     timeout: float = DEFAULT_TIMEOUT,
+    cpus: int = 1,
 ) -> WayResult:
-    argv, serial_log, qmp_socket = plan_way(way, iso, workdir, firmwares, disk_image)
+    argv, serial_log, qmp_socket = plan_way(way, iso, workdir, firmwares, disk_image, cpus)
     log.info("smoke: booting %s", way.name)
     try:
         boot = qemu.watch_boot(argv, serial_log=serial_log, qmp_socket=qmp_socket, pattern=SUMMARY_RE, timeout=timeout)
@@ -151,6 +153,7 @@ def run_matrix(
     timeout: float = DEFAULT_TIMEOUT,
     firmware_dirs: Sequence[Path] = qemu.FIRMWARE_DIRS,
     on_result: Callable[[WayResult], None] | None = None,
+    cpus: int = 1,
 ) -> list[WayResult]:
     """Boot `iso` each way in `ways`, at most `parallel` at a time; results in the order of `ways`."""
     if not iso.is_file():
@@ -163,7 +166,7 @@ def run_matrix(
         disk_image = qemu.disk_copy(iso, workdir / "disk-no-eltorito.img")
 
     def one(way: BootWay) -> WayResult:
-        result = run_way(way, iso, workdir, firmwares=firmwares, disk_image=disk_image, timeout=timeout)
+        result = run_way(way, iso, workdir, firmwares=firmwares, disk_image=disk_image, timeout=timeout, cpus=cpus)
         if on_result:
             on_result(result)
         return result

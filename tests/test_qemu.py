@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from image import qemu
+from image import qemu, smoke
 from image.qemu import BOOT_WAYS, Firmware, QemuError, boot_way
 
 REAL_DIRS = (Path("/usr/share/qemu/firmware"),)
@@ -133,6 +133,21 @@ def test_exact_qemu_command_per_way(name: str, argv: list[str]) -> None:
     got = qemu.iso_argv(way, image=image, serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"),
                         firmware=fw, vars_file=Path("/w/vars.fd") if fw else None)
     assert got == argv
+
+
+def test_cpus_reach_every_guest_the_bench_compares(tmp_path: Path) -> None:
+    """`inv bench --cpus N`: the ISO ways and the bare-kernel baseline get the same -smp."""
+    way = boot_way("seabios-cd")
+    iso = qemu.iso_argv(way, image=Path("/i/live.iso"), serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"),
+                        cpus=2)
+    one = expected("off", [], CD, "/i/live.iso")
+    i = iso.index("-smp")
+    assert iso[i + 1] == "2" and iso[:i + 1] + iso[i + 2:] == one[:i + 1] + one[i + 2:]
+    bare = qemu.kernel_argv(kernel=Path("/k"), initrd=Path("/r"), append="x", serial_log=Path("/w/s.log"),
+                            qmp_socket=Path("/s/q.sock"), cpus=2)
+    assert bare[bare.index("-smp") + 1] == "2"
+    plan, _, _ = smoke.plan_way(way, Path("/i/live.iso"), tmp_path, (), None, cpus=2)
+    assert plan[plan.index("-smp") + 1] == "2"
 
 
 def test_way_and_firmware_must_agree() -> None:
