@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,33 @@ def test_start_sh_writes_static_config_and_restarts(fake_system: dict[str, objec
     assert calls[0] == "systemctl restart systemd-networkd.service"
     assert "ip -4 -o addr show dev ens3" in calls
     assert calls[-1] == "systemctl --no-block restart failback-client@*.service"
+
+
+def test_start_sh_waits_for_a_link_that_comes_late(fake_system: dict[str, object]) -> None:
+    """Right after boot no NIC may have a link yet (networkd still starting, the link negotiating):
+    start.sh waits for one instead of failing at once -- the client runs it that early for ip=."""
+    sysnet = Path(str(fake_system["root"])) / "sys/class/net"
+    (sysnet / "ens3/carrier").write_text("0\n")
+    later = subprocess.Popen(["sh", "-c", f"sleep 1.5; echo 1 > '{sysnet}/eth0/carrier'"])
+    try:
+        proc = run_start(fake_system, **{**GOOD, "CONFIG_NETWORK": "1", "FAILBACK_LINK_TIMEOUT": "10"})
+    finally:
+        later.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert "waiting up to 10 s for a wired network interface with a link" in proc.stderr
+    assert (sysnet.parent.parent.parent / "etc/systemd/network/05-failback-static-eth0.network").is_file()
+
+
+def test_start_sh_gives_up_on_a_link_that_never_comes(fake_system: dict[str, object]) -> None:
+    root = Path(str(fake_system["root"]))
+    (root / "sys/class/net/ens3/carrier").write_text("0\n")
+    started = time.monotonic()
+    proc = run_start(fake_system, **{**GOOD, "CONFIG_NETWORK": "1", "FAILBACK_LINK_TIMEOUT": "1"})
+    assert proc.returncode == 2 and time.monotonic() - started >= 1
+    assert "no wired network interface has a link after 1 s: plug in a cable" in proc.stderr
+    assert not (root / "etc").exists() and not Path(str(fake_system["log"])).exists()
+    bad = run_start(fake_system, **{**GOOD, "CONFIG_NETWORK": "1", "FAILBACK_LINK_TIMEOUT": "soon"})
+    assert bad.returncode == 2 and "FAILBACK_LINK_TIMEOUT='soon' is not a number of seconds" in bad.stderr
 
 
 def test_start_sh_named_nic_and_prefix_netmask(fake_system: dict[str, object]) -> None:

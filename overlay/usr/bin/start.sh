@@ -22,6 +22,10 @@
 # The failback client itself runs this with RESTART_CLIENT=0 to apply a static address
 # asked at its prompt (or given in its seed) without restarting itself.
 #
+# Without NIC=, it waits for a wired NIC to have a link (FAILBACK_LINK_TIMEOUT seconds,
+# default 30): right after boot the NIC may still be negotiating its link, or down until
+# systemd-networkd (starting beside the client) brings it up.
+#
 # For tests: FAILBACK_ROOT prefixes the paths it reads and writes (/etc, /sys) and
 # FAILBACK_ADDR_TIMEOUT bounds the wait for the address (seconds, default 30).
 set -u
@@ -97,6 +101,18 @@ first_wired_nic() {
 		fi
 	done
 	return 1
+}
+
+# wait_for_wired_nic: first_wired_nic, waiting up to FAILBACK_LINK_TIMEOUT seconds for one.
+wait_for_wired_nic() {
+	limit=${FAILBACK_LINK_TIMEOUT:-30}
+	waited=0
+	while ! first_wired_nic; do
+		[ "$waited" -ge "$limit" ] && return 1
+		[ "$waited" = 0 ] && echo "$prog: waiting up to $limit s for a wired network interface with a link..." >&2
+		sleep 1
+		waited=$((waited + 1))
+	done
 }
 
 # proxy_problem VALUE: prints why VALUE is not a proxy URL (never the value: it may hold a password).
@@ -210,8 +226,12 @@ config_network() {
 		[ -e "$sysnet/$NIC" ] || die "NIC='$NIC': no such network interface (see 'ip link')"
 		nic=$NIC
 	else
-		nic=$(first_wired_nic) ||
-			die "no wired network interface has a link: plug in a cable, or name one with NIC=<name> (see 'ip link')"
+		case ${FAILBACK_LINK_TIMEOUT:-30} in
+		*[!0-9]*) die "FAILBACK_LINK_TIMEOUT='$FAILBACK_LINK_TIMEOUT' is not a number of seconds" ;;
+		esac
+		nic=$(wait_for_wired_nic) ||
+			die "no wired network interface has a link after ${FAILBACK_LINK_TIMEOUT:-30} s: plug in a cable," \
+				"or name one with NIC=<name> (see 'ip link')"
 	fi
 
 	# 2. Write the configuration (atomically) and apply it.
