@@ -109,13 +109,23 @@ def test_keep_code_script_leaves_a_sleeping_shell_that_maps_busybox(tmp_path: Pa
     run = subprocess.run([busybox, "sh", str(script)], env={"PATH": str(bin_dir), marker.split("=")[0]: marker},
                          capture_output=True, text=True, timeout=10)
     assert run.returncode == 0 and run.stdout == run.stderr == ""
-    left = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
-                left.append((int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")))
-        except OSError:
-            continue
+
+    def left_behind() -> list[tuple[int, list[bytes]]]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                    found.append((int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")))
+            except OSError:
+                continue
+        return found
+
+    # The background shell may not have forked its `sleep` yet when the script returns.
+    deadline = time.monotonic() + 10
+    left = left_behind()
+    while [b"sleep", b"86400", b""] not in [c for _, c in left] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = left_behind()
     try:
         assert [b"sleep", b"86400", b""] in [c for _, c in left], left
         assert any(c[:2] == [busybox.encode(), b"sh"] for _, c in left), "the loop's shell was not left behind"
