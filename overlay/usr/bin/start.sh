@@ -103,16 +103,21 @@ first_wired_nic() {
 	return 1
 }
 
-# wait_for_wired_nic: first_wired_nic, waiting up to FAILBACK_LINK_TIMEOUT seconds for one.
-wait_for_wired_nic() {
-	limit=${FAILBACK_LINK_TIMEOUT:-30}
+# retry SECONDS COMMAND...: runs COMMAND once a second until it succeeds; fails after SECONDS.
+retry() {
+	limit=$1
+	shift
 	waited=0
-	while ! first_wired_nic; do
+	until "$@"; do
 		[ "$waited" -ge "$limit" ] && return 1
-		[ "$waited" = 0 ] && echo "$prog: waiting up to $limit s for a wired network interface with a link..." >&2
 		sleep 1
 		waited=$((waited + 1))
 	done
+}
+
+# has_address NIC: NIC holds $IPADDR/$prefix.
+has_address() {
+	ip -4 -o addr show dev "$1" 2>/dev/null | grep -q "inet $IPADDR/$prefix "
 }
 
 # proxy_problem VALUE: prints why VALUE is not a proxy URL (never the value: it may hold a password).
@@ -226,12 +231,16 @@ config_network() {
 		[ -e "$sysnet/$NIC" ] || die "NIC='$NIC': no such network interface (see 'ip link')"
 		nic=$NIC
 	else
-		case ${FAILBACK_LINK_TIMEOUT:-30} in
-		*[!0-9]*) die "FAILBACK_LINK_TIMEOUT='$FAILBACK_LINK_TIMEOUT' is not a number of seconds" ;;
+		link_timeout=${FAILBACK_LINK_TIMEOUT:-30}
+		case $link_timeout in
+		*[!0-9]*) die "FAILBACK_LINK_TIMEOUT='$link_timeout' is not a number of seconds" ;;
 		esac
-		nic=$(wait_for_wired_nic) ||
-			die "no wired network interface has a link after ${FAILBACK_LINK_TIMEOUT:-30} s: plug in a cable," \
-				"or name one with NIC=<name> (see 'ip link')"
+		if ! nic=$(first_wired_nic); then
+			echo "$prog: waiting up to $link_timeout s for a wired network interface with a link..." >&2
+			nic=$(retry "$link_timeout" first_wired_nic) ||
+				die "no wired network interface has a link after $link_timeout s: plug in a cable," \
+					"or name one with NIC=<name> (see 'ip link')"
+		fi
 	fi
 
 	# 2. Write the configuration (atomically) and apply it.
@@ -266,19 +275,11 @@ config_network() {
 	systemctl restart systemd-networkd.service || die "systemctl restart systemd-networkd.service failed"
 
 	timeout=${FAILBACK_ADDR_TIMEOUT:-30}
-	waited=0
-	while :; do
-		if ip -4 -o addr show dev "$nic" 2>/dev/null | grep -q "inet $IPADDR/$prefix "; then
-			break
-		fi
-		if [ "$waited" -ge "$timeout" ]; then
-			echo "$prog: error: $nic did not get $IPADDR/$prefix within $timeout s;" \
-				"see 'networkctl status $nic' and 'journalctl -u systemd-networkd'" >&2
-			exit 1
-		fi
-		sleep 1
-		waited=$((waited + 1))
-	done
+	if ! retry "$timeout" has_address "$nic"; then
+		echo "$prog: error: $nic did not get $IPADDR/$prefix within $timeout s;" \
+			"see 'networkctl status $nic' and 'journalctl -u systemd-networkd'" >&2
+		exit 1
+	fi
 	echo "$prog: $nic is up with $IPADDR/$prefix"
 }
 
