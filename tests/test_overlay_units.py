@@ -102,7 +102,7 @@ def test_verify_reports_a_broken_unit(verify_root: Path, tmp_path: Path) -> None
     assert "alwayz" in proc.stdout + proc.stderr
 
 
-def test_client_unit_contract(live_root: Path) -> None:
+def test_client_unit_contract(live_root: Path, verify_root: Path) -> None:
     text = (live_root / "etc/systemd/system/failback-client@.service").read_text()
     for line in (
         "TTYPath=/dev/%i",
@@ -116,6 +116,21 @@ def test_client_unit_contract(live_root: Path) -> None:
         assert re.search(rf"^{re.escape(line)}", text, re.M), line
     # The summary line comes at once: the client waits for the network itself (issue 2 and 6).
     assert not re.search(r"^(After|Requires|Wants)=.*network-online\.target", text, re.M)
+    # ... and for the file systems, tmpfiles and udev's coldplug too, after that line (bootwait.py); only
+    # efivarfs comes first (the line's Secure Boot state).
+    after = " ".join(re.findall(r"^After=(.*)$", text, re.M)).split()
+    assert "sys-firmware-efi-efivars.mount" in after
+    assert not {"local-fs.target", "sysinit.target", "systemd-udev-trigger.service"} & set(after), after
+    waited = re.search(r'^Environment="FAILBACK_WAIT_UNITS=([^"]*)"', text, re.M)
+    assert waited, "the client unit names the units its workflow waits for"
+    assert waited.group(1).split() == ["local-fs.target", "systemd-tmpfiles-setup.service",
+                                       "systemd-udev-trigger.service"]
+    # Each one a unit systemd has (a typo would make the wait fail). A host without the udev package (a
+    # container) lacks udev's units; the image installs udev, whose coldplug unit has this name.
+    known = {p.name for p in (verify_root / "usr/lib/systemd/system").iterdir()}
+    if "systemd-udevd.service" not in known:
+        known.add("systemd-udev-trigger.service")
+    assert set(waited.group(1).split()) <= known
 
 
 @pytest.mark.parametrize(

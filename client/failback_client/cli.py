@@ -116,6 +116,11 @@ def early_summary() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     shown = early_summary()
+    # The unit starts the client before the boot is done; what the workflow needs is waited for in
+    # the background while the rest of the client loads (bootwait.py).
+    from failback_client.bootwait import start_from_env
+
+    boot = start_from_env()
     from failback_client.console import Console, ConsoleReleased
     from failback_client.logs import REDACTOR, install_excepthook, setup_logging
     from failback_client.settings import from_arguments_and_seed
@@ -124,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Secrets given as arguments or variables are redacted from the very first line of output.
     REDACTOR.add(args.secret_access_key, args.session_token)
+    booted = boot.wait() if boot is not None else None
     try:
         settings = from_arguments_and_seed(args, load_seed())
         REDACTOR.add(*settings.secrets())
         log_path = setup_logging(log_file=settings.log_file, log_console=settings.log_console)
+        if booted is not None:
+            (log.info if booted[0] else log.warning)("%s", booted[1])
         console = Console(plain=True if settings.plain else None, lock_path=settings.console_lock)
         console.summary_shown = shown
     except ClientError as e:
