@@ -6,7 +6,7 @@ the FAT image from efi.py), and isohybrid MBR + GPT (`add_isohybrid(efi=True)`) 
 written to a USB stick boots BIOS (MBR code -> isolinux) and UEFI (EFI system partition = the FAT
 image).
 
-Layout on the medium (what live-boot and the loaders look for):
+Layout on the medium (what the initrd's boot script and the loaders look for):
     /live/vmlinuz, /live/initrd.img, /live/<layer>.squashfs..., extra files (e.g. filesystem.module)
     /isolinux/{isolinux.bin, boot.cat, ldlinux.c32, menu.c32, libutil.c32, libcom32.c32, isolinux.cfg}
     /boot/grub/{grub.cfg, efi.img}
@@ -185,7 +185,7 @@ def _input_files(inputs: IsoInputs) -> dict[str, Path]:
     _need_file(inputs.kernel, "kernel")
     _need_file(inputs.initrd, "initrd")
     if not inputs.layers:
-        raise IsoError("layers: at least one squashfs layer is needed (live-boot has nothing to mount otherwise)")
+        raise IsoError("layers: at least one squashfs layer is needed (the initrd has nothing to mount otherwise)")
     tree: dict[str, Path] = {
         bootmenu.KERNEL_PATH: inputs.kernel,
         bootmenu.INITRD_PATH: inputs.initrd,
@@ -193,7 +193,7 @@ def _input_files(inputs: IsoInputs) -> dict[str, Path]:
     for i, layer in enumerate(inputs.layers):
         _need_file(layer, f"layers[{i}]")
         if not layer.name.endswith(".squashfs"):
-            raise IsoError(f"layers[{i}]: {layer.name} must end in .squashfs (live-boot only mounts those from /live)")
+            raise IsoError(f"layers[{i}]: {layer.name} must end in .squashfs (the initrd mounts those from /live)")
         dest = f"/live/{layer.name}"
         if dest in tree:
             raise IsoError(f"layers[{i}]: two layers are named {layer.name}; give each layer its own file name")

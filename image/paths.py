@@ -95,7 +95,7 @@ class BuildPaths:
         return self.layers / "10-overlay.squashfs"
 
     @property
-    def module_file(self) -> Path:  # live-boot's list of layers, lowest first
+    def module_file(self) -> Path:  # the list of layers the initrd stacks, lowest first
         return self.layers / "filesystem.module"
 
     @property

@@ -210,7 +210,7 @@ class Pipeline:
 
     @property
     def layers(self) -> tuple[Path, ...]:
-        """The squashfs layers in live-boot's stacking order (lowest first)."""
+        """The squashfs layers in stacking order (lowest first)."""
         return (self.paths.base_layer, self.paths.deps_layer, self.paths.overlay_layer)
 
     @property

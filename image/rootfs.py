@@ -28,6 +28,7 @@ RECIPE_VERSION = 5
 BASE_HOSTNAME = "localhost"
 BASE_FILES_HOOK = (f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
                    f' && echo {BASE_HOSTNAME} > "$1"/etc/hostname && chmod 0644 "$1"/etc/hostname')
+MEDIUM_WAIT_S = 60  # boot=failback looks this long for the medium (failback.wait= overrides it)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
 BOOTSTRAP_ONLY = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl", "perl",
@@ -53,12 +54,16 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
     small one. None of them is a conffile of initramfs-tools (dpkg would ask about those)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    values = {"source": f"image/{cfg.path.name}", "initramfs": cfg.initramfs}
+    values = {"source": f"image/{cfg.path.name}", "initramfs": cfg.initramfs, "label": cfg.iso.volume_label,
+              "wait": MEDIUM_WAIT_S}
     files = [SetupFile("/etc/initramfs-tools/conf.d/failback.conf",
                        env.get_template("initramfs-failback.conf.j2").render(values), 0o644)]
     if cfg.initramfs.modules or cfg.initramfs.drop:
         files.append(SetupFile("/etc/initramfs-tools/hooks/failback",
                                env.get_template("initramfs-hook.j2").render(values), 0o755))
+    # The boot script for boot=failback in the kernel command line: finds the medium, stacks the layers.
+    files.append(SetupFile("/etc/initramfs-tools/scripts/failback",
+                           env.get_template("initramfs-boot.j2").render(values), 0o644))
     if cfg.initramfs.keep_code:
         # initramfs-tools copies /etc/initramfs-tools/scripts/* into every initrd it builds.
         files.append(SetupFile("/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",

@@ -1,9 +1,9 @@
-"""Stage 4: the squashfs layers live-boot stacks, and the list that orders them.
+"""Stage 4: the squashfs layers the initrd stacks (boot=failback, or live-boot), and the list that orders them.
 
 Three layers: the cached base (rootfs, big, rebuilt only when the base changes), the client's
 locked dependencies (its venv without the client; rebuilt when the lock changes) and a small top
 layer with the rendered overlay plus the client's own files (rebuilt when a template or client
-code changes: a second or so). live-boot mounts the images named in /live/filesystem.module in order and stacks
+code changes: a second or so). The initrd mounts the images named in /live/filesystem.module in order and stacks
 them with overlayfs so that the LAST one listed is on top (9990-overlay.sh prepends each image
 to its lower-directory list), hence: base first.
 """
@@ -119,5 +119,6 @@ def build_overlay_layer(overlay: Path, client: Path, dest: Path, sq: SquashfsCon
 
 
 def write_module_file(dest: Path, layers: list[Path]) -> None:
-    """live-boot's /live/filesystem.module: image names, lowest first (the last is on top)."""
+    """/live/filesystem.module (live-boot's format, read by boot=failback too): image names, lowest first
+    (the last is on top)."""
     dest.write_text("".join(f"{layer.name}\n" for layer in layers))

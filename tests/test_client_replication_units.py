@@ -228,3 +228,26 @@ def test_reboot_setting_from_flag_and_variable() -> None:
     assert from_arguments(build_parser().parse_args(["--no-reboot"]), {}).reboot is False
     assert from_arguments(build_parser().parse_args([]), {"REBOOT": "0"}).reboot is False
     assert from_arguments(build_parser().parse_args([]), {"FAILBACK_CHECK_ONLY": "1"}).check_only is True
+
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    ("BOOT_IMAGE=/live/vmlinuz boot=failback quiet", True),  # the LiveCD's own initramfs script
+    ("boot=live components quiet", True),  # live-boot (boot=live in image.yaml)
+    ("root=/dev/sda1 ro quiet", False),  # an installed system: never ejected or rebooted from here
+])
+def test_on_livecd_needs_the_boot_argument_and_the_mounted_medium(tmp_path: Path, cmdline: str,
+                                                                  expected: bool) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cmdline").write_text(cmdline + "\n")
+    (tmp_path / "run/live/medium").mkdir(parents=True)
+    assert not on_livecd(str(tmp_path))  # nothing mounted there
+    # A real mount, in a private mount namespace so the host's mounts are untouched.
+    code = ("import sys, subprocess; from failback_client.finish import on_livecd; "
+            f"subprocess.run(['mount', '-t', 'tmpfs', 'medium', '{tmp_path}/run/live/medium'], check=True); "
+            f"print(on_livecd('{tmp_path}'))")
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", code],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == str(expected)

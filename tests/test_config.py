@@ -40,7 +40,8 @@ def test_default_definition_loads() -> None:
     assert cfg.iso.volume_label == "DRSFAILBACK"
     assert cfg.iso.artifact == "aws-failback-livecd-64bit.iso"
     assert cfg.debian.suite == "bookworm"
-    assert "live-boot" in cfg.packages and isinstance(cfg.packages, tuple)
+    assert "busybox" in cfg.packages and isinstance(cfg.packages, tuple)
+    assert "boot=failback" in cfg.kernel_cmdline.split()
     assert cfg.boot.default in {e.id for e in cfg.boot.entries}
     assert [e for e in cfg.boot.entries if e.local_disk], "an entry that boots the first local disk"
     assert cfg.client.venv == "/opt/failback-client"
@@ -141,14 +142,17 @@ BAD_CASES = [
     (_set("debian.components", "main"), "debian.components", "must be a list"),
     (_del("debian.suite"), "debian.suite", "required but missing"),
     (_set("debian", "bookworm"), "debian", "must be a mapping"),
-    (_set("packages", ["live-boot", "python3", "python3-venv"]), "packages", "kernel"),
-    (lambda d: d["packages"].remove("live-boot"), "packages", "live-boot"),
+    (_set("packages", ["busybox", "python3", "python3-venv"]), "packages", "kernel"),
+    (lambda d: d["packages"].remove("busybox"), "packages", "'busybox' for boot=failback"),
+    (_set("kernel_cmdline", "boot=live quiet"), "packages", "'live-boot' for boot=live"),
+    (_set("kernel_cmdline", "boot=failback boot=live"), "kernel_cmdline", "got boot=failback boot=live"),
+    (_set("kernel_cmdline", "boot=local"), "kernel_cmdline", "one boot=failback"),
     (lambda d: d["packages"].append("Bad_Name"), f"packages[{len(BASE['packages'])}]", "Debian package name"),
     (lambda d: d["packages"].append("python3"), f"packages[{len(BASE['packages'])}]", "duplicate"),
     (lambda d: d["packages"].append("grub-efi-amd64-signed"), f"packages[{len(BASE['packages'])}]",
      "boot loaders"),
     (_set("exclude_paths", ["usr/share/doc/*"]), "exclude_paths[0]", "absolute"),
-    (_set("kernel_cmdline", "quiet"), "kernel_cmdline", "boot=live"),
+    (_set("kernel_cmdline", "quiet"), "kernel_cmdline", "got none"),
     (_del("kernel_cmdline"), "kernel_cmdline", "required but missing"),
     (_set("colour", "blue"), "colour", "unknown key"),
 ]

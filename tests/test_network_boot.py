@@ -40,7 +40,7 @@ from tests.controlplane_fixture import drs_controlplane, drs_controlplane_factor
 pytestmark = pytest.mark.boot
 
 REPO = Path(__file__).resolve().parent.parent
-BASE_APPEND = ("boot=live components quiet console=tty0 console=ttyS0,115200n8 "
+BASE_APPEND = ("boot=failback quiet console=tty0 console=ttyS0,115200n8 "
                "systemd.mask=failback-client@tty1.service")
 BOOT_TIMEOUT = 600.0
 

@@ -124,7 +124,7 @@ def test_default_build_products(built_pipeline, built_iso: Path) -> None:
     assert size <= 200 * 2**20, f"ISO is {size / 2**20:.1f} MiB, over the 200 MiB target"
     manifest = built_iso.with_name(Path(CFG.iso.artifact).stem + ".packages")
     assert manifest.read_bytes() == p.manifest.read_bytes()
-    assert "live-boot\t" in manifest.read_text()
+    assert "busybox\t" in manifest.read_text()
     # Inside the ISO: the manifest, the layer list and both layers, byte for byte.
     assert _iso_file(built_iso, "/live/filesystem.packages") == manifest.read_bytes()
     module = b"00-base.squashfs\n05-deps.squashfs\n10-overlay.squashfs\n"

@@ -88,7 +88,13 @@ def test_initramfs_files_from_the_definition() -> None:
     # Not conffiles of initramfs-tools (dpkg would stop to ask about a pre-existing one), and no
     # module list initramfs-tools would load at boot whether the hardware is there or not.
     assert set(files) == {"/etc/initramfs-tools/conf.d/failback.conf", "/etc/initramfs-tools/hooks/failback",
-                          "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code"}
+                          "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
+                          "/etc/initramfs-tools/scripts/failback"}
+    # The boot script (boot=failback) is sourced by /init, not run: no #!, not executable; it looks for
+    # the ISO's label.
+    boot = files["/etc/initramfs-tools/scripts/failback"]
+    assert boot.mode == 0o644 and not boot.text.startswith("#!")
+    assert f'failback_label="{CFG.iso.volume_label}"' in boot.text and "\nmountroot() {\n" in boot.text
 
 
 def test_keep_code_script_leaves_a_sleeping_busybox_shell(tmp_path: Path) -> None:
@@ -139,8 +145,9 @@ def test_keep_code_script_leaves_a_sleeping_busybox_shell(tmp_path: Path) -> Non
 
 
 def test_default_initramfs_is_debians() -> None:
-    [conf] = rootfs.initramfs_setup_files(replace(CFG, initramfs=DEFAULT_INITRAMFS))
+    conf, boot = rootfs.initramfs_setup_files(replace(CFG, initramfs=DEFAULT_INITRAMFS))
     assert "MODULES=most\n" in conf.text and "COMPRESSLEVEL" not in conf.text
+    assert boot.path == "/etc/initramfs-tools/scripts/failback"  # whatever the initramfs section says
 
 
 def _fake_initramfs_tree(root: Path) -> Path:
@@ -302,7 +309,7 @@ def test_boot_files_errors(tmp_path: Path) -> None:
 def test_built_base(built_pipeline, tmp_path: Path) -> None:
     p = built_pipeline.paths
     manifest = dict(line.split("\t")[:2] for line in p.manifest.read_text().splitlines())
-    for pkg in ("live-boot", "systemd-sysv", "python3", "python3-venv", "firmware-bnx2x", "systemd-resolved"):
+    for pkg in ("busybox", "systemd-sysv", "python3", "python3-venv", "firmware-bnx2x", "systemd-resolved"):
         assert pkg in manifest, pkg
     assert not [m for m in manifest if m.startswith(("grub", "shim"))], "boot loaders do not belong in the base"
     assert (p.rootfs / "etc/machine-id").read_bytes() == b""
@@ -317,10 +324,10 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     mods = p.rootfs / "usr/lib/modules" / kver / "kernel"
     assert (mods / "drivers/net/ethernet/broadcom").is_dir()
     assert not list((mods / "sound").rglob("*.ko")), "sound modules are excluded"
-    # live-boot must be in the initramfs, or the ISO cannot find its squashfs layers.
+    # The boot script (boot=failback) must be in the initramfs, or the ISO cannot find its squashfs layers.
     listing = subprocess.run(["chroot", str(p.rootfs), "lsinitramfs", f"/boot/initrd.img-{kver}"],
                              capture_output=True, text=True, check=True).stdout
-    assert "scripts/live" in listing and "lib/live/boot/9990-overlay.sh" in listing
+    assert "scripts/failback" in listing.split() and "usr/bin/busybox" in listing
     assert "squashfs.ko" in listing and "overlay.ko" in listing
     # The initramfs section: the live medium's drivers, no network drivers or firmware (initramfs.drop).
     for module in ("sr_mod.ko", "isofs.ko", "ahci.ko", "usb-storage.ko", "uas.ko", "virtio_blk.ko"):
@@ -345,3 +352,73 @@ def _forced_modules(initrd: Path, tmp: Path) -> list[str]:
     listed = tmp / "conf/modules"
     lines = listed.read_text().splitlines() if listed.exists() else []
     return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+# --- the initrd's boot script (boot=failback) ------------------------------------------------------
+
+def _boot_script(tmp_path: Path, label: str) -> Path:
+    cfg = replace(CFG, iso=replace(CFG.iso, volume_label=label))
+    files = rootfs.initramfs_setup_files(cfg)
+    script_file = next(f for f in files if f.path == "/etc/initramfs-tools/scripts/failback")
+    [(script, _)] = rootfs.write_setup_files((script_file,), tmp_path / "staging")
+    return script
+
+
+def _medium(tmp_path: Path, label: str) -> Path:
+    """A file system labelled `label` with two squashfs layers and the list that stacks them. ext2, not
+    iso9660: this host's kernel has no isofs (the script does not care; the QEMU boots prove the ISO)."""
+    layers = {"00-base.squashfs": {"a": "base a", "b": "base b"}, "10-top.squashfs": {"b": "top b", "c": "top c"}}
+    content = tmp_path / "medium"
+    (content / "live").mkdir(parents=True)
+    for i, (name, files) in enumerate(layers.items()):
+        tree = tmp_path / f"layer{i}"
+        tree.mkdir()
+        for fname, text in files.items():
+            (tree / fname).write_text(text + "\n")
+        subprocess.run(["mksquashfs", str(tree), str(content / "live" / name), "-quiet", "-noappend",
+                        "-no-progress"], check=True)
+    (content / "live/filesystem.module").write_text("".join(f"{name}\n" for name in layers))
+    out = tmp_path / "medium.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-L", label, "-d", str(content), str(out), "4M"], check=True)
+    return out
+
+
+def _run_boot_script(script: Path, tmp_path: Path, cmdline: str) -> subprocess.CompletedProcess[str]:
+    """mountroot() of the script under busybox sh (as in the initrd), in a private mount namespace; prints
+    the stacked root's files. panic() is initramfs-tools'; here it prints and fails."""
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    shell = (f'panic() {{ echo "PANIC: $*"; exit 3; }}; . {script}; rootmnt={root}; mountroot || exit 4; '
+             f'cat {root}/a {root}/b {root}/c; echo new > {root}/d; cat {tmp_path}/live/overlay/rw/d; '
+             f'busybox mount | grep -c " {tmp_path}/live/"')
+    env = {"PATH": os.environ["PATH"], "FAILBACK_LIVE_DIR": str(tmp_path / "live"),
+           "FAILBACK_CMDLINE": str(tmp_path / "cmdline")}
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "busybox", "sh", "-c", shell],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.root
+def test_boot_script_stacks_the_layers_of_the_labelled_medium(tmp_path: Path) -> None:
+    label = f"FBTEST{os.getpid() % 1000000}"  # ext2 labels: at most 16 bytes
+    script = _boot_script(tmp_path, label)
+    subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
+    medium = _medium(tmp_path, label)
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", str(medium)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    try:
+        run = _run_boot_script(script, tmp_path, "BOOT_IMAGE=/live/vmlinuz boot=failback failback.wait=10 quiet")
+        assert run.returncode == 0, run.stdout + run.stderr
+        # the top layer (listed last) wins; writes go to the RAM-backed upper layer
+        # medium + 2 layers + overlay tmpfs + the root
+        assert run.stdout.split("\n") == ["base a", "top b", "top c", "new", "4", ""], run.stdout + run.stderr
+        # another label: looked for failback.wait seconds, then a panic that says what to do
+        other = _boot_script(tmp_path / "other", label + "X")
+        run = _run_boot_script(other, tmp_path / "other", "boot=failback failback.wait=1")
+        assert run.returncode == 3
+        assert f"no CD, DVD or USB stick labelled {label}X" in run.stdout and "failback.wait=SECONDS" in run.stdout
+        assert loop in run.stdout, "the panic lists the block devices it saw"
+        run = _run_boot_script(script, tmp_path / "other", "boot=failback failback.wait=1m")
+        assert run.returncode == 3 and "failback.wait=1m: not a whole number of seconds" in run.stdout
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)

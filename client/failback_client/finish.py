@@ -59,11 +59,11 @@ def report_completion(rapi: ReplicationApi, console: Console) -> str | None:
 
 
 def on_livecd(sysroot: str = "/") -> bool:
-    """Booted by live-boot (boot=live) with its medium mounted: never true on a host running the client for a
-    test, which must never be rebooted."""
+    """Booted as the LiveCD (boot=failback, or live-boot's boot=live) with its medium mounted: never true on
+    a host running the client for a test, which must never be rebooted."""
     try:
         with open(os.path.join(sysroot, "proc/cmdline"), encoding="utf-8") as f:
-            live = "boot=live" in f.read().split()
+            live = bool({"boot=failback", "boot=live"} & set(f.read().split()))
     except OSError:
         return False
     return live and os.path.ismount(os.path.join(sysroot, LIVE_MEDIUM_MOUNT.lstrip("/")))
