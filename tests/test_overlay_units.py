@@ -543,3 +543,11 @@ def test_networkd_accepts_our_network_files(live_root: Path, fake_system: dict[s
     bad.write_text("[Match]\nName=eth0\n\n[Network]\nDHCPP=yes\n")
     (tmp_path / "again").mkdir()
     assert "Unknown key 'DHCPP'" in networkd_parse([bad], tmp_path / "again")
+
+
+def test_lvm_autoactivation_is_off_in_the_live_root(live_root: Path) -> None:
+    """The overlay's 69-lvm.rules replaces lvm2's (same name, /etc wins): no rules, so the local disks'
+    volume groups are not activated at boot under the replication's feet."""
+    rules = live_root / "etc/udev/rules.d/69-lvm.rules"
+    lines = [line for line in rules.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines == []

@@ -333,6 +333,10 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     for module in ("sr_mod.ko", "isofs.ko", "ahci.ko", "usb-storage.ko", "uas.ko", "virtio_blk.ko"):
         assert f"/{module}" in listing, module
     assert "kernel/drivers/net/" not in listing and "usr/lib/firmware/" not in listing
+    # No LVM autoactivation of the local disks (the failback's target) in the initrd; the live root's
+    # overlay replaces the same rules file, whose name must be lvm2's.
+    assert "usr/lib/udev/rules.d/69-lvm.rules" not in listing and "usr/sbin/lvm\n" not in listing
+    assert (p.rootfs / "usr/lib/udev/rules.d/69-lvm.rules").is_file()
     assert _forced_modules(p.initrd, tmp_path) == [], "the initrd must not load drivers whatever the hardware"
     # initramfs.drop must not break a kept module: every dependency depmod recorded is in the initrd.
     subprocess.run(f"zstd -dc {p.initrd} | cpio -id --quiet 'usr/lib/modules/*/modules.dep'", shell=True,
