@@ -113,6 +113,7 @@ class ImageConfig:
     path: Path  # the file it was loaded from (for messages and relative look-ups)
     initramfs: InitramfsConfig = DEFAULT_INITRAMFS
     mask_units: tuple[str, ...] = ()  # systemd units masked in the base (never started)
+    mask_generators: tuple[str, ...] = ()  # systemd generators masked in the base (never run)
 
     def template_vars(self) -> dict[str, Any]:
         """The whole definition as plain nested values, for the overlay's Jinja2 templates."""
@@ -131,6 +132,7 @@ class ImageConfig:
             "hostname": self.hostname,
             "initramfs": _plain(self.initramfs),
             "mask_units": list(self.mask_units),
+            "mask_generators": list(self.mask_generators),
         }
 
 
@@ -238,7 +240,7 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         data, "",
         {"debian", "packages", "kernel_cmdline", "boot", "iso", "source_date_epoch", "squashfs", "network",
          "client", "hostname"},
-        {"exclude_paths", "include_paths", "initramfs", "mask_units"},
+        {"exclude_paths", "include_paths", "initramfs", "mask_units", "mask_generators"},
     )
 
     d = v.mapping(top["debian"], "debian", {"suite", "mirror", "components", "architecture"}, {"security_mirror"})
@@ -353,13 +355,16 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
     initramfs = _initramfs(v, top["initramfs"], packages) if "initramfs" in top else DEFAULT_INITRAMFS
     mask_units = v.string_list(top.get("mask_units", []), "mask_units", pattern=_UNIT_RE, non_empty=False,
                                hint="a systemd unit file name such as systemd-pstore.service")
+    mask_generators = v.string_list(top.get("mask_generators", []), "mask_generators", pattern=_GENERATOR_RE,
+                                    non_empty=False, hint="a systemd generator such as systemd-gpt-auto-generator")
 
     return ImageConfig(debian=debian, packages=packages, exclude_paths=exclude, include_paths=include,
                        kernel_cmdline=kernel_cmdline, boot=boot, iso=iso, source_date_epoch=sde,
                        squashfs=squashfs, network=network, client=client, hostname=hostname, path=v.path,
-                       initramfs=initramfs, mask_units=mask_units)
+                       initramfs=initramfs, mask_units=mask_units, mask_generators=mask_generators)
 
 
+_GENERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*-generator$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._:\\-]*\.(service|socket|mount|automount|swap|target|path|timer)$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RELATIVE_GLOB_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9_.*?/\[\]-]+$")

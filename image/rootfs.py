@@ -74,7 +74,7 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
 def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str) -> str:
     """Cache key of the base: changes whenever any input of mmdebstrap changes."""
     return digest("rootfs", RECIPE_VERSION, cfg.debian, cfg.packages, cfg.exclude_paths, cfg.include_paths,
-                  initramfs_setup_files(cfg), cfg.mask_units, epoch, tool_version)
+                  initramfs_setup_files(cfg), cfg.mask_units, cfg.mask_generators, epoch, tool_version)
 
 
 def write_setup_files(files: tuple[SetupFile, ...], staging: Path) -> list[tuple[Path, SetupFile]]:
@@ -114,14 +114,17 @@ def apt_sources(cfg: ImageConfig) -> list[str]:
     return sources
 
 
-def mask_hooks(units: Sequence[str]) -> list[str]:
-    """Mask `units` the way `systemctl mask` does (a link to /dev/null in /etc/systemd/system):
-    each unit a live system starts costs a process start under emulation and on slow firmware."""
-    if not units:
-        return []
-    links = " ".join(f'"$1"/etc/systemd/system/{shlex.quote(u)}' for u in units)
-    return ["--customize-hook=mkdir -p \"$1\"/etc/systemd/system && for l in " + links
-            + "; do ln -sfn /dev/null \"$l\"; done"]
+def mask_hooks(units: Sequence[str], generators: Sequence[str] = ()) -> list[str]:
+    """Mask `units` the way `systemctl mask` does (a link to /dev/null in /etc/systemd/system), and
+    `generators` the way systemd.generator(7) says (a link to /dev/null in /etc/systemd/system-generators):
+    each unit or generator a live system starts costs a process start under emulation and on slow firmware."""
+    hooks = []
+    for directory, names in (("system", units), ("system-generators", generators)):
+        if names:
+            links = " ".join(f'"$1"/etc/systemd/{directory}/{shlex.quote(n)}' for n in names)
+            hooks.append(f"--customize-hook=mkdir -p \"$1\"/etc/systemd/{directory} && for l in " + links
+                         + "; do ln -sfn /dev/null \"$l\"; done")
+    return hooks
 
 
 def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
@@ -159,7 +162,7 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
         # systemd-resolved's postinst keeps a backup of the build machine's resolv.conf: the base would
         # differ from one build host (or container) to the next. The overlay sets the image's hostname.
         f"--customize-hook={BASE_FILES_HOOK}",
-        *mask_hooks(cfg.mask_units),
+        *mask_hooks(cfg.mask_units, cfg.mask_generators),
         d.suite, str(target), *apt_sources(cfg),
     ]
     return cmd

@@ -35,8 +35,10 @@ KEY = rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5")
     replace(CFG, initramfs=replace(CFG.initramfs, level=3)),
     replace(CFG, initramfs=DEFAULT_INITRAMFS),
     replace(CFG, mask_units=CFG.mask_units[1:]),
+    replace(CFG, mask_generators=CFG.mask_generators[1:]),
 ], ids=["suite", "mirror", "security", "components", "add-package", "drop-package", "excludes", "includes",
-        "initramfs-modules", "initramfs-drop", "initramfs-level", "initramfs-default", "mask-units"])
+        "initramfs-modules", "initramfs-drop", "initramfs-level", "initramfs-default", "mask-units",
+        "mask-generators"])
 def test_key_changes_with_each_input(changed) -> None:
     assert rootfs.rootfs_key(changed, 1700000000, "mmdebstrap 1.3.5") != KEY
 
@@ -196,8 +198,12 @@ def test_mask_units_link_to_dev_null(tmp_path: Path) -> None:
     for unit in ("systemd-pstore.service", "dev-x\\x2d1.mount"):
         assert (root / "etc/systemd/system" / unit).readlink() == Path("/dev/null")
     assert rootfs.mask_hooks(()) == []
+    [hook] = rootfs.mask_hooks((), ("systemd-gpt-auto-generator",))
+    subprocess.run(["sh", "-c", hook.removeprefix("--customize-hook="), "hook", str(root)], check=True)
+    assert (root / "etc/systemd/system-generators/systemd-gpt-auto-generator").readlink() == Path("/dev/null")
     cmd = rootfs.mmdebstrap_command(CFG, tmp_path / "t", tmp_path / "a")
-    assert rootfs.mask_hooks(CFG.mask_units)[0] in cmd
+    assert CFG.mask_units and CFG.mask_generators
+    assert all(h in cmd for h in rootfs.mask_hooks(CFG.mask_units, CFG.mask_generators))
 
 
 def test_setup_files_go_in_before_the_packages(tmp_path: Path) -> None:
@@ -223,10 +229,11 @@ def test_setup_files_go_in_before_the_packages(tmp_path: Path) -> None:
     ({"level": 20}, "initramfs.level", "between 1 and 19"),
     ({"colour": 1}, "initramfs.colour", "unknown key"),
     ({"mask_units": ["pstore"]}, "mask_units[0]", "systemd unit file name"),
+    ({"mask_generators": ["gpt-auto"]}, "mask_generators[0]", "systemd generator"),
 ])
 def test_bad_initramfs_settings_name_the_key(tmp_path: Path, change: dict, key: str, words: str) -> None:
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    if "mask_units" in change:
+    if "mask_units" in change or "mask_generators" in change:
         data.update(change)
     else:
         data["initramfs"].update(change)
@@ -347,6 +354,9 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     assert not absent, f"modules.dep names modules the initrd lacks: {absent[:5]}"
     for unit in built_pipeline.cfg.mask_units:
         assert (p.rootfs / "etc/systemd/system" / unit).readlink() == Path("/dev/null"), unit
+    for generator in built_pipeline.cfg.mask_generators:  # each one masks a generator systemd has
+        assert (p.rootfs / "etc/systemd/system-generators" / generator).readlink() == Path("/dev/null")
+        assert (p.rootfs / "usr/lib/systemd/system-generators" / generator).is_file(), generator
     assert p.initrd.read_bytes()[:4] == b"\x28\xb5\x2f\xfd", "zstd-compressed (initramfs.compression)"
 
 
