@@ -27,6 +27,7 @@ def _log() -> logging.Logger:
 
     return logging.getLogger("failback_client")
 
+
 EPILOG = """\
 environment variables (arguments win over them):
   AWS_ACCESS_KEY, AWS_ACCESS_KEY_ID            --aws-access-key-id
@@ -44,6 +45,7 @@ test and development hooks (unset on the LiveCD):
   FAILBACK_SYSROOT=DIR       read /proc, /sys, /dev, /etc and /run under DIR (recorded trees)
   FAILBACK_S3_ENDPOINT=URL   S3 endpoint checked in step 12 instead of https://s3.REGION.amazonaws.com
   FAILBACK_CONSOLE_LOCK=FILE console arbitration between the tty1 and ttyS0 instances
+  FAILBACK_WAIT_UNITS=UNITS  systemd units to wait for after the summary line (set by the LiveCD's unit)
   FAILBACK_INCLUDE_LOOP=1    offer loop devices as local disks
   FAILBACK_PLAIN=1           plain lines instead of rich output
   FAILBACK_AGENT_PORT=N      TCP port checked on the recovery instance instead of 1500
