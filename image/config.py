@@ -280,7 +280,7 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         raise v.fail("packages", "must include 'live-boot' for boot=live in kernel_cmdline")
     if boot == ["failback"] and "busybox" not in packages:
         raise v.fail("packages", "must include 'busybox' for boot=failback in kernel_cmdline "
-                                 "(its initramfs script uses busybox's blkid and mount -o loop)")
+                                 "(its initramfs script uses busybox's mount -o loop)")
 
     b = v.mapping(top["boot"], "boot", {"timeout", "default", "entries"}, set())
     raw_entries = b["entries"]

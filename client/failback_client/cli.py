@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from failback_client.settings import Settings
 
 
-
 def _log() -> logging.Logger:
     import logging
 
