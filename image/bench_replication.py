@@ -47,6 +47,10 @@ MiB = 1024 * 1024
 @dataclass
 class BenchResult:
     size_bytes: int
+    volume: str  # "random" (incompressible, no free space: the worst case) or "filesystem" (ext4, half full)
+    file_bytes: int  # bytes of file data on the volume (random: all of it)
+    zero_blocks: int  # blocks of the volume that are all zeros (free space never written)
+    wire_bytes: int  # bytes the full sync received from the agent (after compression and zero blocks)
     raw_copy_s: float
     tls_copy_s: float  # the same copy over mutual TLS, no digests: the encryption's own cost
     full_sync_s: float  # to "ready": transfer + verification pass
@@ -87,6 +91,14 @@ class BenchResult:
     def full_transfer_vs_raw(self) -> float:
         return self.raw_copy_s / self.full_transfer_s
 
+    def describe_volume(self) -> str:
+        if self.volume == "random":
+            return "volume of random bytes (worst case: no free space, nothing compresses)"
+        return (
+            f"{self.volume} volume (ext4, {self.file_bytes / MiB:.0f} MiB of this machine's files,"
+            f" {self.zero_blocks} of {self.size_bytes // MiB} blocks free)"
+        )
+
     def _floor(self, name: str, seconds: float) -> str:
         return (
             f"  {name + ' floor':20s}  {seconds:7.2f} s  per pass on one core: full sync 4 passes on 2 cores"
@@ -109,7 +121,8 @@ class BenchResult:
             ]
         return "\n".join(
             [
-                f"replication benchmark, {mb:.0f} MiB volume, loopback, one run, load {os.getloadavg()[0]:.1f}",
+                f"replication benchmark, {mb:.0f} MiB {self.describe_volume()}, loopback, one run,"
+                f" load {os.getloadavg()[0]:.1f}",
                 f"  block digest          {self.digest} (negotiated, protocol version {self.protocol_version};"
                 f" available here: {', '.join(floors)})",
                 f"  raw socket copy       {self.raw_copy_s:7.2f} s  {mb / self.raw_copy_s:8.1f} MiB/s  (baseline)"
@@ -120,6 +133,8 @@ class BenchResult:
                 f"  = {self.raw_copy_s / self.full_transfer_s:.2f}x raw,"
                 f" {self.tls_copy_s / self.full_transfer_s:.2f}x TLS copy"
                 "  (target >= 0.8x raw)",
+                f"  on the wire           {self.wire_bytes / MiB:7.1f} MiB of {mb:.0f} MiB"
+                "  (zero blocks are not sent; zstd where it pays)",
                 f"  full sync, to ready   {self.full_sync_s:7.2f} s  {mb / self.full_sync_s:8.1f} MiB/s"
                 f"  = {self.full_vs_raw:.2f}x raw  (includes reading every block back to verify)"
                 f"  CPU replicator {self.full_cpu_replicator_s:.2f} s + agent {self.full_cpu_agent_s:.2f} s",
@@ -239,13 +254,62 @@ def digest_pass(path: Path, algorithm: str = DIGEST_SHA256, chunk: int = MiB) ->
     return time.perf_counter() - start
 
 
+def count_zero_blocks(path: Path, block_size: int) -> int:
+    zero = bytes(block_size)
+    with open(path, "rb", buffering=0) as f:
+        return sum(1 for block in iter(lambda: f.read(block_size), b"") if block == zero[: len(block)])
+
+
 def _age(path: Path, seconds: float) -> None:
     """Sets the image's mtime `seconds` ago (negative: just written, as a live block device is)."""
     t = time.time() - seconds
     os.utime(path, (t, t))
 
 
-def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps: int | None = 200) -> BenchResult:
+# Where the "filesystem" volume's files come from: a server's usual mix of binaries, libraries,
+# Python and text (this machine's own, so nothing is downloaded).
+FS_SOURCES = (Path("/usr/bin"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/python3.11"), Path("/usr/share/doc"))
+VOLUMES = ("random", "filesystem")
+
+
+def filesystem_image(path: Path, size: int, staging: Path, fill: float = 0.5,
+                     sources: tuple[Path, ...] = FS_SOURCES) -> tuple[Path, int]:
+    """An ext4 volume of `size` bytes about `fill` full of real files (copied from `sources` in a
+    fixed order until the budget is spent), the rest free: how a server's disk looks, unlike random
+    bytes (the worst case: nothing to skip, nothing compresses). Returns the image and the bytes of
+    file data in it."""
+    import shutil
+
+    budget = int(size * fill)
+    used = 0
+    staging.mkdir(parents=True)
+    for root in sources:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                src = Path(dirpath, name)
+                if src.is_symlink() or not src.is_file() or used >= budget:
+                    continue
+                n = src.stat().st_size
+                if used + n > budget:
+                    continue
+                dest = staging / src.relative_to("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(src, dest)
+                except OSError:
+                    continue
+                used += n
+    if used < budget // 2:
+        raise RuntimeError(f"filesystem volume: only {used} bytes of files found under {', '.join(map(str, sources))}")
+    run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "benchvol", "-d", str(staging), str(path),
+         f"{size // 1024}K"], capture=True)  # fmt: skip
+    shutil.rmtree(staging)
+    return path, used
+
+
+def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps: int | None = 200,
+                  volume: str = "random") -> BenchResult:
     from drs_agent.testing import (
         CuttingProxy,
         Pki,
@@ -262,9 +326,15 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
     with tempfile.TemporaryDirectory(dir=base, prefix="bench-repl-") as tmp:
         d = Path(tmp)
         pki = Pki.create(d / "pki")
-        src = make_image(d / "source.img", size, seed=3, zero_fraction=0.0)
+        if volume == "random":
+            src, file_bytes = make_image(d / "source.img", size, seed=3, zero_fraction=0.0), size
+        elif volume == "filesystem":
+            src, file_bytes = filesystem_image(d / "source.img", size, d / "files")
+        else:
+            raise ValueError(f"volume {volume!r}: one of {', '.join(VOLUMES)}")
         bs = MiB
         blocks = size // bs
+        zero_blocks = count_zero_blocks(src, bs)
 
         passes = {a: digest_pass(src, a) for a in available_digests()}
         raw_dst = d / "raw.img"
@@ -329,7 +399,8 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             # Resume: a fresh full sync through a proxy that cuts the link at 60 % of the bytes.
             tgt2 = d / "target2.img"
             blank_image(tgt2, size)
-            proxy = CuttingProxy(agent.port, cut_after=int(size * 0.6))
+            # 60 % of what the full sync sent (a filesystem volume sends much less than its size).
+            proxy = CuttingProxy(agent.port, cut_after=int(int(full["wire_bytes_in"]) * 0.6))
             cfg = replicator_config(pki, proxy.port, {"/dev/xvda": tgt2}, d / "state-resume", rescan=False)
             resume = _replicate_in_child(cfg)
             proxy.close()
@@ -339,6 +410,10 @@ def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps:
             agent.stop()
         return BenchResult(
             size_bytes=size,
+            volume=volume,
+            file_bytes=file_bytes,
+            zero_blocks=zero_blocks,
+            wire_bytes=int(full["wire_bytes_in"]),
             raw_copy_s=raw_s,
             tls_copy_s=tls_s,
             full_sync_s=float(full["ready_seconds"]),
@@ -401,14 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="work directory (default: /dev/shm)")
     p.add_argument("--link-mbps", type=int, default=200, help="also compare full and delta on such a link (0: skip)")
     p.add_argument("--repeat", type=int, default=1, help="run N times and print the spread of the ratios")
+    p.add_argument("--volume", choices=[*VOLUMES, "both"], default="both",
+                   help="random bytes (the worst case), an ext4 filesystem half full of files, or both (default)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    results = []
+    volumes = VOLUMES if args.volume == "both" else (args.volume,)
+    results: dict[str, list[BenchResult]] = {v: [] for v in volumes}
     for _ in range(max(1, args.repeat)):
-        results.append(run_benchmark(args.size_mib * MiB, args.dir, args.link_mbps or None))
-        print(json.dumps(asdict(results[-1])) if args.json else results[-1].report(), flush=True)
-    if len(results) > 1 and not args.json:
-        print(spread(results))
+        for volume in volumes:
+            result = run_benchmark(args.size_mib * MiB, args.dir, args.link_mbps or None, volume=volume)
+            results[volume].append(result)
+            print(json.dumps(asdict(result)) if args.json else result.report(), flush=True)
+    for volume, runs in results.items():
+        if len(runs) > 1 and not args.json:
+            print(f"{volume} volume: {spread(runs)}")
     return 0
 
 

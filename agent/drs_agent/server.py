@@ -42,6 +42,52 @@ from .volume import SourceVolume, VolumeSpec
 log = logging.getLogger("drs_agent")
 
 
+class CompressionGovernor:
+    """Whether the next block is worth compressing: only while the link is slower than zstd.
+
+    Two rates, each a moving average measured on this stream's own data blocks: the link's (bytes
+    a `send_block` of a data block took, over the seconds it took: TCP makes a send wait when the
+    link is the bottleneck) and the compressor's (bytes in over seconds). On a WAN or 1 GbE link
+    sending 1 MiB takes longer than compressing it, so blocks go compressed; on a fast link
+    (loopback, 10 GbE) zstd would be the bottleneck, so they go raw. A stream starts compressing
+    (the link is not known yet); zero blocks (no payload) teach it nothing."""
+
+    _DECAY = 0.8  # weight of the past in each decayed sum: the last ~5 data blocks count most
+
+    def __init__(self) -> None:
+        # Decayed sums of bytes and seconds (a rate is their ratio: averaging per-block rates
+        # would let one send that fit in TCP's free buffer space look like an infinitely fast link).
+        self._link = [0.0, 0.0]
+        self._zstd = [0.0, 0.0]
+
+    @classmethod
+    def _add(cls, sums: list[float], nbytes: int, seconds: float) -> None:
+        sums[0] = cls._DECAY * sums[0] + nbytes
+        sums[1] = cls._DECAY * sums[1] + seconds
+
+    @staticmethod
+    def _rate(sums: list[float]) -> float | None:
+        return sums[0] / sums[1] if sums[1] > 0 else None
+
+    @property
+    def link_bps(self) -> float | None:
+        return self._rate(self._link)
+
+    @property
+    def compress_bps(self) -> float | None:
+        return self._rate(self._zstd)
+
+    def sent(self, nbytes: int, seconds: float) -> None:
+        self._add(self._link, nbytes, seconds)
+
+    def compressed(self, nbytes: int, seconds: float) -> None:
+        self._add(self._zstd, nbytes, seconds)
+
+    def compress(self) -> bool:
+        link, zstd = self.link_bps, self.compress_bps
+        return link is None or zstd is None or link < zstd
+
+
 @dataclass
 class AgentConfig:
     recovery_instance_id: str
@@ -315,6 +361,7 @@ class _Session:
         q: queue.Queue = queue.Queue(maxsize=depth)
         pool = BufferPool(depth + 2, vol.block_size)
         encoder = self.encoder
+        governor = CompressionGovernor()
         stop = threading.Event()
 
         def reader() -> None:
@@ -325,8 +372,11 @@ class _Session:
                         return
                     data, d = vol.read(b, buf)
                     zero = d == vol.hasher.zero(len(data))
-                    if encoder is not None:
+                    if encoder is not None and not zero and governor.compress():
+                        started = time.perf_counter()
                         codec, payload = encoder.encode(data, zero)
+                        if codec != CODEC_RAW:
+                            governor.compressed(len(data), time.perf_counter() - started)
                     else:
                         codec, payload = (CODEC_ZERO, b"") if zero else (CODEC_RAW, data)
                     q.put((b, codec, len(data), d, payload, buf))
@@ -344,7 +394,10 @@ class _Session:
                 if isinstance(item, BaseException):
                     raise item
                 b, codec, raw_len, d, payload, buf = item
+                started = time.perf_counter()
                 self.conn.send_block(i, b, codec, raw_len, d, payload)
+                if codec != CODEC_ZERO:
+                    governor.sent(len(payload), time.perf_counter() - started)
                 pool.put(buf)
         finally:
             stop.set()

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .wire import DIGEST_SHA256, digest_function
@@ -73,6 +74,54 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> Non
         offset += n
 
 
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127): the kernel zeroes a range of a block device
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - not glibc/Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn  # type: ignore[no-any-return]
+
+
+def write_zeros(fd: int, offset: int, length: int) -> str:
+    """Make `length` bytes at `offset` read as zeros without pushing zeros through this process:
+    BLKZEROOUT on a block device (WRITE ZEROES or unmap where the disk has it, else the kernel
+    writes them), fallocate ZERO_RANGE or PUNCH_HOLE on an image file; writing zeros where neither
+    works. Returns how (for tests and logs). A disk's free space is mostly such blocks."""
+    if length <= 0:
+        return "nothing"
+    if is_block_device(fd):
+        if offset % 512 == 0 and length % 512 == 0:
+            import fcntl
+            import struct
+
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+                return "blkzeroout"
+    else:
+        fallocate = _fallocate()
+        if fallocate is not None:
+            end = device_size(fd)
+            for how, mode in (("zero-range", _FALLOC_FL_ZERO_RANGE), ("punch-hole", _FALLOC_FL_PUNCH_HOLE)):
+                # KEEP_SIZE: a range past the end of the file must not grow it (and punching needs it).
+                if fallocate(fd, mode | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                    if offset + length > end:  # past the old end: the file grows like a write would
+                        os.ftruncate(fd, offset + length)
+                    return how
+    for start in range(offset, offset + length, len(_ZEROS)):
+        write_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), offset + length - start)], start)
+    return "write"
+
+
 def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to forget cached pages (of a range; 0 = to the end) so a read-back reads what
     is on the device. Only clean pages go: call it after fdatasync."""
@@ -112,7 +161,9 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     # by element, so a view is copied first — only when its head is zero (else it can't be zero).
     if bytes(data[:64]) != _ZEROS[: min(64, len(data))]:
         return False
-    if not isinstance(data, bytes):
+    if isinstance(data, memoryview) and isinstance(data.obj, bytearray) and data.nbytes == len(data.obj):
+        data = data.obj  # a view of a whole reusable buffer (read_block_into's): compare it, no copy
+    if not isinstance(data, bytes | bytearray):
         data = bytes(data)
     return data == _ZEROS if len(data) == len(_ZEROS) else data == bytes(len(data))
 

@@ -37,6 +37,7 @@ from .blockio import (
     open_volume,
     read_block_into,
     write_all,
+    write_zeros,
 )
 from .buffers import BufferPool, window_for
 from .config import ConfigError, ReplicatorConfig, VolumeMapping
@@ -58,6 +59,7 @@ from .throttle import TokenBucket
 from .tlsconf import PairingError, client_context, require_identity
 from .wire import (
     BLOCK_HEADER_SIZE,
+    CODEC_ZERO,
     DIGEST_ALGORITHMS,
     DIGEST_SHA256,
     DIGEST_SIZE,
@@ -708,8 +710,11 @@ class Replicator:
                 try:
                     if errors:
                         continue
-                    data = decoder.decode(codec, payload, raw_len)
-                    if hasher(data) != dig:
+                    # A zero block (free space) carries no data: its digest must be the zero digest,
+                    # and the kernel zeroes the range (no 1 MiB of zeros hashed and copied here).
+                    zero = codec == CODEC_ZERO
+                    data = None if zero else decoder.decode(codec, payload, raw_len)
+                    if (hasher.zero(raw_len) if zero else hasher(data)) != dig:
                         failures.append(index)
                         log.warning(
                             "%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index
@@ -718,7 +723,10 @@ class Replicator:
                     off, length = block_span(index, t.size, bs)
                     if length != raw_len:
                         raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
-                    write_all(t.fd, data, off)
+                    if zero:
+                        write_zeros(t.fd, off, length)
+                    else:
+                        write_all(t.fd, data, off)
                     t.readback[index] = 1
                     done[index] = dig
                 except BaseException as exc:
