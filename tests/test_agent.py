@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from drs_agent.server import CompressionGovernor
 from drs_agent.testing import CLIENT_ID, RECOVERY_INSTANCE_ID, Pki, change_blocks, make_image, start_agent
 from drs_agent.volume import SourceVolume, VolumeSpec
 from failback_replicator.tlsconf import client_context, require_identity
@@ -157,3 +158,53 @@ def test_agent_command_line(pki: Pki, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "private" not in (proc.stderr.read() if proc.stderr else "").lower()
+
+
+def test_compression_governor_compresses_only_while_the_link_is_slower_than_zstd() -> None:
+    mib = 1024 * 1024
+    g = CompressionGovernor()
+    assert g.compress(), "a session starts compressing: its link is not known yet"
+    g.compressed(mib, 0.002)  # zstd at ~500 MB/s
+    for _ in range(CompressionGovernor.WARM_UP - 1):  # TCP's buffers take the first blocks at once
+        g.sent(mib, 0.00005)
+        assert g.compress(), "the first sends say nothing about the link"
+    for _ in range(5):  # then a 1 Gbps link: 1 MiB takes ~9 ms to send
+        g.sent(mib, 0.009)
+    assert g.compress() and g.link_bps is not None and g.link_bps < g.compress_bps  # type: ignore[operator]
+    # One send that fit in TCP's free buffer space takes no time; it must not make the link look fast.
+    g.sent(400 * 1024, 0.00002)
+    assert g.compress()
+    for _ in range(20):  # loopback / 10 GbE: 1 MiB in 0.8 ms, faster than zstd
+        g.sent(mib, 0.0008)
+    assert not g.compress()
+    for _ in range(20):  # the link slows down (the receiver throttles): compression comes back
+        g.sent(mib, 0.04)
+    assert g.compress()
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_agent_compresses_blocks_only_when_the_governor_says_it_pays(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
+) -> None:
+    """The same compressible volume: every block compressed when compression pays (a slow link),
+    every block raw when it does not (a fast one); the wire bytes say which way they went."""
+    from drs_agent.testing import blank_image, replicator_config, sha512_file
+    from failback_replicator.engine import Replicator
+    from failback_replicator.interfaces import Command, QueueCommandSource
+
+    monkeypatch.setattr(CompressionGovernor, "compress", lambda self: pays)
+    bs = 256 * 1024
+    size = 4 * 1024 * 1024
+    src = tmp_path / "source.img"
+    line = b"failback text compresses well\n"
+    src.write_bytes((line * (size // len(line) + 1))[:size])
+    with start_agent(pki, {"/dev/xvda": src}) as agent:
+        tgt = blank_image(tmp_path / "target.img", size)
+        cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt}, tmp_path / "state", rescan=False, block_size=bs)
+        r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC))
+        r.run()
+    assert sha512_file(tgt) == sha512_file(src)
+    if pays:
+        assert r.stats.wire_bytes_in < size // 10, f"{r.stats.wire_bytes_in} bytes on the wire: not compressed"
+    else:
+        assert r.stats.wire_bytes_in > size, f"{r.stats.wire_bytes_in} bytes on the wire: compressed anyway"

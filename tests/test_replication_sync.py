@@ -101,6 +101,30 @@ def test_delta_to_the_original_server_sends_only_changed_blocks(pki: Pki, tmp_pa
     assert reporter.snapshots[-1].disks[0].rescanned_bytes == SIZE
 
 
+def _with_zero_blocks(path: Path, blocks: list[int]) -> Path:
+    """Free space: the listed blocks all zeros (the rest as make_image made them)."""
+    with path.open("r+b") as f:
+        for b in blocks:
+            f.seek(b * BS)
+            f.write(bytes(BS))
+    return path
+
+
+def test_zero_blocks_clear_what_the_local_disk_held(pki: Pki, tmp_path: Path) -> None:
+    """A full sync onto a disk full of old data: the source's free space (zero blocks, sent as no
+    data and zeroed by the kernel) must read as zeros on the target too."""
+    zeros = list(range(5, 40))
+    src = _with_zero_blocks(make_image(tmp_path / "source.img", SIZE, seed=21, zero_fraction=0.0), zeros)
+    tgt = make_image(tmp_path / "old-disk.img", SIZE, seed=22, zero_fraction=0.0)
+    with start_agent(pki, {DEV: src}) as agent:
+        cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=False, block_size=BS)
+        r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC))
+        assert r.run() is Outcome.COMPLETED
+    assert sha512_file(tgt) == sha512_file(src)
+    assert r.stats.wire_bytes_in < (BLOCKS - len(zeros)) * BS + 64 * 1024  # zero blocks carried no data
+    assert r.stats.digest_failures == 0
+
+
 def test_a_block_that_reads_back_wrong_is_fetched_again(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,8 +319,9 @@ def test_bandwidth_throttle_is_honoured(pki: Pki, tmp_path: Path) -> None:
 @pytest.mark.root
 def test_block_devices_on_both_sides(pki: Pki, tmp_path: Path) -> None:
     """Loop devices as the recovery volume and as the local disk: block devices, not files."""
-    src_img = make_image(tmp_path / "source.img", SIZE, seed=18)
-    tgt_img = blank(tmp_path / "target.img")
+    # Free space on the source; old data on the local disk: zero blocks go through BLKZEROOUT.
+    src_img = _with_zero_blocks(make_image(tmp_path / "source.img", SIZE, seed=18), [2, 3, 30])
+    tgt_img = make_image(tmp_path / "target.img", SIZE, seed=19, zero_fraction=0.0)
     loops: list[str] = []
     try:
         for img in (src_img, tgt_img):

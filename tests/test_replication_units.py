@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from failback_replicator.blockio import write_zeros
 from failback_replicator.config import ConfigError, ReplicatorConfig
 from failback_replicator.interfaces import DiskProgress, ReplicationSnapshot, ReplicationState
 from failback_replicator.journal import Journal
@@ -182,3 +183,52 @@ def test_frames_are_received_into_a_reused_buffer_and_oversized_ones_refused() -
         sender.send_block(0, 8, CODEC_RAW, 8192, b"d" * 32, os.urandom(8192))
         with pytest.raises(ProtocolError, match="limit"):
             receiver.recv_frame(buf, limit=len(buf))
+
+
+def _zeroed(path: Path, before: bytes, offset: int, length: int) -> None:
+    after = path.read_bytes()
+    assert after[offset : offset + length] == bytes(length)
+    assert after[:offset] == before[:offset] and after[offset + length : len(before)] == before[offset + length :]
+
+
+def test_write_zeros_on_an_image_file(tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    path = tmp_path / "disk.img"
+    before = os.urandom(3 * mib)
+    path.write_bytes(before)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert write_zeros(fd, mib, mib) in ("zero-range", "punch-hole")  # the kernel did it, not a write
+        _zeroed(path, before, mib, mib)
+        write_zeros(fd, 3 * mib, 4096)  # past the end: the file grows, as a write would make it
+        assert path.stat().st_size == 3 * mib + 4096
+        assert write_zeros(fd, 0, 0) == "nothing"
+    finally:
+        os.close(fd)
+    _zeroed(path, before + bytes(4096), mib, mib)
+
+
+@pytest.mark.root
+def test_write_zeros_on_a_block_device(tmp_path: Path) -> None:
+    from image.run import run
+
+    mib = 1024 * 1024
+    img = tmp_path / "disk.img"
+    before = os.urandom(4 * mib)
+    img.write_bytes(before)
+    dev = run(["losetup", "--find", "--show", img], capture=True).stdout.strip()
+    try:
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            assert write_zeros(fd, mib, 2 * mib) == "blkzeroout"
+            assert os.pread(fd, 2 * mib, mib) == bytes(2 * mib)  # no stale page cache either
+            assert write_zeros(fd, 100, 1000) == "write"  # not sector-aligned: written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        run(["losetup", "--detach", dev], check=False)
+    expected = bytearray(before)
+    expected[mib : 3 * mib] = bytes(2 * mib)
+    expected[100:1100] = bytes(1000)
+    assert img.read_bytes() == bytes(expected)

@@ -49,9 +49,10 @@ class CompressionGovernor:
     a `send_block` of a data block took, over the seconds it took: TCP makes a send wait when the
     link is the bottleneck) and the compressor's (bytes in over seconds). On a WAN or 1 GbE link
     sending 1 MiB takes longer than compressing it, so blocks go compressed; on a fast link
-    (loopback, 10 GbE) zstd would be the bottleneck, so they go raw. A stream starts compressing
+    (loopback, 10 GbE) zstd would be the bottleneck, so they go raw. A session starts compressing
     (the link is not known yet); zero blocks (no payload) teach it nothing."""
 
+    WARM_UP = 8  # data blocks sent before the link's rate is trusted
     _DECAY = 0.8  # weight of the past in each decayed sum: the last ~5 data blocks count most
 
     def __init__(self) -> None:
@@ -59,6 +60,7 @@ class CompressionGovernor:
         # would let one send that fit in TCP's free buffer space look like an infinitely fast link).
         self._link = [0.0, 0.0]
         self._zstd = [0.0, 0.0]
+        self._sends = 0
 
     @classmethod
     def _add(cls, sums: list[float], nbytes: int, seconds: float) -> None:
@@ -78,6 +80,7 @@ class CompressionGovernor:
         return self._rate(self._zstd)
 
     def sent(self, nbytes: int, seconds: float) -> None:
+        self._sends += 1
         self._add(self._link, nbytes, seconds)
 
     def compressed(self, nbytes: int, seconds: float) -> None:
@@ -85,7 +88,11 @@ class CompressionGovernor:
 
     def compress(self) -> bool:
         link, zstd = self.link_bps, self.compress_bps
-        return link is None or zstd is None or link < zstd
+        # The first sends of a session fill TCP's buffers and take no time whatever the link: the
+        # link's rate means something only once a few blocks went out.
+        if self._sends < self.WARM_UP or link is None or zstd is None:
+            return True
+        return link < zstd
 
 
 @dataclass
@@ -250,6 +257,7 @@ class _Session:
         self.ident = ident
         self.vols: list[SourceVolume] = []
         self.encoder: Encoder | None = None
+        self.governor = CompressionGovernor()
 
     def run(self) -> None:
         while True:
@@ -297,6 +305,7 @@ class _Session:
         ours = available_codecs()
         codec = next((c for c in msg.get("codecs", []) if c in ours and c in CODEC_NAMES), None)
         self.encoder = Encoder(codec) if codec else None
+        self.governor = CompressionGovernor()  # per session: what it learnt about the link carries over
         self.vols = self.server.volumes(bs, digest)
         reply = {
             "op": "HELLO",
@@ -361,7 +370,7 @@ class _Session:
         q: queue.Queue = queue.Queue(maxsize=depth)
         pool = BufferPool(depth + 2, vol.block_size)
         encoder = self.encoder
-        governor = CompressionGovernor()
+        governor = self.governor
         stop = threading.Event()
 
         def reader() -> None:
