@@ -312,13 +312,16 @@ def bench_publish(c: Context, size_mib: int = 200, regions: int = 28, moto_buffe
 
 @task(name="bench-replication", help={"size-mib": "volume size in MiB (default 256)",
                                       "repeat": "runs; more than one also prints the spread of the ratios",
-                                      "link-mbps": "also full vs delta on a throttled link of this speed (0: skip)"})
-def bench_replication(c: Context, size_mib: int = 256, repeat: int = 1, link_mbps: int = 200) -> None:
+                                      "link-mbps": "also full vs delta on a throttled link of this speed (0: skip)",
+                                      "volume": "random (worst case), filesystem (ext4 half full of files) or both"})
+def bench_replication(c: Context, size_mib: int = 256, repeat: int = 1, link_mbps: int = 200,
+                      volume: str = "both") -> None:
     """Replication on loopback, side by side in one run: full sync vs a raw socket copy, delta (1 %)
-    vs full sync, resume after a cut, the replicator's peak RSS (prints; asserts nothing about speed)."""
+    vs full sync, resume after a cut, the replicator's peak RSS (prints; asserts nothing about speed),
+    on a volume of random bytes and on an ext4 volume half full of files."""
     from image.bench_replication import main
 
-    main(["--size-mib", str(size_mib), "--repeat", str(repeat), "--link-mbps", str(link_mbps)])
+    main(["--size-mib", str(size_mib), "--repeat", str(repeat), "--link-mbps", str(link_mbps), "--volume", volume])
 
 
 @task(help={"out": "output directory (default build/out/failback_assets)"})

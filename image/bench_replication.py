@@ -1,6 +1,10 @@
 """Replication benchmark on loopback: figures side by side with baselines measured in the same run.
 
-- full sync throughput vs a raw TCP socket copy of the same bytes (file -> socket -> file + fsync)
+- full sync throughput vs a raw TCP socket copy of the same bytes (file -> socket -> file + fsync),
+  on two volumes: random bytes (the worst case: no free space, nothing compresses, every byte
+  goes through TLS) and an ext4 filesystem half full of this machine's files (a server's disk:
+  its free space goes as zero blocks, no data; zstd only where it pays, which on loopback it
+  does not: the agent then sends raw)
 - delta resync with 1 % of blocks changed vs the full sync
 - resume cost after a cut mid-transfer (bytes and blocks fetched beyond one full sync)
 - replicator peak memory: VmHWM of a child process running only the replicator. Not ru_maxrss:
