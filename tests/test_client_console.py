@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from failback_client.console import Console, ConsoleLock, wants_plain
+from failback_client.console import Console, ConsoleLock, size_serial_console, wants_plain
 
 from tests.test_client_helpers import BIOS_ROOT, client_command, run_subprocess, subprocess_env
 
@@ -111,3 +111,31 @@ def test_console_script_and_closed_input(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "The console input ended before all answers were given" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_serial_console_without_a_size_gets_80x24() -> None:
+    import fcntl
+    import struct
+    import termios
+
+    def size(fd: int) -> tuple[int, int]:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+        return rows, cols
+
+    def set_size(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    primary, secondary = os.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as tty:
+            set_size(secondary, 0, 0)  # what a UART reports
+            assert not size_serial_console(tty, "tty1"), "a VGA console keeps its own size"
+            assert size(secondary) == (0, 0)
+            assert size_serial_console(tty, "ttyS0")
+            assert size(secondary) == (24, 80)
+            set_size(secondary, 50, 132)  # an admin's `stty` (or a terminal that reports) wins
+            assert not size_serial_console(tty, "ttyS0") and size(secondary) == (50, 132)
+        assert not size_serial_console(io.StringIO(), "ttyS0")  # not a terminal: nothing to size
+    finally:
+        os.close(primary)
+        os.close(secondary)

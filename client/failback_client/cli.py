@@ -131,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     from failback_client.bootwait import start_from_env
 
     boot = start_from_env()
-    from failback_client.console import Console, ConsoleReleased
+    from failback_client.console import Console, ConsoleReleased, size_serial_console
     from failback_client.logs import REDACTOR, install_excepthook, setup_logging
     from failback_client.settings import from_arguments_and_seed
 
+    size_serial_console(sys.stdout, os.environ.get("FAILBACK_CONSOLE"))
     install_excepthook()
     args = build_parser().parse_args(argv)
     # Secrets given as arguments or variables are redacted from the very first line of output.

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import select
+import struct
 import sys
 import termios
 import time
@@ -29,6 +30,23 @@ SERIAL_TTY_PREFIXES = ("ttyS", "ttyAMA", "ttyUSB", "hvc", "ttyPS", "ttymxc")
 
 class ConsoleReleased(Exception):
     """The other console's client ended while this one waited: exit so systemd starts this one afresh."""
+
+
+def size_serial_console(stream: IO[str], console: str | None) -> bool:
+    """Gives a serial console that reports no size (0 x 0: IPMI SOL, BMC web consoles) the VT100
+    size, 80 x 24, so that tables and progress lines wrap where the admin's terminal does. True when
+    it did. (The launcher used to run `stty rows 24 cols 80`: a process fewer at boot.)"""
+    if not console or not console.startswith(SERIAL_TTY_PREFIXES):
+        return False
+    try:
+        fd = stream.fileno()
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+        if rows or cols:
+            return False
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    except (OSError, ValueError, AttributeError):  # not a terminal (a pipe in tests), or a UART gone
+        return False
+    return True
 
 
 def tty_name(stream: IO[str]) -> str | None:
