@@ -198,7 +198,7 @@ def test_templates_take_image_values(tmp_path: Path) -> None:
     assert "--timeout=7" in (
         tmp_path / "etc/systemd/system/systemd-networkd-wait-online.service.d/failback.conf"
     ).read_text()
-    assert 'client="/opt/x/bin/failback-client"' in (tmp_path / "usr/lib/failback/launch").read_text()
+    assert 'python="/opt/x/bin/python"' in (tmp_path / "usr/lib/failback/launch").read_text()
     assert not list(tmp_path.rglob("*.j2"))
 
 
@@ -392,11 +392,12 @@ def test_start_sh_without_config_network_only_restarts_client(fake_system: dict[
 
 @pytest.fixture
 def launcher(tmp_path: Path) -> tuple[Path, Path]:
-    """The launcher rendered with client.venv pointing at a fake client that dumps its environment."""
+    """The launcher rendered with client.venv pointing at a fake python that dumps its environment
+    and its arguments."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    client = venv / "bin/failback-client"
-    client.write_text("#!/bin/sh\nenv | sort\n")
+    client = venv / "bin/python"
+    client.write_text('#!/bin/sh\nenv | sort\nprintf "ARGV=%s\\n" "$*"\n')
     client.chmod(0o755)
     root = tmp_path / "root"
     render_overlay(root, {**VALUES, "client": {"venv": str(venv)}})
@@ -425,6 +426,8 @@ def test_launcher_exports_seed_and_sets_term(launcher: tuple[Path, Path]) -> Non
     assert "AWS_ACCESS_KEY" not in env and "AWS_SESSION_TOKEN" not in env  # unset stays unset
     assert env["TERM"] == "vt220"
     assert env["FAILBACK_CONSOLE"] == "ttyS0"
+    # The venv's python runs the client's main() (pip's console script would import re first).
+    assert env["ARGV"] == "-c import sys; from failback_client.cli import main; sys.exit(main())"
     assert run_launch(launch, "tty1", tmp / "absent.env")["TERM"] == "linux"
 
 
@@ -445,7 +448,7 @@ def test_launcher_explains_a_missing_client(tmp_path: Path) -> None:
     (root / "launch").write_text(text)
     proc = subprocess.run(["dash", str(root / "launch"), "tty1"], capture_output=True, text=True, check=False)
     assert proc.returncode == 1
-    assert "failback-client is missing" in proc.stderr
+    assert "bin/python is missing" in proc.stderr and "without the client" in proc.stderr
 
 
 @pytest.mark.parametrize(("tty", "uart_type", "present"), [("ttyS0", "4", True), ("ttyS1", "0", False),
