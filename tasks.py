@@ -196,10 +196,12 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     "timeout": TIMEOUT_HELP,
     "against": "another ISO (e.g. a copy of the previous build's) booted right after each way: before/after",
     "cpus": "vCPUs of every guest, baseline included (default 1, as inv smoke boots; at most the host's cores)",
+    "firmware-baseline": "each UEFI way also next to the bare kernel loaded directly by its own firmware "
+                         "(default on; --no-firmware-baseline)",
 })
 def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
           chain: bool = True, parallel: int = 1, timeout: int = 300, against: str | None = None,
-          cpus: int = 1) -> None:
+          cpus: int = 1, firmware_baseline: bool = True) -> None:
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
@@ -220,7 +222,8 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
         report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
                              build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
                              ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain,
-                             against=Path(against) if against else None, cpus=cpus)
+                             against=Path(against) if against else None, cpus=cpus,
+                             firmware_baseline=firmware_baseline)
     except (QemuError, CommandError) as exc:
         raise Exit(f"bench: {exc}", code=1) from None
     finally:

@@ -47,6 +47,10 @@ class BenchReport:
     # load changes between boots, so each way's ratio is taken against its own neighbour.
     way_baselines: dict[str, float] = field(default_factory=dict)
     way_baseline_cpu: dict[str, float] = field(default_factory=dict)
+    # UEFI ways: the same bare kernel + initramfs loaded directly by that way's firmware (way name ->
+    # seconds): the floor of any boot on that machine, firmware included (OVMF alone takes ~3.5 s
+    # under TCG before it loads anything; SeaBIOS ~0.1 s, so the BIOS ways' baseline is the same).
+    firmware_baselines: dict[str, float] = field(default_factory=dict)
     # The same ways booting another ISO (`against`, e.g. the previous build), interleaved with these.
     against: Path | None = None
     against_boots: list[smoke.WayResult] = field(default_factory=list)
@@ -107,6 +111,11 @@ class BenchReport:
                 met = r.seconds / base <= BOOT_RATIO_TARGET
                 verdict = f"  (target <= {BOOT_RATIO_TARGET:.0f}x: {'met' if met else 'MISSED'})"
             out.append(f"  {r.way.name:<24} {r.seconds:8.1f} s  {ratio}{extra}{verdict}")
+            fw_base = self.firmware_baselines.get(r.way.name)
+            if fw_base:
+                met = r.seconds / fw_base <= BOOT_RATIO_TARGET
+                out.append(f"  {'':<24} same firmware: bare kernel {fw_base:4.1f} s, {r.seconds / fw_base:5.2f}x"
+                           f"  (target <= {BOOT_RATIO_TARGET:.0f}x against it: {'met' if met else 'MISSED'})")
             cpu = _cpu(r)
             if cpu is not None and r.way.name in self.way_baseline_cpu:
                 line = f"  {'':<24} QEMU CPU {cpu:6.1f} s  base {self.way_baseline_cpu[r.way.name]:4.1f} s"
@@ -114,6 +123,10 @@ class BenchReport:
                 if other_cpu is not None:
                     line += f"   against {other_cpu:6.1f} s"
                 out.append(line)
+        if self.firmware_baselines:
+            out.append("  same firmware = the bare kernel + initramfs loaded directly by the way's UEFI firmware,")
+            out.append("  booted right before it: what that machine costs before any ISO can act ('base' boots it")
+            out.append("  with SeaBIOS)")
         if self.way_baseline_cpu:
             out.append("  QEMU CPU = host CPU seconds of the guest: on an idle machine about the seconds (TCG, and "
                        "boot loaders busy-wait), on a loaded one much steadier than them")
@@ -182,10 +195,12 @@ def run_bench(
     probe: bool = True,
     against: Path | None = None,
     cpus: int = 1,
+    firmware_baseline: bool = True,
 ) -> BenchReport:
     """Measure what is asked: builds only when their commands are given, boots when `ways`; with
     `against`, each way also boots that ISO right after this one (a before/after comparison under
-    the same load)."""
+    the same load); with `firmware_baseline`, each UEFI way also gets a bare-kernel boot by its own
+    firmware right before it (one at a time only)."""
     report = BenchReport(cpus=cpus)
     # Absolute: the probe ISO's apt cache (image/efi.py) breaks on a relative directory.
     workdir = workdir.resolve()
@@ -233,6 +248,16 @@ def run_bench(
                         report.way_baseline_cpu[way.name] = base.cpu_seconds
                 else:
                     report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
+                if firmware_baseline and way.firmware == "uefi":
+                    firmware = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(),
+                                                         secure_boot=way.secure_boot)  # fmt: skip
+                    fw_base = qemu.boot_bare_kernel(kernel, workdir / "baseline-firmware" / way.name,
+                                                    append=BASELINE_APPEND, cpus=cpus, firmware=firmware)  # fmt: skip
+                    if fw_base.outcome == "matched":
+                        report.firmware_baselines[way.name] = fw_base.seconds
+                    else:
+                        log.warning("%s: bare kernel under %s: %s (see %s)", way.name, firmware.descriptor.name,
+                                    fw_base.outcome, fw_base.serial_log)  # fmt: skip
                 report.boots += smoke.run_matrix(iso, workdir / "boots", ways=[way], timeout=timeout, cpus=cpus)
                 if against is not None:
                     report.against_boots += smoke.run_matrix(against, workdir / "against", ways=[way],

@@ -543,16 +543,18 @@ def write_probe_initramfs(dest: Path) -> Path:
 
 def boot_bare_kernel(
     kernel: Path, workdir: Path, *, timeout: float = 120, append: str = "console=tty0 console=ttyS0,115200n8",
-    cpus: int = 1,
+    cpus: int = 1, firmware: Firmware | None = None,
 ) -> BootResult:
-    """Boot `kernel` with the marker initramfs on the BIOS machine; seconds until the marker."""
+    """Boot `kernel` with the marker initramfs on the BIOS machine (or, with `firmware`, the same
+    machine with that UEFI firmware loading the kernel directly); seconds until the marker."""
     initrd = write_marker_initramfs(workdir / "marker-initramfs.cpio.gz")
     serial_log = workdir / "bare-kernel.serial.log"
+    vars_file = copy_vars(firmware, workdir / "bare-kernel.vars.fd") if firmware is not None else None
     qmp = short_socket_path("bare")
     try:
         argv = kernel_argv(
             kernel=kernel, initrd=initrd, append=f"{append} panic=-1", serial_log=serial_log, qmp_socket=qmp,
-            cpus=cpus,
+            cpus=cpus, firmware=firmware, vars_file=vars_file,
         )
         return watch_boot(argv, serial_log=serial_log, qmp_socket=qmp,
                           pattern=re.compile(re.escape(BARE_MARKER)), timeout=timeout)

@@ -264,20 +264,16 @@ def bare_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bare_kernel_boots_with_each_firmware(
     bare_kernel: Path, tmp_path: Path, qmp_socket: Path, firmware: str | None, secure_line: str | None
 ) -> None:
-    """The firmware and Secure Boot plumbing, proven with the signed Debian kernel booted directly."""
-    fw = vars_file = None
+    """The firmware and Secure Boot plumbing, proven with the signed Debian kernel booted directly
+    (the benchmark's baselines: SeaBIOS, and each UEFI way's own firmware)."""
+    fw = None
     if firmware:
         fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(), secure_boot=firmware == "secure")
-        vars_file = qemu.copy_vars(fw, tmp_path / "vars.fd")
-    initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
-    log, sock = tmp_path / "serial.log", qmp_socket
-    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0,115200n8 panic=-1",
-                            serial_log=log, qmp_socket=sock, firmware=fw, vars_file=vars_file)
-    result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile(qemu.BARE_MARKER),
-                             timeout=180)
+    result = qemu.boot_bare_kernel(bare_kernel, tmp_path, append="console=ttyS0,115200n8", firmware=fw, timeout=180)
     assert result.outcome == "matched", result.tail()
     assert 0 < result.seconds < 180
-    text = qemu.clean_console(log.read_bytes())
+    assert (tmp_path / "bare-kernel.vars.fd").is_file() == (fw is not None)  # its own copy of the NVRAM
+    text = qemu.clean_console(result.serial_log.read_bytes())
     if secure_line:
         assert secure_line in text
         assert "efi: EFI v" in text
@@ -380,6 +376,23 @@ def test_bench_ratio_uses_the_baseline_next_to_each_way(tmp_path: Path) -> None:
     assert "16.0 s   4.00x  base  4.0 s   against  40.0 s 10.00x  (target <= 4x: met)" in lines["seabios-cd"]
     assert "30.0 s   5.00x  base  6.0 s   against FAILED (no line)  (target <= 4x: MISSED)" in lines["ovmf-disk"]
     assert f"against = {tmp_path / 'before.iso'}" in report.format()
+
+
+def test_bench_shows_uefi_ways_against_their_own_firmware_too(tmp_path: Path) -> None:
+    """A UEFI way's firmware costs seconds before any ISO can act: next to the SeaBIOS baseline's ratio
+    the report gives the ratio against the bare kernel loaded by that way's own firmware."""
+    from image import bench
+    from image.smoke import WayResult
+
+    cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
+    report = bench.BenchReport(
+        way_baselines={"seabios-cd": 4.0, "ovmf-disk": 4.0}, firmware_baselines={"ovmf-disk": 7.5},
+        boots=[WayResult(cd, True, 15.0, "ok", tmp_path), WayResult(disk, True, 20.0, "ok", tmp_path)],
+    )
+    text = report.format()
+    assert "20.0 s   5.00x  base  4.0 s  (target <= 4x: MISSED)" in text
+    assert "same firmware: bare kernel  7.5 s,  2.67x  (target <= 4x against it: met)" in text
+    assert text.count("same firmware: bare kernel") == 1  # none for the BIOS way: SeaBIOS is its baseline
 
 
 def test_watch_boot_measures_the_child_cpu_time(tmp_path: Path) -> None:
