@@ -45,7 +45,7 @@ log = logging.getLogger("drs_agent")
 class CompressionGovernor:
     """Whether the next block is worth compressing: only while the link is slower than zstd.
 
-    Two rates, each a moving average measured on this stream's own data blocks: the link's (bytes
+    Two rates, each a moving average over this session's own data blocks: the link's (bytes
     a `send_block` of a data block took, over the seconds it took: TCP makes a send wait when the
     link is the bottleneck) and the compressor's (bytes in over seconds). On a WAN or 1 GbE link
     sending 1 MiB takes longer than compressing it, so blocks go compressed; on a fast link

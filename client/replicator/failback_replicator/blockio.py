@@ -94,9 +94,10 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
 
 def write_zeros(fd: int, offset: int, length: int) -> str:
     """Make `length` bytes at `offset` read as zeros without pushing zeros through this process:
-    BLKZEROOUT on a block device (WRITE ZEROES or unmap where the disk has it, else the kernel
-    writes them), fallocate ZERO_RANGE or PUNCH_HOLE on an image file; writing zeros where neither
-    works. Returns how (for tests and logs). A disk's free space is mostly such blocks."""
+    BLKZEROOUT on a block device (WRITE ZEROES where the disk has it, else the kernel writes them;
+    it also drops the range's cached pages), fallocate ZERO_RANGE or PUNCH_HOLE on an image file;
+    writing zeros where neither works. Returns how (for tests and logs). A disk's free space is
+    mostly such blocks."""
     if length <= 0:
         return "nothing"
     if is_block_device(fd):

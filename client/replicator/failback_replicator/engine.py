@@ -710,6 +710,9 @@ class Replicator:
                 try:
                     if errors:
                         continue
+                    off, length = block_span(index, t.size, bs)
+                    if length != raw_len:
+                        raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
                     # A zero block (free space) carries no data: its digest must be the zero digest,
                     # and the kernel zeroes the range (no 1 MiB of zeros hashed and copied here).
                     zero = codec == CODEC_ZERO
@@ -720,9 +723,6 @@ class Replicator:
                             "%s block %d failed verification on arrival: refetching", t.mapping.recovery_device, index
                         )
                         continue
-                    off, length = block_span(index, t.size, bs)
-                    if length != raw_len:
-                        raise ProtocolError(f"block {index} has {raw_len} bytes, expected {length}")
                     if zero:
                         write_zeros(t.fd, off, length)
                     else:
