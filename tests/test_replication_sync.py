@@ -125,6 +125,47 @@ def test_zero_blocks_clear_what_the_local_disk_held(pki: Pki, tmp_path: Path) ->
     assert r.stats.digest_failures == 0
 
 
+def test_rescan_fetches_what_differs_while_it_still_reads(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rescan of a big disk reads it for minutes: the blocks found to differ are fetched in batches
+    meanwhile, not after the last block was read (here the local disk reads 10 ms a block)."""
+    import failback_replicator.engine as engine
+
+    src = make_image(tmp_path / "source.img", SIZE, seed=31)
+    tgt = tmp_path / "original.img"
+    shutil.copyfile(src, tgt)
+    changed = list(range(0, BLOCKS, 4))
+    change_blocks(src, changed, BS)
+    reading: list[float] = []
+    fetches: list[tuple[float, list[int]]] = []
+    read_block_into, fetch = engine.read_block_into, engine.Replicator._fetch
+
+    def slow_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.01)
+        reading.append(time.monotonic())
+        return read_block_into(*args, **kwargs)
+
+    def recorded_fetch(self, conn, t, wanted):  # type: ignore[no-untyped-def]
+        fetches.append((time.monotonic(), list(wanted)))
+        return fetch(self, conn, t, wanted)
+
+    monkeypatch.setattr(engine, "read_block_into", slow_read)
+    monkeypatch.setattr(engine.Replicator, "_fetch", recorded_fetch)
+    caplog.set_level("INFO", logger="failback_replicator")
+    with start_agent(pki, {DEV: src}) as agent:
+        cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=True, block_size=BS,
+                                checkpoint_blocks=4)  # fmt: skip
+        r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC))
+        assert r.run() is Outcome.COMPLETED
+    assert sha512_file(tgt) == sha512_file(src)
+    assert sorted(r.stats.fetched_by_volume[DEV]) == changed  # each changed block once, nothing else
+    rescan_end = reading[BLOCKS - 1]  # the rescan's last local read (the verification pass reads after)
+    early = [blocks for at, blocks in fetches if at < rescan_end]
+    assert early and sum(map(len, early)) < len(changed), f"no fetch while the rescan read: {fetches}"
+    assert "fetched during the rescan" in caplog.text
+
+
 def test_a_block_that_reads_back_wrong_is_fetched_again(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

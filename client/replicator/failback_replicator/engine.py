@@ -555,39 +555,26 @@ class Replicator:
                 indices = [i for i, m in enumerate(t.recompute) if m]
             t.recompute = None
             local_jobs = []
+            hashed: queue.SimpleQueue[int] = queue.SimpleQueue()  # blocks whose local digest is known
+            halt = threading.Event()
             if indices:
                 # Two readers: hashing releases the GIL, so a local rescan uses both cores of a small
                 # box -- and runs while the agent digests its side (the DIGESTS request goes out now).
                 for part in (indices[0::2], indices[1::2]):
-                    job = threading.Thread(target=self._digest_local, args=(t, part, local_result))
+                    job = threading.Thread(target=self._digest_local, args=(t, part, local_result, hashed, halt))
                     job.start()
                     local_jobs.append(job)
-            conn.send_json({"op": "DIGESTS", "volume": t.index})
-            # The source's digests, packed (32 bytes a block): compared with the local table at the end.
-            source = bytearray()
-            while True:
-                ftype, body = conn.recv_frame()
-                if ftype == FRAME_DIGESTS:
-                    vol, first, packed = parse_digest_frame(body)
-                    if vol != t.index or first != len(source) // DIGEST_SIZE:
-                        raise ProtocolError("digest frames out of order")
-                    source += packed
-                    t.progress.rescanned_bytes = min(t.size, len(source) // DIGEST_SIZE * self.cfg.block_size)
-                    self._report_progress()
-                elif ftype == FRAME_JSON:
-                    msg = parse_json(body)
-                    if msg["op"] == "ERROR":
-                        raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
-                    if msg["op"] != "DIGESTS":
-                        raise ProtocolError(f"expected DIGESTS, agent sent {msg['op']}")
-                    t.generation = int(msg["generation"])
-                    break
-                else:
-                    raise ProtocolError(f"unexpected frame type {ftype} in a digest list")
-            if len(source) != t.blocks * DIGEST_SIZE:
-                raise ProtocolError(f"agent sent {len(source) // DIGEST_SIZE} digests for {t.blocks} blocks")
-            for job in local_jobs:
-                job.join()
+            early = 0
+            try:
+                source = self._source_digests(conn, t)
+                if local_jobs and not reread_local:
+                    early = self._fetch_while_hashing(conn, t, source, local_jobs, local_result, hashed)
+            except BaseException:
+                halt.set()  # the readers must not outlive this (the caller may close the device)
+                raise
+            finally:
+                for job in local_jobs:
+                    job.join()
             if local_result:
                 raise local_result[0]
             differ = t.local.differing(source)
@@ -596,27 +583,110 @@ class Replicator:
             t.progress.backlogged_bytes = t.need_bytes
             t.progress.replicated_bytes = t.size - t.need_bytes
             log.info(
-                "%s: %d of %d blocks differ (%d bytes)%s",
+                "%s: %d of %d blocks differ (%d bytes)%s%s",
                 t.mapping.recovery_device,
                 len(differ),
                 t.blocks,
                 t.need_bytes,
                 f" [verification pass, {len(indices)} block(s) read back]" if reread_local else "",
+                f" [{early} more fetched during the rescan]" if early else "",
             )
         self._report_progress(force=True)
         return need
 
-    def _digest_local(self, t: _Target, indices: list[int], result: list) -> None:
+    def _source_digests(self, conn: Connection, t: _Target) -> bytearray:
+        """The agent's digests of every block of the volume, packed (32 bytes a block)."""
+        conn.send_json({"op": "DIGESTS", "volume": t.index})
+        source = bytearray()
+        while True:
+            ftype, body = conn.recv_frame()
+            if ftype == FRAME_DIGESTS:
+                vol, first, packed = parse_digest_frame(body)
+                if vol != t.index or first != len(source) // DIGEST_SIZE:
+                    raise ProtocolError("digest frames out of order")
+                source += packed
+                t.progress.rescanned_bytes = min(t.size, len(source) // DIGEST_SIZE * self.cfg.block_size)
+                self._report_progress()
+            elif ftype == FRAME_JSON:
+                msg = parse_json(body)
+                if msg["op"] == "ERROR":
+                    raise AgentRefused(f"{msg.get('error')}: {msg.get('message')}")
+                if msg["op"] != "DIGESTS":
+                    raise ProtocolError(f"expected DIGESTS, agent sent {msg['op']}")
+                t.generation = int(msg["generation"])
+                break
+            else:
+                raise ProtocolError(f"unexpected frame type {ftype} in a digest list")
+        if len(source) != t.blocks * DIGEST_SIZE:
+            raise ProtocolError(f"agent sent {len(source) // DIGEST_SIZE} digests for {t.blocks} blocks")
+        return source
+
+    def _digest_local(
+        self,
+        t: _Target,
+        indices: list[int],
+        result: list,
+        hashed: queue.SimpleQueue[int] | None = None,
+        halt: threading.Event | None = None,
+    ) -> None:
         try:
             buf = bytearray(self.cfg.block_size)  # one per reader thread, reused for every block
             for i in indices:
+                if halt is not None and halt.is_set():
+                    return
                 d = self._hash(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
                 with self._stats_lock:
                     t.local[i] = d
                     t.readback[i] = 0
                     self.stats.local_blocks_read += 1
+                if hashed is not None:
+                    hashed.put(i)
         except BaseException as exc:  # surfaced in the calling thread
             result.append(exc)
+
+    def _fetch_while_hashing(
+        self,
+        conn: Connection,
+        t: _Target,
+        source: bytearray,
+        jobs: list[threading.Thread],
+        errors: list[BaseException],
+        hashed: queue.SimpleQueue[int],
+    ) -> int:
+        """A rescan reads the whole local disk (minutes on a big one): the blocks found to differ
+        are fetched while the readers go on, so the link does not wait for the last block to be
+        read. What is found after the readers end is left to the caller's comparison of the whole
+        table. Returns how many blocks it fetched.
+
+        A checkpoint may write the journal while a reader stores a digest: the journal then holds
+        a torn digest for that one block, which can only differ from the source's (a refetch)."""
+        fetched = 0
+        pending: list[int] = []
+        since = 0.0  # when the oldest pending block was found
+        while not errors:
+            # Sleep until the readers end, a pending block is due, or a quarter second passed (not
+            # woken per block: that would take the GIL from the readers 256 times a GiB).
+            deadline = time.monotonic() + (max(0.0, since + 0.5 - time.monotonic()) if pending else 0.25)
+            for job in jobs:
+                job.join(timeout=max(0.0, deadline - time.monotonic()))
+            running = any(job.is_alive() for job in jobs)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    i = hashed.get_nowait()
+                    if t.local[i] != bytes(source[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]):
+                        since = since if pending else time.monotonic()
+                        pending.append(i)
+            if not running:
+                break
+            if len(pending) >= self.cfg.checkpoint_blocks or (pending and time.monotonic() - since >= 0.5):
+                pending.sort()
+                n_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in pending)
+                t.need_bytes += n_bytes
+                t.progress.backlogged_bytes = t.need_bytes
+                self._fetch(conn, t, pending)
+                fetched += len(pending)
+                pending = []
+        return fetched
 
     def _follow_changes(self, conn: Connection, wait: float) -> None:
         conn.send_json({"op": "CHANGES", "since": {str(t.index): t.generation for t in self._targets}, "wait": wait})
