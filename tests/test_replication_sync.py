@@ -166,6 +166,52 @@ def test_rescan_fetches_what_differs_while_it_still_reads(
     assert "fetched during the rescan" in caplog.text
 
 
+def test_a_rescan_cut_short_stops_its_readers_before_the_next_session(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link drops while the agent's digests come in: that session's local readers must stop
+    (and be joined) before the replicator reconnects, not read on beside the next session's."""
+    import failback_replicator.engine as engine
+
+    src = make_image(tmp_path / "source.img", SIZE, seed=33)
+    tgt = tmp_path / "original.img"
+    shutil.copyfile(src, tgt)
+    change_blocks(src, [5, 50], BS)
+    reads: list[tuple[threading.Thread, float]] = []
+    connects: list[float] = []
+    read_block_into, source_digests, connect = (
+        engine.read_block_into, engine.Replicator._source_digests, engine.Replicator._connect
+    )
+
+    def slow_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.01)
+        reads.append((threading.current_thread(), time.monotonic()))
+        return read_block_into(*args, **kwargs)
+
+    def cut_first(self, conn, t):  # type: ignore[no-untyped-def]
+        if len(connects) == 1:
+            time.sleep(0.05)  # the readers are busy meanwhile
+            raise ConnectionResetError("link cut while the digests came in")
+        return source_digests(self, conn, t)
+
+    def recorded_connect(self):  # type: ignore[no-untyped-def]
+        connects.append(time.monotonic())
+        return connect(self)
+
+    monkeypatch.setattr(engine, "read_block_into", slow_read)
+    monkeypatch.setattr(engine.Replicator, "_source_digests", cut_first)
+    monkeypatch.setattr(engine.Replicator, "_connect", recorded_connect)
+    with start_agent(pki, {DEV: src}) as agent:
+        cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=True, block_size=BS)
+        r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC), sleep=fast_sleep)
+        assert r.run() is Outcome.COMPLETED
+    assert sha512_file(tgt) == sha512_file(src)
+    assert len(connects) == 2
+    first = {id(thread) for thread, at in reads if at < connects[1]}
+    late = [at - connects[1] for thread, at in reads if id(thread) in first and at > connects[1]]
+    assert first and not late, f"the first session's readers read on after the reconnect: {late}"
+
+
 def test_a_block_that_reads_back_wrong_is_fetched_again(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
