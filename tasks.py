@@ -185,8 +185,9 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     print(f"smoke: all {len(results)} ways passed")
 
 
-@task(auto_shortflags=False, help={
+@task(auto_shortflags=False, iterable=["way"], help={
     "iso": ISO_HELP,
+    "way": "time only this boot way (repeatable; default: all six, as inv smoke -w)",
     "cold": "also time a cold build from scratch in build/bench-cold/ (long: fresh rootfs and layers)",
     "rebuild": "time the incremental rebuilds after touching/changing a client file (default on; --no-rebuild)",
     "boot": "time the boots: bare-kernel baseline + the six ways (default on; --no-boot)",
@@ -201,17 +202,21 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
 })
 def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool = True, boot: bool = True,
           chain: bool = True, parallel: int = 1, timeout: int = 300, against: str | None = None,
-          cpus: int = 1, firmware_baseline: bool = True) -> None:
+          cpus: int = 1, firmware_baseline: bool = True, way: list[str] | None = None) -> None:
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
     from image import bench as b
     from image import smoke as sm
-    from image.qemu import BOOT_WAYS, QemuError
+    from image.qemu import BOOT_WAYS, QemuError, boot_way
     from image.run import CommandError
 
     if not 1 <= cpus <= (os.cpu_count() or 1):
         raise Exit(f"bench: --cpus must be between 1 and this machine's {os.cpu_count()} cores, got {cpus}", code=1)
+    try:
+        ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
+    except QemuError as exc:
+        raise Exit(f"bench: {exc}", code=1) from None
     inv = [str(REPO / ".venv" / "bin" / "inv")]
     cold_cmd = None
     cold_dir = REPO / "build" / "bench-cold"
@@ -221,7 +226,7 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
     try:
         report = b.run_bench(Path(iso) if iso else sm.default_iso(), REPO / "build" / "bench" / "boot",
                              build_cmd=[*inv, "build"] if rebuild else None, cold_build_cmd=cold_cmd,
-                             ways=BOOT_WAYS if boot else (), parallel=parallel, timeout=timeout, probe=chain,
+                             ways=ways if boot else (), parallel=parallel, timeout=timeout, probe=chain,
                              against=Path(against) if against else None, cpus=cpus,
                              firmware_baseline=firmware_baseline)
     except (QemuError, CommandError) as exc:
