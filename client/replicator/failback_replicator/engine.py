@@ -663,6 +663,7 @@ class Replicator:
         fetched = 0
         pending: list[int] = []
         since = 0.0  # when the oldest pending block was found
+        t.need_bytes = 0  # the backlog during a rescan: what it found to differ and has not fetched yet
         while not errors:
             # Sleep until the readers end, a pending block is due, or a quarter second passed (not
             # woken per block: that would take the GIL from the readers 256 times a GiB).
