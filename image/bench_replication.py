@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import sys
@@ -282,8 +283,6 @@ def filesystem_image(path: Path, size: int, staging: Path, fill: float = 0.5,
     fixed order until the budget is spent), the rest free: how a server's disk looks, unlike random
     bytes (the worst case: nothing to skip, nothing compresses). Returns the image and the bytes of
     file data in it."""
-    import shutil
-
     budget = int(size * fill)
     used = 0
     staging.mkdir(parents=True)

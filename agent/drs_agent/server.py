@@ -257,7 +257,7 @@ class _Session:
         self.ident = ident
         self.vols: list[SourceVolume] = []
         self.encoder: Encoder | None = None
-        self.governor = CompressionGovernor()
+        self.governor = CompressionGovernor()  # per session: what it learns of the link serves every READ
 
     def run(self) -> None:
         while True:
@@ -305,7 +305,6 @@ class _Session:
         ours = available_codecs()
         codec = next((c for c in msg.get("codecs", []) if c in ours and c in CODEC_NAMES), None)
         self.encoder = Encoder(codec) if codec else None
-        self.governor = CompressionGovernor()  # per session: what it learnt about the link carries over
         self.vols = self.server.volumes(bs, digest)
         reply = {
             "op": "HELLO",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import stat
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,9 +104,6 @@ def write_zeros(fd: int, offset: int, length: int) -> str:
         return "nothing"
     if is_block_device(fd):
         if offset % 512 == 0 and length % 512 == 0:
-            import fcntl
-            import struct
-
             with contextlib.suppress(OSError):
                 fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
                 return "blkzeroout"

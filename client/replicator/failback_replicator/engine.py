@@ -626,21 +626,20 @@ class Replicator:
         t: _Target,
         indices: list[int],
         result: list,
-        hashed: queue.SimpleQueue[int] | None = None,
-        halt: threading.Event | None = None,
+        hashed: queue.SimpleQueue[int],
+        halt: threading.Event,
     ) -> None:
         try:
             buf = bytearray(self.cfg.block_size)  # one per reader thread, reused for every block
             for i in indices:
-                if halt is not None and halt.is_set():
+                if halt.is_set():
                     return
                 d = self._hash(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
                 with self._stats_lock:
                     t.local[i] = d
                     t.readback[i] = 0
                     self.stats.local_blocks_read += 1
-                if hashed is not None:
-                    hashed.put(i)
+                hashed.put(i)
         except BaseException as exc:  # surfaced in the calling thread
             result.append(exc)
 
@@ -667,7 +666,7 @@ class Replicator:
         while not errors:
             # Sleep until the readers end, a pending block is due, or a quarter second passed (not
             # woken per block: that would take the GIL from the readers 256 times a GiB).
-            deadline = time.monotonic() + (max(0.0, since + 0.5 - time.monotonic()) if pending else 0.25)
+            deadline = since + 0.5 if pending else time.monotonic() + 0.25
             for job in jobs:
                 job.join(timeout=max(0.0, deadline - time.monotonic()))
             running = any(job.is_alive() for job in jobs)
