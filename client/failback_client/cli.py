@@ -125,7 +125,17 @@ def early_summary() -> bool:
     return True
 
 
+# Subcommands that run on their own instead of the failback workflow (`failback-client NAME --help`):
+# NAME -> module whose main(argv) takes the remaining arguments. Without one, the workflow runs.
+SUBCOMMANDS: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] in SUBCOMMANDS:
+        import importlib
+
+        return int(importlib.import_module(SUBCOMMANDS[args_in[0]]).main(args_in[1:]))
     shown = early_summary()
     # The unit starts the client before the boot is done; what the workflow needs is waited for in
     # the background while the rest of the client loads (bootwait.py).
