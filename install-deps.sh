@@ -12,7 +12,7 @@ APT_PACKAGES="
   python3 python3-venv python3-pip python3-dev gcc
   git ca-certificates openssl e2fsprogs util-linux cpio busybox-static
   shellcheck systemd buildah podman uidmap
-  ntfs-3g
+  ntfs-3g python3-hivex libhivex-bin libwin-hivex-perl reglookup
 "
 
 missing=""

@@ -28,6 +28,8 @@ from failback_client.convert.model import (
 )
 from failback_client.convert.report import show_found, show_report
 from failback_client.convert.runner import CommandFailed
+from failback_client.convert.windows import WindowsConversion
+from failback_client.convert.windows_drivers import WINDOWS_DRIVERS, storage_controllers
 
 __all__ = ["ConversionOptions", "ConversionReport", "StaticNetwork", "convert", "this_machine_boot_mode"]
 
@@ -87,7 +89,19 @@ def _convert(targets: list[Path], console: Console, options: ConversionOptions, 
     if not report.linux and not report.windows:
         report.warnings.append("no operating system found on the target disks: nothing converted")
         return
-    for i, system in enumerate(report.linux):
+    if options.dry_run and report.linux:
+        report.warnings += [f"--dry-run: Linux on {s.root.node} is not previewed (its conversion runs tools in its "
+                            "chroot); run without --dry-run to convert it" for s in report.linux]
+    for i, system in enumerate([] if options.dry_run else report.linux):
         conversion = LinuxConversion(system, report.disks, found, hw, mode, options, report,
                                      progress=lambda name, s=system: console.info(f"{s.name}: {name}..."))
         conversion.run(i)
+    if report.windows:
+        controllers = storage_controllers(options.sys_root)
+        kinds = list(dict.fromkeys([c.kind for c in controllers if c.kind in WINDOWS_DRIVERS]
+                                   + list(options.windows_controllers)))
+        console.info("Windows: controllers to make bootable: " + (", ".join(kinds) or "none found"))
+        for i, win in enumerate(report.windows):
+            disk = next(d for d in report.disks if d.path == win.disk)
+            WindowsConversion(win, disk, mode, options, report, controllers, kinds,
+                              progress=lambda name, w=win: console.info(f"Windows on {w.disk}: {name}...")).run(i)

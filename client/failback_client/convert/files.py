@@ -27,6 +27,7 @@ class Transaction:
         self._before: dict[str, tuple[str, bytes | str, int] | None] = {}
         self._undo: list[tuple[str, Callable[[], None]]] = []  # other undo actions (boot sectors), newest last
         self._new_backups: list[Path] = []  # backups made by this run: a rollback removes them too
+        self._in_place: set[str] = set()  # files a rollback writes back in place (backup_in_place)
 
     def host(self, rel: str) -> Path:
         return self.root / rel.lstrip("/")
@@ -112,6 +113,23 @@ class Transaction:
         self._remember(rel)
         return self._backup(rel)
 
+    def backup_in_place(self, rel: str) -> str:
+        """Before a library rewrites `rel` in its own file (a registry hive through hivex): keep the backup, and
+        let a rollback write this run's bytes back into that same file (on NTFS the file keeps its security
+        descriptor and attributes, which unlinking and re-creating would lose)."""
+        if rel not in self._in_place:
+            path = self.host(rel)
+            before = path.read_bytes()
+
+            def undo() -> None:
+                with open(path, "r+b") as f:
+                    f.write(before)
+                    f.truncate()
+
+            self._in_place.add(rel)
+            self.on_rollback(rel, undo)
+        return self._backup(rel)
+
     def record(self, rel: str, action: str, detail: str, backup: str = "") -> None:
         self._record(rel, action, detail, backup)
 
@@ -127,7 +145,7 @@ class Transaction:
             try:
                 undo()
                 restored.append(what)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a command (CommandFailed) of the undo
                 log.error("rollback of %s failed: %s", what, exc)
         for rel, before in reversed(list(self._before.items())):
             path = self.host(rel)
@@ -146,6 +164,7 @@ class Transaction:
             except OSError as exc:
                 log.error("rollback of %s failed: %s", rel, exc)
         self._before.clear()
+        self._in_place.clear()
         for backup in self._new_backups:
             backup.unlink(missing_ok=True)
         self._new_backups.clear()

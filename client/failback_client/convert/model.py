@@ -16,6 +16,19 @@ DEFAULT_CLOUD_AGENTS: tuple[str, ...] = (
     "google-guest-agent.service", "walinuxagent.service",
 )
 
+# Windows drivers and services that only work on AWS (they fail, wait or look for the Xen/ENA devices off the
+# cloud): set to Start=4 (disabled) on the target, each listed with its `sc.exe config` undo. Device-class
+# filters among them (xenfilt) are left alone: disabling a filter stops its whole device class.
+DEFAULT_WINDOWS_CLOUD_SERVICES: tuple[tuple[str, str], ...] = (
+    ("ena", "AWS ENA network driver"),
+    ("xenvbd", "AWS PV storage driver"), ("xennet", "AWS PV network driver"),
+    ("xenvif", "AWS PV network interface driver"), ("xeniface", "AWS PV interface driver"),
+    ("xenbus", "AWS PV bus driver"), ("xenfilt", "AWS PV filter driver"),
+    ("AWSLiteAgent", "AWS Lite Guest Agent (PV drivers)"),
+    ("AmazonSSMAgent", "SSM Agent"), ("EC2Launch", "EC2Launch v2 agent"), ("Ec2Config", "EC2Config agent"),
+    ("AmazonCloudWatchAgent", "CloudWatch agent"),
+)
+
 # Drivers an initramfs carries whatever this machine has: the common virtual and standard controllers.
 BASE_DRIVERS: tuple[str, ...] = (
     "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "ahci", "nvme", "sd_mod", "sr_mod",
@@ -65,6 +78,10 @@ class ConversionOptions:
     sys_root: Path = Path("/")  # where this machine's /sys is read (tests point it at recorded trees)
     work_dir: Path = Path("/run/failback-convert")  # private mount points live here
     efi_removable: bool = True  # also install GRUB as EFI/BOOT/BOOTX64.EFI (firmware without a boot entry)
+    dry_run: bool = False  # list what would change (Windows) and write nothing
+    windows_controllers: tuple[str, ...] = ()  # controller kinds (Linux driver names) besides this machine's
+    windows_cloud_services: tuple[tuple[str, str], ...] = DEFAULT_WINDOWS_CLOUD_SERVICES
+    remove_hiberfile: bool = False  # the admin's consent to discard a hibernated / Fast Startup session
 
 
 @dataclass
@@ -128,6 +145,8 @@ class WindowsSystem:
     disk: str
     evidence: list[str]  # what showed it is Windows
     checks: list[str]  # what an admin must check
+    converted: bool = False  # the registry/ESP conversion ran (checks then lists what is left to check)
+    instance_boot_mode: str = ""  # how its disk boots (bios, uefi, "" unknown)
 
 
 @dataclass

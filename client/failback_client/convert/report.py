@@ -44,11 +44,14 @@ def show_report(console: Console, report: ConversionReport) -> None:
     if report.drivers:
         console.info(f"Drivers in the initramfs: {' '.join(report.drivers)}")
     if report.changes:
+        dry = all(c.action.startswith("would ") for c in report.changes)
         console.table(["file", "action", "what", "backup"],
                       [[c.path, c.action, c.detail, c.backup or "-"] for c in report.changes],
-                      title="Changes made on the target")
+                      title="Changes that would be made (dry run: nothing written)" if dry
+                      else "Changes made on the target")
     for w in report.windows:
-        console.warn(f"Windows on {w.disk} was NOT changed. An administrator must check:")
+        console.warn(f"Windows on {w.disk} was converted; after its first boot check:" if w.converted
+                     else f"Windows on {w.disk} was NOT changed. An administrator must check:")
         for check in w.checks:
             console.info(f"  - {check}")
     for warning in report.warnings:
