@@ -12,6 +12,7 @@ Needs root (loop devices, FUSE).
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
 import subprocess
 import tempfile
@@ -183,10 +184,18 @@ def make_windows_disk(img: Path, layout: str, hive: bytes, *, drivers: Iterable[
         raise ValueError(f"unknown layout {layout!r}")
     subprocess.run(["sfdisk", "-q", str(img)], check=True, text=True, capture_output=True, input=table)
     mnt = img.parent / f"{img.stem}-mnt"
+    starts = [p["start"] for p in json.loads(subprocess.run(["sfdisk", "--json", str(img)], check=True,
+                                                            capture_output=True, text=True).stdout)
+              ["partitiontable"]["partitions"]]
+
+    def mkntfs(node: str, number: int, label: str) -> None:
+        # The geometry Windows' boot code wants (a loop device reports none; mkntfs warns without it).
+        run(["mkntfs", "-Q", "-F", "-p", str(starts[number - 1]), "-H", "255", "-S", "63", "-L", label, node])
+
     with loop_device(img) as dev:
         windows = f"{dev}p2" if layout == "bios" else f"{dev}p3"
         if layout == "bios":
-            run(["mkntfs", "-Q", "-F", "-L", "System Reserved", f"{dev}p1"])
+            mkntfs(f"{dev}p1", 1, "System Reserved")
             with _ntfs_mounted(f"{dev}p1", mnt):
                 (mnt / "Boot").mkdir()
                 (mnt / "Boot" / "BCD").write_bytes(minimal_hive("BCD"))
@@ -201,7 +210,7 @@ def make_windows_disk(img: Path, layout: str, hive: bytes, *, drivers: Iterable[
                 for name, data in (("bootmgfw.efi", b"MZ stand-in bootmgfw.efi"), ("BCD", minimal_hive("BCD"))):
                     (Path(tmp) / name).write_bytes(data)
                     run(["mcopy", *esp, str(Path(tmp) / name), f"::/EFI/Microsoft/Boot/{name}"], env=env)
-        run(["mkntfs", "-Q", "-F", "-L", "Windows", windows])
+        mkntfs(windows, 2 if layout == "bios" else 3, "Windows")
         with _ntfs_mounted(windows, mnt):
             windows_files(mnt, hive, drivers=drivers, logs=logs, hiberfil=hiberfil)
     mnt.rmdir()
