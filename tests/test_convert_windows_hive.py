@@ -180,7 +180,7 @@ def test_storage_controllers_from_sys(tmp_path: Path) -> None:
 
 def test_parse_controllers() -> None:
     assert parse_controllers("ahci, virtio-blk,ahci") == ("ahci", "virtio_blk")
-    with pytest.raises(ValueError, match="unknown controller driver.*e1000e.*known: ahci"):
+    with pytest.raises(ValueError, match=r"unknown controller driver.*e1000e.*known: ahci"):
         parse_controllers("e1000e")
 
 
