@@ -13,6 +13,7 @@ from typing import Any
 
 from failback_client import __version__
 from failback_client.api import DrsApi
+from failback_client.bootmode import before_replication
 from failback_client.configure import ReplicationSetup, check_config, mapped_volumes, write_config
 from failback_client.console import Console
 from failback_client.devices import LocalDisk, discover
@@ -241,6 +242,7 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
 
     _step(steps, rapi, "PAIR_AGENT_WITH_REPLICATION_SOFTWARE", "FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE", pair)
     # PAIR_AGENT_WITH_REPLICATION_SOFTWARE succeeds when the replication software's TLS handshake does.
+    before_replication(settings, console, api, setup)  # Windows: same boot mode as the source, before any write
 
     supervisor = Supervisor(software, setup, run_dir / "replicator.json", rapi, steps, console)
     outcome = supervisor.run()
