@@ -178,6 +178,17 @@ def test_hibernated_volume_is_refused_without_consent(system_hive: bytes, tmp_pa
     assert values["/ControlSet001/Services/storahci/Start"] == ("DWORD", "0x00000000")
 
 
+def test_read_only_fallback_of_ntfs3g_is_caught(system_hive: bytes, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past our own hiberfil.sys look, ntfs-3g itself falls back to read-only on such a volume: caught too."""
+    img = make_windows_disk(tmp_path / "win.img", "bios", system_hive, hiberfil=True)
+    digest = _sha(img)
+    monkeypatch.setattr(windows_mod, "is_hibernated", lambda root: False)
+    report, _ = _run(img, tmp_path, "bios")
+    assert not report.ok and "ntfs-3g mounted it read-only" in report.error and "--remove-hiberfile" in report.error
+    assert report.changes == [] and _sha(img) == digest
+
+
 def test_failure_after_the_hive_write_puts_it_back(system_hive: bytes, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     img = make_windows_disk(tmp_path / "win.img", "uefi", system_hive)

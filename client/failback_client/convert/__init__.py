@@ -2,7 +2,10 @@
 
 `convert(targets, console, options)` looks at the target disks (the local devices that received the
 replicated volumes), shows what it found, converts each Linux system it found (drivers in the initramfs,
-device names, network, cloud agents, boot loader) and reports Windows systems with what an admin must check.
+device names, network, cloud agents, boot loader) and each Windows system (windows.py: offline SYSTEM hive
+edits with hivex so the storage driver of this machine's controllers starts at boot, cloud-only drivers and
+services disabled, the ESP's fallback loader on UEFI; a dirty hive, a hibernated volume or a boot-mode
+mismatch stop it before any write). With `options.dry_run` Windows changes are listed, nothing is written.
 It returns a ConversionReport; it does not raise for a failed step: `report.ok` is False, `failed_step`
 names the step and `error` says why, and every file changed by that run has been put back (`rolled_back`),
 so the disks are as replicated and the conversion can be run again. Running it again after success changes

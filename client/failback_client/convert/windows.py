@@ -350,7 +350,7 @@ class WindowsConversion:
                 raise ConversionError(STEP_REFUSE, f"{vol.partition.node}: ntfs-3g mounted it read-only (Windows "
                                       "left it hibernated, with Fast Startup or not cleanly unmounted). Nothing "
                                       "was written. Fix: shut Windows down fully (no Fast Startup) and replicate "
-                                      "again")
+                                      "again, or run `failback-client convert --remove-hiberfile DISK`")
             tx = Transaction(where, self.report)
             try:
                 self._step(STEP_HIVE, lambda: self._edit_hive(tx, vol))
