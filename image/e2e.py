@@ -66,6 +66,7 @@ class E2EOptions:
     way: str = "seabios-cd"  # Linux servers boot the client in BIOS mode (user guide)
     convert: bool = True  # also replicate, convert and boot a cloud-like OS volume (issue: conversion)
     converted_boot_timeout: float = 600.0
+    windows: bool = False  # the OS volume is Windows-like (image/windows_fixture.py, BIOS layout) instead
 
 
 @dataclass
@@ -83,12 +84,14 @@ class E2EResult:
     converted_boot_line: str = ""
     converted_boot_seconds: float = 0.0
     converted: bool = False  # whether the run included the OS volume
+    windows_hive: dict[str, tuple[str, str]] = field(default_factory=dict)  # reglookup of the converted hive
 
     @property
     def ok(self) -> bool:
+        converted = self.converted_boot == "matched" or bool(self.windows_hive)
         return (self.source_sha512 == self.target_sha512 and self.job_status == "COMPLETED"
                 and self.failback_state == "FAILBACK_COMPLETED" and self.boot_outcome == "matched"
-                and (not self.converted or self.converted_boot == "matched"))
+                and (not self.converted or converted))
 
 
 def _random_credential() -> Any:
@@ -186,7 +189,13 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     target = blank_disk(work / "target.img", opts.target_mib * MiB)
     # volume name on the recovery instance -> (source image, local device in the guest, target image)
     volumes = {"/dev/nvme1n1": (source, "/dev/vdb" if opts.convert else "/dev/vda", target)}
-    if opts.convert:
+    if opts.windows:
+        from image.windows_fixture import e2e_windows_volume
+
+        win_source = e2e_windows_volume(work / "windows-source.img")
+        volumes = {"/dev/nvme0n1": (win_source, "/dev/vda", blank_disk(work / "windows-target.img",
+                                                                        win_source.stat().st_size)), **volumes}
+    elif opts.convert:
         from image.convert_fixture import cloud_fixture, copy_image
 
         os_source = copy_image(cloud_fixture().image, work / "os-source.img")
@@ -200,6 +209,7 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     credential = _random_credential()
     seed = parse_seed({
         "source_servers": [{"id": SOURCE_SERVER, "hostname": "e2e01", "nics": [{"mac": OTHER_MAC}],
+                            **({"os": "Microsoft Windows Server 2022 Datacenter"} if opts.windows else {}),
                             "disks": [{"device": f"/dev/sd{chr(97 + i)}", "bytes": v[0].stat().st_size}
                                       for i, v in enumerate(volumes.values())]}],
         "recovery_instances": [{"id": RECOVERY_INSTANCE, "source_server": SOURCE_SERVER, "private_ip": GUEST_HOST,
@@ -303,7 +313,12 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
                         seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial)
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))
-        if opts.convert and outcome == "matched":
+        if opts.windows:
+            from image.windows_fixture import converted_hive
+
+            res.converted = True
+            res.windows_hive = converted_hive(volumes["/dev/nvme0n1"][2], "bios")
+        elif opts.convert and outcome == "matched":
             res.converted = True
             from image.convert_fixture import boot_disk
 
@@ -352,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2400.0)
     p.add_argument("--no-convert", action="store_true",
                    help="only the data volume: skip the cloud-like OS volume, its conversion and its boot")
+    p.add_argument("--windows", action="store_true",
+                   help="the OS volume is Windows-like (NTFS, SYSTEM hive): converted by the guest, hive checked")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res = run_e2e(E2EOptions(iso=args.iso or default_iso(), work=args.work, timeout=args.timeout,
-                             convert=not args.no_convert))
+                             convert=not args.no_convert, windows=args.windows))
     print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
           f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
     if res.converted:

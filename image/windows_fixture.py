@@ -239,3 +239,17 @@ def esp_files(img: Path) -> list[str]:
     out = subprocess.run(["mdir", "-/", "-b", "-i", f"{img}@@{start}", "::/"], capture_output=True, text=True,
                          env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
     return sorted(line.strip().removeprefix("::") for line in out.splitlines() if line.strip())
+
+
+def e2e_windows_volume(dest: Path) -> Path:
+    """The e2e's Windows-like recovery volume (BIOS layout: the e2e boots the client with SeaBIOS)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hive = build_hive(Path(tmp) / "SYSTEM", system_reg()).read_bytes()
+    dest.unlink(missing_ok=True)
+    return make_windows_disk(dest, "bios", hive)
+
+
+def converted_hive(img: Path, layout: str) -> dict[str, tuple[str, str]]:
+    """reglookup of the SYSTEM hive on `img` (after the guest converted it)."""
+    with mounted_windows(img, layout) as c:
+        return reglookup(c / "Windows" / "System32" / "config" / "SYSTEM")

@@ -36,3 +36,27 @@ def test_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     print(f"converted OS volume: {res.converted_boot} after {res.converted_boot_seconds:.0f} s: "
           f"{res.converted_boot_line}")
     assert res.converted and res.converted_boot == "matched", detail
+
+
+@pytest.mark.e2e
+@pytest.mark.root
+def test_windows_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A Windows-like volume (NTFS, SYSTEM hive) fails back; the LiveCD converts it; the host reads the hive
+    afterwards with reglookup (not the hivex the guest used)."""
+    iso = Path(os.environ["FAILBACK_E2E_ISO"]) if os.environ.get("FAILBACK_E2E_ISO") else default_iso()
+    if not iso.is_file():
+        iso = request.getfixturevalue("built_iso")
+    res = run_e2e(E2EOptions(iso=iso, work=tmp_path, windows=True))
+    detail = "\n".join(res.notes)
+    serial = res.serial_log.read_text(errors="replace")
+    print(f"\ne2e (Windows): ready after {res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s")
+    assert res.job_status == "COMPLETED" and res.failback_state == "FAILBACK_COMPLETED", detail
+    assert res.target_sha512 == res.source_sha512, detail
+    # The guest's machine: ICH9 AHCI and virtio-blk controllers -> storahci and viostor start at boot.
+    services = "/ControlSet001/Services"
+    for svc in ("storahci", "viostor"):
+        assert res.windows_hive[f"{services}/{svc}/Start"] == ("DWORD", "0x00000000"), (svc, detail)
+    assert not any(k.startswith(f"{services}/storahci/StartOverride") for k in res.windows_hive)
+    for svc in ("ena", "AmazonSSMAgent", "EC2Launch"):
+        assert res.windows_hive[f"{services}/{svc}/Start"] == ("DWORD", "0x00000004"), svc
+    assert "Changes made on the target" in serial and "storahci: Start 3 (demand) -> 0 (boot)" in serial
