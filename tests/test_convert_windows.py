@@ -178,6 +178,17 @@ def test_hibernated_volume_is_refused_without_consent(system_hive: bytes, tmp_pa
     assert values["/ControlSet001/Services/storahci/Start"] == ("DWORD", "0x00000000")
 
 
+def test_hibernated_volume_with_nothing_to_change_is_only_a_note(tmp_path: Path) -> None:
+    _tools()
+    hive = build_hive(tmp_path / "SYSTEM.src", system_reg(storage=("storahci",), cloud=False)).read_bytes()
+    img = make_windows_disk(tmp_path / "win.img", "bios", hive, hiberfil=True)
+    digest = _sha(img)
+    report, _ = _run(img, tmp_path, "bios", controllers=())
+    assert report.ok and report.changes == []
+    assert any("hibernated or has Fast Startup on" in w and "not written" in w for w in report.warnings)
+    assert _sha(img) == digest
+
+
 def test_read_only_fallback_of_ntfs3g_is_caught(system_hive: bytes, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Past our own hiberfil.sys look, ntfs-3g itself falls back to read-only on such a volume: caught too."""

@@ -318,7 +318,10 @@ class WindowsConversion:
                                       "Windows down cleanly on the recovery instance (Shut down, not hibernate) "
                                       "and let replication catch up, or boot it once here so Windows replays its "
                                       "logs, then run `failback-client convert` again")
-            if vol.hibernated and not self.options.remove_hiberfile:
+            if vol.hibernated and not vol.edits and not self.options.remove_hiberfile:
+                self.notes.append(f"{vol.partition.node} is hibernated or has Fast Startup on (hiberfil.sys); "
+                                  "nothing to change on it, so it was not written")
+            elif vol.hibernated and not self.options.remove_hiberfile:
                 raise ConversionError(STEP_REFUSE, f"{vol.partition.node}: Windows left this volume hibernated or "
                                       "with Fast Startup (hiberfil.sys), so it can only be mounted read-only. "
                                       "Nothing was written. Fix: on the recovery instance turn Fast Startup off "
