@@ -289,6 +289,9 @@ def check_client(rootfs: Path, venv: str, tree: Path, epoch: int) -> str:
         raise ClientBuildError("client: the replication software was installed into the client venv; it is downloaded "
                                "at run time and must not be in the ISO")
     imports = "import failback_client, boto3, botocore, rich, yaml; print('imports ok')"
+    if (sites[0] / "failback_client" / "convert" / "hive.py").exists():
+        # Windows conversion loads Debian's python3-hivex from outside the venv (convert/hive.py): prove it does.
+        imports += "; from failback_client.convert.hive import load_hivex; print('hivex', load_hivex().__file__)"
     commands = [[f"{venv}/bin/python", "-c", imports]]
     if has_cli:
         commands.append([f"{venv}/bin/failback-client", "--help"])
