@@ -199,3 +199,10 @@ def test_layout_boot_mode(table: str, mode: str, tmp_path: Path) -> None:
     subprocess.run(["sfdisk", "-q", str(img)], input=table, text=True, check=True, capture_output=True)
     assert disk_boot_mode(str(img)) == mode
     assert layout_boot_mode(b"\0" * 4096) == ""
+
+
+def test_not_a_hive_is_an_error_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "SYSTEM"
+    bad.write_bytes(b"\0" * 8192)
+    with pytest.raises(ValueError, match="SYSTEM is not a registry hive"):
+        dirty_reason(bad)

@@ -247,10 +247,11 @@ class WindowsConversion:
             self.report.warnings.append(f"Windows on {self.disk.path}: no {HIVE_PATH} on its NTFS volumes; "
                                         "not converted")
             return
+        self._flush_notes()  # what cannot be done is worth knowing even when a refusal follows
         self._step(STEP_BOOT_MODE, self._check_boot_mode)
         self._step(STEP_REFUSE, lambda: self._refuse(found))
         esp = self._esp_to_fix()
-        self.report.warnings += [f"Windows on {self.disk.path}: {n}" for n in self.notes]
+        self._flush_notes()
         if self.options.dry_run:
             for vol in found:
                 for e in vol.edits or []:
@@ -272,6 +273,10 @@ class WindowsConversion:
         self.system.converted = True
         self.system.checks = list(WINDOWS_CHECKS_AFTER)
 
+    def _flush_notes(self) -> None:
+        self.report.warnings += [f"Windows on {self.disk.path}: {n}" for n in self.notes]
+        self.notes.clear()
+
     # ---- looking (read-only) ------------------------------------------------------------------------------
 
     def _look(self, index: int) -> list[WindowsVolume]:
@@ -290,9 +295,9 @@ class WindowsConversion:
                 if not vol.dirty:
                     try:
                         reader = Hive(hive)
-                    except HivexMissing:
-                        raise
-                    except OSError as exc:
+                    except (OSError, RuntimeError) as exc:
+                        if isinstance(exc, HivexMissing):
+                            raise
                         raise ValueError(f"hivex cannot read {vol.label}: {exc}") from None
                     windows = hive.parent.parent.parent
                     vol.control_set, vol.edits = plan_hive(reader, windows, self.kinds, self.controllers,
