@@ -29,6 +29,7 @@ from failback_client.convert.model import (
     Disk,
     LinuxSystem,
     Volume,
+    run_step,
 )
 from failback_client.convert.mounts import MountStack
 from failback_client.convert.runner import CommandFailed
@@ -90,14 +91,7 @@ class LinuxConversion:
         self.esp_mountpoint: str | None = None
 
     def _step(self, name: str, fn: Callable[[], None]) -> None:
-        self.progress(name)
-        try:
-            fn()
-        except ConversionError:
-            raise
-        except (CommandFailed, OSError, ValueError) as exc:
-            raise ConversionError(name, str(exc)) from None
-        self.report.steps_done.append(name)
+        run_step(self.report, self.progress, name, fn, (CommandFailed, OSError, ValueError))
 
     def run(self, index: int) -> None:
         root = self.options.work_dir / f"target-{index}"

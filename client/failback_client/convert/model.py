@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,19 @@ class ConversionError(Exception):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(message)
         self.step = step
+
+
+def run_step(report: ConversionReport, progress: Callable[[str], None], name: str, fn: Callable[[], None],
+             errors: tuple[type[BaseException], ...]) -> None:
+    """One named step of a conversion: shown, run, recorded as done; `errors` become ConversionError(name)."""
+    progress(name)
+    try:
+        fn()
+    except ConversionError:
+        raise
+    except errors as exc:
+        raise ConversionError(name, str(exc)) from None
+    report.steps_done.append(name)
 
 
 @dataclass(frozen=True)

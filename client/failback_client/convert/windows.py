@@ -36,6 +36,7 @@ from failback_client.convert.model import (
     Disk,
     Partition,
     WindowsSystem,
+    run_step,
 )
 from failback_client.convert.mounts import MountStack
 from failback_client.convert.runner import CommandFailed, run
@@ -231,14 +232,8 @@ class WindowsConversion:
         self.notes: list[str] = []
 
     def _step(self, name: str, fn: Callable[[], None]) -> None:
-        self.progress(name)
-        try:
-            fn()
-        except ConversionError:
-            raise
-        except (CommandFailed, OSError, ValueError, RuntimeError) as exc:
-            raise ConversionError(name, str(exc)) from None
-        self.report.steps_done.append(name)
+        # RuntimeError: libhivex's errors (and HivexMissing) besides the commands' CommandFailed
+        run_step(self.report, self.progress, name, fn, (CommandFailed, OSError, ValueError, RuntimeError))
 
     def run(self, index: int) -> None:
         found: list[WindowsVolume] = []
