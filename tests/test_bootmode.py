@@ -70,6 +70,16 @@ def test_linux_mismatch_is_a_note_and_a_match_is_ok(tmp_path: Path) -> None:
     assert "layout does not tell" in out.getvalue()
 
 
+def test_hybrid_layout_is_no_mismatch(tmp_path: Path) -> None:
+    hybrid = ("label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
+              "size=4M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
+    console, out = _console()
+    verdict = judge({"/dev/nvme0n1": _head(tmp_path, hybrid)}, "windows", "BIOS")
+    assert verdict.source_mode == "both" and not verdict.mismatch
+    check_boot_mode(verdict, console)
+    assert "boot BIOS and UEFI" in out.getvalue()
+
+
 def test_instance_os() -> None:
     def ri(text: str) -> dict:
         return {"recoveryInstanceProperties": {"os": {"fullString": text}}}

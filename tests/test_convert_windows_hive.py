@@ -191,6 +191,9 @@ def test_parse_controllers() -> None:
     ("label: gpt\nsize=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n"
      "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", "uefi"),
     ("label: gpt\ntype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", ""),  # GPT without ESP
+    ("label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
+     "size=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+     "both"),  # Debian's cloud images: BIOS boot + ESP
 ])
 def test_layout_boot_mode(table: str, mode: str, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"

@@ -32,34 +32,42 @@ ESP_GUID = uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
 MBR_ESP, MBR_PROTECTIVE = 0xEF, 0xEE
 
 
-def _gpt_has_esp(head: bytes, sector: int) -> bool | None:
-    """None when there is no GPT header at LBA 1 for this sector size."""
+BIOS_BOOT_GUID = uuid.UUID("21686148-6449-6E6F-744E-656564454649")  # GRUB's BIOS boot partition on GPT
+
+
+def _gpt_kinds(head: bytes, sector: int) -> set[uuid.UUID] | None:
+    """The ESP / BIOS boot type GUIDs among the GPT's entries; None when there is no GPT header at LBA 1."""
     hdr = head[sector:sector + 92]
     if len(hdr) < 92 or hdr[:8] != b"EFI PART":
         return None
     entries_lba, count, size = struct.unpack_from("<QII", hdr, 72)
     if size < 128 or count > 4096:
         return None
+    found = set()
     for i in range(count):
         off = entries_lba * sector + i * size
         entry = head[off:off + 16]
         if len(entry) < 16:
             break
-        if uuid.UUID(bytes_le=entry) == ESP_GUID:
-            return True
-    return False
+        kind = uuid.UUID(bytes_le=entry)
+        if kind in (ESP_GUID, BIOS_BOOT_GUID):
+            found.add(kind)
+    return found
 
 
 def layout_boot_mode(head: bytes) -> str:
-    """"uefi", "bios", or "" (cannot tell: no table, a GPT without ESP, an MBR without active partition)."""
+    """"uefi", "bios", "both" (a GPT with an ESP and a BIOS boot partition, as cloud Linux images have), or ""
+    (cannot tell: no table, a GPT without ESP, an MBR without active partition)."""
     if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
         return ""
     parts = [head[446 + 16 * i:446 + 16 * (i + 1)] for i in range(4)]
     if any(p[4] == MBR_PROTECTIVE for p in parts):
         for sector in (SECTOR, 4096):
-            has = _gpt_has_esp(head, sector)
-            if has is not None:
-                return "uefi" if has else ""
+            kinds = _gpt_kinds(head, sector)
+            if kinds is not None:
+                if ESP_GUID not in kinds:
+                    return ""
+                return "both" if BIOS_BOOT_GUID in kinds else "uefi"
         return ""
     if any(p[4] == MBR_ESP for p in parts):
         return "uefi"
@@ -187,13 +195,13 @@ class Verdict:
 
     @property
     def mismatch(self) -> bool:
-        return bool(self.source_mode) and self.source_mode != self.this_mode
+        return self.source_mode in ("bios", "uefi") and self.source_mode != self.this_mode
 
 
 def judge(heads: dict[str, bytes], os_name: str, this_mode: str) -> Verdict:
     modes = {name: layout_boot_mode(head) for name, head in heads.items()}
     found = set(modes.values()) - {""}
-    source = "uefi" if "uefi" in found else "bios" if "bios" in found else ""
+    source = next((m for m in ("both", "uefi", "bios") if m in found), "")
     return Verdict(source, os_name, this_mode.lower(), modes)
 
 
@@ -204,6 +212,10 @@ def check_boot_mode(verdict: Verdict, console: Console) -> None:
              verdict.this_mode)
     if not verdict.source_mode:
         console.info(f"Boot mode: the recovery volumes' layout does not tell how they boot ({shown})")
+        return
+    if verdict.source_mode == "both":
+        console.ok(f"Boot mode: the recovery volumes boot BIOS and UEFI ({shown}); this machine booted "
+                   f"{verdict.this_mode.upper()}")
         return
     if not verdict.mismatch:
         console.ok(f"Boot mode: the recovery volumes boot {verdict.source_mode.upper()}, like this machine")

@@ -305,7 +305,7 @@ class WindowsConversion:
     def _check_boot_mode(self) -> None:
         instance = disk_boot_mode(self.disk.path)
         self.system.instance_boot_mode = instance
-        if instance and instance != self.mode:
+        if instance in ("bios", "uefi") and instance != self.mode:
             raise ConversionError(STEP_BOOT_MODE, boot_mode_advice(self.disk.path, instance, self.mode))
         if self.mode == "bios":
             self.report.warnings.append(f"Windows on {self.disk.path} boots BIOS: its MBR and active partition are "
