@@ -61,7 +61,11 @@ class Preflight:
                      else self.hwclock_reason or "ok"))
         targets = [d for d in self.disks if not d.boot_medium]
         disks = ", ".join(f"{d.path} {human_size(d.size_bytes)}" for d in targets) or "none"
-        rows.append(("Local disks", disks, "ok" if targets else "NO DISK to fail back to"))
+        busy = [f"{d.path} IN USE ({d.in_use[0].what})" for d in targets if d.in_use]
+        free = len(targets) - len(busy)
+        verdict = "ok" if free and not busy else "NO DISK to fail back to" if not targets else \
+            "; ".join(busy) + (" (never a target)" if free else ": NO FREE DISK to fail back to")
+        rows.append(("Local disks", disks, verdict))
         return rows
 
 
