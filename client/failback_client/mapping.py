@@ -217,8 +217,8 @@ def fit_problem(recovery: Sequence[RecoveryDisk], local: Sequence[LocalDisk]) ->
     Pairing largest with largest is optimal here because `fits` is monotone in both sizes."""
     targets = free_targets(list(local))
     if len(recovery) > len(targets):
-        busy = [d.path for d in local if d.in_use and not d.boot_medium]
-        more = f" ({', '.join(busy)} in use)" if busy else ""
+        busy = [f"{d.path}: {describe(d.in_use)}" for d in local if d.in_use and not d.boot_medium]
+        more = f" (in use: {'; '.join(busy)})" if busy else ""
         free = " free" if busy else ""
         return f"it has {len(recovery)} volumes but this machine has only {len(targets)}{free} disk(s){more}"
     rec_sorted = sorted(recovery, key=lambda r: r.size_bytes, reverse=True)
