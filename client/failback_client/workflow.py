@@ -44,9 +44,8 @@ def run_preflight(settings: Settings, console: Console) -> Preflight:
     if not console.summary_shown:
         console.raw(pre.summary_line())
     console.table(("Check", "Value", "Verdict"), pre.rows(), title="Preflight")
-    if not pre.memory_ok:
-        console.warn("This machine has less than 4 GiB of memory; the AWS failback client would refuse to run. "
-                     "Continuing, but replication may run out of memory.")
+    if pre.memory_warning():
+        console.warn(pre.memory_warning() or "")
     if pre.secure_boot:
         console.warn("Secure Boot is on: turn it off in the firmware settings before failing back.")
     if pre.hwclock_local:
