@@ -20,6 +20,7 @@ from failback_client.download import download_software
 from failback_client.errors import EXIT_OK, ClientError, ClockError, ConnectivityError, CredentialsError
 from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, report_completion
 from failback_client.identify import choose, local_identity, recovery_disks
+from failback_client.last_look import confirm_overwrite
 from failback_client.map_volumes import choose_mapping, show_mapping
 from failback_client.mapping import MappedVolume, to_api
 from failback_client.network import direct_note, prepare_network
@@ -181,6 +182,7 @@ def run(settings: Settings, console: Console) -> int:
     if settings.check_only:
         console.info(STOP_MESSAGE)
         return EXIT_OK
+    confirm_overwrite(settings, console, volumes, choice.id)  # the last look: nothing is written before it
     rapi = ReplicationApi(api, client_id, choice.id)
     original = bool(choice.original_server or link.get("failbackToOriginalServer"))
     return replicate(settings, console, api, rapi, steps, volumes, replication, original)
