@@ -24,6 +24,7 @@ from failback_client.last_look import confirm_overwrite
 from failback_client.map_volumes import choose_mapping, show_mapping
 from failback_client.mapping import MappedVolume, to_api
 from failback_client.network import direct_note, prepare_network
+from failback_client.newer_iso import NewerIsoCheck
 from failback_client.pairing import create_key_and_csr, install_certificates, tls_paths
 from failback_client.preflight import Preflight, correct_clock, gather, may_fix_clock, measure_skew
 from failback_client.prompts import complete_settings
@@ -117,12 +118,15 @@ def run(settings: Settings, console: Console) -> int:
     # and the network step gave it time to finish.
     pre.disks = discover(settings.sysroot, include_loop=settings.include_loop)
     api = connect(settings, console)
+    newer_iso = NewerIsoCheck.start(settings.region, settings.s3_endpoint)  # a notice in the background
 
     identity = local_identity(settings.sysroot)
     log.info("local identity: macs=%s uuid=%s", identity.macs, identity.system_uuid)
     choice = choose(api, console, identity, pre.disks, wanted_id=settings.recovery_instance_id,
                     no_prompt=settings.no_prompt)
     console.ok(f"Recovery instance {choice.id}: {choice.reason}")
+    if newer_iso is not None:
+        newer_iso.report(console)
 
     local_api = local_disks_for_api(pre.disks)
     identification: dict[str, Any] = {
