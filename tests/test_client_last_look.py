@@ -76,8 +76,9 @@ def spawn(env: dict[str, str], tmp_path: Path) -> tuple[pexpect.spawn, io.String
 
 def expect_last_look(child: pexpect.spawn, device: str) -> None:
     child.expect_exact(f"Last look: these local disks will be OVERWRITTEN with {RI}'s volumes")
-    child.expect(re.escape(device) + r" +32.0 MiB +.*gpt partition table: p1 ext4 'oldroot' 30.0 MiB \["
-                 + re.escape(OS_NAME) + r"\] +/dev/nvme0n1 \(32.0 MiB\)")
+    child.expect_exact(f"{device}  32.0 MiB")
+    child.expect_exact(f"on it now:      gpt partition table: p1 ext4 'oldroot' 30.0 MiB [{OS_NAME}]")
+    child.expect_exact("overwritten by: /dev/nvme0n1 (32.0 MiB)")
     child.expect_exact(f"Type OVERWRITE to overwrite {device}: ")
 
 
@@ -112,8 +113,9 @@ def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_contr
         run = run_in_process(monkeypatch, capsys, tmp_path, run_env(cp, device, tmp_path, port), "--no-prompt")
     assert "--no-prompt with the volume mapping from variable DEVICE_MAPPING: taken as consent to overwrite " \
            f"{device}" in run.out
-    assert re.search(re.escape(device) + r" \| 32.0 MiB \| .* \| gpt partition table: p1 ext4 'oldroot' 30.0 MiB \["
-                     + re.escape(OS_NAME) + r"\] \| /dev/nvme0n1 \(32.0 MiB\)", run.log), run.log
+    assert re.search(r"INFO failback_client.console:     on it now:      gpt partition table: p1 ext4 'oldroot' "
+                     r"30.0 MiB \[" + re.escape(OS_NAME) + r"\]\n.*INFO failback_client.console:     overwritten by: "
+                     r"/dev/nvme0n1 \(32.0 MiB\)", run.log), run.log
     assert "Downloading the replication software" in run.out, run.all
     assert run.status == 8 and sha512_file(image, image.stat().st_size) == before
 

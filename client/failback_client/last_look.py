@@ -70,8 +70,9 @@ def on_disk(device: str) -> str:
 
 def _identity(root: str, disk: LocalDisk) -> str:
     base = _under(root, f"/sys/block/{disk.name}/device")
-    serial = _read(os.path.join(base, "serial")) or next((i for i in disk.by_id if "_" in i), "")
-    return " / ".join(x for x in (disk.model, f"serial {serial}" if serial else "") if x) or "-"
+    serial = _read(os.path.join(base, "serial"))
+    ident = f"serial {serial}" if serial else (f"by-id {disk.by_id[0]}" if disk.by_id else "")
+    return ", ".join(x for x in (disk.model, ident) if x) or "-"
 
 
 def rows(root: str, volumes: list[MappedVolume]) -> list[tuple[str, ...]]:
@@ -90,7 +91,13 @@ def confirm_overwrite(settings: Settings, console: Console, volumes: list[Mapped
     table = rows(settings.sysroot, volumes)
     disks = ", ".join(r[0] for r in table)
     console.heading(f"Last look: these local disks will be OVERWRITTEN with {instance_id}'s volumes")
-    console.table(("Local disk", "Size", "Model / serial", "On it now", "Overwritten by"), table)
+    if console.plain:  # a serial console is often 80 columns: one block per disk, not a wide table
+        for path, size, ident, now, by in table:
+            console.info(f"{path}  {size}  {ident}")
+            console.info(f"    on it now:      {now}")
+            console.info(f"    overwritten by: {by}")
+    else:
+        console.table(("Local disk", "Size", "Model / serial", "On it now", "Overwritten by"), table)
     if settings.no_prompt:
         if not settings.device_mapping:
             raise NotConfirmed(
@@ -100,10 +107,9 @@ def confirm_overwrite(settings: Settings, console: Console, volumes: list[Mapped
         origin = settings.origin.get("device_mapping", "the arguments")
         console.info(f"--no-prompt with the volume mapping from {origin}: taken as consent to overwrite {disks}.")
         return
-    console.info(f"Everything now on {disks} will be lost. Type {CONFIRM_WORD} to start replication; "
-                 "anything else stops here without writing.")
+    console.info(f"Everything now on {disks} will be lost. Anything but {CONFIRM_WORD} stops here, writing nothing.")
     answer = console.ask(f"Type {CONFIRM_WORD} to overwrite {disks}: ").strip()
     if answer.upper() != CONFIRM_WORD:
-        raise NotConfirmed(f"Not confirmed ({answer or 'nothing'} typed): nothing was written to {disks}. "
+        raise NotConfirmed(f"Not confirmed ({answer!r} typed): nothing was written to {disks}. "
                            "Start the client again to fail back.")
     console.ok(f"Confirmed: {disks} will be overwritten")
