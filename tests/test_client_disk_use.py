@@ -179,6 +179,26 @@ def test_whole_client_refuses_a_mounted_disk_from_device_mapping(drs_controlplan
     assert "deviceMapping" not in cp.internal(OTHER_RI) or not cp.internal(OTHER_RI)["deviceMapping"]
 
 
+@pytest.mark.root
+def test_a_disk_mounted_after_the_mapping_is_refused_at_the_last_look(busy_loops: dict[str, str]) -> None:
+    from failback_client.last_look import NotConfirmed, confirm_overwrite
+    from failback_client.mapping import MappedVolume
+    from failback_client.settings import Settings
+
+    # the disk as it was when the mapping was made (free); it is mounted now
+    stale = LocalDisk(name=os.path.basename(busy_loops["mounted"]), size_bytes=40 * MiB)
+    settings = Settings(no_prompt=True, device_mapping=f"/dev/xvda={stale.path}", include_loop=True)
+    console, out = _console()
+    with pytest.raises(NotConfirmed) as e:
+        confirm_overwrite(settings, console, [MappedVolume(REC[0], stale)], "i-0")
+    assert f"is {stale.path}, which is in use: {stale.name} is mounted at" in str(e.value)
+    assert "came into use after the mapping: nothing was written" in str(e.value)
+    free = LocalDisk(name=os.path.basename(busy_loops["free"]), size_bytes=64 * MiB)
+    settings.device_mapping = f"/dev/xvda={free.path}"
+    confirm_overwrite(settings, console, [MappedVolume(REC[0], free)], "i-0")  # still free: goes on
+    assert "taken as consent" in out.getvalue()
+
+
 # ---- recorded trees: holders and a mounted partition -------------------------------------------------------
 
 def _holder(root: Path, member: str, holder: str, files: dict[str, str]) -> None:

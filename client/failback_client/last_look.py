@@ -18,10 +18,10 @@ import shutil
 from failback_client.console import Console
 from failback_client.convert.disks import inspect_disk
 from failback_client.convert.runner import CommandFailed, run
-from failback_client.devices import LocalDisk, human_size
+from failback_client.devices import LocalDisk, discover, human_size
 from failback_client.errors import EXIT_MAPPING, ClientError
 from failback_client.machine import _read, _under
-from failback_client.mapping import MappedVolume
+from failback_client.mapping import MappedVolume, MappingError, refuse_in_use
 from failback_client.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,25 @@ def rows(root: str, volumes: list[MappedVolume]) -> list[tuple[str, ...]]:
     return result
 
 
+def still_free(settings: Settings, volumes: list[MappedVolume]) -> None:
+    """The disks are read again: one mounted (or swapped on, or assembled) since the mapping is refused now."""
+    now = {d.path: d for d in discover(settings.sysroot, include_loop=settings.include_loop)}
+    for v in volumes:
+        if v.local is None:
+            continue
+        disk = now.get(v.local.path)
+        if disk is None:
+            raise NotConfirmed(f"{v.local.path}, mapped to {v.recovery.name}, is gone: nothing was written; "
+                               "check the disks and start the client again")
+        try:
+            refuse_in_use(disk, v.local.path, v.recovery.name)
+        except MappingError as e:
+            raise NotConfirmed(f"{e}. It came into use after the mapping: nothing was written") from None
+
+
 def confirm_overwrite(settings: Settings, console: Console, volumes: list[MappedVolume], instance_id: str) -> None:
     """The last look: show what each target holds now; go on only with consent (else NotConfirmed)."""
+    still_free(settings, volumes)
     table = rows(settings.sysroot, volumes)
     disks = ", ".join(r[0] for r in table)
     console.heading(f"Last look: these local disks will be OVERWRITTEN with {instance_id}'s volumes")
