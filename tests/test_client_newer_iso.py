@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.request import Request, urlopen
 
@@ -19,24 +18,18 @@ from failback_client.newer_iso import NewerIsoCheck, is_newer, latest_published,
 from image.publish import publish_command
 from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
 from tests.test_client_helpers import SEED, agent_listener, client_env, closed_port, run_in_process
-from tests.test_client_replication_helpers import BUCKET, HASH_BUCKET, REGION, admin_s3, start_moto
+from tests.test_client_replication import moto  # noqa: F401 - module-scoped moto S3 server fixture
+from tests.test_client_replication_helpers import BUCKET, HASH_BUCKET, REGION, admin_s3
 
 ISO = "aws-failback-livecd-64bit.iso"
 NEWER = "99.1.0"
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server, url = start_moto()
-    yield url
-    server.stop()
-
-
 @pytest.fixture
-def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    with urlopen(Request(f"{moto_url}/moto-api/reset", method="POST"), timeout=10):
+def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: F811
+    with urlopen(Request(f"{moto}/moto-api/reset", method="POST"), timeout=10):
         pass
-    client = admin_s3(moto_url)
+    client = admin_s3(moto)
     for bucket in (BUCKET, HASH_BUCKET):
         client.create_bucket(Bucket=bucket)
         client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
@@ -44,7 +37,7 @@ def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
                                                     "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # the publisher's credentials (moto takes any)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    return moto_url
+    return moto
 
 
 def publish(url: str, version: str, tmp_path: Path) -> None:

@@ -136,22 +136,17 @@ class DrsApi:
                 kwargs["nextToken"] = token
 
     def source_servers_by_hardware_id(self, hardware_id: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"filters": {"hardwareId": hardware_id}}
-        with self._calling(f"looking up source servers by hardware id {hardware_id}"):
-            while True:
-                page = self.client.describe_source_servers(**kwargs)
-                items.extend(page.get("items", []))
-                token = page.get("nextToken")
-                if not token:
-                    return items
-                kwargs["nextToken"] = token
+        return self._source_servers({"hardwareId": hardware_id},
+                                    f"looking up source servers by hardware id {hardware_id}")
 
     def source_servers(self) -> list[dict[str, Any]]:
         """Every source server of the region (to say what identification could have matched)."""
+        return self._source_servers({}, "listing source servers")
+
+    def _source_servers(self, filters: dict[str, Any], action: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"filters": {}}
-        with self._calling("listing source servers"):
+        kwargs: dict[str, Any] = {"filters": filters}
+        with self._calling(action):
             while True:
                 page = self.client.describe_source_servers(**kwargs)
                 items.extend(page.get("items", []))
