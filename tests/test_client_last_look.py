@@ -166,3 +166,28 @@ def test_answer_overwrite_starts_replication(s3: str, stack_factory: Callable[..
     assert child.exitstatus == 0, transcript.getvalue()
     size = src.stat().st_size
     assert sha512_file(image, size) != before and sha512_file(device, size) == sha512_file(src, size)
+
+
+def test_a_mapping_from_the_seed_is_consent_without_asking() -> None:
+    """An unattended seed run must not wait for OVERWRITE: the seed's DEVICE_MAPPING is the consent."""
+    from failback_client.console import Console
+    from failback_client.devices import discover
+    from failback_client.last_look import NotConfirmed, confirm_overwrite
+    from failback_client.mapping import MappedVolume, RecoveryDisk
+    from failback_client.settings import Settings
+
+    from tests.test_client_helpers import BIOS_ROOT
+
+    sda = {d.name: d for d in discover(BIOS_ROOT)}["sda"]
+    volumes = [MappedVolume(RecoveryDisk("/dev/nvme0n1", 2**30), sda)]
+    seeded = Settings(sysroot=BIOS_ROOT, device_mapping="/dev/nvme0n1=/dev/sda",
+                      origin={"device_mapping": "seed volume FBSEED:failback-seed.env line 3"})
+    out = io.StringIO()
+    confirm_overwrite(seeded, Console(stdin=io.StringIO(""), stdout=out, plain=True), volumes, RI)  # no EOFError
+    assert "The volume mapping from seed volume FBSEED:failback-seed.env line 3: taken as consent to overwrite " \
+           "/dev/sda" in out.getvalue()
+    typed = Settings(sysroot=BIOS_ROOT, device_mapping="/dev/nvme0n1=/dev/sda",
+                     origin={"device_mapping": "argument --device-mapping"})
+    with pytest.raises(NotConfirmed, match="'overwrite please' typed"):  # interactive: the word, nothing else
+        confirm_overwrite(typed, Console(stdin=io.StringIO("overwrite please\n"), stdout=io.StringIO(), plain=True),
+                          volumes, RI)

@@ -1,6 +1,6 @@
 """The last look before the first write: each target disk with what is on it now, and the recovery volume
 that will overwrite it. An interactive run goes on only when the admin types OVERWRITE; a --no-prompt run
-(or a seed) with an explicit mapping counts as consent and puts the same table into the log.
+with an explicit mapping, or a mapping from the seed, counts as consent and puts the same table into the log.
 
 What is on a disk is read from the disk itself, with the conversion's reader (convert/disks.py: sfdisk for
 the partition table, blkid's low-level probe at each partition's offset) and debugfs for an ext file
@@ -115,14 +115,15 @@ def confirm_overwrite(settings: Settings, console: Console, volumes: list[Mapped
             console.info(f"    overwritten by: {by}")
     else:
         console.table(("Local disk", "Size", "Model / serial", "On it now", "Overwritten by"), table)
-    if settings.no_prompt:
+    origin = settings.origin.get("device_mapping", "the arguments")
+    if settings.no_prompt or (settings.device_mapping and origin.startswith("seed")):
         if not settings.device_mapping:
             raise NotConfirmed(
                 f"--no-prompt without an explicit volume mapping: nothing is overwritten without consent. Nothing "
                 f"was written. Give the mapping shown above with --device-mapping (or DEVICE_MAPPING, or the "
                 f"seed) to overwrite {disks}")
-        origin = settings.origin.get("device_mapping", "the arguments")
-        console.info(f"--no-prompt with the volume mapping from {origin}: taken as consent to overwrite {disks}.")
+        how = "--no-prompt with the volume mapping" if settings.no_prompt else "The volume mapping"
+        console.info(f"{how} from {origin}: taken as consent to overwrite {disks}.")
         return
     console.info(f"Everything now on {disks} will be lost. Anything but {CONFIRM_WORD} stops here, writing nothing.")
     answer = console.ask(f"Type {CONFIRM_WORD} to overwrite {disks}: ").strip()
