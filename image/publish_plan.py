@@ -8,7 +8,9 @@ previous steps have already put in place and verified):
 2. `hash`         their `.sha512` files and SHA512SUMS(.asc) in the hashes bucket
 3. `latest`       server-side copies of the verified versioned objects to `latest/…`
 4. `latest-hash`  the `latest/…sha512` files (after the object they describe)
-5. `manifest`     `latest/manifest.json`, which points at `{installerVersion}/failback_assets/`
+5. `manifest`     `latest/manifest.json`, which points at `{installerVersion}/failback_assets/`, and
+                  `latest/failback_livecd/version.json`, the release version of the latest ISO (the
+                  failback client reads it to tell the admin a newer ISO exists)
 """
 
 from __future__ import annotations
@@ -201,6 +203,22 @@ def manifest_bytes(version: str, artifacts: Sequence[LocalArtifact]) -> bytes:
     return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
 
+VERSION_KEY = f"latest/{LIVECD_FOLDER}/version.json"
+
+
+def version_bytes(version: str, artifacts: Sequence[LocalArtifact]) -> bytes | None:
+    """`latest/failback_livecd/version.json`: which release `latest/` holds and its ISO (None without an ISO).
+    The failback client compares its own version with `version` (publish with --version = the client's)."""
+    isos = [a for a in artifacts if a.folder == LIVECD_FOLDER]
+    if not isos:
+        return None
+    iso = isos[0]
+    body = {"version": version, "iso": {"name": iso.name, "key": f"latest/{LIVECD_FOLDER}/{iso.name}",
+                                        "versionKey": f"{version}/{LIVECD_FOLDER}/{iso.name}", "size": iso.size,
+                                        "sha512": iso.sha512}}
+    return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _small(phase: str, bucket: str, key: str, data: bytes, content_type: str) -> PlannedObject:
     sha512, s3 = bytes_digests(data)
     return PlannedObject(phase, bucket, key, len(data), sha512, content_type, s3, data=data)
@@ -246,6 +264,9 @@ def plan_region(
     if any(a.folder == ASSETS_FOLDER for a in artifacts):
         objs.append(_small("manifest", release, "latest/manifest.json", manifest_bytes(version, artifacts),
                            "application/json"))
+    version_doc = version_bytes(version, artifacts)
+    if version_doc is not None:  # last: it names the latest ISO only once that ISO and its hash are in place
+        objs.append(_small("manifest", release, VERSION_KEY, version_doc, "application/json"))
     return rp
 
 

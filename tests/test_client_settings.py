@@ -133,5 +133,23 @@ def test_help_names_the_variables(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     for name in ("AWS_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DRS_ENDPOINT",
-                 "RECOVERY_INSTANCE_ID", "DEVICE_MAPPING", "NO_PROMPT", "FAILBACK_SYSROOT", "exit status"):
+                 "RECOVERY_INSTANCE_ID", "DEVICE_MAPPING", "NO_PROMPT", "REBOOT=0", "CONVERT=0", "exit status"):
         assert name in text
+
+
+def test_help_is_written_for_the_admin_at_the_console(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    # what a run does, start to end, with the irreversible parts plain to see
+    for said in ("THE MAPPED LOCAL DISKS ARE OVERWRITTEN", "type OVERWRITE", "converts the restored system",
+                 "REBOOTS (--no-reboot)", "AWSElasticDisasterRecoveryFailbackInstallationPolicy", "example",
+                 "failback-client --aws-access-key-id AKIA... --region us-east-1"):
+        assert said in text, said
+    # no internal references and no test hooks (they are in client/README.md, developer section)
+    for internal in ("guide step", "SEED.md", "FAILBACK_SYSROOT", "FAILBACK_INCLUDE_LOOP", "FAILBACK_S3_ENDPOINT",
+                     "FAILBACK_", "test and development"):
+        assert internal not in text, internal
+    assert max(len(line) for line in text.splitlines()) < 80  # an 80-column serial console

@@ -31,7 +31,7 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from image.publish import PublishOptions, default_transfer_jobs, publish_command, publish_release
-from image.publish_plan import bytes_digests, s3_digests_of_file
+from image.publish_plan import VERSION_KEY, bytes_digests, s3_digests_of_file
 from image.publish_regions import ALL_REGIONS, RegionError, parse_regions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def check_invariants(client: Any, regions: list[str]) -> list[str]:
         if "latest/manifest.json" in rel_keys:
             manifest = json.loads(client.get_object(Bucket=rel, Key="latest/manifest.json")["Body"].read())
         latest = {k: sha512_of(client, rel, k) for k in rel_keys
-                  if k.startswith("latest/") and k != "latest/manifest.json"}
+                  if k.startswith("latest/") and k not in ("latest/manifest.json", VERSION_KEY)}
         published: dict[str, str] = {}  # object key -> digest its .sha512 publishes
         for k in keys(client, hb):
             if k.endswith(".sha512"):
@@ -189,6 +189,11 @@ def check_invariants(client: Any, regions: list[str]) -> list[str]:
             # during an update the latest hash may still be the previous version's; never a stranger's
             if k in published and published[k] not in versioned:
                 bad.append(f"{region}: {k}.sha512 names no published version")
+        if VERSION_KEY in rel_keys:  # the newer-ISO notice must name an ISO that is there and hashed
+            doc = json.loads(client.get_object(Bucket=rel, Key=VERSION_KEY)["Body"].read())
+            vkey = doc["iso"]["versionKey"]
+            if published.get(vkey) is None or sha512_of(client, rel, vkey) != published[vkey]:
+                bad.append(f"{region}: {VERSION_KEY} points at {vkey}, which is missing or unhashed")
         if manifest is not None:
             akey = f"{manifest['installerVersion']}/failback_assets/failback_assets.tar.gz"
             if published.get(akey) is None or sha512_of(client, rel, akey) != published[akey]:
@@ -247,6 +252,10 @@ def assert_fully_published(url: str, regions: list[str], art: dict[str, Path], v
         man = json.loads(anon.get_object(Bucket=rel, Key="latest/manifest.json")["Body"].read())
         assert man["installerVersion"] == version
         assert man["failbackAssets"]["key"] == f"{version}/failback_assets/failback_assets.tar.gz"
+        # what the failback client reads for its newer-ISO notice, anonymously
+        doc = json.loads(anon.get_object(Bucket=rel, Key=VERSION_KEY)["Body"].read())
+        assert doc["version"] == version and doc["iso"]["key"] == f"latest/failback_livecd/{ISO}"
+        assert doc["iso"]["sha512"] == hashlib.sha512(art["iso"].read_bytes()).hexdigest()
     assert check_invariants(admin_client(url), regions) == []
 
 
@@ -285,7 +294,7 @@ def test_dry_run_prints_every_object(artifacts: dict[str, Path], tmp_path: Path,
     iso_digest = hashlib.sha512(artifacts["iso"].read_bytes()).hexdigest()
     for region in ("us-east-1", "us-gov-west-1"):
         for key in (f"2.0/failback_livecd/{ISO}", f"latest/failback_livecd/{ISO}", "latest/manifest.json",
-                    "2.0/failback_assets/failback_assets.tar.gz"):
+                    "2.0/failback_assets/failback_assets.tar.gz", VERSION_KEY):
             assert f"s3://{PREFIX}-{region}/{key}" in text
         assert f"s3://{PREFIX}-hashes-{region}/latest/failback_livecd/{ISO}.sha512  128 bytes" in text
     assert f"{artifacts['iso'].stat().st_size} bytes  sha512 {iso_digest}" in text

@@ -31,10 +31,24 @@ def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
             return CredentialsError(
                 f"AWS refused the request signature as expired while {action}: this machine's clock is more than "
                 "5 minutes off; set it to the correct UTC time (the hardware clock must keep UTC, not local time)")
-        if code in ("InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature"):
+        signature = code in ("InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature")
+        if signature and "not yet current" in message.lower():
+            return CredentialsError(
+                f"AWS refused the request signature as dated in the future while {action}: this machine's clock "
+                "is more than 5 minutes ahead; set it to the correct UTC time")
+        if signature and "scoped to a valid region" in message.lower():
+            return CredentialsError(
+                f"The endpoint {endpoint} is not in region {region} (while {action}): AWS answered "
+                f"\"{message.strip()}\". Give the region the endpoint belongs to, or the endpoint of the region "
+                "(--region, --endpoint)")
+        if signature and "scoped to correct service" in message.lower():
+            return CredentialsError(
+                f"The endpoint {endpoint} is not an Elastic Disaster Recovery endpoint (while {action}): AWS "
+                f"answered \"{message.strip()}\"; check --endpoint")
+        if signature:
             return CredentialsError(
                 f"AWS refused the request signature while {action}: the AWS Secret Access Key does not match "
-                f"access key {key} (check for a typo), or the clock is wrong")
+                f"access key {key}; check it for a typo (AWS answered \"{message.strip()[:200]}\")")
         if code in ("ExpiredTokenException", "ExpiredToken"):
             return CredentialsError(
                 f"The AWS Session Token has expired (while {action}): create new temporary credentials with "
@@ -122,9 +136,17 @@ class DrsApi:
                 kwargs["nextToken"] = token
 
     def source_servers_by_hardware_id(self, hardware_id: str) -> list[dict[str, Any]]:
+        return self._source_servers({"hardwareId": hardware_id},
+                                    f"looking up source servers by hardware id {hardware_id}")
+
+    def source_servers(self) -> list[dict[str, Any]]:
+        """Every source server of the region (to say what identification could have matched)."""
+        return self._source_servers({}, "listing source servers")
+
+    def _source_servers(self, filters: dict[str, Any], action: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"filters": {"hardwareId": hardware_id}}
-        with self._calling(f"looking up source servers by hardware id {hardware_id}"):
+        kwargs: dict[str, Any] = {"filters": filters}
+        with self._calling(action):
             while True:
                 page = self.client.describe_source_servers(**kwargs)
                 items.extend(page.get("items", []))

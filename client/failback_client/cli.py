@@ -28,40 +28,64 @@ def _log() -> logging.Logger:
     return logging.getLogger("failback_client")
 
 
+DESCRIPTION = """\
+Fails a server back from AWS Elastic Disaster Recovery (DRS): copies the
+disks of a recovery instance in AWS onto THIS machine's disks. A run:
+
+ 1. checks this machine (memory, boot mode, Secure Boot, clock) and asks for
+    what is not given: AWS credentials, Region, DRS endpoint;
+ 2. finds the recovery instance (by this machine's MAC addresses or system
+    UUID, or from a list);
+ 3. maps each recovery volume to a local disk (automatic on the original
+    server, else asked); disks in use (mounted, swap, LVM, RAID, encrypted,
+    the boot medium) are refused;
+ 4. checks the connections (TCP 1500 to the recovery instance, DRS, S3);
+ 5. shows what each chosen disk holds now and asks you to type OVERWRITE:
+    THE MAPPED LOCAL DISKS ARE OVERWRITTEN; all data on them is lost;
+ 6. downloads the replication software, pairs it with the recovery instance
+    and replicates until you press Failback in the DRS console
+    (StopFailback there stops it without harm);
+ 7. converts the restored system to boot here (drivers, disk names, network,
+    boot loader; --no-convert skips it), reports completion, ejects the CD
+    and REBOOTS (--no-reboot).
+
+Every argument is optional: what is missing is asked for at the console
+(with --no-prompt it is an error naming the argument and its variable)."""
+
 EPILOG = """\
-environment variables (arguments win over them):
+example (unattended; an explicit mapping is consent to overwrite /dev/sda):
+  export AWS_SECRET_KEY=...   # not an argument: arguments show in ps
+  failback-client --aws-access-key-id AKIA... --region us-east-1 \\
+    --recovery-instance-id i-0123456789abcdef0 \\
+    --device-mapping /dev/xvda=/dev/sda --no-prompt
+
+credentials: an IAM user or role with the AWS managed policy
+  AWSElasticDisasterRecoveryFailbackInstallationPolicy
+  (temporary STS credentials also need --aws-session-token)
+
+environment variables (arguments win over them; then the LiveCD's seed:
+a stick labelled FBSEED or failback.* kernel arguments; the prompt last):
   AWS_ACCESS_KEY, AWS_ACCESS_KEY_ID            --aws-access-key-id
   AWS_SECRET_KEY, AWS_SECRET_ACCESS_KEY        --aws-secret-access-key
   AWS_SESSION_TOKEN                            --aws-session-token
   AWS_REGION, AWS_DEFAULT_REGION               --region
-  AWS_DRS_ENDPOINT                             --endpoint (set but empty: --default-endpoint)
+  AWS_DRS_ENDPOINT                             --endpoint (empty: default)
   RECOVERY_INSTANCE_ID                         --recovery-instance-id
   DEVICE_MAPPING                               --device-mapping
   NO_PROMPT=1                                  --no-prompt
+  REBOOT=0                                     --no-reboot
+  CONVERT=0                                    --no-convert
   https_proxy                                  HTTPS proxy for DRS and S3
-  (and the seed: client/SEED.md; arguments > environment > seed > prompt)
-
-test and development hooks (unset on the LiveCD):
-  FAILBACK_SYSROOT=DIR       read /proc, /sys, /dev, /etc and /run under DIR (recorded trees)
-  FAILBACK_S3_ENDPOINT=URL   S3 endpoint checked in step 12 instead of https://s3.REGION.amazonaws.com
-  FAILBACK_CONSOLE_LOCK=FILE console arbitration between the tty1 and ttyS0 instances
-  FAILBACK_WAIT_UNITS=UNITS  systemd units to wait for after the summary line (set by the LiveCD's unit)
-  FAILBACK_INCLUDE_LOOP=1    offer loop devices as local disks
-  FAILBACK_PLAIN=1           plain lines instead of rich output
-  FAILBACK_AGENT_PORT=N      TCP port checked on the recovery instance instead of 1500
-  FAILBACK_FIX_CLOCK=0|1     never/always correct a skewed clock (default: only on the LiveCD, as root)
-  FAILBACK_NO_SEED=1         do not look for a seed (FBSEED volume, failback.* kernel arguments)
-  FAILBACK_WORK_DIR=DIR      where the replication software is unpacked and runs (default /var/lib/failback)
-  FAILBACK_CHECK_ONLY=1      --check-only
-  REBOOT=0                   --no-reboot
-  CONVERT=0                  --no-convert
 
 exit status:
-  0 failback completed (or stopped by StopFailback, or --check-only done), 2 bad or missing argument,
-  3 credentials/region/endpoint/clock, 4 no recovery instance, 5 no valid volume mapping,
-  6 connectivity or linking failed, 7 DRS refused a call, 8 downloading, configuring, pairing or
-  running the replication software failed, 9 conversion failed (disks left as replicated),
+  0 failback completed (or StopFailback, or --check-only done)
+  2 bad or missing argument       3 credentials, Region, endpoint or clock
+  4 no recovery instance          5 no valid mapping, or OVERWRITE not typed
+  6 connectivity or linking       7 DRS refused a call
+  8 replication software failed   9 conversion failed (disks as replicated)
   130 interrupted
+
+log: /var/log/failback-client.log (or --log-file); it never holds secrets.
 """
 
 
@@ -72,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="failback-client",
-        description="AWS Elastic Disaster Recovery failback client: identifies the recovery instance, maps its "
-                    "volumes to this machine's disks and verifies connectivity. All arguments are optional; "
-                    "what is missing is asked for.",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use https://drs.REGION.amazonaws.com without asking")
     p.add_argument("--recovery-instance-id", metavar="RECOVERY_INSTANCE_ID",
                    help="recovery instance to fail back from (skips automatic identification)")
-    p.add_argument("--dm-value-format", choices=DM_VALUE_FORMATS, default="dev-name",
-                   help="how local devices are named in --device-mapping and at the mapping prompts "
-                        "(default dev-name, e.g. /dev/sda; all-strict accepts every form)")
+    p.add_argument("--dm-value-format", choices=DM_VALUE_FORMATS, default="dev-name", metavar="FORMAT",
+                   help="how local devices are named in --device-mapping and at the mapping prompts: "
+                        f"{', '.join(DM_VALUE_FORMATS)} (default dev-name, e.g. /dev/sda; all-strict accepts "
+                        "every form)")
     p.add_argument("--device-mapping", metavar="DEVICE_MAPPING",
                    help='volume mapping: CSV "rec1=local1,rec2:local2,rec3=EXCLUDE", a JSON object '
                         'or the JSON list [{"recoveryInstanceDeviceName": …, "failbackClientDeviceName": …}]')
@@ -106,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the final sync, leave the restored volumes as replicated: do not adapt the restored "
                         "system to this machine's drivers, disks and network (also CONVERT=0)")
     p.add_argument("--check-only", action="store_true",
-                   help="stop after the connectivity checks (guide step 12): download, pair and write nothing")
+                   help="stop after the connectivity checks (step 4 above): download, pair and write nothing")
     p.add_argument("--log-file", metavar="LOG_FILE",
                    help="log file (created mode 0600; default /var/log/failback-client.log when writable)")
     p.add_argument("--version", action="version", version=f"failback-client {__version__}")

@@ -2,7 +2,8 @@
 
 The root parameter lets tests use recorded sysfs/udev trees (tests/data/sysroots/...). Skipped: loop, ram,
 zram, optical, floppy, device-mapper and md devices, and the boot medium itself (the disk holding the
-LiveCD: mounted at /run/live/medium, or labelled DRSFAILBACK).
+LiveCD: mounted at /run/live/medium, or labelled DRSFAILBACK) and the seed volume (FBSEED), which are
+flagged. Each disk carries what uses it now (disk_use.py): an in-use disk is never a target.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from failback_client.disk_use import DiskUse, fat_label, uses
 from failback_client.machine import _read, _under
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,9 @@ class LocalDisk:
     by_uuid: list[str] = field(default_factory=list)  # of the disk or any of its partitions
     model: str = ""
     removable: bool = False
-    boot_medium: bool = False
+    boot_medium: bool = False  # the LiveCD's medium or the seed volume: never listed, never a target
     partitions: list[str] = field(default_factory=list)
+    in_use: list[DiskUse] = field(default_factory=list)  # why it must not be written now (empty: free)
 
     @property
     def path(self) -> str:
@@ -123,10 +126,16 @@ def discover(root: str = "/", *, include_loop: bool = False) -> list[LocalDisk]:
         )
         members = {name, *parts}
         labels = {label for member in members for label in links["by-label"].get(member, [])}
-        disk.boot_medium = bool(
-            members & live or labels & {BOOT_LABEL, SEED_LABEL}
-            or _iso_volume_id(root, name) in (BOOT_LABEL, SEED_LABEL)
-        )
+        labels |= {_iso_volume_id(root, name)} | {fat_label(root, m) for m in (name, *parts)}
+        disk.in_use = uses(root, name, [name, *parts])
+        if members & live or BOOT_LABEL in labels:
+            disk.in_use.insert(0, DiskUse("it is the failback client's boot medium",
+                                          "start the client from another medium"))
+        if SEED_LABEL in labels:
+            disk.in_use.insert(0, DiskUse(
+                f"it is the seed volume (label {SEED_LABEL}) the client reads its settings from",
+                "take the seed volume out or relabel it, then start the client again"))
+        disk.boot_medium = bool(members & live or labels & {BOOT_LABEL, SEED_LABEL})
         disks.append(disk)
     return disks
 
@@ -134,6 +143,11 @@ def discover(root: str = "/", *, include_loop: bool = False) -> list[LocalDisk]:
 def targets(disks: list[LocalDisk]) -> list[LocalDisk]:
     """The disks that may receive a recovery volume (never the boot medium)."""
     return [d for d in disks if not d.boot_medium]
+
+
+def free_targets(disks: list[LocalDisk]) -> list[LocalDisk]:
+    """The disks that may receive a recovery volume now: not the boot medium, and used by nothing."""
+    return [d for d in disks if not d.boot_medium and not d.in_use]
 
 
 def human_size(size: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 from failback_client.api import DrsApi
 from failback_client.console import Console
 from failback_client.devices import LocalDisk, _read, _under, human_size
-from failback_client.errors import IdentifyError, UsageError
+from failback_client.errors import ClientError, IdentifyError, UsageError
 from failback_client.mapping import RecoveryDisk, fit_problem
 from failback_client.settings import RECOVERY_INSTANCE_ID_RE, missing_error
 
 log = logging.getLogger(__name__)
 
+EC2_ID_RE = re.compile(r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")
 VIRTUAL_NET_PREFIXES = ("lo", "veth", "docker", "br-", "virbr", "tun", "tap", "vxlan", "bond", "team", "wg")
 
 
@@ -31,6 +33,7 @@ class LocalIdentity:
     macs: list[str] = field(default_factory=list)
     system_uuid: str | None = None
     hostname: str = ""
+    ec2_instance_id: str | None = None  # on EC2 (Nitro): the DMI board asset tag is the instance id
 
     def vmware_uuids(self) -> list[str]:
         """The DMI UUID as read, and with its first three fields byte-swapped: SMBIOS before 2.6 and VMware
@@ -46,7 +49,7 @@ class LocalIdentity:
         return list(dict.fromkeys(forms))
 
     def hardware_ids(self) -> list[str]:
-        return [*self.macs, *self.vmware_uuids()]
+        return [*self.macs, *self.vmware_uuids(), *([self.ec2_instance_id] if self.ec2_instance_id else [])]
 
 
 def local_identity(root: str = "/") -> LocalIdentity:
@@ -65,7 +68,14 @@ def local_identity(root: str = "/") -> LocalIdentity:
             macs.append(mac)
     product_uuid = _read(_under(root, "/sys/class/dmi/id/product_uuid")).lower() or None
     hostname = _read(_under(root, "/etc/hostname")) or os.uname().nodename
-    return LocalIdentity(macs=list(dict.fromkeys(macs)), system_uuid=product_uuid, hostname=hostname)
+    asset_tag = _read(_under(root, "/sys/class/dmi/id/board_asset_tag")).lower()
+    return LocalIdentity(macs=list(dict.fromkeys(macs)), system_uuid=product_uuid, hostname=hostname,
+                         ec2_instance_id=asset_tag if EC2_ID_RE.match(asset_tag) else None)
+
+
+def kind_of(hardware_id: str) -> str:
+    return "MAC address" if ":" in hardware_id else "EC2 instance id" if hardware_id.startswith("i-") \
+        else "VMware UUID"
 
 
 def recovery_disks(instance: dict[str, Any]) -> list[RecoveryDisk]:
@@ -96,13 +106,20 @@ class Choice:
         return self.instance["recoveryInstanceID"]
 
 
-def by_hardware(api: DrsApi, identity: LocalIdentity) -> tuple[dict[str, Any], str] | None:
-    """The recovery instance of the source server this machine is, with the reason; None when not found."""
+def by_hardware(api: DrsApi, identity: LocalIdentity,
+                tried: list[str] | None = None) -> tuple[dict[str, Any], str] | None:
+    """The recovery instance of the source server this machine is, with the reason; None when not found.
+    `tried` receives one line per hardware id looked up, and why nothing matched."""
+    tried = [] if tried is None else tried
     found: dict[str, tuple[dict[str, Any], str]] = {}
+    if not identity.hardware_ids():
+        tried.append("this machine shows no physical NIC MAC address, no DMI system UUID and no EC2 instance id")
     for hwid in identity.hardware_ids():
-        for server in api.source_servers_by_hardware_id(hwid):
-            kind = "MAC address" if ":" in hwid else "VMware UUID"
-            found.setdefault(server["sourceServerID"], (server, f"{kind} {hwid}"))
+        servers = api.source_servers_by_hardware_id(hwid)
+        tried.append(f"{kind_of(hwid)} {hwid}: " + (", ".join(s["sourceServerID"] for s in servers) if servers
+                                                     else "no source server"))
+        for server in servers:
+            found.setdefault(server["sourceServerID"], (server, f"{kind_of(hwid)} {hwid}"))
     candidates: dict[str, tuple[dict[str, Any], str]] = {}
     for server_id, (server, why) in found.items():
         ri_id = server.get("recoveryInstanceId")
@@ -119,7 +136,32 @@ def by_hardware(api: DrsApi, identity: LocalIdentity) -> tuple[dict[str, Any], s
         return next(iter(candidates.values()))
     if len(candidates) > 1:
         log.info("this machine matches several recovery instances: %s", ", ".join(candidates))
+        tried.append(f"it matches several recovery instances ({', '.join(candidates)}): choose one")
+    elif found:
+        tried.append(f"source server(s) {', '.join(found)} matched but have no recovery instance")
+    else:
+        tried.append(f"source servers in {api.settings.region}: {seen_servers(api)}")
     return None
+
+
+def seen_servers(api: DrsApi, limit: int = 10) -> str:
+    """The region's source servers and the hardware ids DRS knows them by (what would have matched)."""
+    try:
+        servers = api.source_servers()
+    except ClientError as e:
+        return f"could not be listed ({e})"
+    if not servers:
+        return "none"
+    shown = []
+    for server in servers[:limit]:
+        props = server.get("sourceProperties", {})
+        hints = props.get("identificationHints", {})
+        ids = [n["macAddress"] for n in props.get("networkInterfaces", []) if n.get("macAddress")]
+        ids += [hints[k] for k in ("vmWareUuid", "awsInstanceID") if hints.get(k)]
+        name = f" {hints['hostname']}" if hints.get("hostname") else ""
+        shown.append(f"{server['sourceServerID']}{name} ({', '.join(ids) or 'no hardware id'})")
+    more = f" and {len(servers) - limit} more" if len(servers) > limit else ""
+    return "; ".join(shown) + more
 
 
 def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[LocalDisk], *,
@@ -144,13 +186,21 @@ def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[L
                 raise IdentifyError(f"The {problem}: check --recovery-instance-id and --region")
             console.error(f"The {problem}; choose one from the list instead.")
     else:
-        hit = by_hardware(api, identity)
+        tried: list[str] = []
+        hit = by_hardware(api, identity, tried)
         if hit is not None:
             instance, reason = hit
             problem = fit_problem(recovery_disks(instance), local)
             if problem is None:
                 return Choice(instance, reason, original_server=True)
-            console.warn(f"{reason}, but it cannot fail back here: {problem}")
+            tried.append(f"{reason}, but it cannot fail back here: {problem}")
+            console.warn(tried[-1])
+        why = "; ".join(tried)
+        if not no_prompt:
+            console.info(f"This machine was not identified as a source server: tried {why}.")
+        else:
+            raise missing_error("recovery_instance_id",
+                                f"the recovery instance could not be chosen automatically (tried {why}); it")
     if no_prompt:
         raise missing_error("recovery_instance_id", "the recovery instance could not be chosen automatically; it")
     return pick(api, console, local)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -19,31 +20,49 @@ log.addHandler(logging.NullHandler())
 
 
 class Redactor:
-    """Replaces every known secret (and its URL-encoded form) with ****. Secrets are added as they become known."""
+    """Replaces every known secret (and its URL-encoded form) with ****. Secrets are added as they become known.
+
+    It masks the secret, not words that happen to look like it: a value of 16 characters or more (every
+    secret AWS issues: secret keys are 40, session tokens hundreds) is masked wherever it appears, even inside
+    other text; a shorter one only as a whole token (not next to a letter or digit), and one shorter than 8
+    characters is no secret AWS could issue, so it is not masked at all (a typed "wrong" must not turn
+    "the clock is wrong" into "the clock is ****").
+    """
+
+    ANYWHERE = 16  # this long: masked even inside other text
+    WHOLE = 8  # this long: masked as a whole token
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
         self._lock = threading.Lock()
 
     def add(self, *secrets: str | None) -> None:
         with self._lock:
             for secret in secrets:
-                # Very short values would mask ordinary words; real secrets are 16+ characters.
-                if secret and len(secret) >= 4:
+                if secret and len(secret) >= self.WHOLE:
                     self._secrets.add(secret)
                     self._secrets.add(quote(secret, safe=""))
+            self._pattern = self._compile()
 
     def clear(self) -> None:
         with self._lock:
             self._secrets.clear()
+            self._pattern = None
+
+    def _compile(self) -> re.Pattern[str] | None:
+        if not self._secrets:
+            return None
+        parts = []
+        for secret in sorted(self._secrets, key=len, reverse=True):  # longest first: no partial masks
+            body = re.escape(secret)
+            parts.append(body if len(secret) >= self.ANYWHERE else rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])")
+        return re.compile("|".join(parts))
 
     def __call__(self, text: str) -> str:
         with self._lock:
-            secrets = sorted(self._secrets, key=len, reverse=True)
-        for secret in secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+            pattern = self._pattern
+        return pattern.sub(MASK, text) if pattern is not None else text
 
 
 REDACTOR = Redactor()

@@ -10,6 +10,7 @@ from failback_client.console import Console
 from failback_client.devices import LocalDisk, human_size
 from failback_client.errors import EXIT_MAPPING, ClientError
 from failback_client.mapping import (
+    API_KEYS,
     EXCLUDE,
     MappedVolume,
     MappingError,
@@ -31,8 +32,9 @@ class MappingFailed(ClientError):
 
 def show_local_disks(console: Console, local: list[LocalDisk]) -> None:
     rows = [(d.path, human_size(d.size_bytes), ", ".join(d.by_path) or "-", ", ".join(d.by_id) or "-",
-             d.model or "-") for d in local if not d.boot_medium]
-    console.table(("Local disk", "Size", "by-path", "by-id", "Model"), rows, title="Local disks")
+             d.model or "-", "IN USE: " + "; ".join(u.what for u in d.in_use) if d.in_use else "free")
+            for d in local if not d.boot_medium]
+    console.table(("Local disk", "Size", "by-path", "by-id", "Model", "State"), rows, title="Local disks")
 
 
 def show_mapping(console: Console, volumes: list[MappedVolume]) -> None:
@@ -59,7 +61,8 @@ def choose_mapping(
             if no_prompt:
                 raise MappingFailed(f"--device-mapping refused: {e}") from None
             console.error(f"--device-mapping refused: {e}. Enter the mapping below instead.")
-    elif original_server:
+    why = "this machine is not the original source server, so DRS suggests no mapping"
+    if not device_mapping and original_server:
         suggestion = api.suggested_mapping(client_id, recovery_instance_id, local_api)
         items = suggestion.get("deviceMapping", [])
         try:
@@ -68,9 +71,10 @@ def choose_mapping(
                        "checked against the local disks)")
             return volumes
         except MappingError as e:
+            why = f"DRS's suggestion {_shown(items)} does not fit this machine: {e}"
             console.warn(f"The automatic volume mapping does not fit this machine: {e}")
     if no_prompt:
-        raise missing_error("device_mapping", "the volume mapping could not be made automatically; it")
+        raise missing_error("device_mapping", f"the volume mapping could not be made automatically ({why}); it")
     return prompt_mapping(console, recovery, local, value_format)
 
 
@@ -114,6 +118,11 @@ def prompt_mapping(console: Console, recovery: list[RecoveryDisk], local: list[L
             return validate_mapping(chosen, recovery, local, "dev-name")
         except MappingError as e:
             console.error(f"{e}. Let's start the mapping again.")
+
+
+def _shown(items: list[dict]) -> str:
+    pairs = [f"{i.get(API_KEYS[0], '?')}={i.get(API_KEYS[1], '?')}" for i in items]
+    return f"({', '.join(pairs)})" if pairs else "(empty)"
 
 
 def _example(local: list[LocalDisk], value_format: str) -> str:

@@ -23,7 +23,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from failback_client.devices import LocalDisk, human_size
+from failback_client.devices import LocalDisk, free_targets, human_size
+from failback_client.disk_use import describe
 
 EXCLUDE = "EXCLUDE"
 GIB = 2**30
@@ -64,8 +65,12 @@ class VolumeTooSmallError(MappingError):
     """The local disk is smaller than the recovery volume (beyond the fractional-GiB allowance)."""
 
 
-class BootMediumError(MappingError):
-    """The boot medium of the failback client is never a target."""
+class DiskInUseError(MappingError):
+    """The local disk is in use (mounted, swap, a holder such as LVM/MD/dm-crypt): never a target."""
+
+
+class BootMediumError(DiskInUseError):
+    """The boot medium of the failback client (or its seed volume) is never a target."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +215,12 @@ def fit_problem(recovery: Sequence[RecoveryDisk], local: Sequence[LocalDisk]) ->
     """None when every recovery volume can go to its own local disk, else the first reason it cannot.
 
     Pairing largest with largest is optimal here because `fits` is monotone in both sizes."""
-    targets = [d for d in local if not d.boot_medium]
+    targets = free_targets(list(local))
     if len(recovery) > len(targets):
-        return f"it has {len(recovery)} volumes but this machine has only {len(targets)} disk(s)"
+        busy = [f"{d.path}: {describe(d.in_use)}" for d in local if d.in_use and not d.boot_medium]
+        more = f" (in use: {'; '.join(busy)})" if busy else ""
+        free = " free" if busy else ""
+        return f"it has {len(recovery)} volumes but this machine has only {len(targets)}{free} disk(s){more}"
     rec_sorted = sorted(recovery, key=lambda r: r.size_bytes, reverse=True)
     loc_sorted = sorted(targets, key=lambda d: d.size_bytes, reverse=True)
     for r, d in zip(rec_sorted, loc_sorted, strict=False):
@@ -259,11 +267,23 @@ def resolve_local(token: str, local: Sequence[LocalDisk], value_format: str, *, 
             f"local device {token!r} (for {for_device}) is not a disk of this machine in --dm-value-format "
             f"{value_format}{hint}; local disks: {known or 'none'}", token)
     disk = next(iter(found.values()))
-    if disk.boot_medium:
-        raise BootMediumError(
-            f"local device {token!r} (for {for_device}) is {disk.path}, the failback client's boot medium; "
-            "choose another disk", token)
+    refuse_in_use(disk, token, for_device)
     return disk
+
+
+def refuse_in_use(disk: LocalDisk, token: str, for_device: str) -> None:
+    """Raise when `disk` must not be written now: the boot medium or seed volume, mounted, swap, a holder."""
+    if disk.boot_medium:
+        use = disk.in_use[0] if disk.in_use else None
+        what = use.what.removeprefix("it is ") if use else "the failback client's boot medium"
+        free = f" (or {use.free})" if use else ""
+        raise BootMediumError(
+            f"local device {token!r} (for {for_device}) is {disk.path}, {what}: never a target; "
+            f"choose another disk{free}", token)
+    if disk.in_use:
+        raise DiskInUseError(
+            f"local device {token!r} (for {for_device}) is {disk.path}, which is in use: {describe(disk.in_use)}",
+            token)
 
 
 def resolve_recovery(key: str, recovery: Sequence[RecoveryDisk]) -> RecoveryDisk:

@@ -21,7 +21,14 @@ from failback_client.machine import _read, _under, boot_mode, memory_kb, secure_
 
 log = logging.getLogger(__name__)
 
-MIN_MEM_KB = 3_800_000  # the real launcher refuses below this MemTotal (about 4 GiB)
+# What this client needs, measured (not the AWS client's 4 GiB): its own peak RSS over a run
+# (tests/test_client_memory.py) plus the replication software's (tests/test_replication_memory.py
+# bounds it; it peaks near 36 MiB), plus room for the conversion's tools in the restored system's chroot
+# and the unpacked software on the RAM-backed root. The whole failback passes in QEMU with 1 GiB.
+CLIENT_PEAK_MIB = 64  # measured 48 MiB up to the connectivity checks; room for the replication phase
+REPLICATOR_PEAK_MIB = 40  # measured ~36 MiB
+TOOLS_MIB = 128  # an allowance, not measured: grub/initramfs tools in the chroot, the unpacked software
+NEEDED_MIB = CLIENT_PEAK_MIB + REPLICATOR_PEAK_MIB + TOOLS_MIB
 SKEW_LIMIT_S = 240.0  # SigV4 refuses requests more than 5 minutes off; keep a margin
 SKEW_WARN_S = 30.0
 
@@ -34,14 +41,28 @@ class Preflight:
     hwclock_local: bool | None  # True: the hardware clock keeps local time (breaks signing)
     hwclock_reason: str
     disks: list[LocalDisk] = field(default_factory=list)
+    available_kb: int | None = None  # MemAvailable: what the client can still use (the root is in RAM)
 
     @property
     def memory_mib(self) -> int | None:
         return None if self.memory_kb is None else self.memory_kb // 1024
 
     @property
+    def usable_mib(self) -> int | None:
+        kb = self.available_kb if self.available_kb is not None else self.memory_kb
+        return None if kb is None else kb // 1024
+
+    @property
     def memory_ok(self) -> bool:
-        return self.memory_kb is None or self.memory_kb >= MIN_MEM_KB
+        return self.usable_mib is None or self.usable_mib >= NEEDED_MIB
+
+    def memory_warning(self) -> str | None:
+        if self.memory_ok:
+            return None
+        return (f"Only {self.usable_mib} MiB of memory is available; this failback client needs about {NEEDED_MIB} "
+                f"MiB (itself {CLIENT_PEAK_MIB}, the replication software {REPLICATOR_PEAK_MIB}, the conversion's "
+                f"tools {TOOLS_MIB}): replication or conversion may run out of memory. Add memory or close "
+                "what else runs.")
 
     def summary_line(self) -> str:
         return summary_line(self.boot_mode, self.secure_boot, self.memory_kb)
@@ -50,8 +71,10 @@ class Preflight:
         """(check, value, verdict) for the preflight table."""
         rows = []
         mem = "unknown" if self.memory_mib is None else f"{self.memory_mib} MiB"
-        rows.append(("Memory", mem, "ok" if self.memory_ok else
-                     "LOW: the AWS failback client needs at least 4 GiB; replication may fail"))
+        if self.available_kb is not None and self.memory_mib is not None:
+            mem += f" ({self.usable_mib} MiB available)"
+        rows.append(("Memory", mem, f"ok (this client needs about {NEEDED_MIB} MiB)" if self.memory_ok else
+                     f"LOW: this client needs about {NEEDED_MIB} MiB; replication may run out of memory"))
         rows.append(("Boot mode", self.boot_mode,
                      "ok (Linux servers must boot the client in BIOS mode; Windows: same mode as the source)"))
         sb = "unknown" if self.secure_boot is None else ("on" if self.secure_boot else "off")
@@ -61,7 +84,11 @@ class Preflight:
                      else self.hwclock_reason or "ok"))
         targets = [d for d in self.disks if not d.boot_medium]
         disks = ", ".join(f"{d.path} {human_size(d.size_bytes)}" for d in targets) or "none"
-        rows.append(("Local disks", disks, "ok" if targets else "NO DISK to fail back to"))
+        busy = [f"{d.path} IN USE ({d.in_use[0].what})" for d in targets if d.in_use]
+        free = len(targets) - len(busy)
+        verdict = "ok" if free and not busy else "NO DISK to fail back to" if not targets else \
+            "; ".join(busy) + (" (never a target)" if free else ": NO FREE DISK to fail back to")
+        rows.append(("Local disks", disks, verdict))
         return rows
 
 
@@ -84,10 +111,18 @@ def hwclock_local(root: str, now: float | None = None) -> tuple[bool | None, str
     return False, "RTC agrees with the system clock"
 
 
+def available_kb(root: str) -> int | None:
+    for line in _read(_under(root, "/proc/meminfo")).splitlines():
+        if line.startswith("MemAvailable:") and line.split()[1:2] and line.split()[1].isdigit():
+            return int(line.split()[1])
+    return None
+
+
 def gather(root: str = "/", *, include_loop: bool = False) -> Preflight:
     local, reason = hwclock_local(root)
     return Preflight(
         memory_kb=memory_kb(root),
+        available_kb=available_kb(root),
         boot_mode=boot_mode(root),
         secure_boot=secure_boot(root),
         hwclock_local=local,

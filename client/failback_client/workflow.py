@@ -21,9 +21,11 @@ from failback_client.download import download_software
 from failback_client.errors import EXIT_OK, ClientError, ClockError, ConnectivityError, CredentialsError
 from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, report_completion
 from failback_client.identify import choose, local_identity, recovery_disks
+from failback_client.last_look import confirm_overwrite
 from failback_client.map_volumes import choose_mapping, show_mapping
 from failback_client.mapping import MappedVolume, to_api
 from failback_client.network import direct_note, prepare_network
+from failback_client.newer_iso import NewerIsoCheck
 from failback_client.pairing import create_key_and_csr, install_certificates, tls_paths
 from failback_client.preflight import Preflight, correct_clock, gather, may_fix_clock, measure_skew
 from failback_client.prompts import complete_settings
@@ -45,9 +47,8 @@ def run_preflight(settings: Settings, console: Console) -> Preflight:
     if not console.summary_shown:
         console.raw(pre.summary_line())
     console.table(("Check", "Value", "Verdict"), pre.rows(), title="Preflight")
-    if not pre.memory_ok:
-        console.warn("This machine has less than 4 GiB of memory; the AWS failback client would refuse to run. "
-                     "Continuing, but replication may run out of memory.")
+    if pre.memory_warning():
+        console.warn(pre.memory_warning() or "")
     if pre.secure_boot:
         console.warn("Secure Boot is on: turn it off in the firmware settings before failing back.")
     if pre.hwclock_local:
@@ -118,12 +119,15 @@ def run(settings: Settings, console: Console) -> int:
     # and the network step gave it time to finish.
     pre.disks = discover(settings.sysroot, include_loop=settings.include_loop)
     api = connect(settings, console)
+    newer_iso = NewerIsoCheck.start(settings.region, settings.s3_endpoint)  # a notice in the background
 
     identity = local_identity(settings.sysroot)
     log.info("local identity: macs=%s uuid=%s", identity.macs, identity.system_uuid)
     choice = choose(api, console, identity, pre.disks, wanted_id=settings.recovery_instance_id,
                     no_prompt=settings.no_prompt)
     console.ok(f"Recovery instance {choice.id}: {choice.reason}")
+    if newer_iso is not None:
+        newer_iso.report(console)
 
     local_api = local_disks_for_api(pre.disks)
     identification: dict[str, Any] = {
@@ -183,6 +187,7 @@ def run(settings: Settings, console: Console) -> int:
     if settings.check_only:
         console.info(STOP_MESSAGE)
         return EXIT_OK
+    confirm_overwrite(settings, console, volumes, choice.id)  # the last look: nothing is written before it
     rapi = ReplicationApi(api, client_id, choice.id)
     original = bool(choice.original_server or link.get("failbackToOriginalServer"))
     return replicate(settings, console, api, rapi, steps, volumes, replication, original)
