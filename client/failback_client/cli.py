@@ -83,6 +83,7 @@ exit status:
   4 no recovery instance          5 no valid mapping, or OVERWRITE not typed
   6 connectivity or linking       7 DRS refused a call
   8 replication software failed   9 conversion failed (disks as replicated)
+  10 a Windows server's boot mode differs from this machine's (nothing written)
   130 interrupted
 
 log: /var/log/failback-client.log (or --log-file); it never holds secrets.
