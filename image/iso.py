@@ -308,6 +308,19 @@ def _install_mbr_code(path: Path) -> None:
         f.write(code)
 
 
+@contextlib.contextmanager
+def open_iso(path: Path) -> Iterator[pycdlib.PyCdlib]:
+    """The ISO at `path` opened with pycdlib for reading; closed on leaving. pycdlib alone refuses
+    the ISOs made here (their EFI partition is typed EFI System, see gpt.py)."""
+    pc = pycdlib.PyCdlib()
+    with gpt.pycdlib_reads_esp():
+        pc.open(os.fspath(path))
+    try:
+        yield pc
+    finally:
+        pc.close()
+
+
 def boot_loader_versions(cfg: ImageConfig, cache_dir: Path) -> dict[str, str]:
     """The versions of the boot loader packages the ISO stage would use now (host isolinux/syslinux,
     and the signed EFI binaries from the image's mirror): for the pipeline's ISO cache key, so a new
