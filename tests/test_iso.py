@@ -15,7 +15,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from image import efi, gpt, iso
+from image import efi, gpt, iso, localdisk
 from image.config import BootConfig, BootEntry, load_config
 from image.iso import IsoError, IsoInputs, assemble_iso
 from image.run import run
@@ -103,6 +103,17 @@ def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs
     assert _read(opened, iso_path="/ISOLINUX/LDLINUX.C32;1")[:4] == b"\x7fELF"
     info = _read(opened, rr_path="/.disk/info").decode()
     assert info.startswith("AWS DRS Failback Client LiveCD") and "20231114" in info
+
+
+def test_local_disk_boot_sector_knows_this_images_mbr_id(opened: pycdlib.PyCdlib, built: iso.IsoResult) -> None:
+    """isolinux's "boot from first local disk" skips the disk carrying this image's MBR id."""
+    bs = _read(opened, rr_path="/isolinux/localdisk.bs")
+    mbr_id = struct.unpack_from("<I", built.path.read_bytes(), 440)[0]
+    assert mbr_id == iso.derive_mbr_id(iso.derive_seed("DRSFAILBACK", EPOCH))
+    assert bs == localdisk.boot_sector(mbr_id)
+    assert struct.unpack_from("<I", bs, localdisk.OWN_ID_OFFSET)[0] == mbr_id
+    # isolinux looks it up by its ISO9660 name too.
+    assert _read(opened, iso_path="/ISOLINUX/LOCALDISK.BS;1") == bs
 
 
 def test_menus_on_the_iso_are_the_rendered_ones(opened: pycdlib.PyCdlib, cfg) -> None:
