@@ -8,7 +8,6 @@ Targets (issue 2): warm rebuild <= 30 s, ISO <= 200 MiB, summary line <= 4x the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import statistics
 import time
