@@ -8,7 +8,6 @@ Targets (issue 2): warm rebuild <= 30 s, ISO <= 200 MiB, summary line <= 4x the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import statistics
 import time
@@ -159,11 +158,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 def iso_layers(iso: Path) -> dict[str, int]:
     """The squashfs layers inside the ISO (Rock Ridge path -> bytes)."""
-    import pycdlib
+    from image.iso import open_iso
 
-    pc = pycdlib.PyCdlib()
-    pc.open(os.fspath(iso))
-    try:
+    with open_iso(iso) as pc:
         layers = {}
         for dirpath, _dirs, files in pc.walk(rr_path="/"):
             for f in sorted(files):
@@ -171,8 +168,6 @@ def iso_layers(iso: Path) -> dict[str, int]:
                     path = f"{dirpath.rstrip('/')}/{f}"
                     layers[path] = pc.get_record(rr_path=path).get_data_length()
         return layers
-    finally:
-        pc.close()
 
 
 BASELINE_APPEND = "console=tty0 console=ttyS0,115200n8 quiet"

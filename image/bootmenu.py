@@ -2,8 +2,12 @@
 
 Both menus list the same entries in the same order, with the same default and timeout; each live
 entry boots /live/vmlinuz with `kernel_cmdline` + the entry's own `cmdline`, and `local_disk`
-entries hand over to the first local disk (isolinux `LOCALBOOT 0x80`, GRUB `exit` back to the
-firmware's next boot option). Both menus run on the screen and on the first serial port at 115200.
+entries boot the first local disk that is not the medium the menu was started from (CD or USB):
+isolinux runs localdisk.bs (image/localdisk.S), GRUB looks for a UEFI boot loader on the first
+disk that is not its own and falls back to `exit` (the firmware's next boot option).
+Both menus run on the screen and on the first serial port at 115200; GRUB draws the screen with
+gfxterm so that the firmware's own serial redirection (which mirrors the firmware console, not the
+framebuffer) carries no second, box-drawn copy of the menu: see grub.cfg.j2.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
+from image import localdisk
+
 if TYPE_CHECKING:
     from image.config import ImageConfig
 
@@ -22,6 +28,24 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_PATH = "/live/vmlinuz"
 INITRD_PATH = "/live/initrd.img"
 MENU_TITLE = "AWS DRS Failback Client"
+# Where GRUB's "boot from first local disk" looks for a UEFI boot loader on each partition, in this
+# order: the installed systems' own loaders first (the removable-media path on RHEL-likes starts
+# shim's fallback, which rewrites the firmware's boot entries), the removable-media path last.
+UEFI_LOADERS = (
+    "/EFI/Microsoft/Boot/bootmgfw.efi",
+    "/EFI/debian/shimx64.efi",
+    "/EFI/ubuntu/shimx64.efi",
+    "/EFI/redhat/shimx64.efi",
+    "/EFI/centos/shimx64.efi",
+    "/EFI/rocky/shimx64.efi",
+    "/EFI/almalinux/shimx64.efi",
+    "/EFI/amzn/shimx64.efi",
+    "/EFI/opensuse/shim.efi",
+    "/EFI/sles/shim.efi",
+    "/EFI/BOOT/BOOTX64.EFI",
+)
+MAX_DISKS = 8  # GRUB's hd0..hd7
+MAX_PARTITIONS = 8  # partitions 1..8 of each
 
 # Words GRUB's parser takes literally; anything else is single-quoted.
 _GRUB_PLAIN = re.compile(r"^[A-Za-z0-9_./,:=+@%^-]+$")
@@ -59,6 +83,10 @@ def _entries(cfg: ImageConfig) -> list[MenuEntry]:
             raise BootMenuError(f"{key}.id: {e.id!r} must be letters, digits, '-', '_' or '.' (it is a menu label)")
         if not e.label.strip() or any(c in e.label for c in "\r\n"):
             raise BootMenuError(f"{key}.label: must be a non-empty single line")
+        if not e.label.isascii():
+            odd = next(c for c in e.label if not c.isascii())
+            raise BootMenuError(f"{key}.label: {e.label!r} must be plain ASCII ({odd!r} is not): serial consoles "
+                                "and GRUB's font show other characters as stray bytes or boxes")
         if any(c in e.cmdline for c in "\r\n"):
             raise BootMenuError(f"{key}.cmdline: must be a single line")
         full = "" if e.local_disk else " ".join(f"{cfg.kernel_cmdline} {e.cmdline}".split())
@@ -94,6 +122,10 @@ def _values(cfg: ImageConfig) -> dict[str, object]:
         "title": MENU_TITLE,
         "kernel": KERNEL_PATH,
         "initrd": INITRD_PATH,
+        "localdisk": localdisk.ISO_PATH,
+        "uefi_loaders": UEFI_LOADERS,
+        "max_disks": MAX_DISKS,
+        "max_partitions": MAX_PARTITIONS,
     }
 
 

@@ -11,22 +11,27 @@ Measured defects (see pycdlib/isohybrid.py, GPT.record and GPTHeader.new):
   to the larger free stretch beside the EFI partition, from LBA 64 at the earliest (the end of the
   ISO9660 system area). Nothing reads the ISO through that GPT entry: firmware that honours the GPT
   only wants the EFI partition, and Linux ignores a GPT behind a non-protective MBR (it uses the MBR
-  partitions or the whole disk).
+  partitions or the whole disk);
+- partition 2 (the EFI image) is typed "basic data". It is retyped EFI System, as archiso's (xorriso's)
+  images have it: some firmware boots only an ESP-typed GPT partition from a USB stick. pycdlib's own
+  reader then refuses the image ("Invalid Partition Type UUID"): open it with `pycdlib_reads_esp`.
 
 The MBR keeps the isohybrid layout on purpose (partition 1: whole image, type 0, active; partition 2:
 type 0xEF over the EFI image). They overlap, which `sgdisk -v` reports, but UEFI firmware skips type-0
 MBR entries (EDK2 PartitionValidMbr), BIOSes want the active entry, and Linux mounts the ISO9660
 through partition 1.
 
-`normalise_gpt` rewrites the GUIDs from a seed (same in both copies), recomputes both CRCs, and
+`normalise_gpt` rewrites the GUIDs from a seed, types the EFI partition (same in both copies), recomputes both CRCs, and
 `check_gpt` re-reads the result and fails loudly on anything a firmware could trip over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,10 @@ SECTOR = 512
 # Where partition 1 starts once moved off the GPT structures: 32 KiB, the end of the ISO system area.
 ISO_PARTITION_START_LBA = 64
 GPT_SIGNATURE = b"EFI PART"
+# Partition type GUIDs (UEFI spec, "GPT Partition Entry"; basic data is Microsoft's, pycdlib's choice).
+EFI_SYSTEM_PARTITION = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
+BASIC_DATA_PARTITION = uuid.UUID("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7")
+ESP_INDEX = 2  # pycdlib's entry 2 is the EFI image (entry 1 the ISO9660 data)
 _HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")  # the 92 bytes covered by the header CRC
 
 
@@ -143,9 +152,15 @@ def _separate_iso_partition(buf: bytearray, hdr: GptHeader) -> None:
     struct.pack_into("<QQ", buf, hdr.entries_lba * SECTOR + 32, first, last)
 
 
+def _type_esp(buf: bytearray, hdr: GptHeader) -> None:
+    """Type entry 2 (the EFI image) EFI System."""
+    _write_guid(buf, hdr.entries_lba * SECTOR + (ESP_INDEX - 1) * hdr.entry_size, EFI_SYSTEM_PARTITION)
+
+
 def normalise_gpt(path: Path, seed: str) -> None:
     """Pin the GUIDs of the primary and backup GPT of the image at `path` to values derived from `seed`,
-    and make both CRCs cover the whole partition array. Edits the file in place (only the GPT areas)."""
+    type the EFI partition EFI System and make both CRCs cover the whole partition array. Edits the
+    file in place (only the GPT areas)."""
     size = path.stat().st_size
     if size % SECTOR:
         raise GptError(f"{path}: size {size} is not a multiple of {SECTOR}")
@@ -172,6 +187,7 @@ def normalise_gpt(path: Path, seed: str) -> None:
                 off = hdr.entries_lba * SECTOR + (entry.index - 1) * hdr.entry_size
                 _write_guid(buf, off + 16, derive_guid(seed, f"partition {entry.index}"))
             _separate_iso_partition(buf, hdr)
+            _type_esp(buf, hdr)
         if _entries(head, primary) != _entries(tail_view, backup):
             raise GptError(f"{path}: primary and backup GPT partition entries differ beyond their GUIDs")
         _seal(head, 1)
@@ -218,4 +234,34 @@ def check_gpt(path: Path) -> list[str]:
         for b in entries:
             if a.index < b.index and a.first_lba <= b.last_lba and b.first_lba <= a.last_lba:
                 problems.append(f"partitions {a.index} and {b.index} overlap")
+    esp = next((e for e in entries if e.index == ESP_INDEX), None)
+    if esp is None or esp.type_guid != EFI_SYSTEM_PARTITION:
+        found = "missing" if esp is None else f"typed {esp.type_guid}"
+        problems.append(f"partition {ESP_INDEX} (the EFI image) is {found}, not EFI System {EFI_SYSTEM_PARTITION}")
     return problems
+
+
+@contextlib.contextmanager
+def pycdlib_reads_esp() -> Iterator[None]:
+    """While active, pycdlib 1.22 opens images whose EFI partition is typed EFI System.
+
+    Its GPT reader accepts only the two types it writes itself (basic data, HFS) and raises "Invalid
+    Partition Type UUID" on anything else. Reading only: an EFI System entry is parsed as if it were
+    basic data (pycdlib keeps the type but uses it for nothing but writing it back).
+    """
+    from pycdlib import isohybrid
+
+    cls = isohybrid.GPTPartHeader
+    original = cls.parse
+    esp = EFI_SYSTEM_PARTITION.bytes_le
+
+    def parse(self: isohybrid.GPTPartHeader, instr: bytes) -> int:
+        if bytes(instr[:16]) == esp:
+            instr = cls.BASIC_PARTITION + bytes(instr[16:])
+        return original(self, instr)
+
+    cls.parse = parse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cls.parse = original  # type: ignore[method-assign]

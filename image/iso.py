@@ -8,7 +8,8 @@ image).
 
 Layout on the medium (what the initrd's boot script and the loaders look for):
     /live/vmlinuz, /live/initrd.img, /live/<layer>.squashfs..., extra files (e.g. filesystem.module)
-    /isolinux/{isolinux.bin, boot.cat, ldlinux.c32, menu.c32, libutil.c32, libcom32.c32, isolinux.cfg}
+    /isolinux/{isolinux.bin, boot.cat, ldlinux.c32, menu.c32, libutil.c32, libcom32.c32, isolinux.cfg,
+               localdisk.bs (BIOS "boot from first local disk", knows this image's MBR id)}
     /boot/grub/{grub.cfg, efi.img}
     /.disk/info (GRUB's search target), /.disk/boot-packages (loader package versions)
 
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import pycdlib
 
-from image import bootmenu, efi, gpt
+from image import bootmenu, efi, gpt, localdisk
 from image.run import run
 
 if TYPE_CHECKING:
@@ -215,7 +216,7 @@ _RESERVED_DIRS = ("/isolinux/", "/.disk/")
 
 
 def _collect_tree(
-    cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packages: dict[str, str]
+    cfg: ImageConfig, inputs: IsoInputs, efi_img: Path, boot_packages: dict[str, str], mbr_id: int
 ) -> dict[str, Path | bytes]:
     """ISO path (Rock Ridge spelling) -> host file or content."""
     tree: dict[str, Path | bytes] = dict(_input_files(inputs))
@@ -223,6 +224,7 @@ def _collect_tree(
     for mod in ISOLINUX_MODULES:
         tree[f"/isolinux/{mod}"] = SYSLINUX_MODULES / mod
     tree["/isolinux/isolinux.cfg"] = bootmenu.render_isolinux(cfg).encode()
+    tree[localdisk.ISO_PATH] = localdisk.boot_sector(mbr_id)
     tree["/boot/grub/grub.cfg"] = bootmenu.render_grub(cfg).encode()
     tree[EFI_IMAGE_ISO_PATH] = efi_img
     tree["/.disk/info"] = _disk_info(cfg, inputs.source_date_epoch).encode()
@@ -308,6 +310,19 @@ def _install_mbr_code(path: Path) -> None:
         f.write(code)
 
 
+@contextlib.contextmanager
+def open_iso(path: Path) -> Iterator[pycdlib.PyCdlib]:
+    """The ISO at `path` opened with pycdlib for reading; closed on leaving. pycdlib alone refuses
+    the ISOs made here (their EFI partition is typed EFI System, see gpt.py)."""
+    pc = pycdlib.PyCdlib()
+    with gpt.pycdlib_reads_esp():
+        pc.open(os.fspath(path))
+    try:
+        yield pc
+    finally:
+        pc.close()
+
+
 def boot_loader_versions(cfg: ImageConfig, cache_dir: Path) -> dict[str, str]:
     """The versions of the boot loader packages the ISO stage would use now (host isolinux/syslinux,
     and the signed EFI binaries from the image's mirror): for the pipeline's ISO cache key, so a new
@@ -332,11 +347,11 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     bootmenu.render_isolinux(cfg)
     efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch, efi.AptSources.from_config(cfg))
     boot_packages = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES} | efi_img.versions
-    tree = _collect_tree(cfg, inputs, efi_img.path, boot_packages)
+    seed = derive_seed(label, epoch)
+    tree = _collect_tree(cfg, inputs, efi_img.path, boot_packages, derive_mbr_id(seed))
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
-    seed = derive_seed(label, epoch)
     started = time.monotonic()
     try:
         filler = _write_image(cfg, tree, tmp, epoch, seed)

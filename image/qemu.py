@@ -564,12 +564,10 @@ def boot_bare_kernel(
 
 def extract_from_iso(iso: Path, name_regex: str, dest: Path) -> Path:
     """Copy the first file of the ISO (Rock Ridge names) whose path matches `name_regex` to `dest`."""
-    import pycdlib  # only the callers that read ISOs need it
+    from image.iso import open_iso  # only the callers that read ISOs need pycdlib
 
     rx = re.compile(name_regex)
-    pc = pycdlib.PyCdlib()
-    pc.open(os.fspath(iso))
-    try:
+    with open_iso(iso) as pc:
         for dirpath, _dirs, files in pc.walk(rr_path="/"):
             for f in sorted(files):
                 path = f"{dirpath.rstrip('/')}/{f}"
@@ -577,6 +575,4 @@ def extract_from_iso(iso: Path, name_regex: str, dest: Path) -> Path:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     pc.get_file_from_iso(os.fspath(dest), rr_path=path)
                     return dest
-    finally:
-        pc.close()
     raise QemuError(f"{iso}: no file matching {name_regex!r}")

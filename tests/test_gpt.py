@@ -51,6 +51,8 @@ def test_pycdlib_defects_are_still_there(tmp_path: Path) -> None:
     assert any(p.startswith("disk GUIDs differ") for p in problems)
     assert "primary and backup partition arrays differ" in problems
     assert any("partitions 1 and 2 overlap" in p for p in problems)
+    assert f"partition 2 (the EFI image) is typed {gpt.BASIC_DATA_PARTITION}, not EFI System " \
+           f"{gpt.EFI_SYSTEM_PARTITION}" in problems
     assert any("CRC" in p for p in _sgdisk_problems(img))
 
 
@@ -69,10 +71,15 @@ def test_normalise_makes_a_gpt_sgdisk_accepts(tmp_path: Path) -> None:
     assert [e.part_guid for e in entries] == [gpt.derive_guid("seed-1", f"partition {i}") for i in (1, 2)]
     iso_part, esp = entries
     assert iso_part.first_lba >= gpt.ISO_PARTITION_START_LBA
-    # The EFI partition keeps its place, type and name: it is what firmware boots.
+    # The EFI partition keeps its place and name, and is typed EFI System (as archiso's): it is what
+    # firmware boots, and some firmware boots only an ESP-typed partition from USB.
     old_esp = gpt.read_entries(before, gpt._read_header(before, 1))[1]
+    assert old_esp.type_guid == gpt.BASIC_DATA_PARTITION  # pycdlib's
     assert (esp.type_guid, esp.first_lba, esp.last_lba, esp.name) == (
-        old_esp.type_guid, old_esp.first_lba, old_esp.last_lba, old_esp.name)
+        gpt.EFI_SYSTEM_PARTITION, old_esp.first_lba, old_esp.last_lba, old_esp.name)
+    assert iso_part.type_guid == gpt.BASIC_DATA_PARTITION
+    backup = gpt._read_header(after, primary.backup_lba)
+    assert [e.type_guid for e in gpt.read_entries(after, backup)] == [e.type_guid for e in entries]
     # Nothing outside the two GPT areas changed.
     area = primary.backup_lba - 32
     assert before[:512] == after[:512]
@@ -116,3 +123,33 @@ def test_derive_guid() -> None:
     assert gpt.derive_guid("a", "disk") == gpt.derive_guid("a", "disk")
     assert gpt.derive_guid("a", "disk") != gpt.derive_guid("b", "disk")
     assert gpt.derive_guid("a", "disk") != gpt.derive_guid("a", "partition 1")
+
+
+def test_pycdlib_opens_the_esp_typed_image_only_through_the_helper(tmp_path: Path) -> None:
+    img = _raw_pycdlib_hybrid(tmp_path / "esp.iso")
+    gpt.normalise_gpt(img, "s")
+    pc = pycdlib.PyCdlib()
+    with pytest.raises(pycdlib.pycdlibexception.PyCdlibInvalidISO, match="Invalid Partition Type UUID"):
+        pc.open(str(img))
+    with gpt.pycdlib_reads_esp():
+        pc = pycdlib.PyCdlib()
+        pc.open(str(img))
+    buf = io.BytesIO()
+    pc.get_file_from_iso_fp(buf, rr_path="/data.bin")
+    pc.close()
+    assert buf.getvalue() == bytes(range(256)) * (300_000 // 256)
+    # Restored on leaving: pycdlib's own check is back.
+    with pytest.raises(pycdlib.pycdlibexception.PyCdlibInvalidISO):
+        pycdlib.PyCdlib().open(str(img))
+
+
+def test_check_names_an_esp_typed_otherwise(tmp_path: Path) -> None:
+    img = _raw_pycdlib_hybrid(tmp_path / "x.iso")
+    gpt.normalise_gpt(img, "s")
+    data = bytearray(img.read_bytes())
+    hdr = gpt._read_header(data, 1)
+    data[hdr.entries_lba * 512 + 128 : hdr.entries_lba * 512 + 144] = gpt.BASIC_DATA_PARTITION.bytes_le
+    gpt._seal(data, 1)
+    img.write_bytes(bytes(data))
+    problems = gpt.check_gpt(img)
+    assert any(p.startswith("partition 2 (the EFI image) is typed ebd0a0a2") for p in problems), problems

@@ -15,7 +15,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from image import efi, gpt, iso
+from image import efi, gpt, iso, localdisk
 from image.config import BootConfig, BootEntry, load_config
 from image.iso import IsoError, IsoInputs, assemble_iso
 from image.run import run
@@ -65,10 +65,8 @@ def built(cfg, inputs: IsoInputs, cache: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture()
 def opened(built: iso.IsoResult):
-    pc = pycdlib.PyCdlib()
-    pc.open(str(built.path))
-    yield pc
-    pc.close()
+    with iso.open_iso(built.path) as pc:
+        yield pc
 
 
 def _read(pc: pycdlib.PyCdlib, **path: str) -> bytes:
@@ -105,6 +103,17 @@ def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs
     assert _read(opened, iso_path="/ISOLINUX/LDLINUX.C32;1")[:4] == b"\x7fELF"
     info = _read(opened, rr_path="/.disk/info").decode()
     assert info.startswith("AWS DRS Failback Client LiveCD") and "20231114" in info
+
+
+def test_local_disk_boot_sector_knows_this_images_mbr_id(opened: pycdlib.PyCdlib, built: iso.IsoResult) -> None:
+    """isolinux's "boot from first local disk" skips the disk carrying this image's MBR id."""
+    bs = _read(opened, rr_path="/isolinux/localdisk.bs")
+    mbr_id = struct.unpack_from("<I", built.path.read_bytes(), 440)[0]
+    assert mbr_id == iso.derive_mbr_id(iso.derive_seed("DRSFAILBACK", EPOCH))
+    assert bs == localdisk.boot_sector(mbr_id)
+    assert struct.unpack_from("<I", bs, localdisk.OWN_ID_OFFSET)[0] == mbr_id
+    # isolinux looks it up by its ISO9660 name too.
+    assert _read(opened, iso_path="/ISOLINUX/LOCALDISK.BS;1") == bs
 
 
 def test_menus_on_the_iso_are_the_rendered_ones(opened: pycdlib.PyCdlib, cfg) -> None:
@@ -216,6 +225,7 @@ def test_gpt_is_consistent_and_sgdisk_accepts_it(built: iso.IsoResult) -> None:
     esp = next(e for e in entries if e.index == 2)
     mbr_efi_start = struct.unpack_from("<I", data, 446 + 16 + 8)[0]
     assert esp.first_lba == mbr_efi_start
+    assert esp.type_guid == gpt.EFI_SYSTEM_PARTITION  # as archiso: firmware may boot only an ESP from USB
     assert header.disk_guid == gpt.derive_guid(iso.derive_seed("DRSFAILBACK", EPOCH), "disk")
 
 
@@ -257,10 +267,8 @@ def test_backup_gpt_never_overwrites_data(cfg, inputs: IsoInputs, cache: Path, t
     """pycdlib puts the backup GPT on the last 33 sectors even when they hold data; size the kernel so
     the ISO9660 data ends exactly on a 1 MiB boundary and check every file survives."""
     first = assemble_iso(cfg, inputs, tmp_path / "probe.iso", cache)
-    pc = pycdlib.PyCdlib()
-    pc.open(str(first.path))
-    used = pc.pvd.space_size * 2048
-    pc.close()
+    with iso.open_iso(first.path) as pc:
+        used = pc.pvd.space_size * 2048
     if "/.disk/gpt-room" in first.files:
         pytest.fail("the probe build already needed the filler; change the dummy sizes")
     grow = -used % (1024 * 1024)  # kernel sizes are whole sectors here, so the data grows by exactly this
@@ -268,15 +276,11 @@ def test_backup_gpt_never_overwrites_data(cfg, inputs: IsoInputs, cache: Path, t
     tight = assemble_iso(cfg, dataclasses.replace(inputs, kernel=kernel), tmp_path / "tight.iso", cache)
     assert iso.GPT_ROOM_PATH in tight.files
     assert gpt.check_gpt(tight.path) == []
-    pc = pycdlib.PyCdlib()
-    pc.open(str(tight.path))
-    try:
+    with iso.open_iso(tight.path) as pc:
         assert _read(pc, rr_path="/live/vmlinuz") == kernel.read_bytes()
         for layer in inputs.layers:
             assert _read(pc, rr_path=f"/live/{layer.name}") == layer.read_bytes()
         assert _read(pc, rr_path="/live/initrd.img") == inputs.initrd.read_bytes()
-    finally:
-        pc.close()
 
 
 def test_gpt_room_filler() -> None:

@@ -101,16 +101,12 @@ def test_clean(tmp_path: Path) -> None:
 # --- the real build (root, slow) --------------------------------------------------------------
 
 def _iso_file(iso: Path, path: str) -> bytes:
-    import pycdlib
+    from image.iso import open_iso
 
-    cd = pycdlib.PyCdlib()
-    cd.open(str(iso))
-    try:
+    with open_iso(iso) as cd:
         buf = io.BytesIO()
         cd.get_file_from_iso_fp(buf, rr_path=path)
         return buf.getvalue()
-    finally:
-        cd.close()
 
 
 @pytest.mark.slow
