@@ -18,10 +18,12 @@ from drs_controlplane.seed import SeedError, load_seed
 DEFAULT_REGION = "us-east-1"
 EPILOG_CREDENTIALS = """
 credentials (never on the command line):
-  serve accepts one key pair: --access-key or DRS_CONTROLPLANE_ACCESS_KEY (else AWS_ACCESS_KEY_ID);
-  the secret from --secret-key-file or DRS_CONTROLPLANE_SECRET_KEY (else AWS_SECRET_ACCESS_KEY);
-  an optional session token from --session-token-file or DRS_CONTROLPLANE_SESSION_TOKEN.
-  failback/describe sign with the same variables (or AWS_SESSION_TOKEN).
+  serve accepts one operator key pair (console actions + the failback installation policy):
+  --access-key or DRS_CONTROLPLANE_ACCESS_KEY (else AWS_ACCESS_KEY_ID); the secret from --secret-key-file
+  or DRS_CONTROLPLANE_SECRET_KEY (else AWS_SECRET_ACCESS_KEY); an optional session token from
+  --session-token-file or DRS_CONTROLPLANE_SESSION_TOKEN. Or several keys, each with its policy
+  (installation, failback, operator, admin), token and lifetime: --credentials FILE (YAML, see
+  controlplane/README.md). failback/describe sign with the same variables (or AWS_SESSION_TOKEN).
 """
 
 
@@ -77,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state", type=Path, required=True, help="SQLite state file (created if missing)")
     serve.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any free port)")
     serve.add_argument("--url-file", type=Path, help="also write the URL to this file once listening")
+    serve.add_argument("--credentials", type=Path, metavar="FILE",
+                       help="YAML list of keys with policy, optional session token and lifetime (instead of one "
+                            "operator key from --access-key / the environment)")
+    serve.add_argument("--client-credentials-ttl", type=float, default=3600.0, metavar="SECONDS",
+                       help="lifetime of the credentials DRS issues each installed failback client (default 3600)")
     _add_credential_options(serve)
 
     for name, text in (("failback", "press 'Failback' (StartFailbackLaunch) for recovery instances, as the console"),
@@ -94,16 +101,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from failback_client.drs_model import drs_service_model
+
+    from drs_controlplane.credentials_file import CredentialsFileError, load_credentials
+    from drs_controlplane.policies import policy_named
     from drs_controlplane.server import ControlPlane
     from drs_controlplane.sigv4 import Credential
 
-    access, secret, token = _credentials(args)
+    if args.client_credentials_ttl < 10:
+        raise UsageError("--client-credentials-ttl must be at least 10 seconds")
+    if args.credentials:
+        try:
+            credentials = load_credentials(args.credentials, drs_service_model(), datetime.now(UTC))
+        except CredentialsFileError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        access, secret, token = _credentials(args)
+        credentials = [Credential(access, secret, token, policy=policy_named("operator", drs_service_model()),
+                                  principal="arn:aws:iam::123456789012:user/drs-operator")]
     if args.state.exists() and args.seed:
         logging.info("state %s exists: the seed is not applied again", args.state)
     seed = load_seed(args.seed) if args.seed else None
     args.state.parent.mkdir(parents=True, exist_ok=True)
-    plane = ControlPlane(state_path=args.state, credentials=[Credential(access, secret, token)], region=args.region,
-                         seed=seed, port=args.port)
+    plane = ControlPlane(state_path=args.state, credentials=credentials, region=args.region, seed=seed,
+                         port=args.port, client_credentials_ttl=timedelta(seconds=args.client_credentials_ttl))
     url = plane.bind()
     print(url, flush=True)
     if args.url_file:

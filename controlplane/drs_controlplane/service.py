@@ -54,6 +54,8 @@ class DrsService:
             "UpdateFailbackClientDeviceMappingForDrs": self.update_mapping,
             "IssueAgentCertificateForDrs": self.issue_agent_certificate,
             "UpdateAgentReplicationInfoForDrs": self.update_agent_replication_info,
+            # The same update from the installed client (its service-role policy allows only this name).
+            "UpdateAgentReplicationProcessStateForDrs": self.update_agent_replication_info,
             "UpdateFailbackClientLastSeenForDrs": self.update_last_seen,
             "GetFailbackCommandForDrs": self.get_failback_command,
             "GetFailbackLaunchRequestedForDrs": self.get_failback_launch_requested,
@@ -210,10 +212,25 @@ class DrsService:
 
     def stop_failback(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._instance(p["recoveryInstanceID"])
+        if record.internal.get("launchRequested") and not record.internal.get("completed"):
+            self._end_launch(record, "FAILED")
         record.internal.update(stopped=True, launchRequested=False)
         record.doc["dataReplicationInfo"]["dataReplicationState"] = "STOPPED"
         self._save(record)
         return {}
+
+    def _end_launch(self, record: RecoveryInstanceRecord, launch_status: str) -> None:
+        """This server's part of its LAUNCH job is over (LAUNCHED, or FAILED when stopped); the job completes
+        when no server of it is still PENDING."""
+        job = self.store.job(record.doc["failback"].get("failbackJobID") or "")
+        if job is None:
+            return
+        for server in job["participatingServers"]:
+            if server["recoveryInstanceID"] == record.id:
+                server["launchStatus"] = launch_status
+        if all(s["launchStatus"] in ("LAUNCHED", "FAILED") for s in job["participatingServers"]):
+            job.update(status="COMPLETED", endDateTime=self._now())
+        self.store.save_job(job)
 
     def get_failback_replication_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._instance(p["recoveryInstanceID"])
@@ -344,6 +361,8 @@ class DrsService:
                               now=self.clock(), server=False)
         except CsrError as exc:
             raise errors.validation(str(exc), [("certificateSigningRequest", str(exc))]) from None
+        # Kept: GetFailbackClientCredentialsForDrs checks the client's proof of identity against it.
+        record.internal["clientCertificate"] = issued.certificate_pem
         self._save(record)
         return {"certificate": issued.certificate_pem, "caCertificate": issued.ca_certificate_pem,
                 "agentCommonName": agent_common_name(record.id), "expirationDateTime": iso(issued.not_after)}
@@ -470,18 +489,9 @@ class DrsService:
         return {"failbackState": self._save(record)}
 
     def _complete_launch(self, record: RecoveryInstanceRecord) -> None:
-        now = self._now()
         record.internal["completed"] = True
         record.doc["dataReplicationInfo"]["dataReplicationState"] = "STOPPED"
-        job = self.store.job(record.doc["failback"]["failbackJobID"])
-        if job is None:
-            return
-        for server in job["participatingServers"]:
-            if server["recoveryInstanceID"] == record.id:
-                server["launchStatus"] = "LAUNCHED"
-        if all(s["launchStatus"] == "LAUNCHED" for s in job["participatingServers"]):
-            job.update(status="COMPLETED", endDateTime=now)
-        self.store.save_job(job)
+        self._end_launch(record, "LAUNCHED")
 
     def send_client_logs(self, p: dict[str, Any]) -> dict[str, Any]:
         self.store.add_logs(p.get("failbackClientID"), p.get("recoveryInstanceID"), p["logEvents"])
