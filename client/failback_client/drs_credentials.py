@@ -152,7 +152,7 @@ class DrsIssuedCredentials:
         """The first credentials (errors raised as botocore's), wrapped to refresh themselves."""
         self._current = self.fetch()
         expiry = datetime.fromisoformat(self._current["expiry_time"].replace("Z", "+00:00"))
-        lifetime = max(10.0, (expiry - datetime.now(UTC)).total_seconds())
+        lifetime = max(1.0, (expiry - datetime.now(UTC)).total_seconds())
         # botocore refreshes 15 min (advisory) / 10 min (mandatory) before expiry: too late for credentials
         # that live less; these refresh at half their life, and must at 1/6 left.
         return RefreshableCredentials.create_from_metadata(
