@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import botocore.exceptions
 from botocore.credentials import CredentialProvider, RefreshableCredentials
 
+from failback_client.logs import REDACTOR
 from failback_client.pairing import PairingError, _openssl
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class DrsIssuedCredentials:
             failbackClientID=self.client_id, recoveryInstanceID=self.recovery_instance_id, signedAt=signed_at,
             nonce=nonce, signature=signature)
         self.issued += 1
+        REDACTOR.add(out["secretAccessKey"], out["sessionToken"])  # never in the log, the console or DRS's copy
         log.info("DRS issued credentials %s, valid until %s", out["accessKeyId"], out["expiration"])
         return {"access_key": out["accessKeyId"], "secret_key": out["secretAccessKey"], "token": out["sessionToken"],
                 "expiry_time": out["expiration"]}

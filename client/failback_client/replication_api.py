@@ -78,6 +78,18 @@ class ReplicationApi:
             return self.client.notify_consistency_attained_for_drs(
                 **self.ids, consistencyDateTime=when, finalSync=final_sync).get("failbackState")
 
+    def seen(self) -> None:
+        with self._calling("telling DRS this failback client is alive (UpdateFailbackClientLastSeenForDrs)"):
+            self.client.update_failback_client_last_seen_for_drs(**self.ids)
+
+    def metrics(self, metrics: list[dict[str, Any]]) -> None:
+        with self._calling("sending metrics to DRS (SendClientMetricsForDrs)"):
+            self.client.send_client_metrics_for_drs(**self.ids, metrics=metrics)
+
+    def logs(self, events: list[dict[str, Any]]) -> None:
+        with self._calling("sending the client log to DRS (SendClientLogsForDrs)"):
+            self.client.send_client_logs_for_drs(**self.ids, logEvents=events)
+
     def command(self) -> dict[str, Any]:
         with self._calling("asking DRS what to do next (GetFailbackCommandForDrs)"):
             return self.client.get_failback_command_for_drs(**self.ids)

@@ -245,14 +245,21 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
     # PAIR_AGENT_WITH_REPLICATION_SOFTWARE succeeds when the replication software's TLS handshake does.
 
     supervisor = Supervisor(software, setup, run_dir / "replicator.json", rapi, steps, console)
-    outcome = supervisor.run()
-    if outcome is Outcome.STOPPED:
-        console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
-                     "and nothing more is written. Start the failback client again to fail back later.")
-        return EXIT_OK
-    targets = [Path(target) for _, target in setup.volumes]
-    after_final_sync(targets, console, settings)
-    report_completion(rapi, console)
+    try:
+        outcome = supervisor.run()
+        if outcome is Outcome.STOPPED:
+            console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
+                         "and nothing more is written. Start the failback client again to fail back later.")
+            return EXIT_OK
+        targets = [Path(target) for _, target in setup.volumes]
+        after_final_sync(targets, console, settings)
+        report_completion(rapi, console)
+        supervisor.liveness.send_logs("completion")
+    except BaseException as e:
+        supervisor.liveness.send_logs(f"failure: {type(e).__name__}")  # DRS keeps the log of what went wrong
+        raise
+    finally:
+        supervisor.liveness.close()
     console.ok(SUCCESS_MESSAGE)
     finish(settings, console)
     return EXIT_OK

@@ -69,13 +69,16 @@ class ControlPlane:
 
     def __init__(self, *, state_path: Path | str, credentials: Iterable[Credential], region: str = "us-east-1",
                  seed: Seed | None = None, host: str = "127.0.0.1", port: int = 0,
-                 client_credentials_ttl: timedelta = DEFAULT_TTL) -> None:
+                 client_credentials_ttl: timedelta = DEFAULT_TTL, client_not_seen_after: timedelta | None = None
+                 ) -> None:
         self.model = drs_service_model()
         self.region = region
         self.store = Store(state_path)
         self.credentials = {c.access_key: c for c in credentials}
         self.clock_offset = timedelta(0)
         self.service = DrsService(self.store, region, self.now)
+        if client_not_seen_after is not None:
+            self.service.client_not_seen_after = client_not_seen_after
         # What DRS issues the installed failback client (GetFailbackClientCredentialsForDrs): unsigned calls.
         self.issuer = ClientCredentialIssuer(self.store, region, self.now, client_credentials_ttl, self.add_credential)
         self.service.handlers[self.issuer_operation] = self.issuer.handle

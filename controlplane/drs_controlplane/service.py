@@ -12,7 +12,7 @@ import json
 import secrets
 import string
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from drs_controlplane import errors
@@ -24,6 +24,8 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 RI_TYPE = "RECOVERY_INSTANCE"
 GIB = 1024**3
 DEFAULT_PAGE = 1000
+NOT_SEEN = "FAILBACK_CLIENT_NOT_SEEN"
+DEFAULT_NOT_SEEN_AFTER = timedelta(minutes=5)
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -41,6 +43,8 @@ class DrsService:
         self.store = store
         self.region = region
         self.clock = clock
+        # A linked failback client silent longer than this gets FAILBACK_CLIENT_NOT_SEEN (cleared when it calls).
+        self.client_not_seen_after = DEFAULT_NOT_SEEN_AFTER
         self.handlers: dict[str, Handler] = {
             "DescribeRecoveryInstances": self.describe_recovery_instances,
             "DescribeSourceServers": self.describe_source_servers,
@@ -85,8 +89,34 @@ class DrsService:
             why = "no failback client is linked to it" if not linked else "it is linked to another failback client"
             raise errors.conflict(RI_TYPE, record.id, f"Failback client {p['failbackClientID']} is not associated "
                                   f"with recovery instance {record.id}: {why}. Associate again.")
-        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        self._seen(record)
         return record
+
+    def _seen(self, record: RecoveryInstanceRecord) -> None:
+        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        info = record.doc["dataReplicationInfo"]
+        if (info.get("dataReplicationError") or {}).get("error") == NOT_SEEN:
+            info.pop("dataReplicationError")
+
+    def check_seen(self, record: RecoveryInstanceRecord) -> bool:
+        """FAILBACK_CLIENT_NOT_SEEN for a linked, running failback client silent too long; True if it changed."""
+        internal, info = record.internal, record.doc["dataReplicationInfo"]
+        seen = record.doc.get("failback", {}).get("failbackClientLastSeenByServiceDateTime")
+        if (not internal.get("failbackClientID") or internal.get("stopped") or internal.get("completed") or not seen
+                or info.get("dataReplicationError")):
+            return False
+        silent = self.clock() - datetime.fromisoformat(seen.replace("Z", "+00:00"))
+        if silent <= self.client_not_seen_after:
+            return False
+        info["dataReplicationError"] = {"error": NOT_SEEN, "rawError": f"The failback client "
+                                        f"{internal['failbackClientID']} was last seen {int(silent.total_seconds())} "
+                                        "s ago"}
+        self._save(record)
+        return True
+
+    def check_all_seen(self) -> None:
+        for record in self.store.recovery_instances():
+            self.check_seen(record)
 
     @staticmethod
     def _page(items: list[dict[str, Any]], p: dict[str, Any], operation: str) -> dict[str, Any]:
@@ -154,6 +184,7 @@ class DrsService:
 
     # public operations -------------------------------------------------------------------------
     def describe_recovery_instances(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.check_all_seen()
         f = p.get("filters") or {}
         ids, servers = set(f.get("recoveryInstanceIDs") or []), set(f.get("sourceServerIDs") or [])
         items = [r.doc for r in self.store.recovery_instances()
@@ -418,7 +449,7 @@ class DrsService:
         out: dict[str, Any] = {"bandwidthThrottling": config["bandwidthThrottling"]}
         if internal.get("failbackClientID") != p["failbackClientID"]:
             return {**out, "command": "STOP", "reason": f"{record.id} is now linked to another failback client"}
-        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        self._seen(record)
         self._save(record)
         job_id = record.doc["failback"].get("failbackJobID")
         if internal.get("stopped"):
