@@ -127,7 +127,9 @@ def early_summary() -> bool:
 
 # Subcommands that run on their own instead of the failback workflow (`failback-client NAME --help`):
 # NAME -> module whose main(argv) takes the remaining arguments. Without one, the workflow runs.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "credentials": "failback_client.credentials_helper",  # temporary installation credentials (admin workstation)
+}
 
 
 def main(argv: list[str] | None = None) -> int:
