@@ -109,6 +109,11 @@ class ControlPlane:
     issuer_operation = "GetFailbackClientCredentialsForDrs"
 
     def add_credential(self, credential: Credential) -> None:
+        if credential.issued_to:  # DRS-issued: forget those expired over an hour ago (a client refreshes often)
+            cutoff = self.now() - timedelta(hours=1)
+            for key, old in list(self.credentials.items()):
+                if old.issued_to and old.expires_at is not None and old.expires_at < cutoff:
+                    del self.credentials[key]
         self.credentials[credential.access_key] = credential
 
     def set_credential_expiry(self, access_key: str, expires_at: datetime | None) -> None:
