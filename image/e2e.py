@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -298,13 +298,14 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         job: dict[str, Any] | None = None
         last_state = None
         installation_expires: float | None = None
+        installation_expires_at = None  # the plane's clock, to compare with the job's endDateTime
         while time.monotonic() < deadline:
             if not thread.is_alive():
                 break
             doc = _instance(plane)
             if installation_expires is None and opts.installation_ttl is not None and _paired(plane):
-                plane.set_credential_expiry(credential.access_key,
-                                            plane.now() + timedelta(seconds=opts.installation_ttl))
+                installation_expires_at = plane.now() + timedelta(seconds=opts.installation_ttl)
+                plane.set_credential_expiry(credential.access_key, installation_expires_at)
                 installation_expires = time.monotonic() + opts.installation_ttl
                 log.info("e2e: paired; the installation credentials expire in %.0f s", opts.installation_ttl)
             fb_state = doc["failback"]["state"]
@@ -312,19 +313,17 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
                 log.info("e2e: failback state %s (replication %s)", fb_state,
                          doc["dataReplicationInfo"].get("dataReplicationState"))
                 last_state = fb_state
+            if ready_at is None and fb_state == "FAILBACK_READY_FOR_LAUNCH":
+                ready_at = time.monotonic() - started
             # Failback is pressed once the admin's credentials have expired: the rest runs without them.
             if job is None and fb_state == "FAILBACK_READY_FOR_LAUNCH" and (
                     installation_expires is None or time.monotonic() >= installation_expires):
-                ready_at = time.monotonic() - started
                 client = plane_client(plane, operator)
                 job = client.start_failback_launch(recoveryInstanceIDs=[RECOVERY_INSTANCE])["job"]
-                log.info("e2e: ready after %.0f s; Failback pressed (job %s)", ready_at, job["jobID"])
+                log.info("e2e: ready after %.0f s; Failback pressed (job %s) after %.0f s", ready_at, job["jobID"],
+                         time.monotonic() - started)
             if fb_state == "FAILBACK_COMPLETED" and completed_at is None:
                 completed_at = time.monotonic()
-                if installation_expires is not None:
-                    without = completed_at - installation_expires
-                    log.info("e2e: completed %.0f s %s the installation credentials expired", abs(without),
-                             "after" if without >= 0 else "BEFORE")
             if completed_at is not None and time.monotonic() - completed_at > REBOOT_GRACE_S:
                 log.warning("e2e: the guest did not reboot within %.0f s of completing", REBOOT_GRACE_S)
                 break
@@ -340,9 +339,15 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         result = boot.get("result")
         doc = _instance(plane)
         job_status = "NONE"
+        completed_after_expiry: float | None = None
         if job is not None:
             jobs = plane_client(plane, operator).describe_jobs(filters={"jobIDs": [job["jobID"]]})["items"]
             job_status = jobs[0]["status"] if jobs else "MISSING"
+            ended = jobs[0].get("endDateTime") if jobs else None
+            if ended and installation_expires_at is not None:
+                # the guest may reboot before a poll sees COMPLETED: the job's end is DRS's record of it
+                end = datetime.fromisoformat(ended.replace("Z", "+00:00"))
+                completed_after_expiry = (end - installation_expires_at).total_seconds()
         src_digest = sha512_file(source, size)
         tgt_digest = sha512_file(target, size)
         outcome = result.outcome if result is not None else "no result"
@@ -350,8 +355,7 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
                         failback_state=doc["failback"]["state"], seconds_to_ready=ready_at or -1.0,
                         seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial,
                         credential_counts=plane.counts())
-        if installation_expires is not None and completed_at is not None:
-            res.installation_expired_before_completion_s = completed_at - installation_expires
+        res.installation_expired_before_completion_s = completed_after_expiry
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))
         if opts.convert and outcome == "matched":
