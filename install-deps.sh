@@ -42,4 +42,13 @@ if [ ! -e "$stamp" ]; then
   rm -f "$VENV"/.deps-*
   touch "$stamp"
 fi
+# The real AWS CLI, for the test that drives the local DRS control plane with it
+# (tests/test_controlplane_awscli.py). awscli pins its own botocore, newer than requirements-dev.txt's,
+# so it gets its own environment.
+AWSCLI_VENV=.venv-awscli
+AWSCLI_VERSION=1.46.2
+if [ "$("$AWSCLI_VENV/bin/pip" show awscli 2>/dev/null | sed -n 's/^Version: //p')" != "$AWSCLI_VERSION" ]; then
+  [ -x "$AWSCLI_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$AWSCLI_VENV"
+  "$AWSCLI_VENV/bin/pip" install -q --disable-pip-version-check "awscli==$AWSCLI_VERSION"
+fi
 echo "install-deps: ready ($VENV/bin/inv --list shows the tasks)"

@@ -351,23 +351,30 @@ def assets(c: Context, out: str | None = None) -> None:
     "iso": "ISO to boot (default build/out/aws-failback-livecd-64bit.iso: `inv build` first)",
     "work": "scratch directory (default build/e2e/run)",
     "timeout": "seconds for the whole run (default 2400)",
+    "installation-ttl": "the admin's credentials expire this many seconds after pairing (0: never; default 60)",
+    "client-credentials-ttl": "lifetime of the credentials DRS issues the installed client (default 30)",
 })
-def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: float = 2400.0) -> None:
+def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: float = 2400.0,
+        installation_ttl: float = 60.0, client_credentials_ttl: float = 30.0) -> None:
     """The whole failback in QEMU: control plane + S3 + agent on the host, the ISO booted unattended from a
     seed volume, Failback pressed, digests compared; ends printing source and target sha512."""
     _logging()
-    from image.e2e import E2EError, E2EOptions, default_iso, run_e2e
+    from image.e2e import E2EError, E2EOptions, credential_lines, default_iso, run_e2e
     from image.paths import DEFAULT_BUILD
 
     try:
         res = run_e2e(E2EOptions(iso=Path(iso) if iso else default_iso(),
-                                 work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout))
+                                 work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout,
+                                 installation_ttl=installation_ttl or None,
+                                 client_credentials_ttl=client_credentials_ttl))
     except E2EError as exc:
         raise Exit(f"e2e: {exc}", code=1) from None
     print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
           f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
     for note in res.notes:
         print(note)
+    for line in credential_lines(res):
+        print(line)
     print(f"source sha512: {res.source_sha512}")
     print(f"target sha512: {res.target_sha512}")
     if not res.ok:

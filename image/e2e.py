@@ -16,6 +16,12 @@ guest replicates it too and converts it after the final sync (guide step 18); wh
 host boots that converted disk on the same machine model (virtio-blk, not NVMe) and it must reach its marker
 line with a DHCP address. The data volume's digests are compared (conversion leaves a disk without an
 operating system as replicated); the OS volume is expected to differ from its source by the conversion.
+
+Credentials as a real account has them: the guest gets STS-like installation credentials that carry only
+AWSElasticDisasterRecoveryFailbackInstallationPolicy and expire `installation_ttl` seconds after pairing; the
+installed client must go on with the credentials DRS issues it (living `client_credentials_ttl`, refreshed).
+Failback is pressed with a separate operator key. Prints `credential refreshes: N` and `access denied: N` from
+the control plane's request record.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +74,8 @@ class E2EOptions:
     convert: bool = True  # also replicate, convert and boot a cloud-like OS volume (issue: conversion)
     converted_boot_timeout: float = 600.0
     windows: bool = False  # the OS volume is Windows-like (image/windows_fixture.py, BIOS layout) instead
+    installation_ttl: float | None = 60.0  # the admin's credentials expire this long after pairing (None: never)
+    client_credentials_ttl: float = 30.0  # lifetime of the credentials DRS issues the installed client
 
 
 @dataclass
@@ -85,21 +94,27 @@ class E2EResult:
     converted_boot_seconds: float = 0.0
     converted: bool = False  # whether the run included the OS volume
     windows_hive: dict[str, tuple[str, str]] = field(default_factory=dict)  # reglookup of the converted hive
+    credential_counts: dict[str, int] = field(default_factory=dict)  # ControlPlane.counts()
+    installation_expired_before_completion_s: float | None = None  # how long the failback ran without them
 
     @property
     def ok(self) -> bool:
         converted = self.converted_boot == "matched" or bool(self.windows_hive)
         return (self.source_sha512 == self.target_sha512 and self.job_status == "COMPLETED"
+                and self.credential_counts.get("access denied", 0) == 0
                 and self.failback_state == "FAILBACK_COMPLETED" and self.boot_outcome == "matched"
                 and (not self.converted or converted))
 
 
-def _random_credential() -> Any:
+def _random_credential(policy: str, prefix: str = "AKIA", **kwargs: Any) -> Any:
+    from drs_controlplane.policies import policy_named
     from drs_controlplane.sigv4 import Credential
+    from failback_client.drs_model import drs_service_model
 
     alphabet = string.ascii_uppercase + string.digits
-    return Credential(access_key="AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),
-                      secret_key="".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40)))
+    return Credential(access_key=prefix + "".join(secrets.choice(alphabet) for _ in range(16)),
+                      secret_key="".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40)),
+                      policy=policy_named(policy, drs_service_model()), **kwargs)
 
 
 def make_source(path: Path, size_mib: int, fill_mib: int) -> Path:
@@ -163,6 +178,22 @@ class LinkedClient(set):  # type: ignore[type-arg]
         return bool(linked) and client_id == linked
 
 
+def _paired(plane: Any) -> bool:
+    """DRS issued the guest's replication software its certificate (the end of the installation)."""
+    with plane.store.transaction():
+        return bool(plane.store.recovery_instance(RECOVERY_INSTANCE).internal.get("clientCertificate"))
+
+
+def credential_lines(res: E2EResult) -> list[str]:
+    counts = res.credential_counts
+    lines = [f"credential refreshes: {counts.get('credential refreshes', 0)}",
+             f"access denied: {counts.get('access denied', 0)}", f"expired token: {counts.get('expired token', 0)}"]
+    if res.installation_expired_before_completion_s is not None:
+        lines.append(f"failback completed {res.installation_expired_before_completion_s:.0f} s after the "
+                     "installation credentials expired")
+    return lines
+
+
 def _instance(plane: Any) -> dict[str, Any]:
     with plane.store.transaction():
         return plane.store.recovery_instance(RECOVERY_INSTANCE).doc
@@ -206,7 +237,10 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     moto_port = moto.get_host_and_port()[1]
-    credential = _random_credential()
+    # The admin's STS credentials (installation policy only) for the guest; an operator key for the console.
+    credential = _random_credential("installation", "ASIA", session_token=secrets.token_urlsafe(64),
+                                    principal="arn:aws:sts::123456789012:assumed-role/FailbackInstaller/e2e")
+    operator = _random_credential("operator", principal="arn:aws:iam::123456789012:user/e2e-operator")
     seed = parse_seed({
         "source_servers": [{"id": SOURCE_SERVER, "hostname": "e2e01", "nics": [{"mac": OTHER_MAC}],
                             **({"os": "Microsoft Windows Server 2022 Datacenter"} if opts.windows else {}),
@@ -221,7 +255,8 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     state = work / "controlplane.db"
     state.unlink(missing_ok=True)
     # The guest reaches 10.0.2.2:<port>, which QEMU forwards to 127.0.0.1:<port>.
-    plane = ControlPlane(state_path=state, credentials=[credential], region=REGION, seed=seed).start()
+    plane = ControlPlane(state_path=state, credentials=[credential, operator], region=REGION, seed=seed,
+                         client_credentials_ttl=timedelta(seconds=opts.client_credentials_ttl)).start()
     agent = None
     try:
         version = publish_assets(f"http://127.0.0.1:{moto_port}", work / "assets")
@@ -235,7 +270,8 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         seed_img.unlink(missing_ok=True)
         build_seed_image(seed_img, kind="fat", sets=[
             f"AWS_REGION={REGION}", f"AWS_ACCESS_KEY={credential.access_key}",
-            f"AWS_SECRET_KEY={credential.secret_key}", f"AWS_DRS_ENDPOINT=http://{GUEST_HOST}:{plane_port}",
+            f"AWS_SECRET_KEY={credential.secret_key}", f"AWS_SESSION_TOKEN={credential.session_token}",
+            f"AWS_DRS_ENDPOINT=http://{GUEST_HOST}:{plane_port}",
             f"RECOVERY_INSTANCE_ID={RECOVERY_INSTANCE}",
             "DEVICE_MAPPING=" + ",".join(f"{name}={v[1]}" for name, v in volumes.items()), "NO_PROMPT=1",
             f"FAILBACK_S3_ENDPOINT=http://{GUEST_HOST}:{moto_port}", f"FAILBACK_AGENT_PORT={agent.port}",
@@ -271,20 +307,31 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         ready_at = None
         job: dict[str, Any] | None = None
         last_state = None
+        installation_expires: float | None = None
+        installation_expires_at = None  # the plane's clock, to compare with the job's endDateTime
         while time.monotonic() < deadline:
             if not thread.is_alive():
                 break
             doc = _instance(plane)
+            if installation_expires is None and opts.installation_ttl is not None and _paired(plane):
+                installation_expires_at = plane.now() + timedelta(seconds=opts.installation_ttl)
+                plane.set_credential_expiry(credential.access_key, installation_expires_at)
+                installation_expires = time.monotonic() + opts.installation_ttl
+                log.info("e2e: paired; the installation credentials expire in %.0f s", opts.installation_ttl)
             fb_state = doc["failback"]["state"]
             if fb_state != last_state:
                 log.info("e2e: failback state %s (replication %s)", fb_state,
                          doc["dataReplicationInfo"].get("dataReplicationState"))
                 last_state = fb_state
-            if job is None and fb_state == "FAILBACK_READY_FOR_LAUNCH":
+            if ready_at is None and fb_state == "FAILBACK_READY_FOR_LAUNCH":
                 ready_at = time.monotonic() - started
-                client = plane_client(plane, credential)
+            # Failback is pressed once the admin's credentials have expired: the rest runs without them.
+            if job is None and fb_state == "FAILBACK_READY_FOR_LAUNCH" and (
+                    installation_expires is None or time.monotonic() >= installation_expires):
+                client = plane_client(plane, operator)
                 job = client.start_failback_launch(recoveryInstanceIDs=[RECOVERY_INSTANCE])["job"]
-                log.info("e2e: ready after %.0f s; Failback pressed (job %s)", ready_at, job["jobID"])
+                log.info("e2e: ready after %.0f s; Failback pressed (job %s) after %.0f s", ready_at, job["jobID"],
+                         time.monotonic() - started)
             if fb_state == "FAILBACK_COMPLETED" and completed_at is None:
                 completed_at = time.monotonic()
             if completed_at is not None and time.monotonic() - completed_at > REBOOT_GRACE_S:
@@ -302,15 +349,23 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         result = boot.get("result")
         doc = _instance(plane)
         job_status = "NONE"
+        completed_after_expiry: float | None = None
         if job is not None:
-            jobs = plane_client(plane, credential).describe_jobs(filters={"jobIDs": [job["jobID"]]})["items"]
+            jobs = plane_client(plane, operator).describe_jobs(filters={"jobIDs": [job["jobID"]]})["items"]
             job_status = jobs[0]["status"] if jobs else "MISSING"
+            ended = jobs[0].get("endDateTime") if jobs else None
+            if ended and installation_expires_at is not None:
+                # the guest may reboot before a poll sees COMPLETED: the job's end is DRS's record of it
+                end = datetime.fromisoformat(ended.replace("Z", "+00:00"))
+                completed_after_expiry = (end - installation_expires_at).total_seconds()
         src_digest = sha512_file(source, size)
         tgt_digest = sha512_file(target, size)
         outcome = result.outcome if result is not None else "no result"
         res = E2EResult(source_sha512=src_digest, target_sha512=tgt_digest, job_status=job_status,
                         failback_state=doc["failback"]["state"], seconds_to_ready=ready_at or -1.0,
-                        seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial)
+                        seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial,
+                        credential_counts=plane.counts())
+        res.installation_expired_before_completion_s = completed_after_expiry
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))
         if opts.windows:
@@ -369,10 +424,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the data volume: skip the cloud-like OS volume, its conversion and its boot")
     p.add_argument("--windows", action="store_true",
                    help="the OS volume is Windows-like (NTFS, SYSTEM hive): converted by the guest, hive checked")
+    p.add_argument("--installation-ttl", type=float, default=60.0,
+                   help="the admin's credentials expire this many seconds after pairing (0: never; default 60)")
+    p.add_argument("--client-credentials-ttl", type=float, default=30.0,
+                   help="lifetime of the credentials DRS issues the installed client (default 30)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res = run_e2e(E2EOptions(iso=args.iso or default_iso(), work=args.work, timeout=args.timeout,
-                             convert=not args.no_convert, windows=args.windows))
+                             convert=not args.no_convert, windows=args.windows,
+                             installation_ttl=args.installation_ttl or None,
+                             client_credentials_ttl=args.client_credentials_ttl))
     print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
           f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
     if res.converted:
@@ -380,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{res.converted_boot_seconds:.0f} s ({res.converted_boot_line or 'no marker line'})")
     for note in res.notes:
         print(note)
+    for line in credential_lines(res):
+        print(line)
     print(f"source sha512: {res.source_sha512}")
     print(f"target sha512: {res.target_sha512}")
     return 0 if res.ok else 1

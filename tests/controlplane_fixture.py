@@ -133,9 +133,11 @@ class ControlPlaneHandle:
 
     def restart(self) -> None:
         """Stop and start again on the same state database (new port: read .url again)."""
+        credentials = list(self.plane.credentials.values())  # with those DRS issued failback clients
+        ttl, not_seen = self.plane.issuer.ttl, self.plane.service.client_not_seen_after
         self.plane.stop()
-        self.plane = ControlPlane(state_path=self.state_path, credentials=[self.credential, *self.extra_credentials],
-                                  region=self.plane.region).start()
+        self.plane = ControlPlane(state_path=self.state_path, credentials=credentials, region=self.plane.region,
+                                  client_credentials_ttl=ttl, client_not_seen_after=not_seen).start()
 
     def stop(self) -> None:
         self.plane.stop()
@@ -150,7 +152,9 @@ def drs_controlplane_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     handles: list[ControlPlaneHandle] = []
 
     def make(seed: Seed | dict[str, Any] | Path | None = None, credential: Credential | None = None,
-             extra_credentials: tuple[Credential, ...] = (), region: str = REGION) -> ControlPlaneHandle:
+             extra_credentials: tuple[Credential, ...] = (), region: str = REGION,
+             client_credentials_ttl: float = 3600.0, client_not_seen_after: float | None = None
+             ) -> ControlPlaneHandle:
         if seed is None:
             seed = load_seed(EXAMPLE_SEED)
         elif isinstance(seed, Path):
@@ -160,7 +164,9 @@ def drs_controlplane_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         credential = credential or random_credential()
         state = tmp_path_factory.mktemp("drs-controlplane") / "state.db"
         plane = ControlPlane(state_path=state, credentials=[credential, *extra_credentials], region=region,
-                             seed=seed).start()
+                             seed=seed, client_credentials_ttl=timedelta(seconds=client_credentials_ttl),
+                             client_not_seen_after=None if client_not_seen_after is None
+                             else timedelta(seconds=client_not_seen_after)).start()
         handle = ControlPlaneHandle(plane, credential, state, seed, list(extra_credentials))
         handles.append(handle)
         return handle

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from drs_controlplane.certs import CsrError
 from drs_controlplane.errors import SIGNATURE_MISMATCH
+from drs_controlplane.policies import managed
 
 from tests import controlplane_fixture
 from tests.controlplane_fixture import ControlPlaneHandle, random_credential
@@ -421,7 +422,7 @@ def test_wrong_region_and_clock_skew(drs_controlplane):
 
 
 def test_restricted_credential_gets_access_denied(drs_controlplane_factory):
-    installer = random_credential(allowed_operations=frozenset({"DescribeRecoveryInstances"}))
+    installer = random_credential(policy=managed("installation"))
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     assert cp.client(installer).describe_recovery_instances()["items"]
     with pytest.raises(ClientError) as exc:

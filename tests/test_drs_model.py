@@ -25,6 +25,8 @@ OURS = {
     "UpdateFailbackClientDeviceMappingForDrs",
     "IssueAgentCertificateForDrs",
     "UpdateAgentReplicationInfoForDrs",
+    "UpdateAgentReplicationProcessStateForDrs",
+    "GetFailbackClientCredentialsForDrs",
     "UpdateFailbackClientLastSeenForDrs",
     "GetFailbackCommandForDrs",
     "GetFailbackLaunchRequestedForDrs",

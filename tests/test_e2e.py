@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from image.e2e import E2EOptions, default_iso, run_e2e
+from image.e2e import E2EOptions, credential_lines, default_iso, run_e2e
 
 
 @pytest.mark.e2e
@@ -22,13 +22,21 @@ def test_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     iso = Path(os.environ["FAILBACK_E2E_ISO"]) if os.environ.get("FAILBACK_E2E_ISO") else default_iso()
     if not iso.is_file():
         iso = request.getfixturevalue("built_iso")
-    res = run_e2e(E2EOptions(iso=iso, work=tmp_path))
+    # The admin's credentials expire 60 s after pairing; the client's own live 30 s (refreshed by it).
+    res = run_e2e(E2EOptions(iso=iso, work=tmp_path, installation_ttl=60, client_credentials_ttl=30))
     print(f"\ne2e: ready after {res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s, QEMU {res.boot_outcome}")
+    print("\n".join(credential_lines(res)))
     print(f"source sha512: {res.source_sha512}\ntarget sha512: {res.target_sha512}")
     detail = "\n".join(res.notes)
     assert res.job_status == "COMPLETED", detail
     assert res.failback_state == "FAILBACK_COMPLETED", detail
     assert res.target_sha512 == res.source_sha512, detail
+    assert res.credential_counts["access denied"] == 0, res.credential_counts
+    assert res.credential_counts["credential refreshes"] >= 2, res.credential_counts
+    # the failback went on past the installation credentials' expiry, never using them again
+    assert res.installation_expired_before_completion_s is not None, detail
+    assert res.installation_expired_before_completion_s > 0, res.installation_expired_before_completion_s
+    assert res.credential_counts["expired token"] == 0, res.credential_counts
     # REBOOT=1 in the seed: after reporting completion the guest ejects its medium and restarts
     assert res.boot_outcome == "matched", detail
     # the OS volume, converted by the guest after the final sync, boots on this machine (virtio-blk, not NVMe)

@@ -109,6 +109,17 @@ class DrsApi:
                 session_token=settings.session_token,
             )
         self.client = client
+        # Set by drs_credentials.switch_to_drs_credentials: from then on the client works on credentials DRS
+        # issued it (AWSElasticDisasterRecoveryFailbackPolicy), which name some calls differently.
+        self.installed = False
+
+    @property
+    def update_replication(self) -> Any:
+        """UpdateAgentReplicationInfoForDrs while installing; UpdateAgentReplicationProcessStateForDrs after
+        (the same request: each policy allows only its own name)."""
+        if self.installed:
+            return self.client.update_agent_replication_process_state_for_drs
+        return self.client.update_agent_replication_info_for_drs
 
     @contextlib.contextmanager
     def _calling(self, action: str) -> Iterator[None]:
@@ -176,13 +187,9 @@ class DrsApi:
 
     def report_steps(self, client_id: str, recovery_instance_id: str, steps: list[dict[str, str]]) -> None:
         with self._calling("reporting the initiation steps to DRS"):
-            self.client.update_agent_replication_info_for_drs(
+            self.update_replication(
                 failbackClientID=client_id, recoveryInstanceID=recovery_instance_id,
                 dataReplicationState="INITIATING", initiationSteps=steps)
-
-    def replication_configuration(self, recovery_instance_id: str) -> dict[str, Any]:
-        with self._calling(f"reading the failback replication settings of {recovery_instance_id}"):
-            return self.client.get_failback_replication_configuration(recoveryInstanceID=recovery_instance_id)
 
     def seen(self, client_id: str, recovery_instance_id: str) -> None:
         with self._calling("telling DRS this failback client is alive"):

@@ -151,7 +151,10 @@ def early_summary() -> bool:
 
 # Subcommands that run on their own instead of the failback workflow (`failback-client NAME --help`):
 # NAME -> module whose main(argv) takes the remaining arguments. Without one, the workflow runs.
-SUBCOMMANDS: dict[str, str] = {"convert": "failback_client.convert_cli"}
+SUBCOMMANDS: dict[str, str] = {
+    "convert": "failback_client.convert_cli",  # the conversion on its own (after exit 9, or for other hardware)
+    "credentials": "failback_client.credentials_helper",  # temporary installation credentials (admin workstation)
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import boto3
+import botocore
 import botocore.loaders
 import botocore.session
 from botocore.client import BaseClient
@@ -152,9 +153,11 @@ def make_drs_client(
     *,
     region: str,
     endpoint_url: str | None,
-    access_key: str,
-    secret_key: str,
+    access_key: str | None = None,
+    secret_key: str | None = None,
     session_token: str | None = None,
+    credential_provider: Any | None = None,
+    unsigned: bool = False,
     retries_mode: str = "standard",
     max_attempts: int = 8,
     proxies: dict[str, str] | None = None,
@@ -165,6 +168,8 @@ def make_drs_client(
 
     `endpoint_url=None` means the default `https://drs.{region}.amazonaws.com`. Throttling (429) and
     5xx are retried by botocore's standard/adaptive retry mode with up to `max_attempts` attempts.
+    Credentials: the key pair given, or a botocore CredentialProvider (refreshable credentials), or
+    `unsigned=True` for calls that prove identity otherwise (GetFailbackClientCredentialsForDrs).
     """
     if retries_mode not in RETRY_MODES:
         raise ValueError(f"retries_mode must be one of {', '.join(RETRY_MODES)}, not {retries_mode!r}")
@@ -178,8 +183,18 @@ def make_drs_client(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         user_agent_appid=f"failback-client-{__version__}",
+        **({"signature_version": botocore.UNSIGNED} if unsigned else {}),
     )
-    session = boto3.session.Session(botocore_session=botocore_session())
+    core = botocore_session()
+    if credential_provider is not None or unsigned:
+        from botocore.credentials import CredentialResolver
+
+        # Only this provider (never the environment's or a profile's keys).
+        core.register_component("credential_provider",
+                                CredentialResolver([credential_provider] if credential_provider else []))
+        return boto3.session.Session(botocore_session=core).client(
+            SERVICE_NAME, region_name=region, endpoint_url=endpoint_url or None, config=config)
+    session = boto3.session.Session(botocore_session=core)
     return session.client(
         SERVICE_NAME,
         region_name=region,

@@ -31,6 +31,7 @@ from failback_client.configure import ConfigureError, ReplicationSetup
 from failback_client.console import Console
 from failback_client.download import EXIT_REPLICATION, Software
 from failback_client.errors import ClientError
+from failback_client.liveness import Liveness
 from failback_client.replication_api import ReplicationApi
 from failback_client.verify import StepReporter
 
@@ -56,6 +57,8 @@ class Timing:
     command_s: float = 2.0  # GetFailbackCommandForDrs
     progress_report_s: float = 5.0  # NotifyAgentReplicationProgressForDrs at most this often
     console_s: float = 10.0  # plain progress lines at most this often (state changes always show)
+    heartbeat_s: float = 30.0  # UpdateFailbackClientLastSeenForDrs
+    metrics_s: float = 60.0  # SendClientMetricsForDrs
 
 
 def iso(moment: datetime) -> str:
@@ -235,6 +238,7 @@ class Supervisor:
         self.log_file = run_dir / "replicator.log"
         self.forwarder = Forwarder(rapi, steps, console, f"failback-replicator/{software.version}")
         self.view = ProgressView(console, dict(setup.volumes), self.timing.console_s)
+        self.liveness = Liveness(rapi, heartbeat_s=self.timing.heartbeat_s, metrics_s=self.timing.metrics_s)
         self.command = "CONTINUE"
         self.command_reason = ""
         self.job_id: str | None = None
@@ -330,6 +334,7 @@ class Supervisor:
                 if now >= next_command:
                     self.poll_command()
                     next_command = now + self.timing.command_s
+                self.liveness.tick(status)
                 time.sleep(self.timing.poll_s)
         finally:
             self.terminate()

@@ -20,10 +20,16 @@ MAX_MESSAGE = 1000  # rawError / message: keep what DRS shows short
 
 
 class ReplicationApi:
-    def __init__(self, api: DrsApi, client_id: str, recovery_instance_id: str) -> None:
+    def __init__(self, api: DrsApi, client_id: str, recovery_instance_id: str,
+                 bandwidth_mbps: int | None = None) -> None:
         self.api = api
-        self.client = api.client
         self.ids = {"failbackClientID": client_id, "recoveryInstanceID": recovery_instance_id}
+        # From the association (GetFailbackReplicationConfiguration is in neither failback policy).
+        self.bandwidth_mbps = bandwidth_mbps
+
+    @property
+    def client(self) -> Any:
+        return self.api.client  # follows the switch to DRS-issued credentials
 
     @contextlib.contextmanager
     def _calling(self, action: str) -> Iterator[None]:
@@ -40,7 +46,7 @@ class ReplicationApi:
     def update_info(self, **fields: Any) -> str | None:
         """UpdateAgentReplicationInfoForDrs with only the given fields; returns the failback state."""
         with self._calling("reporting the replication state to DRS"):
-            return self.client.update_agent_replication_info_for_drs(**self.ids, **fields).get("failbackState")
+            return self.api.update_replication(**self.ids, **fields).get("failbackState")
 
     def progress(self, disks: list[dict[str, Any]], lag_seconds: int | None, eta: str | None,
                  throughput: int | None) -> None:
@@ -71,6 +77,18 @@ class ReplicationApi:
         with self._calling("telling DRS the volumes are consistent"):
             return self.client.notify_consistency_attained_for_drs(
                 **self.ids, consistencyDateTime=when, finalSync=final_sync).get("failbackState")
+
+    def seen(self) -> None:
+        with self._calling("telling DRS this failback client is alive (UpdateFailbackClientLastSeenForDrs)"):
+            self.client.update_failback_client_last_seen_for_drs(**self.ids)
+
+    def metrics(self, metrics: list[dict[str, Any]]) -> None:
+        with self._calling("sending metrics to DRS (SendClientMetricsForDrs)"):
+            self.client.send_client_metrics_for_drs(**self.ids, metrics=metrics)
+
+    def logs(self, events: list[dict[str, Any]]) -> None:
+        with self._calling("sending the client log to DRS (SendClientLogsForDrs)"):
+            self.client.send_client_logs_for_drs(**self.ids, logEvents=events)
 
     def command(self) -> dict[str, Any]:
         with self._calling("asking DRS what to do next (GetFailbackCommandForDrs)"):

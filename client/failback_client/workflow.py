@@ -18,6 +18,7 @@ from failback_client.configure import ReplicationSetup, check_config, mapped_vol
 from failback_client.console import Console
 from failback_client.devices import LocalDisk, discover
 from failback_client.download import download_software
+from failback_client.drs_credentials import switch_to_drs_credentials
 from failback_client.errors import EXIT_OK, ClientError, ClockError, ConnectivityError, CredentialsError
 from failback_client.finish import SUCCESS_MESSAGE, after_final_sync, finish, report_completion
 from failback_client.identify import choose, local_identity, recovery_disks
@@ -171,7 +172,6 @@ def run(settings: Settings, console: Console) -> int:
         note = direct_note()
         console.ok(f"Reached {replication.what} at {replication.address}" + (f" ({note})" if note else ""))
         steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "SUCCEEDED")
-        api.seen(client_id, choice.id)
     for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint,
                                   dict(os.environ)):
         problem = tcp_problem(target)
@@ -188,7 +188,7 @@ def run(settings: Settings, console: Console) -> int:
         console.info(STOP_MESSAGE)
         return EXIT_OK
     confirm_overwrite(settings, console, volumes, choice.id)  # the last look: nothing is written before it
-    rapi = ReplicationApi(api, client_id, choice.id)
+    rapi = ReplicationApi(api, client_id, choice.id, bandwidth_mbps=link.get("bandwidthThrottling"))
     original = bool(choice.original_server or link.get("failbackToOriginalServer"))
     return replicate(settings, console, api, rapi, steps, volumes, replication, original)
 
@@ -222,7 +222,7 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
     console.ok(f"Replication software {software.version} downloaded, sha512 verified ({software.sha512[:16]}...)")
 
     def configure() -> ReplicationSetup:
-        bandwidth = api.replication_configuration(rapi.ids["recoveryInstanceID"]).get("bandwidthThrottling")
+        bandwidth = rapi.bandwidth_mbps
         setup = ReplicationSetup(
             recovery_instance_id=rapi.ids["recoveryInstanceID"], client_id=rapi.ids["failbackClientID"],
             agent_host=agent.host, agent_port=agent.port, volumes=mapped_volumes(volumes), rescan=original_server,
@@ -240,6 +240,8 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
         csr = create_key_and_csr(tls_dir, setup.client_id)
         issued = rapi.issue_certificate(csr)
         install_certificates(tls_dir, setup.client_id, issued["certificate"], issued["caCertificate"])
+        # Installed: from here on, credentials DRS issues this client (the admin's may expire).
+        switch_to_drs_credentials(api, console, setup.client_id, setup.recovery_instance_id, tls_paths(tls_dir).key)
         setup.agent_identity = issued["agentCommonName"]
         check_config(software, write_config(setup, run_dir / "replicator.json"))
         console.ok(f"Certificate issued for {setup.client_id}; pairing with agent {setup.agent_identity} at "
@@ -250,14 +252,21 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
     before_replication(settings, console, api, setup)  # Windows: same boot mode as the source, before any write
 
     supervisor = Supervisor(software, setup, run_dir / "replicator.json", rapi, steps, console)
-    outcome = supervisor.run()
-    if outcome is Outcome.STOPPED:
-        console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
-                     "and nothing more is written. Start the failback client again to fail back later.")
-        return EXIT_OK
-    targets = [Path(target) for _, target in setup.volumes]
-    after_final_sync(targets, console, settings)
-    report_completion(rapi, console)
+    try:
+        outcome = supervisor.run()
+        if outcome is Outcome.STOPPED:
+            console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
+                         "and nothing more is written. Start the failback client again to fail back later.")
+            return EXIT_OK
+        targets = [Path(target) for _, target in setup.volumes]
+        after_final_sync(targets, console, settings)
+        report_completion(rapi, console)
+        supervisor.liveness.send_logs("completion")
+    except BaseException as e:
+        supervisor.liveness.send_logs(f"failure: {type(e).__name__}")  # DRS keeps the log of what went wrong
+        raise
+    finally:
+        supervisor.liveness.close()
     console.ok(SUCCESS_MESSAGE)
     finish(settings, console)
     return EXIT_OK

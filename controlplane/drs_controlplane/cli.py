@@ -18,10 +18,12 @@ from drs_controlplane.seed import SeedError, load_seed
 DEFAULT_REGION = "us-east-1"
 EPILOG_CREDENTIALS = """
 credentials (never on the command line):
-  serve accepts one key pair: --access-key or DRS_CONTROLPLANE_ACCESS_KEY (else AWS_ACCESS_KEY_ID);
-  the secret from --secret-key-file or DRS_CONTROLPLANE_SECRET_KEY (else AWS_SECRET_ACCESS_KEY);
-  an optional session token from --session-token-file or DRS_CONTROLPLANE_SESSION_TOKEN.
-  failback/describe sign with the same variables (or AWS_SESSION_TOKEN).
+  serve accepts one operator key pair (console actions + the failback installation policy):
+  --access-key or DRS_CONTROLPLANE_ACCESS_KEY (else AWS_ACCESS_KEY_ID); the secret from --secret-key-file
+  or DRS_CONTROLPLANE_SECRET_KEY (else AWS_SECRET_ACCESS_KEY); an optional session token from
+  --session-token-file or DRS_CONTROLPLANE_SESSION_TOKEN. Or several keys, each with its policy
+  (installation, failback, operator, admin), token and lifetime: --credentials FILE (YAML, see
+  controlplane/README.md). failback/describe sign with the same variables (or AWS_SESSION_TOKEN).
 """
 
 
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state", type=Path, required=True, help="SQLite state file (created if missing)")
     serve.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any free port)")
     serve.add_argument("--url-file", type=Path, help="also write the URL to this file once listening")
+    serve.add_argument("--credentials", type=Path, metavar="FILE",
+                       help="YAML list of keys with policy, optional session token and lifetime (instead of one "
+                            "operator key from --access-key / the environment)")
+    serve.add_argument("--client-credentials-ttl", type=float, default=3600.0, metavar="SECONDS",
+                       help="lifetime of the credentials DRS issues each installed failback client (default 3600)")
+    serve.add_argument("--client-not-seen-after", type=float, default=300.0, metavar="SECONDS",
+                       help="a linked failback client silent this long gets FAILBACK_CLIENT_NOT_SEEN (default 300)")
     _add_credential_options(serve)
 
     for name, text in (("failback", "press 'Failback' (StartFailbackLaunch) for recovery instances, as the console"),
@@ -90,20 +99,44 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("recovery_instance_ids", nargs="+", metavar="i-...", help="recovery instance IDs")
         elif name == "stop-failback":
             p.add_argument("recovery_instance_id", metavar="i-...", help="recovery instance ID")
+    reports = sub.add_parser("client-reports", help="show the logs and metrics failback clients sent "
+                             "(SendClientLogsForDrs, SendClientMetricsForDrs)",
+                             description="Show what failback clients sent, read from the state file (the "
+                                         "control plane may be running).")
+    reports.add_argument("--state", type=Path, required=True, help="the SQLite state file `serve` uses")
+    reports.add_argument("--instance", metavar="i-...", help="only this recovery instance")
+    reports.add_argument("--tail", type=int, default=200, metavar="N", help="last N log events (default 200)")
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from failback_client.drs_model import drs_service_model
+
+    from drs_controlplane.credentials_file import CredentialsFileError, load_credentials
+    from drs_controlplane.policies import policy_named
     from drs_controlplane.server import ControlPlane
     from drs_controlplane.sigv4 import Credential
 
-    access, secret, token = _credentials(args)
+    if args.client_credentials_ttl < 10:
+        raise UsageError("--client-credentials-ttl must be at least 10 seconds")
+    if args.credentials:
+        try:
+            credentials = load_credentials(args.credentials, drs_service_model(), datetime.now(UTC))
+        except CredentialsFileError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        access, secret, token = _credentials(args)
+        credentials = [Credential(access, secret, token, policy=policy_named("operator", drs_service_model()),
+                                  principal="arn:aws:iam::123456789012:user/drs-operator")]
     if args.state.exists() and args.seed:
         logging.info("state %s exists: the seed is not applied again", args.state)
     seed = load_seed(args.seed) if args.seed else None
     args.state.parent.mkdir(parents=True, exist_ok=True)
-    plane = ControlPlane(state_path=args.state, credentials=[Credential(access, secret, token)], region=args.region,
-                         seed=seed, port=args.port)
+    plane = ControlPlane(state_path=args.state, credentials=credentials, region=args.region, seed=seed,
+                         port=args.port, client_credentials_ttl=timedelta(seconds=args.client_credentials_ttl),
+                         client_not_seen_after=timedelta(seconds=args.client_not_seen_after))
     url = plane.bind()
     print(url, flush=True)
     if args.url_file:
@@ -174,10 +207,37 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_reports(args: argparse.Namespace) -> int:
+    from drs_controlplane.store import Store
+
+    if not args.state.is_file():
+        raise UsageError(f"no state file {args.state} (the --state that `serve` was given)")
+    store = Store(args.state)
+    try:
+        with store.transaction():
+            logs, metrics = store.logs(), store.metrics()
+    finally:
+        store.close()
+    wanted = [r for r in logs if not args.instance or r["recoveryInstanceID"] == args.instance]
+    metrics = [m for m in metrics if not args.instance or m["recoveryInstanceID"] == args.instance]
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for m in metrics:
+        latest[(m["recoveryInstanceID"] or "-", m["failbackClientID"] or "-", m["name"])] = m
+    print(f"Metrics ({len(metrics)} received; latest of each):")
+    for (instance, client, name), m in sorted(latest.items()):
+        print(f"  {instance} {client} {name} = {m['value']:g} {m.get('unit') or ''} at {m.get('timestamp') or '-'}")
+    print(f"Logs ({len(wanted)} events; last {min(args.tail, len(wanted))}):")
+    for e in wanted[-args.tail:] if args.tail > 0 else []:
+        print(f"  {e['timestamp']} {e['recoveryInstanceID'] or '-'} {e['failbackClientID'] or '-'} {e['level']} "
+              f"{e['message']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    commands = {"serve": _serve, "failback": _failback, "stop-failback": _stop_failback, "describe": _describe}
+    commands = {"serve": _serve, "failback": _failback, "stop-failback": _stop_failback, "describe": _describe,
+                "client-reports": _client_reports}
     try:
         return commands[args.command](args)
     except (UsageError, SeedError) as exc:

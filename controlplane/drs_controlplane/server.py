@@ -4,6 +4,7 @@ AWS error shapes, throttling injection, and a `Date` header from the control pla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -22,8 +23,10 @@ from failback_client.drs_model import drs_service_model
 
 from drs_controlplane import errors, modelcheck
 from drs_controlplane.certs import IssuedCertificate, agent_common_name, sign_csr
+from drs_controlplane.client_credentials import DEFAULT_TTL, ClientCredentialIssuer
 from drs_controlplane.documents import apply_seed
 from drs_controlplane.errors import ApiError
+from drs_controlplane.policies import request_resources
 from drs_controlplane.seed import Seed
 from drs_controlplane.service import DrsService
 from drs_controlplane.sigv4 import Credential, verify
@@ -45,6 +48,7 @@ class RequestRecord:
     status: int
     error_code: str | None
     access_key: str | None
+    principal: str | None = None
 
 
 def validate_response(model: ServiceModel, operation: str, body: dict[str, Any]) -> None:
@@ -64,13 +68,20 @@ class ControlPlane:
     """A running (or startable) control plane. Thread-safe knobs for tests: throttle_next(), clock_offset."""
 
     def __init__(self, *, state_path: Path | str, credentials: Iterable[Credential], region: str = "us-east-1",
-                 seed: Seed | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+                 seed: Seed | None = None, host: str = "127.0.0.1", port: int = 0,
+                 client_credentials_ttl: timedelta = DEFAULT_TTL, client_not_seen_after: timedelta | None = None
+                 ) -> None:
         self.model = drs_service_model()
         self.region = region
         self.store = Store(state_path)
         self.credentials = {c.access_key: c for c in credentials}
         self.clock_offset = timedelta(0)
         self.service = DrsService(self.store, region, self.now)
+        if client_not_seen_after is not None:
+            self.service.client_not_seen_after = client_not_seen_after
+        # What DRS issues the installed failback client (GetFailbackClientCredentialsForDrs): unsigned calls.
+        self.issuer = ClientCredentialIssuer(self.store, region, self.now, client_credentials_ttl, self.add_credential)
+        self.service.handlers[self.issuer_operation] = self.issuer.handle
         self.requests: list[RequestRecord] = []
         # DRS answers every call with UninitializedAccountException until the account is initialized
         # in the Region: a likely first error for a client pointed at the wrong Region.
@@ -95,8 +106,39 @@ class ControlPlane:
         with self._knob_lock:
             self._throttle_left, self._throttle_retry_after = count, retry_after
 
+    issuer_operation = "GetFailbackClientCredentialsForDrs"
+
     def add_credential(self, credential: Credential) -> None:
+        if credential.issued_to:  # DRS-issued: forget those expired over an hour ago (a client refreshes often)
+            cutoff = self.now() - timedelta(hours=1)
+            for key, old in list(self.credentials.items()):
+                if old.issued_to and old.expires_at is not None and old.expires_at < cutoff:
+                    del self.credentials[key]
         self.credentials[credential.access_key] = credential
+
+    def set_credential_expiry(self, access_key: str, expires_at: datetime | None) -> None:
+        """Make a known credential expire at `expires_at` (tests: installation credentials run out)."""
+        self.credentials[access_key] = dataclasses.replace(self.credentials[access_key], expires_at=expires_at)
+
+    def counts(self) -> dict[str, int]:
+        """The request record in figures: issued client credentials, refreshes, denials, expired tokens."""
+        issued = sum(1 for r in self.requests if r.operation == self.issuer_operation and r.status == 200)
+        clients = {r.principal for r in self.requests if r.operation == self.issuer_operation and r.status == 200}
+        return {"credentials issued": issued, "credential refreshes": max(0, issued - len(clients)),
+                "access denied": sum(1 for r in self.requests if r.error_code == "AccessDeniedException"),
+                "expired token": sum(1 for r in self.requests if r.error_code == "ExpiredTokenException")}
+
+    def _authorize(self, credential: Credential, operation: str, params: dict[str, Any]) -> None:
+        """IAM's decision: the credential's policy must allow the action on every resource of the request,
+        and a credential scoped to one recovery instance acts on no other."""
+        account = self.store.get("account") or "123456789012"
+        for resource in request_resources(params, self.region, account):
+            allowed = credential.policy is None or credential.policy.allows(operation, resource)
+            if allowed and credential.scope_instance and resource != "*":
+                allowed = resource.endswith(f":recovery-instance/{credential.scope_instance}")
+            if not allowed:
+                raise errors.access_denied(f"User: {credential.principal} is not authorized to perform: "
+                                           f"drs:{operation} on resource: {resource}")
 
     def issue_agent_certificate(self, recovery_instance_id: str, csr_pem: str,
                                 extra_ips: tuple[str, ...] = ("127.0.0.1",)) -> IssuedCertificate:
@@ -172,14 +214,18 @@ class ControlPlane:
 
     # request handling -------------------------------------------------------------------------
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes, host_url: str
-               ) -> tuple[int, dict[str, str], dict[str, Any], str | None, str | None]:
-        """Process one request → (status, headers, JSON body, operation, access key)."""
+               ) -> tuple[int, dict[str, str], dict[str, Any], str | None, str | None, str | None]:
+        """Process one request → (status, headers, JSON body, operation, access key, principal)."""
         operation: str | None = None
         access_key: str | None = None
+        principal: str | None = None
         try:
-            credential = verify(method=method, host_url=host_url, path_and_query=path, headers=headers, body=body,
-                                region=self.region, credentials=self.credentials, now=self.now())
-            access_key = credential.access_key
+            unsigned = path.split("?", 1)[0] == f"/{self.issuer_operation}"
+            credential = None
+            if not unsigned:
+                credential = verify(method=method, host_url=host_url, path_and_query=path, headers=headers,
+                                    body=body, region=self.region, credentials=self.credentials, now=self.now())
+                access_key, principal = credential.access_key, credential.principal
             retry_after = self._take_throttle()
             if retry_after is not None:
                 raise errors.throttling(retry_after)
@@ -187,10 +233,9 @@ class ControlPlane:
             operation = op.name
             if not self.account_initialized:
                 raise ApiError(400, "UninitializedAccountException", "Account not initialized")
-            if credential.allowed_operations is not None and op.name not in credential.allowed_operations:
-                raise errors.access_denied(f"User: {credential.principal} is not authorized to perform: "
-                                           f"drs:{op.name} on resource: *")
             params = self._parse(op, body)
+            if credential is not None:
+                self._authorize(credential, op.name, params)
             handler = self.service.handlers.get(op.name)
             if handler is None:
                 raise ApiError(501, "NotImplemented", f"{op.name} is not implemented by the local DRS control plane")
@@ -200,18 +245,23 @@ class ControlPlane:
             if hook is not None:
                 result = hook(result)
             validate_response(self.model, op.name, result)
-            return 200, {}, result, operation, access_key
+            if unsigned:
+                principal = f"failback-client/{params['failbackClientID']}"
+            return 200, {}, result, operation, access_key, principal
         except ApiError as exc:
             try:
                 self._check_error(exc)
             except ResponseShapeError:
                 log.exception("control plane bug: malformed %s", exc.code)
                 exc = errors.internal()
-            return exc.status, {"x-amzn-ErrorType": exc.code, **exc.headers}, exc.body(), operation, access_key
+            if exc.code == "AccessDeniedException":
+                log.warning("denied: %s", exc.message)
+            return (exc.status, {"x-amzn-ErrorType": exc.code, **exc.headers}, exc.body(), operation, access_key,
+                    principal)
         except Exception:
             log.exception("control plane bug while handling %s", operation or path)
             exc = errors.internal()
-            return exc.status, {"x-amzn-ErrorType": exc.code}, exc.body(), operation, access_key
+            return exc.status, {"x-amzn-ErrorType": exc.code}, exc.body(), operation, access_key, principal
 
     def _route(self, method: str, path: str) -> OperationModel:
         name = path.split("?", 1)[0].lstrip("/")
@@ -277,10 +327,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         host_url = "http://" + headers.get("host", "")
-        status, extra, payload, operation, key = self.plane.handle(self.command, self.path, headers, body, host_url)
+        status, extra, payload, operation, key, principal = self.plane.handle(self.command, self.path, headers, body,
+                                                                              host_url)
         code = extra.get("x-amzn-ErrorType")
         # Recorded before the answer goes out: a client that has its answer finds the request in the log.
-        self.plane.requests.append(RequestRecord(operation, status, code, key))
+        self.plane.requests.append(RequestRecord(operation, status, code, key, principal))
         self._respond(status, extra, payload)
         log.info("%s %s -> %s%s (%.1f ms)", self.command, operation or self.path, status,
                  f" {code}" if code else "", (time.monotonic() - started) * 1000)

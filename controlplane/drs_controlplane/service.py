@@ -12,7 +12,7 @@ import json
 import secrets
 import string
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from drs_controlplane import errors
@@ -24,6 +24,8 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 RI_TYPE = "RECOVERY_INSTANCE"
 GIB = 1024**3
 DEFAULT_PAGE = 1000
+NOT_SEEN = "FAILBACK_CLIENT_NOT_SEEN"
+DEFAULT_NOT_SEEN_AFTER = timedelta(minutes=5)
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -41,6 +43,8 @@ class DrsService:
         self.store = store
         self.region = region
         self.clock = clock
+        # A linked failback client silent longer than this gets FAILBACK_CLIENT_NOT_SEEN (cleared when it calls).
+        self.client_not_seen_after = DEFAULT_NOT_SEEN_AFTER
         self.handlers: dict[str, Handler] = {
             "DescribeRecoveryInstances": self.describe_recovery_instances,
             "DescribeSourceServers": self.describe_source_servers,
@@ -54,6 +58,8 @@ class DrsService:
             "UpdateFailbackClientDeviceMappingForDrs": self.update_mapping,
             "IssueAgentCertificateForDrs": self.issue_agent_certificate,
             "UpdateAgentReplicationInfoForDrs": self.update_agent_replication_info,
+            # The same update from the installed client (its service-role policy allows only this name).
+            "UpdateAgentReplicationProcessStateForDrs": self.update_agent_replication_info,
             "UpdateFailbackClientLastSeenForDrs": self.update_last_seen,
             "GetFailbackCommandForDrs": self.get_failback_command,
             "GetFailbackLaunchRequestedForDrs": self.get_failback_launch_requested,
@@ -83,8 +89,34 @@ class DrsService:
             why = "no failback client is linked to it" if not linked else "it is linked to another failback client"
             raise errors.conflict(RI_TYPE, record.id, f"Failback client {p['failbackClientID']} is not associated "
                                   f"with recovery instance {record.id}: {why}. Associate again.")
-        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        self._seen(record)
         return record
+
+    def _seen(self, record: RecoveryInstanceRecord) -> None:
+        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        info = record.doc["dataReplicationInfo"]
+        if (info.get("dataReplicationError") or {}).get("error") == NOT_SEEN:
+            info.pop("dataReplicationError")
+
+    def check_seen(self, record: RecoveryInstanceRecord) -> bool:
+        """FAILBACK_CLIENT_NOT_SEEN for a linked, running failback client silent too long; True if it changed."""
+        internal, info = record.internal, record.doc["dataReplicationInfo"]
+        seen = record.doc.get("failback", {}).get("failbackClientLastSeenByServiceDateTime")
+        if (not internal.get("failbackClientID") or internal.get("stopped") or internal.get("completed") or not seen
+                or info.get("dataReplicationError")):
+            return False
+        silent = self.clock() - datetime.fromisoformat(seen.replace("Z", "+00:00"))
+        if silent <= self.client_not_seen_after:
+            return False
+        info["dataReplicationError"] = {"error": NOT_SEEN, "rawError": f"The failback client "
+                                        f"{internal['failbackClientID']} was last seen {int(silent.total_seconds())} "
+                                        "s ago"}
+        self._save(record)
+        return True
+
+    def check_all_seen(self) -> None:
+        for record in self.store.recovery_instances():
+            self.check_seen(record)
 
     @staticmethod
     def _page(items: list[dict[str, Any]], p: dict[str, Any], operation: str) -> dict[str, Any]:
@@ -152,6 +184,7 @@ class DrsService:
 
     # public operations -------------------------------------------------------------------------
     def describe_recovery_instances(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.check_all_seen()
         f = p.get("filters") or {}
         ids, servers = set(f.get("recoveryInstanceIDs") or []), set(f.get("sourceServerIDs") or [])
         items = [r.doc for r in self.store.recovery_instances()
@@ -210,10 +243,25 @@ class DrsService:
 
     def stop_failback(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._instance(p["recoveryInstanceID"])
+        if record.internal.get("launchRequested") and not record.internal.get("completed"):
+            self._end_launch(record, "FAILED")
         record.internal.update(stopped=True, launchRequested=False)
         record.doc["dataReplicationInfo"]["dataReplicationState"] = "STOPPED"
         self._save(record)
         return {}
+
+    def _end_launch(self, record: RecoveryInstanceRecord, launch_status: str) -> None:
+        """This server's part of its LAUNCH job is over (LAUNCHED, or FAILED when stopped); the job completes
+        when no server of it is still PENDING."""
+        job = self.store.job(record.doc["failback"].get("failbackJobID") or "")
+        if job is None:
+            return
+        for server in job["participatingServers"]:
+            if server["recoveryInstanceID"] == record.id:
+                server["launchStatus"] = launch_status
+        if all(s["launchStatus"] in ("LAUNCHED", "FAILED") for s in job["participatingServers"]):
+            job.update(status="COMPLETED", endDateTime=self._now())
+        self.store.save_job(job)
 
     def get_failback_replication_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._instance(p["recoveryInstanceID"])
@@ -344,6 +392,8 @@ class DrsService:
                               now=self.clock(), server=False)
         except CsrError as exc:
             raise errors.validation(str(exc), [("certificateSigningRequest", str(exc))]) from None
+        # Kept: GetFailbackClientCredentialsForDrs checks the client's proof of identity against it.
+        record.internal["clientCertificate"] = issued.certificate_pem
         self._save(record)
         return {"certificate": issued.certificate_pem, "caCertificate": issued.ca_certificate_pem,
                 "agentCommonName": agent_common_name(record.id), "expirationDateTime": iso(issued.not_after)}
@@ -399,7 +449,7 @@ class DrsService:
         out: dict[str, Any] = {"bandwidthThrottling": config["bandwidthThrottling"]}
         if internal.get("failbackClientID") != p["failbackClientID"]:
             return {**out, "command": "STOP", "reason": f"{record.id} is now linked to another failback client"}
-        record.doc["failback"]["failbackClientLastSeenByServiceDateTime"] = self._now()
+        self._seen(record)
         self._save(record)
         job_id = record.doc["failback"].get("failbackJobID")
         if internal.get("stopped"):
@@ -470,18 +520,9 @@ class DrsService:
         return {"failbackState": self._save(record)}
 
     def _complete_launch(self, record: RecoveryInstanceRecord) -> None:
-        now = self._now()
         record.internal["completed"] = True
         record.doc["dataReplicationInfo"]["dataReplicationState"] = "STOPPED"
-        job = self.store.job(record.doc["failback"]["failbackJobID"])
-        if job is None:
-            return
-        for server in job["participatingServers"]:
-            if server["recoveryInstanceID"] == record.id:
-                server["launchStatus"] = "LAUNCHED"
-        if all(s["launchStatus"] == "LAUNCHED" for s in job["participatingServers"]):
-            job.update(status="COMPLETED", endDateTime=now)
-        self.store.save_job(job)
+        self._end_launch(record, "LAUNCHED")
 
     def send_client_logs(self, p: dict[str, Any]) -> dict[str, Any]:
         self.store.add_logs(p.get("failbackClientID"), p.get("recoveryInstanceID"), p["logEvents"])

@@ -17,6 +17,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from drs_controlplane.errors import EXPIRED_TOKEN, INVALID_TOKEN, SIGNATURE_MISMATCH, ApiError
+from drs_controlplane.policies import Policy
 
 SERVICE = "drs"
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -30,14 +31,20 @@ _AUTH_RE = re.compile(
 
 @dataclass(frozen=True)
 class Credential:
-    """A key pair the control plane accepts. `allowed_operations=None` allows everything."""
+    """A key pair the control plane accepts, with what IAM would attach to it.
+
+    `policy=None` allows every action (drs:*). `scope_instance` limits every call about a recovery instance
+    to that one (DRS-issued failback client credentials: the service role's session is scoped to it).
+    """
 
     access_key: str
     secret_key: str
     session_token: str | None = None
     expires_at: datetime | None = None
-    allowed_operations: frozenset[str] | None = None
+    policy: Policy | None = None
     principal: str = "arn:aws:iam::123456789012:user/failback-installer"
+    scope_instance: str | None = None
+    issued_to: str | None = None  # the failback client ID DRS issued this credential to
 
     def __repr__(self) -> str:  # never show the secret or the token
         return f"Credential(access_key={self.access_key!r}, principal={self.principal!r})"
