@@ -95,6 +95,8 @@ class E2EResult:
     converted: bool = False  # whether the run included the OS volume
     windows_hive: dict[str, tuple[str, str]] = field(default_factory=dict)  # reglookup of the converted hive
     credential_counts: dict[str, int] = field(default_factory=dict)  # ControlPlane.counts()
+    # What the client sent DRS (SendClientLogsForDrs): the same on whichever console won the race to run it.
+    client_log: list[str] = field(default_factory=list)
     installation_expired_before_completion_s: float | None = None  # how long the failback ran without them
 
     @property
@@ -364,7 +366,8 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         res = E2EResult(source_sha512=src_digest, target_sha512=tgt_digest, job_status=job_status,
                         failback_state=doc["failback"]["state"], seconds_to_ready=ready_at or -1.0,
                         seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial,
-                        credential_counts=plane.counts())
+                        credential_counts=plane.counts(),
+                        client_log=[e["message"] for e in plane.store.logs()])
         res.installation_expired_before_completion_s = completed_after_expiry
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))

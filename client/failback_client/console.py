@@ -188,6 +188,8 @@ class Console:
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:
         cells = [[self._text(str(c)) for c in row] for row in rows]
+        if title:
+            log.info("%s", self._text(title))
         for row in cells:
             log.info("%s", " | ".join(row))
         if self._rich is not None:
