@@ -1,6 +1,6 @@
 """The regions a release is published to, and parsing of the `--regions` option.
 
-The list is the DRS service's (see shared/reference/drs-facts.md): 28 commercial regions plus
+The list is the DRS service's, kept in the client (failback_client.regions): 28 commercial regions plus
 the two GovCloud regions, which live in their own partition (own credentials, and S3 cannot
 copy between partitions).
 """
@@ -9,38 +9,9 @@ from __future__ import annotations
 
 import difflib
 
-COMMERCIAL_REGIONS: tuple[str, ...] = (
-    "af-south-1",
-    "ap-east-1",
-    "ap-northeast-1",
-    "ap-northeast-2",
-    "ap-northeast-3",
-    "ap-south-1",
-    "ap-south-2",
-    "ap-southeast-1",
-    "ap-southeast-2",
-    "ap-southeast-3",
-    "ap-southeast-4",
-    "ca-central-1",
-    "eu-central-1",
-    "eu-central-2",
-    "eu-north-1",
-    "eu-south-1",
-    "eu-south-2",
-    "eu-west-1",
-    "eu-west-2",
-    "eu-west-3",
-    "il-central-1",
-    "me-central-1",
-    "me-south-1",
-    "sa-east-1",
-    "us-east-1",
-    "us-east-2",
-    "us-west-1",
-    "us-west-2",
-)
-GOVCLOUD_REGIONS: tuple[str, ...] = ("us-gov-east-1", "us-gov-west-1")
-ALL_REGIONS: tuple[str, ...] = COMMERCIAL_REGIONS + GOVCLOUD_REGIONS
+from failback_client.regions import COMMERCIAL_REGIONS, DRS_REGIONS, GOVCLOUD_REGIONS
+
+ALL_REGIONS: tuple[str, ...] = DRS_REGIONS
 
 
 class RegionError(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import botocore.exceptions
@@ -92,6 +92,28 @@ def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
         return ServiceError(f"DRS call failed while {action}: {error}")
     raise error
 
+@contextlib.contextmanager
+def calling(settings: Settings, action: str, logger: logging.Logger = log) -> Iterator[None]:
+    """Around one DRS call: a botocore error becomes the one-sentence ClientError of `explain`."""
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        logger.info("%s failed: %s", action, e)
+        raise explain(e, settings, action) from None
+
+
+def all_items(method: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
+    """Every page of a DRS Describe* call, following nextToken."""
+    items: list[dict[str, Any]] = []
+    while True:
+        page = method(**kwargs)
+        items.extend(page.get("items", []))
+        token = page.get("nextToken")
+        if not token:
+            return items
+        kwargs["nextToken"] = token
+
+
 
 class DrsApi:
     """The calls the failback workflow makes, named for what they do."""
@@ -121,13 +143,8 @@ class DrsApi:
             return self.client.update_agent_replication_process_state_for_drs
         return self.client.update_agent_replication_info_for_drs
 
-    @contextlib.contextmanager
-    def _calling(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            log.info("%s failed: %s", action, e)
-            raise explain(e, self.settings, action) from None
+    def _calling(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return calling(self.settings, action)
 
     def check_credentials(self) -> None:
         """A real, cheap, read-only call: bad key, secret, token or region fail here, at once."""
@@ -135,16 +152,9 @@ class DrsApi:
             self.client.describe_recovery_instances(maxResults=1)
 
     def recovery_instances(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"filters": {"recoveryInstanceIDs": ids} if ids else {}}
         with self._calling("listing recovery instances"):
-            while True:
-                page = self.client.describe_recovery_instances(**kwargs)
-                items.extend(page.get("items", []))
-                token = page.get("nextToken")
-                if not token:
-                    return items
-                kwargs["nextToken"] = token
+            return all_items(self.client.describe_recovery_instances,
+                             filters={"recoveryInstanceIDs": ids} if ids else {})
 
     def source_servers_by_hardware_id(self, hardware_id: str) -> list[dict[str, Any]]:
         return self._source_servers({"hardwareId": hardware_id},
@@ -155,16 +165,8 @@ class DrsApi:
         return self._source_servers({}, "listing source servers")
 
     def _source_servers(self, filters: dict[str, Any], action: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"filters": filters}
         with self._calling(action):
-            while True:
-                page = self.client.describe_source_servers(**kwargs)
-                items.extend(page.get("items", []))
-                token = page.get("nextToken")
-                if not token:
-                    return items
-                kwargs["nextToken"] = token
+            return all_items(self.client.describe_source_servers, filters=filters)
 
     def associate(self, recovery_instance_id: str, identification: dict[str, Any],
                   local_disks: list[dict[str, Any]], version: str) -> dict[str, Any]:

@@ -93,6 +93,7 @@ log: /var/log/failback-client.log (or --log-file); it never holds secrets.
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
+    from failback_client.logs import add_log_file_argument
     from failback_client.settings import DM_VALUE_FORMATS
 
     p = argparse.ArgumentParser(
@@ -131,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "system to this machine's drivers, disks and network (also CONVERT=0)")
     p.add_argument("--check-only", action="store_true",
                    help="stop after the connectivity checks (step 4 above): download, pair and write nothing")
-    p.add_argument("--log-file", metavar="LOG_FILE",
-                   help="log file (created mode 0600; default /var/log/failback-client.log when writable)")
+    add_log_file_argument(p)
     p.add_argument("--version", action="version", version=f"failback-client {__version__}")
     return p
 

@@ -10,6 +10,8 @@ import stat
 import sys
 from pathlib import Path
 
+from failback_client.logs import add_log_file_argument
+
 EXIT_CONVERT_FAILED = 9  # as after the final sync (finish.after_final_sync)
 
 DESCRIPTION = """\
@@ -46,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-hiberfile", action="store_true",
                    help="consent to discard a Windows hibernated / Fast Startup session on the disks (its unsaved "
                         "state is lost) so the volume can be written")
-    p.add_argument("--log-file", metavar="LOG_FILE",
-                   help="log file (default /var/log/failback-client.log when writable)")
+    add_log_file_argument(p)
     return p
 
 

@@ -28,6 +28,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from failback_client.errors import ClientError
+from failback_client.regions import hashes_bucket, release_bucket
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ class AssetLocation:
 
     @property
     def bucket(self) -> str:
-        return f"aws-elastic-disaster-recovery-{self.region}"
+        return release_bucket(self.region)
 
     @property
     def hashes_bucket(self) -> str:
-        return f"aws-elastic-disaster-recovery-hashes-{self.region}"
+        return hashes_bucket(self.region)
 
     @property
     def key(self) -> str:
@@ -143,7 +144,7 @@ class Downloader:
         return data.decode("utf-8", "replace")
 
     def latest_version(self) -> str:
-        bucket = f"aws-elastic-disaster-recovery-{self.region}"
+        bucket = release_bucket(self.region)
         text = self._small(bucket, "latest/manifest.json")
         try:
             version = json.loads(text)["installerVersion"]

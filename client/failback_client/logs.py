@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -93,6 +94,12 @@ def default_log_file() -> str | None:
     if os.path.exists(DEFAULT_LOG_FILE):
         return DEFAULT_LOG_FILE if os.access(DEFAULT_LOG_FILE, os.W_OK) else None
     return DEFAULT_LOG_FILE if os.access(directory, os.W_OK) else None
+
+
+def add_log_file_argument(parser: argparse.ArgumentParser) -> None:
+    """--log-file, for the client and its subcommands alike (all log through setup_logging)."""
+    parser.add_argument("--log-file", metavar="LOG_FILE",
+                        help=f"log file (created mode 0600; default {DEFAULT_LOG_FILE} when writable)")
 
 
 def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: bool = True) -> str | None:

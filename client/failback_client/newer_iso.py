@@ -17,6 +17,7 @@ from typing import Any
 
 from failback_client import __version__
 from failback_client.console import Console
+from failback_client.regions import release_bucket
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,10 @@ def is_newer(published: str, mine: str = __version__) -> bool:
     return new is not None and old is not None and new > old
 
 
-def bucket_of(region: str) -> str:
-    return f"aws-elastic-disaster-recovery-{region}"
-
-
 def iso_url(region: str, key: str, s3_endpoint: str | None) -> str:
     if s3_endpoint:
-        return f"{s3_endpoint.rstrip('/')}/{bucket_of(region)}/{key}"
-    return f"https://{bucket_of(region)}.s3.{region}.amazonaws.com/{key}"
+        return f"{s3_endpoint.rstrip('/')}/{release_bucket(region)}/{key}"
+    return f"https://{release_bucket(region)}.s3.{region}.amazonaws.com/{key}"
 
 
 def latest_published(region: str, s3_endpoint: str | None, timeout: float = TIMEOUT_S) -> dict[str, Any] | None:
@@ -64,7 +61,7 @@ def latest_published(region: str, s3_endpoint: str | None, timeout: float = TIME
                     retries={"mode": "standard", "total_max_attempts": 1},
                     s3={"addressing_style": "virtual" if endpoint.endswith(".amazonaws.com") else "path"})
     client = boto3.session.Session().client("s3", region_name=region, endpoint_url=endpoint, config=config)
-    body = client.get_object(Bucket=bucket_of(region), Key=VERSION_KEY)["Body"].read(MAX_BYTES + 1)
+    body = client.get_object(Bucket=release_bucket(region), Key=VERSION_KEY)["Body"].read(MAX_BYTES + 1)
     doc = json.loads(body) if len(body) <= MAX_BYTES else None
     return doc if isinstance(doc, dict) and isinstance(doc.get("version"), str) else None
 

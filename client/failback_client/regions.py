@@ -1,4 +1,7 @@
-"""The AWS Regions where DRS runs (drs-facts.md), and a helpful answer to a mistyped one."""
+"""The AWS Regions where DRS runs (drs-facts.md), a helpful answer to a mistyped one, and the regional buckets.
+
+The one home of the region list: image/publish_regions.py (the release's `--regions`) imports it.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +35,16 @@ def region_problem(region: str) -> str | None:
 
 def default_endpoint(region: str) -> str:
     return f"https://drs.{region}.amazonaws.com"
+
+
+BUCKET_PREFIX = "aws-elastic-disaster-recovery"
+
+
+def release_bucket(region: str) -> str:
+    """The region's public bucket: replication software, manifests and the published LiveCD."""
+    return f"{BUCKET_PREFIX}-{region}"
+
+
+def hashes_bucket(region: str) -> str:
+    """The region's bucket of sha512 digests for what release_bucket holds."""
+    return f"{BUCKET_PREFIX}-hashes-{region}"

@@ -1,18 +1,15 @@
 """The DRS calls made while the replication software runs (guide steps 15-19), over the workflow's boto3 client.
 
-Errors become one sentence through `api.explain`, like the workflow's own calls.
+Errors become one sentence through `api.calling`, like the workflow's own calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-import botocore.exceptions
-
-from failback_client.api import DrsApi, explain
+from failback_client.api import DrsApi, calling
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +28,8 @@ class ReplicationApi:
     def client(self) -> Any:
         return self.api.client  # follows the switch to DRS-issued credentials
 
-    @contextlib.contextmanager
-    def _calling(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            log.info("%s failed: %s", action, e)
-            raise explain(e, self.api.settings, action) from None
+    def _calling(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return calling(self.api.settings, action, log)
 
     def issue_certificate(self, csr_pem: str) -> dict[str, Any]:
         with self._calling("asking DRS to sign the replication software's certificate (IssueAgentCertificateForDrs)"):

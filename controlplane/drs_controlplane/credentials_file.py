@@ -16,10 +16,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from botocore.model import ServiceModel
 
 from drs_controlplane.policies import POLICY_NAMES, policy_named
+from drs_controlplane.seed import read_yaml
 from drs_controlplane.sigv4 import Credential
 
 KEYS = {"access_key", "secret_key", "secret_key_file", "session_token", "policy", "lifetime", "principal",
@@ -67,12 +67,7 @@ def _entry(raw: Any, where: str, base: Path, model: ServiceModel, now: datetime)
 
 
 def load_credentials(path: Path, model: ServiceModel, now: datetime) -> list[Credential]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CredentialsFileError(f"cannot read the credentials file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise CredentialsFileError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "the credentials file", CredentialsFileError)
     entries = data.get("credentials") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise CredentialsFileError(f"{path}: expected a top-level 'credentials:' list with at least one entry")

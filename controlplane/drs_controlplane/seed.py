@@ -163,11 +163,15 @@ def parse_seed(data: Any, origin: str = "seed") -> Seed:
                 recovery_instances=tuple(instances))
 
 
-def load_seed(path: Path) -> Seed:
+def read_yaml(path: Path, what: str, error: type[ValueError]) -> Any:
+    """The YAML document in `path` (`what` names it in the message); `error` for an unreadable or invalid file."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise SeedError(f"cannot read seed file {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise SeedError(f"{path} is not valid YAML: {exc}") from None
-    return parse_seed(data, str(path))
+        raise error(f"{path} is not valid YAML: {exc}") from None
+
+
+def load_seed(path: Path) -> Seed:
+    return parse_seed(read_yaml(path, "seed file", SeedError), str(path))
