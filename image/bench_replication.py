@@ -239,7 +239,7 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _replicate_in_child(cfg) -> dict:  # type: ignore[no-untyped-def]
+def _replicate_in_child(cfg) -> dict:
     """Runs the replicator alone in a fresh interpreter: its own CPU and its own peak RSS. Adds
     `agent_cpu_s`: this process's CPU meanwhile (the agent's threads; the waiting is ~free)."""
     before = _cpu_s()

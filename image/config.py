@@ -309,7 +309,7 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         raise v.fail("boot.default", f"{default!r} is not the id of an entry (ids: {ids})")
     if next(e for e in entries if e.id == default).local_disk:
         raise v.fail("boot.default", f"{default!r} boots the local disk; the default must start the live system")
-    boot = BootConfig(timeout=v.integer(b["timeout"], "boot.timeout", minimum=0, maximum=600),
+    boot_config = BootConfig(timeout=v.integer(b["timeout"], "boot.timeout", minimum=0, maximum=600),
                       default=default, entries=tuple(entries))
 
     s = v.mapping(top["iso"], "iso", {"volume_label", "artifact"}, set())
@@ -359,7 +359,7 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
                                     non_empty=False, hint="a systemd generator such as systemd-gpt-auto-generator")
 
     return ImageConfig(debian=debian, packages=packages, exclude_paths=exclude, include_paths=include,
-                       kernel_cmdline=kernel_cmdline, boot=boot, iso=iso, source_date_epoch=sde,
+                       kernel_cmdline=kernel_cmdline, boot=boot_config, iso=iso, source_date_epoch=sde,
                        squashfs=squashfs, network=network, client=client, hostname=hostname, path=v.path,
                        initramfs=initramfs, mask_units=mask_units, mask_generators=mask_generators)
 

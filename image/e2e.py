@@ -166,7 +166,7 @@ def agent_certificate(plane: Any, directory: Path) -> tuple[Path, Path, Path]:
     return directory / "ca.pem", directory / "agent.pem", key
 
 
-class LinkedClient(set):  # type: ignore[type-arg]
+class LinkedClient(set[str]):
     """The agent's paired failback client: the one DRS links to the recovery instance (asked from the plane)."""
 
     def __init__(self, plane: Any) -> None:

@@ -260,7 +260,7 @@ def pycdlib_reads_esp() -> Iterator[None]:
             instr = cls.BASIC_PARTITION + bytes(instr[16:])
         return original(self, instr)
 
-    cls.parse = parse  # type: ignore[method-assign]
+    cls.parse = parse  # type: ignore[method-assign]  # patched for this build only, restored below
     try:
         yield
     finally:

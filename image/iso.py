@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from time import struct_time
 from typing import TYPE_CHECKING, Any
 
 import pycdlib
@@ -119,7 +120,7 @@ class _FixedTime:
     def time(self) -> float:
         return self._epoch
 
-    def localtime(self, secs: float | None = None) -> time.struct_time:
+    def localtime(self, secs: float | None = None) -> struct_time:  # (`time` is the method here)
         return time.gmtime(self._epoch if secs is None else secs)
 
     def __getattr__(self, name: str) -> Any:
@@ -142,15 +143,15 @@ def _pinned_clock(epoch: int) -> Iterator[None]:
     import pycdlib.utils
 
     modules = [pycdlib.dates, pycdlib.headervd, pycdlib.inplaceeditor, pycdlib.pycdlib, pycdlib.udf, pycdlib.utils]
-    saved = [(m, m.time) for m in modules]  # type: ignore[attr-defined]
+    saved = [(m, m.time) for m in modules]
     fixed = _FixedTime(epoch)
     try:
         for m in modules:
-            m.time = fixed  # type: ignore[attr-defined]
+            m.time = fixed  # type: ignore[attr-defined]  # mypy sees a module object, not pycdlib's `time` name
         yield
     finally:
         for m, orig in saved:
-            m.time = orig  # type: ignore[attr-defined]
+            m.time = orig  # type: ignore[attr-defined]  # as above
 
 
 def derive_seed(volume_label: str, epoch: int) -> str:
@@ -238,8 +239,8 @@ def _collect_tree(
 
 def _add_tree(iso: pycdlib.PyCdlib, tree: Mapping[str, Path | bytes], opened: contextlib.ExitStack) -> None:
     dirs: set[PurePosixPath] = set()
-    for p in tree:
-        dirs.update(PurePosixPath(p).parents)
+    for name in tree:
+        dirs.update(PurePosixPath(name).parents)
     dirs.discard(PurePosixPath("/"))
     files = {PurePosixPath(p) for p in tree}
     if clash := sorted(str(d) for d in dirs & files):

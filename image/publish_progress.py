@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 from image.publish_plan import human_size
 
@@ -99,7 +102,7 @@ class RichReporter(SilentReporter):
             TextColumn("{task.description}"),
             console=Console(file=out),
         )
-        self._tasks: dict[str, int] = {}
+        self._tasks: dict[str, TaskID] = {}
         self._progress.start()
 
     def region_started(self, region: str, total_bytes: int) -> None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from image.run import CommandError, run
 
@@ -435,15 +435,15 @@ def watch_boot(
         if m:
             seen.update(outcome="matched", t=end, match=m)
     if seen:
-        m = seen["match"]
-        assert isinstance(m, re.Match)
+        found = seen["match"]
+        assert isinstance(found, re.Match)
         return BootResult(
-            outcome=seen["outcome"],  # type: ignore[arg-type]
-            seconds=float(seen["t"]),  # type: ignore[arg-type]
-            match=_whole_line(m),
+            outcome=cast('Literal["matched", "failed"]', seen["outcome"]),  # set beside the match
+            seconds=float(cast(float, seen["t"])),
+            match=_whole_line(found),
             serial_log=serial_log,
             qemu_output=qemu_output,
-            groups=m.groups(),
+            groups=found.groups(),
             cpu_seconds=cpu,
         )
     if timed_out:

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from failback_replicator import PROTOCOL_VERSIONS
@@ -167,7 +167,7 @@ class AgentServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, target, name: str, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, target: Callable[..., object], name: str, *args: object) -> None:
         t = threading.Thread(target=target, name=name, args=args, daemon=True)
         self._threads.append(t)
         t.start()

@@ -11,10 +11,19 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from failback_replicator.config import ReplicatorConfig, VolumeMapping
+from failback_replicator.interfaces import (
+    InitiationStep,
+    ReplicationError,
+    ReplicationSnapshot,
+    ReplicationState,
+    StepStatus,
+)
 from failback_replicator.tlsconf import TlsFiles
 
 from .pki import CertificateAuthority
@@ -94,7 +103,7 @@ def change_blocks(path: Path, blocks: list[int], block_size: int, seed: int = 7)
 
 
 def start_agent(
-    pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interval: float = 0.2, **settings: object
+    pki: Pki, volumes: dict[str, Path], port: int = 0, watch_interval: float = 0.2, **settings: Any
 ) -> AgentServer:
     """An agent on loopback; `settings` are further AgentConfig fields (e.g. protocol_versions=(1,)
     and digests=("sha256",) to play a version-1 agent)."""
@@ -105,7 +114,7 @@ def start_agent(
         paired_clients={CLIENT_ID},
         port=port,
         watch_interval=watch_interval,
-        **settings,  # type: ignore[arg-type]
+        **settings,
     )
     return AgentServer(cfg).start()
 
@@ -131,7 +140,7 @@ def replicator_config(
         "give_up_after": 30.0,
     }
     settings.update(overrides)
-    return ReplicatorConfig(**settings)  # type: ignore[arg-type]
+    return ReplicatorConfig(**settings)
 
 
 class CuttingProxy:
@@ -203,27 +212,27 @@ class CuttingProxy:
 class RecordingReporter:
     """A StateReporter that records every call (and can run a hook on progress, e.g. to cut a link)."""
 
-    def __init__(self, on_progress=None) -> None:  # type: ignore[no-untyped-def]
-        self.calls: list[tuple[str, tuple]] = []
+    def __init__(self, on_progress: Callable[[ReplicationSnapshot], object] | None = None) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
         self.on_progress = on_progress
         self.ready = threading.Event()
-        self.snapshots: list = []
+        self.snapshots: list[ReplicationSnapshot] = []
 
     def _rec(self, name: str, *args: object) -> None:
         self.calls.append((name, args))
 
-    def initiation_step(self, step, status) -> None:  # type: ignore[no-untyped-def]
+    def initiation_step(self, step: InitiationStep, status: StepStatus) -> None:
         self._rec("initiation_step", str(step), str(status))
 
-    def replication_state(self, state) -> None:  # type: ignore[no-untyped-def]
+    def replication_state(self, state: ReplicationState) -> None:
         self._rec("replication_state", str(state))
 
-    def progress(self, snapshot) -> None:  # type: ignore[no-untyped-def]
+    def progress(self, snapshot: ReplicationSnapshot) -> None:
         self.snapshots.append(snapshot)
         if self.on_progress is not None:
             self.on_progress(snapshot)
 
-    def error(self, error, raw) -> None:  # type: ignore[no-untyped-def]
+    def error(self, error: ReplicationError, raw: str) -> None:
         self._rec("error", str(error), raw)
 
     def error_cleared(self) -> None:
@@ -260,7 +269,7 @@ else:
 
 
 def run_measuring_peak_rss(
-    args: list[str], peak_file: Path, timeout: float = 600, **popen: object
+    args: list[str], peak_file: Path, timeout: float = 600, **popen: Any
 ) -> tuple[subprocess.CompletedProcess, int]:
     """Runs `python <args>` (a module and its arguments, or -c CODE ...) as a child process; returns
     its result and the child's own peak RSS in KiB (VmHWM, which the child reads as it exits).
@@ -270,10 +279,10 @@ def run_measuring_peak_rss(
     size of its parent. That is how one CI run saw a 40 MiB replicator at 3.3 GiB.
     """
     peak_file.unlink(missing_ok=True)
-    env = {**os.environ, **popen.pop("env", {}), "FAILBACK_PEAK_RSS_FILE": str(peak_file)}  # type: ignore[dict-item]
+    env = {**os.environ, **popen.pop("env", {}), "FAILBACK_PEAK_RSS_FILE": str(peak_file)}
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK_PROBE, *args], env=env, capture_output=True, text=True, timeout=timeout, **popen
-    )  # type: ignore[call-overload]
+    )
     if not peak_file.exists():
         raise RuntimeError(f"child exited ({proc.returncode}) without recording its peak RSS: {proc.stderr[-2000:]}")
     return proc, int(peak_file.read_text())

@@ -103,15 +103,15 @@ class SourceVolume:
             with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="agent-scan") as hashers:
                 for first in range(0, self.blocks, chunk):
                     indices = range(first, min(first + chunk, self.blocks))
-                    part = list(hashers.map(digest_of, indices))  # in block order
+                    digests = list(hashers.map(digest_of, indices))  # in block order
                     with self.lock:
-                        for i, d in zip(indices, part, strict=True):
+                        for i, d in zip(indices, digests, strict=True):
                             if self.digests[i] != d:
                                 if self.digests[i] is not None:
                                     any_changed = True
                                 self.digests[i] = d
                                 self.changed_gen[i] = new_gen
-                    yield first, b"".join(part)
+                    yield first, b"".join(digests)
             with self.lock:
                 self.generation = new_gen
                 self.scans += 1

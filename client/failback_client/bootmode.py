@@ -13,7 +13,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from failback_client.errors import ClientError
 from failback_client.machine import boot_mode
@@ -147,7 +147,8 @@ def read_heads(setup: ReplicationSetup, *, timeout: float = 60) -> dict[str, byt
     ctx.load_cert_chain(certfile=str(setup.tls.cert), keyfile=str(setup.tls.key))
     raw = socket.create_connection((setup.agent_host, setup.agent_port), timeout=timeout)
     with ctx.wrap_socket(raw) as sock:
-        subject = dict(x[0] for x in sock.getpeercert().get("subject", ()))
+        cert = cast("dict[str, tuple[tuple[tuple[str, str], ...], ...]]", sock.getpeercert())  # CERT_REQUIRED
+        subject = dict(x[0] for x in cert.get("subject", ()))
         if setup.agent_identity and subject.get("commonName") != setup.agent_identity:
             raise ConnectionError(f"the agent's certificate is for {subject.get('commonName')!r}, "
                                   f"not {setup.agent_identity!r}")

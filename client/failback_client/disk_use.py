@@ -86,7 +86,7 @@ def _holder_use(root: str, member: str, holder: str) -> DiskUse:
 
 def holders(root: str, disk: str, members: Iterable[str]) -> list[DiskUse]:
     """Active stacked devices on the disk or a partition: /sys/block/<disk>[/<part>]/holders/*."""
-    uses = []
+    uses: list[DiskUse] = []
     for member in members:
         path = f"/sys/block/{disk}/holders" if member == disk else f"/sys/block/{disk}/{member}/holders"
         try:

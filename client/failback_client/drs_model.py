@@ -115,7 +115,7 @@ class DrsExtendedLoader(botocore.loaders.Loader):
         super().__init__(*args, **kwargs)
         self._merged: dict[str | None, dict[str, Any]] = {}
         # Shared by many sessions, and every boto3 Session appends its data path: keep each path once.
-        self._search_paths = _UniqueList(self._search_paths)
+        self._search_paths = _UniqueList(self._search_paths)  # type: ignore[has-type]  # set by botocore's untyped Loader.__init__
 
     def load_service_model(self, service_name: str, type_name: str, api_version: str | None = None) -> Any:
         model = super().load_service_model(service_name, type_name, api_version)

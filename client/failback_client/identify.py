@@ -177,9 +177,9 @@ def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[L
             found = api.recovery_instances([wanted_id])
             if found:
                 reason = f"{wanted_id} was given with --recovery-instance-id / RECOVERY_INSTANCE_ID"
-                problem = fit_problem(recovery_disks(found[0]), local)
-                if problem:
-                    raise IdentifyError(f"Recovery instance {wanted_id} cannot fail back to this machine: {problem}")
+                unfit = fit_problem(recovery_disks(found[0]), local)
+                if unfit:
+                    raise IdentifyError(f"Recovery instance {wanted_id} cannot fail back to this machine: {unfit}")
                 return Choice(found[0], reason, original_server=False)
             problem = f"recovery instance {wanted_id} was not found in {api.settings.region}"
             if no_prompt:
@@ -190,10 +190,10 @@ def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[L
         hit = by_hardware(api, identity, tried)
         if hit is not None:
             instance, reason = hit
-            problem = fit_problem(recovery_disks(instance), local)
-            if problem is None:
+            unfit = fit_problem(recovery_disks(instance), local)
+            if unfit is None:
                 return Choice(instance, reason, original_server=True)
-            tried.append(f"{reason}, but it cannot fail back here: {problem}")
+            tried.append(f"{reason}, but it cannot fail back here: {unfit}")
             console.warn(tried[-1])
         why = "; ".join(tried)
         if not no_prompt:

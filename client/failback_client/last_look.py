@@ -76,7 +76,7 @@ def _identity(root: str, disk: LocalDisk) -> str:
 
 
 def rows(root: str, volumes: list[MappedVolume]) -> list[tuple[str, ...]]:
-    result = []
+    result: list[tuple[str, ...]] = []
     for v in volumes:
         if v.local is None:
             continue

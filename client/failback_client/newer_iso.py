@@ -69,8 +69,10 @@ def latest_published(region: str, s3_endpoint: str | None, timeout: float = TIME
 def notice_line(region: str, doc: dict[str, Any] | None, s3_endpoint: str | None) -> str | None:
     if not doc or not is_newer(doc["version"]):
         return None
-    iso = doc.get("iso") if isinstance(doc.get("iso"), dict) else {}
-    key = iso.get("key") if isinstance(iso.get("key"), str) else "latest/failback_livecd/aws-failback-livecd-64bit.iso"
+    iso = doc.get("iso")
+    key = iso.get("key") if isinstance(iso, dict) else None
+    if not isinstance(key, str):
+        key = "latest/failback_livecd/aws-failback-livecd-64bit.iso"
     return (f"A newer Failback LiveCD ({doc['version']}) is published for {region}; this one is {__version__}. "
             f"It is at {iso_url(region, key, s3_endpoint)} (this run goes on)")
 

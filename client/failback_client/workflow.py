@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from failback_client import __version__
 from failback_client.api import DrsApi
@@ -36,6 +37,7 @@ from failback_client.settings import Settings
 from failback_client.verify import StepReporter, Target, replication_target, service_targets, tcp_problem
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STOP_MESSAGE = ("--check-only: every check passed; the failback client stops here without downloading the "
                 "replication software or writing to any disk.")
@@ -193,7 +195,7 @@ def run(settings: Settings, console: Console) -> int:
     return replicate(settings, console, api, rapi, steps, volumes, replication, original)
 
 
-def _step(steps: StepReporter, rapi: ReplicationApi, name: str, error: str, action):  # type: ignore[no-untyped-def]
+def _step(steps: StepReporter, rapi: ReplicationApi, name: str, error: str, action: Callable[[], _T]) -> _T:
     """Run one initiation step: IN_PROGRESS, then SUCCEEDED, or FAILED with the DRS error name reported."""
     steps.set(name, "IN_PROGRESS")
     try:

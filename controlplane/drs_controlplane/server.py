@@ -168,7 +168,7 @@ class ControlPlane:
         if self._httpd is None:
             raise RuntimeError("control plane is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def bind(self) -> str:
         """Open the listening socket (port 0 = a free port) and return the URL."""
@@ -260,8 +260,8 @@ class ControlPlane:
                     principal)
         except Exception:
             log.exception("control plane bug while handling %s", operation or path)
-            exc = errors.internal()
-            return exc.status, {"x-amzn-ErrorType": exc.code}, exc.body(), operation, access_key, principal
+            bug = errors.internal()
+            return bug.status, {"x-amzn-ErrorType": bug.code}, bug.body(), operation, access_key, principal
 
     def _route(self, method: str, path: str) -> OperationModel:
         name = path.split("?", 1)[0].lstrip("/")

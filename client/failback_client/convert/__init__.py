@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from failback_client.console import Console
@@ -24,6 +25,7 @@ from failback_client.convert.disks import ensure_partition_nodes, inspect_disk, 
 from failback_client.convert.drivers import local_hardware
 from failback_client.convert.linux import LinuxConversion
 from failback_client.convert.model import (
+    BootMode,
     ConversionError,
     ConversionOptions,
     ConversionReport,
@@ -39,7 +41,12 @@ __all__ = ["ConversionOptions", "ConversionReport", "StaticNetwork", "convert", 
 log = logging.getLogger(__name__)
 
 
-def this_machine_boot_mode(options: ConversionOptions) -> str:
+def _announcer(console: Console, prefix: str) -> Callable[[str], None]:
+    """A conversion's `progress`: each step's name on the console after `prefix`."""
+    return lambda name: console.info(f"{prefix}{name}...")
+
+
+def this_machine_boot_mode(options: ConversionOptions) -> BootMode:
     if options.boot_mode != "auto":
         return options.boot_mode
     return "uefi" if (options.sys_root / "sys/firmware/efi").is_dir() else "bios"
@@ -97,7 +104,7 @@ def _convert(targets: list[Path], console: Console, options: ConversionOptions, 
                             "chroot); run without --dry-run to convert it" for s in report.linux]
     for i, system in enumerate([] if options.dry_run else report.linux):
         conversion = LinuxConversion(system, report.disks, found, hw, mode, options, report,
-                                     progress=lambda name, s=system: console.info(f"{s.name}: {name}..."))
+                                     progress=_announcer(console, f"{system.name}: "))
         conversion.run(i)
     if report.windows:
         controllers = storage_controllers(options.sys_root)
@@ -107,4 +114,4 @@ def _convert(targets: list[Path], console: Console, options: ConversionOptions, 
         for i, win in enumerate(report.windows):
             disk = next(d for d in report.disks if d.path == win.disk)
             WindowsConversion(win, disk, mode, options, report, controllers, kinds,
-                              progress=lambda name, w=win: console.info(f"Windows on {w.disk}: {name}...")).run(i)
+                              progress=_announcer(console, f"Windows on {win.disk}: ")).run(i)

@@ -148,7 +148,7 @@ def lvm_volumes(pvs: list[tuple[Disk, Partition]], notes: list[str]) -> list[Vol
         if p.node in vg_of:
             disk_of_vg.setdefault(vg_of[p.node], disk.path)
     out: list[Volume] = []
-    for vg, disk in sorted(disk_of_vg.items()):
+    for vg, vg_disk in sorted(disk_of_vg.items()):
         # No udev on some systems: --sysinit + no udev sync keeps vgchange from waiting for it.
         run(["vgchange", "--activate", "y", "--sysinit", vg])
         lvs = json.loads(run(["lvs", "--reportformat", "json", "-o", "lv_path,lv_name", vg]).stdout)
@@ -156,5 +156,5 @@ def lvm_volumes(pvs: list[tuple[Disk, Partition]], notes: list[str]) -> list[Vol
             path = lv["lv_path"]
             info = probe(path)
             if info.get("TYPE"):
-                out.append(Volume(path, info["TYPE"], info.get("UUID", ""), info.get("LABEL", ""), disk))
+                out.append(Volume(path, info["TYPE"], info.get("UUID", ""), info.get("LABEL", ""), vg_disk))
     return out

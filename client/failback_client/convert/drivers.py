@@ -39,7 +39,7 @@ def _module_of(driver_link: Path) -> str | None:
 
 def _drivers_up(device: Path, stop: Path) -> set[str]:
     """Drivers of `device` and of every parent device up to /sys/devices."""
-    found = set()
+    found: set[str] = set()
     try:
         here = device.resolve(strict=True)
     except OSError:

@@ -32,7 +32,7 @@ def load_hivex(dist: Path = DIST_PACKAGES) -> ModuleType:
     if "hivex" in sys.modules:
         return sys.modules["hivex"]
     try:
-        import hivex  # type: ignore[import-not-found]
+        import hivex
 
         return hivex
     except ImportError:

@@ -46,7 +46,7 @@ class ConversionError(Exception):
         self.step = step
 
 
-def run_step(report: ConversionReport, progress: Callable[[str], None], name: str, fn: Callable[[], None],
+def run_step(report: ConversionReport, progress: Callable[[str], None], name: str, fn: Callable[[], object],
              errors: tuple[type[BaseException], ...]) -> None:
     """One named step of a conversion: shown, run, recorded as done; `errors` become ConversionError(name)."""
     progress(name)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -231,7 +232,7 @@ class WindowsConversion:
         self.controllers, self.kinds, self.progress = controllers, kinds, progress
         self.notes: list[str] = []
 
-    def _step(self, name: str, fn: Callable[[], None]) -> None:
+    def _step(self, name: str, fn: Callable[[], object]) -> None:
         # RuntimeError: libhivex's errors (and HivexMissing) besides the commands' CommandFailed
         run_step(self.report, self.progress, name, fn, (CommandFailed, OSError, ValueError, RuntimeError))
 
@@ -261,7 +262,7 @@ class WindowsConversion:
             elif i == 0 and esp is not None:
                 tx = Transaction(self.options.work_dir, self.report)
                 try:
-                    self._step(STEP_ESP, lambda tx=tx: self._copy_loader(tx, esp))
+                    self._step(STEP_ESP, functools.partial(self._copy_loader, tx, esp))
                 except ConversionError:
                     self.report.rolled_back += tx.rollback()
                     raise

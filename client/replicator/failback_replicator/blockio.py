@@ -91,7 +91,7 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
     except (OSError, AttributeError, ImportError):  # pragma: no cover - not glibc/Linux
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def write_zeros(fd: int, offset: int, length: int) -> str:

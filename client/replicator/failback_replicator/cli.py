@@ -32,6 +32,7 @@ from .interfaces import (
     ReplicationError,
     ReplicationSnapshot,
     ReplicationState,
+    StateReporter,
     StepStatus,
     TeeReporter,
 )
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: commands.set(Command.FINAL_SYNC))
     signal.signal(signal.SIGTERM, lambda *_: commands.set(Command.STOP))
     signal.signal(signal.SIGINT, lambda *_: commands.set(Command.STOP))
-    reporters = [LoggingReporter(), ProgressDisplay(sys.stdout, interval=args.progress_interval)]
+    reporters: list[StateReporter] = [LoggingReporter(), ProgressDisplay(sys.stdout, interval=args.progress_interval)]
     if args.status_file:
-        reporters.append(StatusFileReporter(args.status_file))  # type: ignore[arg-type]
+        reporters.append(StatusFileReporter(args.status_file))
     try:
         outcome = Replicator(cfg, reporter=TeeReporter(*reporters), commands=commands).run()
     except ReplicationFailed as exc:

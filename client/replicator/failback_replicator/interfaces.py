@@ -12,8 +12,9 @@ import enum
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("failback_replicator")
 
@@ -145,8 +146,8 @@ class TeeReporter:
     def __init__(self, *reporters: StateReporter) -> None:
         self.reporters = reporters
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def call(*args: Any, **kwargs: Any) -> None:
             for r in self.reporters:
                 getattr(r, name)(*args, **kwargs)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +122,7 @@ class Journal:
     path: Path
     identity: dict[str, object]  # what the journal is about: source volume, target, sizes, block size
     blocks: int
-    verified: DigestTable = field(default=None)  # type: ignore[assignment]
+    verified: DigestTable = field(default=None)  # type: ignore[assignment]  # None only until __post_init__
     inflight: set[int] = field(default_factory=set)
     phase: str = "SYNC"  # SYNC -> VERIFIED (a full verification pass found both sides equal)
     digest: str = DIGEST_SHA256  # the algorithm of the digests in `verified`
@@ -182,12 +182,12 @@ class Journal:
         self.phase = "SYNC"
         return vouched
 
-    def mark_inflight(self, indices: set[int] | list[int]) -> None:
+    def mark_inflight(self, indices: Iterable[int]) -> None:
         for i in indices:
             self.verified[i] = None
         self.inflight = set(indices)
 
-    def mark_verified(self, done: dict[int, bytes], next_inflight: set[int] | list[int] = ()) -> None:
+    def mark_verified(self, done: dict[int, bytes], next_inflight: Iterable[int] = ()) -> None:
         for i, d in done.items():
             self.verified[i] = d
         self.inflight = set(next_inflight)

@@ -13,6 +13,7 @@ import time
 from typing import TextIO
 
 from .interfaces import (
+    DiskProgress,
     InitiationStep,
     ReplicationError,
     ReplicationSnapshot,
@@ -51,7 +52,7 @@ def is_live_terminal(stream: TextIO) -> bool:
     return not name.startswith(("/dev/ttyS", "/dev/ttyAMA", "/dev/hvc", "/dev/ttyUSB"))
 
 
-def format_disk(d) -> str:  # type: ignore[no-untyped-def]
+def format_disk(d: DiskProgress) -> str:
     pct = 100.0 * d.replicated_bytes / d.total_bytes if d.total_bytes else 100.0
     eta = (d.total_bytes - d.replicated_bytes) / d.rate_bps if d.rate_bps > 0 else None
     return (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 
 class PairingError(Exception):
@@ -51,7 +52,9 @@ def peer_identity(sock: ssl.SSLSocket) -> str:
     cert = sock.getpeercert()
     if not cert:
         raise PairingError("peer presented no certificate")
-    for rdn in cert.get("subject", ()):
+    # typeshed types every field of the dict as the union of all fields'
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return str(value)

@@ -21,7 +21,7 @@ from typing import Any
 try:  # zstandard is optional: Debian's python3-zstandard on the LiveCD, zstandard from PyPI in the venv
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - exercised only where zstandard is absent
-    _zstd = None
+    _zstd = None  # type: ignore[assignment]  # callers test `_zstd is None`; a stub module would hide the absence
 
 log = logging.getLogger("failback_replicator")
 
