@@ -14,7 +14,7 @@ Reproducible: members sorted, owner root:root, fixed modes, every mtime = SOURCE
 name and with mtime 0; the wheels' contents are fixed by their pinned hashes. Building twice gives
 the same sha512.
 
-Bucket layout (drs-facts.md): regional bucket `aws-elastic-disaster-recovery-{region}` holds
+Bucket layout (as DRS publishes it): regional bucket `aws-elastic-disaster-recovery-{region}` holds
 `latest/manifest.json` and `{installerVersion}/failback_assets/failback_assets.tar.gz`; the hashes
 bucket `aws-elastic-disaster-recovery-hashes-{region}` holds
 `{installerVersion}/failback_assets/failback_assets.tar.gz.sha512`.

@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from failback_client.errors import ClientError
+from failback_client.errors import EXIT_BOOT_MODE, ClientError
 from failback_client.machine import boot_mode
 
 if TYPE_CHECKING:
@@ -85,7 +85,6 @@ def disk_boot_mode(path: str) -> str:
 
 # ---- before replication: the recovery volumes' first blocks against this machine's boot mode ------------------
 
-EXIT_BOOT_MODE = 10  # documented in client/README.md
 _FRAME = struct.Struct("!BI")
 _BLOCK = struct.Struct("!HQBI32s")
 FRAME_JSON, FRAME_BLOCK = 1, 2

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from failback_client.download import EXIT_REPLICATION, Software
-from failback_client.errors import ClientError
+from failback_client.download import Software
+from failback_client.errors import EXIT_REPLICATION, ClientError
 from failback_client.mapping import MappedVolume
 from failback_client.pairing import TlsPaths
 

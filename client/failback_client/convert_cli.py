@@ -10,9 +10,8 @@ import stat
 import sys
 from pathlib import Path
 
+from failback_client.errors import EXIT_CONVERT, EXIT_USAGE
 from failback_client.logs import add_log_file_argument
-
-EXIT_CONVERT_FAILED = 9  # as after the final sync (finish.after_final_sync)
 
 DESCRIPTION = """\
 Make the restored system(s) on DISK... boot on this machine: Linux (drivers in the initramfs, device names,
@@ -75,12 +74,12 @@ def main(argv: list[str]) -> int:
         controllers = parse_controllers(args.controllers)
     except ValueError as exc:
         sys.stderr.write(f"failback-client convert: error: --controllers: {exc}\n")
-        return 2
+        return EXIT_USAGE
     problems = [p for p in (_check_disk(d) for d in args.disks) if p]
     if problems:
         for problem in problems:
             sys.stderr.write(f"failback-client convert: error: {problem}\n")
-        return 2
+        return EXIT_USAGE
     from failback_client.console import Console
     from failback_client.logs import setup_logging
 
@@ -88,4 +87,4 @@ def main(argv: list[str]) -> int:
     options = ConversionOptions(boot_mode=args.boot_mode, dry_run=args.dry_run, windows_controllers=controllers,
                                 remove_hiberfile=args.remove_hiberfile)
     report = convert([Path(d) for d in args.disks], Console(), options)
-    return 0 if report.ok else EXIT_CONVERT_FAILED
+    return 0 if report.ok else EXIT_CONVERT

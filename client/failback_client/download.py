@@ -1,6 +1,6 @@
 """Guide step 13: download the replication software from the regional S3 buckets, check it, unpack it.
 
-Layout (drs-facts.md): `aws-elastic-disaster-recovery-{region}` holds `latest/manifest.json`
+Layout (as DRS publishes it): `aws-elastic-disaster-recovery-{region}` holds `latest/manifest.json`
 (`installerVersion`) and `{version}/failback_assets/failback_assets.tar.gz`; the hashes bucket
 `aws-elastic-disaster-recovery-hashes-{region}` holds `{version}/failback_assets/failback_assets.tar.gz.sha512`
 (bare hex; the first token counts). The buckets are public: requests go unsigned, through the regional
@@ -27,12 +27,11 @@ import botocore.exceptions
 from botocore import UNSIGNED
 from botocore.config import Config
 
-from failback_client.errors import ClientError
+from failback_client.errors import EXIT_REPLICATION, ClientError
 from failback_client.regions import hashes_bucket, release_bucket
 
 log = logging.getLogger(__name__)
 
-EXIT_REPLICATION = 8  # downloading, configuring, pairing or running the replication software failed
 TOP = "failback_assets"
 TARBALL = "failback_assets.tar.gz"
 LAUNCHER = f"{TOP}/bin/failback-replicator"

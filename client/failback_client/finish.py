@@ -19,7 +19,7 @@ from pathlib import Path
 
 from failback_client.console import Console
 from failback_client.devices import LIVE_MEDIUM_MOUNT
-from failback_client.errors import ClientError
+from failback_client.errors import EXIT_CONVERT, EXIT_SERVICE, ClientError
 from failback_client.replicate import iso
 from failback_client.replication_api import ReplicationApi
 from failback_client.settings import Settings
@@ -45,7 +45,7 @@ def after_final_sync(targets: list[Path], console: Console, settings: Settings) 
     if not report.ok:
         raise ClientError(f"Conversion failed at step '{report.failed_step}': {report.error}. The disks are as "
                           "replicated (changed files were put back); fix the cause and start the client again",
-                          exit_status=9)
+                          exit_status=EXIT_CONVERT)
 
 
 def report_completion(rapi: ReplicationApi, console: Console) -> str | None:
@@ -53,7 +53,7 @@ def report_completion(rapi: ReplicationApi, console: Console) -> str | None:
     state = rapi.consistency_attained(iso(datetime.now(UTC)), final_sync=True)
     if state != "FAILBACK_COMPLETED":
         raise ClientError(f"DRS did not mark the failback completed after the final sync (failback state {state}); "
-                          "check the recovery instance in the DRS console", exit_status=7)
+                          "check the recovery instance in the DRS console", exit_status=EXIT_SERVICE)
     console.ok(f"DRS failback state: {state}")
     return state
 

@@ -16,8 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from failback_client.download import EXIT_REPLICATION
-from failback_client.errors import ClientError
+from failback_client.errors import EXIT_REPLICATION, ClientError
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 

@@ -1,4 +1,5 @@
-"""The AWS Regions where DRS runs (drs-facts.md), a helpful answer to a mistyped one, and the regional buckets.
+"""The AWS Regions where DRS runs (AWS General Reference, DRS endpoints), a helpful answer to a mistyped
+one, and the regional buckets.
 
 The one home of the region list: image/publish_regions.py (the release's `--regions`) imports it.
 """

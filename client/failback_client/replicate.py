@@ -29,8 +29,8 @@ from typing import Any
 
 from failback_client.configure import ConfigureError, ReplicationSetup
 from failback_client.console import Console
-from failback_client.download import EXIT_REPLICATION, Software
-from failback_client.errors import ClientError
+from failback_client.download import Software
+from failback_client.errors import EXIT_REPLICATION, ClientError
 from failback_client.liveness import Liveness
 from failback_client.replication_api import ReplicationApi
 from failback_client.verify import StepReporter

@@ -46,7 +46,7 @@ class ReplicationState(enum.StrEnum):
 
 
 class ReplicationError(enum.StrEnum):
-    """The service's failback error names (drs-facts.md)."""
+    """The service's failback error names (dataReplicationError.error in the DRS API reference)."""
 
     AGENT_NOT_SEEN = "AGENT_NOT_SEEN"
     NOT_CONVERGING = "NOT_CONVERGING"
