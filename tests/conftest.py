@@ -3,6 +3,7 @@
 - Plain `pytest` runs the fast unit tests only; tests marked slow, boot or e2e run with
   `--run-slow` (what `inv test` passes) or FAILBACK_RUN_SLOW=1. Tests marked root are skipped
   when not running as root.
+- tests/controlplane_fixture.py's fixtures are registered for every module (pytest_plugins).
 - `built_iso` (session scope) runs the default incremental build once per session — a no-op
   when build/ is already up to date — and gives the ISO's path; `built_pipeline` gives the
   pipeline itself (paths of the layers, manifest, keys).
@@ -22,6 +23,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SLOW_MARKERS = ("slow", "boot", "e2e")
+
+# Fixtures every test module may use without importing them: the local DRS control plane
+# (drs_controlplane, drs_controlplane_factory) and the client stack (moto, assets, s3, stack_factory).
+pytest_plugins = ["tests.controlplane_fixture"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -12,17 +12,7 @@ import pytest
 from failback_client.bootmode import EXIT_BOOT_MODE, BootModeMismatch, check_boot_mode, instance_os, judge
 from failback_client.console import Console
 
-from tests.controlplane_fixture import drs_controlplane_factory  # noqa: F401
-from tests.test_client_replication import (  # noqa: F401
-    OTHER_MAC,
-    RI,
-    ClientProcess,
-    assets,
-    blank,
-    moto,
-    s3,
-    stack_factory,
-)
+from tests.controlplane_fixture import OTHER_MAC, RI, ClientProcess, blank
 from tests.test_client_replication_helpers import MiB, seed_for
 
 GPT_ESP = "label: gpt\nsize=4M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n"
@@ -91,7 +81,7 @@ def test_instance_os() -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_windows_uefi_source_on_this_bios_host_stops_before_any_write(s3: str, stack_factory,  # noqa: F811
+def test_windows_uefi_source_on_this_bios_host_stops_before_any_write(s3: str, stack_factory,
                                                                        tmp_path: Path) -> None:
     if Path("/sys/firmware/efi").is_dir():
         pytest.skip("this host booted UEFI: the mismatch case needs a BIOS host")

@@ -17,18 +17,8 @@ import pexpect
 import pytest
 
 from image.hashes import sha512_file
-from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
+from tests.controlplane_fixture import OTHER_MAC, RI, ControlPlaneHandle, Stack, failback_state
 from tests.test_client_helpers import SEED, agent_listener, client_command, client_env, run_in_process, subprocess_env
-from tests.test_client_replication import (  # noqa: F401 - fixtures
-    OTHER_MAC,
-    RI,
-    Stack,
-    assets,
-    failback_state,
-    moto,
-    s3,
-    stack_factory,
-)
 from tests.test_client_replication_helpers import MiB, loop_device, make_ext4, seed_for
 
 OS_NAME = "Debian GNU/Linux 12 (bookworm)"
@@ -83,7 +73,7 @@ def expect_last_look(child: pexpect.spawn, device: str) -> None:
 
 
 @pytest.mark.root
-def test_answer_no_writes_nothing(drs_controlplane_factory, target, tmp_path: Path) -> None:  # noqa: F811
+def test_answer_no_writes_nothing(drs_controlplane_factory, target, tmp_path: Path) -> None:
     device, image = target
     cp = drs_controlplane_factory(seed=seed_for(RI, [("/dev/nvme0n1", 32 * MiB)], [OTHER_MAC]))
     before = sha512_file(image, image.stat().st_size)
@@ -102,7 +92,7 @@ def test_answer_no_writes_nothing(drs_controlplane_factory, target, tmp_path: Pa
 
 
 @pytest.mark.root
-def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_controlplane_factory, target,  # noqa: F811
+def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_controlplane_factory, target,
                                                                        monkeypatch, capsys, tmp_path: Path) -> None:
     device, image = target
     cp = drs_controlplane_factory(seed=seed_for(RI, [("/dev/nvme0n1", 32 * MiB)], [OTHER_MAC]))
@@ -121,7 +111,7 @@ def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_contr
 
 
 def test_no_prompt_without_explicit_mapping_stops_before_writing(monkeypatch, capsys, tmp_path: Path,
-                                                                 drs_controlplane_factory) -> None:  # noqa: F811
+                                                                 drs_controlplane_factory) -> None:
     """The original server's automatic mapping is no consent for an unattended overwrite."""
     cp = drs_controlplane_factory(seed=SEED)
     with agent_listener() as port:
@@ -136,7 +126,7 @@ def test_no_prompt_without_explicit_mapping_stops_before_writing(monkeypatch, ca
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_answer_overwrite_starts_replication(s3: str, stack_factory: Callable[..., Stack],  # noqa: F811
+def test_answer_overwrite_starts_replication(s3: str, stack_factory: Callable[..., Stack],
                                              tmp_path: Path) -> None:
     src = make_ext4(tmp_path / "root.img", 32, seed=11, fill_mib=8)
     image = old_system_disk(tmp_path / "t.img")

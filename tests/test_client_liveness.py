@@ -19,23 +19,9 @@ from failback_client.logs import REDACTOR
 from failback_client.replication_api import ReplicationApi
 from failback_client.settings import Settings
 
-from tests import controlplane_fixture
-from tests.test_client_replication import (  # noqa: F401 - fixtures
-    OTHER_MAC,
-    RI,
-    ClientProcess,
-    assets,
-    blank,
-    moto,
-    s3,
-    stack_factory,
-    wait_for,
-)
+from tests.controlplane_fixture import OTHER_MAC, RI, ClientProcess, blank, wait_for
 from tests.test_client_replication_helpers import MiB, make_ext4, seed_for
 from tests.test_controlplane import WEB01, _associate
-
-drs_controlplane = controlplane_fixture.drs_controlplane
-drs_controlplane_factory = controlplane_fixture.drs_controlplane_factory
 
 
 def _error_of(cp, instance: str) -> str | None:  # type: ignore[no-untyped-def]
@@ -98,7 +84,7 @@ def test_heartbeat_metrics_and_redacted_logs(drs_controlplane, tmp_path: Path, c
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_a_stopped_client_is_not_seen_until_it_continues(s3: str, stack_factory, tmp_path: Path) -> None:  # noqa: F811
+def test_a_stopped_client_is_not_seen_until_it_continues(s3: str, stack_factory, tmp_path: Path) -> None:
     src = make_ext4(tmp_path / "root.img", 24, seed=7, fill_mib=8)
     size = src.stat().st_size
     stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC]), {"/dev/nvme0n1": src},

@@ -16,9 +16,8 @@ from failback_client.console import Console
 from failback_client.newer_iso import NewerIsoCheck, is_newer, latest_published, parse_version
 
 from image.publish import publish_command
-from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
+from tests.controlplane_fixture import ControlPlaneHandle
 from tests.test_client_helpers import SEED, agent_listener, client_env, closed_port, run_in_process
-from tests.test_client_replication import moto  # noqa: F401 - module-scoped moto S3 server fixture
 from tests.test_client_replication_helpers import BUCKET, HASH_BUCKET, REGION, admin_s3
 
 ISO = "aws-failback-livecd-64bit.iso"
@@ -26,7 +25,7 @@ NEWER = "99.1.0"
 
 
 @pytest.fixture
-def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: F811
+def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
     with urlopen(Request(f"{moto}/moto-api/reset", method="POST"), timeout=10):
         pass
     client = admin_s3(moto)
@@ -83,7 +82,7 @@ def test_silent_without_the_object_or_without_s3(s3: str) -> None:
     assert NewerIsoCheck.start(None, s3) is None  # no region, no look
 
 
-def test_the_workflow_shows_the_line_and_goes_on(s3: str, drs_controlplane_factory, monkeypatch, capsys,  # noqa: F811
+def test_the_workflow_shows_the_line_and_goes_on(s3: str, drs_controlplane_factory, monkeypatch, capsys,
                                                  tmp_path: Path) -> None:
     publish(s3, NEWER, tmp_path)
     cp: ControlPlaneHandle = drs_controlplane_factory(seed=SEED)

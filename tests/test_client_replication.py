@@ -15,11 +15,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,46 +29,19 @@ from failback_client.identify import local_identity
 from failback_client.pairing import PairingError, create_key_and_csr, install_certificates
 
 from image.hashes import sha512_file
-from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
+
+# The client stack's fixtures (moto, assets, s3, stack_factory) come from tests/controlplane_fixture.py (conftest).
+from tests.controlplane_fixture import OTHER_MAC, RI, ClientProcess, blank, described, failback_state, wait_for
 from tests.test_client_replication_helpers import (
     BUCKET,
     REGION,
     MiB,
-    agent_tls_from_controlplane,
-    build_test_assets,
-    clean_env,
-    client_run_env,
-    loop_device,
     make_ext4,
     publish_assets,
     seed_for,
-    start_agent,
-    start_moto,
 )
 
-RI = "i-0e2e0000000000001"
 VERSION_KEY = "failback_assets/failback_assets.tar.gz"
-
-
-# -- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    server, url = start_moto()
-    yield url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    return build_test_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture
-def s3(moto: str, assets) -> str:  # type: ignore[no-untyped-def]
-    with urlopen(Request(f"{moto}/moto-api/reset", method="POST"), timeout=10):
-        pass
-    publish_assets(moto, assets)
-    return moto
 
 
 # -- download (fast) ----------------------------------------------------------------------------
@@ -199,7 +169,7 @@ def test_unpack_replaces_an_older_copy(tmp_path: Path) -> None:
 
 
 # -- pairing (fast) -----------------------------------------------------------------------------
-def test_pairing_key_csr_and_wrong_certificates(drs_controlplane_factory, tmp_path: Path) -> None:  # noqa: F811
+def test_pairing_key_csr_and_wrong_certificates(drs_controlplane_factory, tmp_path: Path) -> None:
     from drs_controlplane.certs import sign_csr
 
     cp = drs_controlplane_factory()
@@ -232,113 +202,6 @@ def _other_ca(tmp_path: Path) -> str:
     return CertificateAuthority.create(tmp_path / "rogue-ca", name="rogue").cert.read_text()
 
 
-# -- whole client runs (root: loop devices) -----------------------------------------------------
-class ClientProcess:
-    """`python -m failback_client` with the launcher's variables; output to a file the test reads."""
-
-    def __init__(self, env: dict[str, str], out: Path) -> None:
-        self.out_path = out
-        self._out = open(out, "wb")  # noqa: SIM115 - closed in wait()
-        command = [sys.executable, "-m", "failback_client", "--log-file", str(out.with_suffix(".log"))]
-        self.proc = subprocess.Popen(command, env=clean_env(env), stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT)
-
-    @property
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = 180) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self._out.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
-
-
-def wait_for(what: str, check: Callable[[], bool], client: ClientProcess, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if client.proc.poll() is not None:
-            raise AssertionError(f"client exited ({client.proc.returncode}) before {what}:\n{client.output}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n{client.output}")
-
-
-def failback_state(cp: ControlPlaneHandle) -> str:
-    return cp.recovery_instance(RI)["failback"]["state"]
-
-
-def described(cp: ControlPlaneHandle) -> dict[str, Any]:
-    """The recovery instance as DescribeRecoveryInstances shows it (through boto3, like the console)."""
-    items = cp.client().describe_recovery_instances(filters={"recoveryInstanceIDs": [RI]})["items"]
-    assert len(items) == 1
-    return items[0]
-
-
-class Stack:
-    """Control plane + agent + loop-device targets for one client run."""
-
-    def __init__(self, cp: ControlPlaneHandle, tmp: Path, sources: dict[str, Path], targets: dict[str, Path],
-                 agent_tls=None) -> None:  # type: ignore[no-untyped-def]
-        self.cp, self.tmp, self.sources, self.targets = cp, tmp, sources, targets
-        self.tls = agent_tls or agent_tls_from_controlplane(cp, RI, tmp / "agent-tls")
-        self.agent = start_agent(cp, RI, sources, self.tls)
-        self.devices: dict[str, str] = {}
-        self._loops = [loop_device(p) for p in targets.values()]
-        for name, ctx in zip(targets, self._loops, strict=True):
-            self.devices[name] = ctx.__enter__()
-
-    def close(self) -> None:
-        self.agent.stop()
-        for ctx in self._loops:
-            ctx.__exit__(None, None, None)
-
-    @property
-    def mapping(self) -> str:
-        return ",".join(f"{name}={dev}" for name, dev in self.devices.items())
-
-    def env(self, s3_url: str, **extra: str) -> dict[str, str]:
-        return client_run_env(self.cp, s3_url, RI, self.mapping, self.tmp / "work",
-                              **{"FAILBACK_AGENT_PORT": str(self.agent.port), **extra})
-
-    def assert_targets_equal_sources(self) -> dict[str, str]:
-        digests = {}
-        for name, src in self.sources.items():
-            size = src.stat().st_size
-            digests[name] = sha512_file(src, size)
-            assert sha512_file(self.devices[name], size) == digests[name], f"{name}: target differs from source"
-        return digests
-
-
-def blank(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-@pytest.fixture
-def stack_factory(drs_controlplane_factory, tmp_path: Path) -> Iterator[Callable[..., Stack]]:  # noqa: F811
-    stacks: list[Stack] = []
-
-    def make(seed: dict[str, Any], sources: dict[str, Path], targets: dict[str, Path], **kw: Any) -> Stack:
-        cp = drs_controlplane_factory(seed=seed)
-        stack = Stack(cp, tmp_path, sources, targets, **kw)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.close()
-
-
-OTHER_MAC = "52:54:00:0e:2e:99"  # not this host: failing back to another server (full sync)
 
 
 @pytest.mark.root
