@@ -1,8 +1,9 @@
 """pytest fixtures that run the local DRS control plane on 127.0.0.1 (free port) for a test.
 
-Use from conftest.py (`from tests.controlplane_fixture import *  # noqa: F403`) or import the fixtures
-in a test module. `drs_controlplane` gives a handle seeded from controlplane/examples/seed.yaml;
+tests/conftest.py registers this module (pytest_plugins), so every test module may name its fixtures without
+importing them. `drs_controlplane` gives a handle seeded from controlplane/examples/seed.yaml;
 `drs_controlplane_factory(seed=..., credentials=...)` makes more (own seed, several keys, a restart).
+The client stack below (`moto`, `assets`, `s3`, `stack_factory`) runs the failback client against it.
 
     def test_x(drs_controlplane):
         drs = drs_controlplane.client()                      # boto3 client: public + our operations
