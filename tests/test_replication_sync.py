@@ -130,7 +130,7 @@ def test_rescan_fetches_what_differs_while_it_still_reads(
 ) -> None:
     """A rescan of a big disk reads it for minutes: the blocks found to differ are fetched in batches
     meanwhile, not after the last block was read (here the local disk reads 10 ms a block)."""
-    import failback_replicator.engine as engine
+    from failback_replicator import compare, transfer
 
     src = make_image(tmp_path / "source.img", SIZE, seed=31)
     tgt = tmp_path / "original.img"
@@ -139,7 +139,7 @@ def test_rescan_fetches_what_differs_while_it_still_reads(
     change_blocks(src, changed, BS)
     reading: list[float] = []
     fetches: list[tuple[float, list[int]]] = []
-    read_block_into, fetch = engine.read_block_into, engine.Replicator._fetch
+    read_block_into, fetch = compare.read_block_into, transfer.BlockTransfer.fetch
 
     def slow_read(*args, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(0.01)
@@ -150,8 +150,9 @@ def test_rescan_fetches_what_differs_while_it_still_reads(
         fetches.append((time.monotonic(), list(wanted)))
         return fetch(self, conn, t, wanted)
 
-    monkeypatch.setattr(engine, "read_block_into", slow_read)
-    monkeypatch.setattr(engine.Replicator, "_fetch", recorded_fetch)
+    for module in (compare, transfer):  # the rescan's readers and the transfer's read-back
+        monkeypatch.setattr(module, "read_block_into", slow_read)
+    monkeypatch.setattr(transfer.BlockTransfer, "fetch", recorded_fetch)
     caplog.set_level("INFO", logger="failback_replicator")
     with start_agent(pki, {DEV: src}) as agent:
         cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=True, block_size=BS,
@@ -171,7 +172,7 @@ def test_a_rescan_cut_short_stops_its_readers_before_the_next_session(
 ) -> None:
     """The link drops while the agent's digests come in: that session's local readers must stop
     (and be joined) before the replicator reconnects, not read on beside the next session's."""
-    import failback_replicator.engine as engine
+    from failback_replicator import compare, session, transfer
 
     src = make_image(tmp_path / "source.img", SIZE, seed=33)
     tgt = tmp_path / "original.img"
@@ -180,7 +181,7 @@ def test_a_rescan_cut_short_stops_its_readers_before_the_next_session(
     reads: list[tuple[threading.Thread, float]] = []
     connects: list[float] = []
     read_block_into, source_digests, connect = (
-        engine.read_block_into, engine.Replicator._source_digests, engine.Replicator._connect
+        compare.read_block_into, compare.Comparer.source_digests, session.Link.connect
     )
 
     def slow_read(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -198,9 +199,10 @@ def test_a_rescan_cut_short_stops_its_readers_before_the_next_session(
         connects.append(time.monotonic())
         return connect(self)
 
-    monkeypatch.setattr(engine, "read_block_into", slow_read)
-    monkeypatch.setattr(engine.Replicator, "_source_digests", cut_first)
-    monkeypatch.setattr(engine.Replicator, "_connect", recorded_connect)
+    for module in (compare, transfer):
+        monkeypatch.setattr(module, "read_block_into", slow_read)
+    monkeypatch.setattr(compare.Comparer, "source_digests", cut_first)
+    monkeypatch.setattr(session.Link, "connect", recorded_connect)
     with start_agent(pki, {DEV: src}) as agent:
         cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=True, block_size=BS)
         r = Replicator(cfg, commands=QueueCommandSource(Command.FINAL_SYNC), sleep=fast_sleep)
@@ -217,11 +219,11 @@ def test_a_block_that_reads_back_wrong_is_fetched_again(
 ) -> None:
     """Every written block is read back from the device (after its checkpoint) and compared; one the
     device returns wrong is not trusted: the verification refetches it."""
-    import failback_replicator.engine as engine
+    from failback_replicator import compare, transfer
 
     src = make_image(tmp_path / "source.img", SIZE, seed=31, zero_fraction=0.0)
     tgt = blank(tmp_path / "target.img")
-    real, lied = engine.read_block_into, []
+    real, lied = transfer.read_block_into, []
 
     def bad_sector_once(fd: int, index: int, size: int, bs: int, buf: bytearray) -> memoryview:
         view = real(fd, index, size, bs, buf)
@@ -230,7 +232,8 @@ def test_a_block_that_reads_back_wrong_is_fetched_again(
             view[100] ^= 0xFF
         return view
 
-    monkeypatch.setattr(engine, "read_block_into", bad_sector_once)
+    for module in (compare, transfer):  # local reads: the rescan's and the read-back after checkpoints
+        monkeypatch.setattr(module, "read_block_into", bad_sector_once)
     with start_agent(pki, {DEV: src}) as agent:
         cfg = replicator_config(pki, agent.port, {DEV: tgt}, tmp_path / "state", rescan=False, block_size=BS,
                                 checkpoint_blocks=8)  # fmt: skip

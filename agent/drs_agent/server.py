@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from failback_replicator import PROTOCOL_VERSIONS
 from failback_replicator.buffers import BufferPool
 from failback_replicator.tlsconf import PairingError, TlsFiles, require_identity, server_context
+from failback_replicator.transfer import Block
 from failback_replicator.wire import (
     CODEC_NAMES,
     CODEC_RAW,
@@ -366,7 +367,7 @@ class _Session:
         slow replicator costs the agent no memory: the reader waits for the sender, which waits
         for TCP."""
         depth = 4
-        q: queue.Queue = queue.Queue(maxsize=depth)
+        q: queue.Queue[Block | BaseException | None] = queue.Queue(maxsize=depth)
         pool = BufferPool(depth + 2, vol.block_size)
         encoder = self.encoder
         governor = self.governor
@@ -387,7 +388,7 @@ class _Session:
                             governor.compressed(len(data), time.perf_counter() - started)
                     else:
                         codec, payload = (CODEC_ZERO, b"") if zero else (CODEC_RAW, data)
-                    q.put((b, codec, len(data), d, payload, buf))
+                    q.put(Block(b, codec, len(data), d, payload, buf))
                 q.put(None)
             except BaseException as exc:
                 q.put(exc)
@@ -401,17 +402,16 @@ class _Session:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                b, codec, raw_len, d, payload, buf = item
                 started = time.perf_counter()
-                self.conn.send_block(i, b, codec, raw_len, d, payload)
-                if codec != CODEC_ZERO:
-                    governor.sent(len(payload), time.perf_counter() - started)
-                pool.put(buf)
+                self.conn.send_block(i, item.index, item.codec, item.raw_len, item.digest, item.payload)
+                if item.codec != CODEC_ZERO:
+                    governor.sent(len(item.payload), time.perf_counter() - started)
+                pool.put(item.buf)
         finally:
             stop.set()
             while t.is_alive():  # unblock the reader: it may wait on a full queue or for a buffer
                 with contextlib.suppress(queue.Empty):
                     item = q.get(timeout=0.1)
-                    if isinstance(item, tuple):
-                        pool.put(item[-1])
+                    if isinstance(item, Block):
+                        pool.put(item.buf)
             t.join()
