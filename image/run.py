@@ -1,7 +1,8 @@
 """The one function through which every subprocess of the build runs.
 
 It logs the exact command (shell-quoted, so it can be pasted) and, on failure, raises
-an error that carries the command, its exit status and the tail of its output.
+an error that carries the command, its exit status and the tail of its output. A tool listed in
+image/tool_warnings.py (mmdebstrap) also fails when it prints a warning not known to be harmless.
 """
 
 from __future__ import annotations
