@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from image import qemu, smoke
+from image import mounts, qemu, smoke
 from image.qemu import BOOT_WAYS, BootWay
 from image.run import run
 
@@ -141,10 +141,7 @@ def _cpu(r: smoke.WayResult) -> float | None:
 def remove_build_dir(path: Path) -> None:
     """Remove a throw-away build directory, refusing while anything is mounted below it (a leaked
     /proc or /dev bind mount of a chroot must not be deleted through)."""
-    resolved = path.resolve()
-    with open("/proc/self/mounts") as f:
-        mounts = [line.split()[1].replace("\\040", " ") for line in f]
-    inside = [m for m in mounts if Path(m) == resolved or resolved in Path(m).parents]
+    inside = [str(m.target) for m in reversed(mounts.mounts_under(path))]
     if inside:
         raise RuntimeError(f"{path}: still mounted below it: {', '.join(inside)}; unmount, then retry")
     shutil.rmtree(path, ignore_errors=True)

@@ -44,6 +44,7 @@ from pathlib import Path
 from failback_replicator.tlsconf import client_context, server_context
 from failback_replicator.wire import DIGEST_SHA256, available_digests, digest_function
 
+from image.mounts import require_no_mounts
 from image.run import run
 
 MiB = 1024 * 1024
@@ -305,6 +306,7 @@ def filesystem_image(path: Path, size: int, staging: Path, fill: float = 0.5,
                 used += n
     if used < budget // 2:
         raise RuntimeError(f"filesystem volume: only {used} bytes of files found under {', '.join(map(str, sources))}")
+    require_no_mounts(staging, f"copy it into {path.name}")
     run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "benchvol", "-d", str(staging), str(path),
          f"{size // 1024}K"], capture=True)  # fmt: skip
     shutil.rmtree(staging)

@@ -39,6 +39,7 @@ from failback_client.convert import ConversionOptions, ConversionReport, convert
 
 from image import qemu
 from image.config import load_config
+from image.mounts import clear_leftovers, release, require_no_mounts
 from image.paths import REPO, digest
 from image.rootfs import apt_sources
 from image.run import run
@@ -171,6 +172,8 @@ def cloud_fixture(cache: Path = CACHE) -> Fixture:
     dest = cache / key / "cloud-disk.img"
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / ".lock"):
+        for work in cache.glob("*/work"):  # a killed or failed run's (any key): its mounts, loop devices, files
+            clear_leftovers(work)
         if dest.is_file():
             return Fixture(dest, 0.0)
         start = time.monotonic()
@@ -248,8 +251,17 @@ def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
 
 def build_image(dest: Path, apt_cache: Path) -> None:
     work = dest.parent / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    clear_leftovers(work)
     work.mkdir(parents=True)
+    try:
+        _build_in(work, dest, apt_cache)
+    except BaseException:
+        release(work)  # nothing stays mounted or attached; the files stay for a look (removed at the next start)
+        raise
+    shutil.rmtree(work)
+
+
+def _build_in(work: Path, dest: Path, apt_cache: Path) -> None:
     tree = work / "tree"
     log.info("convert fixture: mmdebstrap (a few minutes)...")
     _mmdebstrap(tree, apt_cache)
@@ -275,13 +287,13 @@ def build_image(dest: Path, apt_cache: Path) -> None:
         run(["mkfs.ext4", "-q", "-L", "cloudimg-rootfs", f"{dev}p1"])
         run(["mkfs.vfat", "-F", "32", "-n", "UEFI", f"{dev}p15"])
         with _mounted(f"{dev}p1", mnt):
+            require_no_mounts(tree, f"copy it into {img.name}")
             run(["cp", "-a", f"{tree}/.", str(mnt)])
             # The ESP is not mounted: the host kernel may lack vfat, and a BIOS instance never needed it.
             with _chroot_mounts(mnt):
                 run(["chroot", str(mnt), "sh", "-c", CHROOT_SETUP, "setup", dev])
     shutil.rmtree(tree)
     img.rename(dest)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from image.hashes import sha512_file
+from image.mounts import require_no_mounts
 from image.paths import DEFAULT_BUILD
 from image.run import run
 
@@ -128,6 +129,7 @@ def make_source(path: Path, size_mib: int, fill_mib: int) -> Path:
     (tree / "data").mkdir(exist_ok=True)
     for i in range(fill_mib):
         (tree / "data" / f"chunk{i:03d}.bin").write_bytes(rng.randbytes(MiB))
+    require_no_mounts(tree, f"copy it into {path.name}")
     run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "restored", "-d", str(tree), str(path), f"{size_mib}M"])
     return path
 

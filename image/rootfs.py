@@ -18,6 +18,7 @@ from pathlib import Path
 import jinja2
 
 from image.config import ImageConfig
+from image.mounts import clear_leftovers, release
 from image.paths import BuildPaths, digest
 from image.run import run
 
@@ -175,11 +176,14 @@ def build_rootfs(cfg: ImageConfig, paths: BuildPaths, epoch: int) -> None:
     tmp = paths.rootfs.with_name("rootfs.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)  # mmdebstrap wants the parent to exist
     for p in (tmp, paths.rootfs):
-        if p.exists():
-            shutil.rmtree(p)
+        clear_leftovers(p)  # a failed run's tree may still have mmdebstrap's /proc mounted in it
     log.info("rootfs: mmdebstrap %s with %d packages (a few minutes)...", cfg.debian.suite, len(cfg.packages))
     staged = write_setup_files(initramfs_setup_files(cfg), paths.cache / "rootfs-setup")
-    run(mmdebstrap_command(cfg, tmp, apt_cache, staged), env={"SOURCE_DATE_EPOCH": str(epoch)})
+    try:
+        run(mmdebstrap_command(cfg, tmp, apt_cache, staged), env={"SOURCE_DATE_EPOCH": str(epoch)})
+    except BaseException:
+        release(tmp)  # e.g. "W: umount /proc failed": nothing stays mounted; the tree goes at the next start
+        raise
     tmp.rename(paths.rootfs)
     write_manifest(paths.rootfs, paths.manifest)
     extract_boot_files(paths.rootfs, paths.kernel, paths.initrd)

@@ -65,6 +65,7 @@ def make_probe_iso(kernel: Path, workdir: Path) -> Path:
     loader + kernel alone, and tells a broken boot chain from a broken live system."""
     from image.config import load_config
     from image.iso import IsoInputs, assemble_iso
+    from image.mounts import require_no_mounts
     from image.run import run
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,7 @@ def make_probe_iso(kernel: Path, workdir: Path) -> Path:
     empty.mkdir(exist_ok=True)
     layer = workdir / "00-probe.squashfs"
     if not layer.is_file():
+        require_no_mounts(empty, f"pack it into {layer.name}")
         run(["mksquashfs", str(empty), str(layer), "-noappend", "-quiet", "-all-root", "-mkfs-time", "0"])
     inputs = IsoInputs(kernel=kernel, initrd=initrd, layers=(layer,), extra_files={}, source_date_epoch=0)
     return assemble_iso(load_config(), inputs, workdir / "boot-chain-probe.iso", workdir / "cache").path

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from image.config import SquashfsConfig
+from image.mounts import require_no_mounts
 from image.paths import digest
 from image.run import run
 
@@ -43,6 +44,7 @@ def mksquashfs(src: Path, dest: Path, sq: SquashfsConfig, epoch: int, *, exclude
     """Make `dest` from `src` reproducibly: every timestamp is `epoch`. Returns the seconds taken."""
     if not src.is_dir():
         raise FileNotFoundError(f"squashfs: source tree {src} does not exist (run the earlier stages)")
+    require_no_mounts(src, f"pack it into {dest.name}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@
 - `built_iso` (session scope) runs the default incremental build once per session — a no-op
   when build/ is already up to date — and gives the ISO's path; `built_pipeline` gives the
   pipeline itself (paths of the layers, manifest, keys).
+- The session fails when its tests left a mount, loop device or daemon behind (tests/leakcheck.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401  (hooks, by name)
 
 SLOW_MARKERS = ("slow", "boot", "e2e")
 
