@@ -179,13 +179,14 @@ class Link:
             raise
         sock.settimeout(self.cfg.io_timeout)
         self.stats.sessions += 1
+        cipher = sock.cipher()
         log.info(
             "paired with agent %s at %s:%d (%s, %s)",
             self.cfg.agent_identity,
             self.cfg.agent_host,
             self.cfg.agent_port,
             sock.version(),
-            sock.cipher()[0] if sock.cipher() else "?",
+            cipher[0] if cipher else "?",
         )
         if not self.paired:
             self.paired = True
@@ -229,15 +230,17 @@ class Link:
             raise AgentRefused(f"{reply.get('error')}: {reply.get('message')}")
         if reply["op"] != "HELLO":
             raise ProtocolError(f"expected HELLO, agent sent {reply['op']}")
-        if reply.get("version") != hello["version"]:
-            raise AgentRefused(f"agent speaks protocol version {reply.get('version')}, we speak {hello['version']}")
-        algorithm = reply.get("digest") if hello["version"] >= 2 else DIGEST_SHA256
+        version = hello["version"]
+        assert isinstance(version, int)  # the HELLO above sets it
+        if reply.get("version") != version:
+            raise AgentRefused(f"agent speaks protocol version {reply.get('version')}, we speak {version}")
+        algorithm = reply.get("digest") if version >= 2 else DIGEST_SHA256
         if algorithm not in offered:  # does not heal by reconnecting: refused, like a version mismatch
             raise AgentRefused(f"agent picked block digest {algorithm!r}, we offered {offered}")
         self.hash = block_hasher(algorithm)
-        self.stats.protocol_version, self.stats.digest_algorithm = hello["version"], algorithm
+        self.stats.protocol_version, self.stats.digest_algorithm = version, algorithm
         log.info(
-            "agent: protocol version %d, block digest %s, codec %s", hello["version"], algorithm, reply.get("codec")
+            "agent: protocol version %d, block digest %s, codec %s", version, algorithm, reply.get("codec")
         )
         if reply.get("recovery_instance") != self.cfg.recovery_instance_id:
             raise AgentRefused(

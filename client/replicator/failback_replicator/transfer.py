@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .blockio import block_span, drop_cache, read_block_into, write_all, write_zeros
@@ -81,7 +81,7 @@ class BlockTransfer:
         self.bucket = bucket
         self.check_stop = check_stop
 
-    def fetch_all(self, conn: Connection, targets: Sequence[Target], need: dict[int, Sequence[int]]) -> None:
+    def fetch_all(self, conn: Connection, targets: Sequence[Target], need: Mapping[int, Sequence[int]]) -> None:
         for t in targets:
             blocks = need.get(t.index, [])
             if blocks:
@@ -167,7 +167,7 @@ class BlockTransfer:
                     # A zero block (free space) carries no data: its digest must be the zero digest,
                     # and the kernel zeroes the range (no 1 MiB of zeros hashed and copied here).
                     zero = block.codec == CODEC_ZERO
-                    data = None if zero else decoder.decode(block.codec, block.payload, raw_len)
+                    data = b"" if zero else decoder.decode(block.codec, block.payload, raw_len)
                     if (hasher.zero(raw_len) if zero else hasher(data)) != block.digest:
                         failures.append(index)
                         log.warning(

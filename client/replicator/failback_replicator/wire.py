@@ -176,7 +176,7 @@ class Decoder:
     def __init__(self) -> None:
         self._zd = _zstd.ZstdDecompressor() if _zstd is not None else None
 
-    def decode(self, codec: int, payload: memoryview, raw_len: int) -> bytes | memoryview:
+    def decode(self, codec: int, payload: bytes | memoryview, raw_len: int) -> bytes | memoryview:
         if codec == CODEC_RAW:
             data: bytes | memoryview = payload
         elif codec == CODEC_ZERO:
