@@ -210,5 +210,23 @@ def test_a_post_install_call_on_the_installation_credentials_is_denied(drs_contr
     rapi = ReplicationApi(api, client_id, WEB01)
     with pytest.raises(FailbackError) as exc:
         rapi.command()
-    assert "not allowed" in str(exc.value)
+    assert "AccessDeniedException" in str(exc.value)
     assert cp.plane.requests[-1].error_code == "AccessDeniedException"
+
+
+def test_access_denied_after_the_switch_blames_the_issued_credentials(drs_controlplane_factory, installer,
+                                                                      tmp_path):
+    """After the switch a refusal is about what DRS issued: no advice about the installation policy or STS."""
+    cp = drs_controlplane_factory(extra_credentials=(installer,))
+    client_id, key = _installed(cp, installer, tmp_path)
+    settings = Settings(region=cp.region, endpoint=cp.url, access_key_id=installer.access_key,
+                        secret_access_key=installer.secret_key, session_token=installer.session_token)
+    api = DrsApi(settings)
+    switch_to_drs_credentials(api, Notices(), client_id, WEB01, key)
+    rapi = ReplicationApi(api, client_id, DB01)  # another instance: outside what DRS issued this client
+    with pytest.raises(FailbackError) as exc:
+        rapi.command()
+    text = str(exc.value)
+    assert cp.plane.requests[-1].error_code == "AccessDeniedException"
+    assert "credentials it issued this failback client" in text and "AccessDeniedException" in text, text
+    assert "InstallationPolicy" not in text and "STS" not in text, text

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 POLICY = "AWSElasticDisasterRecoveryFailbackInstallationPolicy"
 
 
-def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
-    """One clear sentence for a botocore failure (no traceback); credential problems get CredentialsError."""
+def explain(error: Exception, settings: Settings, action: str, *, installed: bool = False) -> FailbackError:
+    """One clear sentence for a botocore failure (no traceback); credential problems get CredentialsError.
+    `installed`: the call went out on the credentials DRS issued this client, not on the ones the admin typed in,
+    so advice about the installation policy or new STS credentials would send the admin the wrong way."""
     key = settings.access_key_id or "?"
     region = settings.region or "?"
     endpoint = settings.endpoint_url if settings.region else "?"
@@ -49,6 +51,13 @@ def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
             return CredentialsError(
                 f"AWS refused the request signature while {action}: the AWS Secret Access Key does not match "
                 f"access key {key}; check it for a typo (AWS answered \"{message.strip()[:200]}\")")
+        if installed and code in ("AccessDeniedException", "AccessDenied", "ExpiredTokenException", "ExpiredToken",
+                                  "UnrecognizedClientException", "InvalidClientTokenId"):
+            return CredentialsError(
+                f"Elastic Disaster Recovery refused the credentials it issued this failback client while {action} "
+                f"({code}: \"{message.strip()[:300]}\"). The credentials entered at installation are not the cause "
+                f"and are not used any more. Check in the DRS console that the recovery instance still exists and "
+                f"its failback was not stopped, then start the failback client again")
         if code in ("ExpiredTokenException", "ExpiredToken"):
             return CredentialsError(
                 f"The AWS Session Token has expired (while {action}): create new temporary credentials with "
@@ -93,13 +102,14 @@ def explain(error: Exception, settings: Settings, action: str) -> FailbackError:
     raise error
 
 @contextlib.contextmanager
-def calling(settings: Settings, action: str, logger: logging.Logger = log) -> Iterator[None]:
+def calling(settings: Settings, action: str, logger: logging.Logger = log, *,
+            installed: bool = False) -> Iterator[None]:
     """Around one DRS call: a botocore error becomes the one-sentence ClientError of `explain`."""
     try:
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         logger.info("%s failed: %s", action, e)
-        raise explain(e, settings, action) from None
+        raise explain(e, settings, action, installed=installed) from None
 
 
 def all_items(method: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
@@ -144,7 +154,7 @@ class DrsApi:
         return self.client.update_agent_replication_info_for_drs
 
     def _calling(self, action: str) -> contextlib.AbstractContextManager[None]:
-        return calling(self.settings, action)
+        return calling(self.settings, action, installed=self.installed)
 
     def check_credentials(self) -> None:
         """A real, cheap, read-only call: bad key, secret, token or region fail here, at once."""

@@ -29,7 +29,7 @@ class ReplicationApi:
         return self.api.client  # follows the switch to DRS-issued credentials
 
     def _calling(self, action: str) -> contextlib.AbstractContextManager[None]:
-        return calling(self.api.settings, action, log)
+        return calling(self.api.settings, action, log, installed=self.api.installed)
 
     def issue_certificate(self, csr_pem: str) -> dict[str, Any]:
         with self._calling("asking DRS to sign the replication software's certificate (IssueAgentCertificateForDrs)"):
