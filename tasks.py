@@ -2,16 +2,26 @@
 
 Thin on purpose: every task calls library code in image/. The build is incremental: each stage
 skips itself when its inputs have not changed since its last successful run.
+
+Errors: an expected failure (any image.errors.ImageError, e.g. a command that failed, timed out or is
+not installed, a bad image definition, a missing input file) prints ONE line on stderr, "<task>: what
+failed; how to fix it" (a failed command's captured output tail above it), and exits 1. A traceback is
+shown only in debug mode: `FAILBACK_DEBUG=1 inv <task>` or invoke's own `inv --debug <task>`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from invoke import Context, Exit, task
+import invoke
+from invoke import Context, Exit
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
@@ -19,6 +29,52 @@ sys.path.insert(0, str(REPO))
 CONFIG_HELP = "image definition to use (default: image/image.yaml)"
 BUILD_HELP = "build directory (default: build/)"
 FORCE_HELP = "rebuild this stage even if its inputs did not change"
+DEBUG_ENV = "FAILBACK_DEBUG"
+
+
+def debug_mode() -> bool:
+    """FAILBACK_DEBUG=1, or invoke's core `--debug` flag (which turns the root logger to DEBUG)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or logging.getLogger().level == logging.DEBUG
+
+
+@contextmanager
+def failures(name: str) -> Iterator[None]:
+    """The one handler: an expected failure becomes one line "<name>: ..." on stderr and exit status 1.
+
+    Expected = image.errors.ImageError (all of image/'s errors, the run() ones included) and
+    FileNotFoundError (a named input that is not there). In debug mode the exception propagates,
+    traceback and all.
+    """
+    from image.errors import ImageError
+    from image.run import CommandError
+
+    try:
+        yield
+    except (ImageError, FileNotFoundError) as exc:
+        if debug_mode():
+            raise
+        if isinstance(exc, CommandError) and exc.output_tail():
+            print(exc.output_tail(), file=sys.stderr)  # the tool's own words (captured), above ours
+        line = exc.summary() if isinstance(exc, ImageError) else str(exc)
+        raise Exit(f"{name}: {line}", code=1) from None
+
+
+def task(*args: Any, **kwargs: Any) -> Any:
+    """invoke's @task (bare or with options), the body run inside `failures()` under the task's name."""
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return task()(args[0])
+
+    def wrap(body: Callable[..., Any]) -> Any:
+        name = kwargs.get("name") or body.__name__.replace("_", "-")
+
+        @functools.wraps(body)
+        def handled(*a: Any, **kw: Any) -> Any:
+            with failures(name):
+                return body(*a, **kw)
+
+        return invoke.task(*args, **kwargs)(handled)
+
+    return wrap
 
 
 def _logging() -> None:
@@ -28,19 +84,12 @@ def _logging() -> None:
 
 
 def _stage(until: str, config: str | None, build_dir: str | None, force: bool) -> None:
-    """Run the pipeline up to `until`, turning known build errors into a clean exit message."""
+    """Run the pipeline up to `until` (failures: the task's handler)."""
     _logging()
-    from image.clientenv import ClientBuildError
-    from image.config import ConfigError
-    from image.overlay import RenderError
-    from image.pipeline import BuildError, Pipeline
-    from image.run import CommandError
+    from image.pipeline import Pipeline
 
-    try:
-        pipe = Pipeline.from_files(Path(config) if config else None, Path(build_dir) if build_dir else None)
-        pipe.build(until, force=until if force else None)
-    except (ConfigError, RenderError, ClientBuildError, BuildError, CommandError, FileNotFoundError) as exc:
-        raise Exit(f"{until}: {exc}", code=1) from None
+    pipe = Pipeline.from_files(Path(config) if config else None, Path(build_dir) if build_dir else None)
+    pipe.build(until, force=until if force else None)
     print(f"\n{until}: stages\n{pipe.report.format()}")
     if until in ("iso", "hashes"):
         print(f"artifact: {pipe.artifact}")
@@ -132,8 +181,8 @@ def reproduce(c: Context, config: str | None = None, build_dir: str | None = Non
 
     try:
         sums = do_reproduce(Path(config) if config else None, Path(build_dir) if build_dir else None)
-    except ReproducibilityError as exc:
-        raise Exit(f"reproduce: NOT reproducible: {exc}", code=1) from None
+    except ReproducibilityError as exc:  # the verdict, not a failure to run: says so first
+        raise ReproducibilityError(f"NOT reproducible: {exc}") from None
     print("reproduce: both cold builds are identical:")
     for name, digest in sums.items():
         print(f"  {digest[:32]}...  {name}")
@@ -168,16 +217,11 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     the right boot mode and Secure Boot state. Serial logs: <build dir>/smoke/<way>/serial.log."""
     _logging()
     from image import smoke as sm
-    from image.qemu import BOOT_WAYS, QemuError, boot_way
-    from image.run import CommandError
+    from image.qemu import BOOT_WAYS, boot_way
 
-    try:
-        ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
-        iso_path = Path(iso) if iso else sm.default_iso()
-        results = sm.run_matrix(iso_path, sm.workdir_for(iso_path), ways=ways,
-                                parallel=parallel, timeout=timeout)
-    except (QemuError, CommandError) as exc:
-        raise Exit(f"smoke: {exc}", code=1) from None
+    ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
+    iso_path = Path(iso) if iso else sm.default_iso()
+    results = sm.run_matrix(iso_path, sm.workdir_for(iso_path), ways=ways, parallel=parallel, timeout=timeout)
     print("\n" + sm.report(results))
     failed = [r.way.name for r in results if not r.passed]
     if failed:
@@ -208,15 +252,11 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
     _logging()
     from image import bench as b
     from image import smoke as sm
-    from image.qemu import BOOT_WAYS, QemuError, boot_way
-    from image.run import CommandError
+    from image.qemu import BOOT_WAYS, boot_way
 
     if not 1 <= cpus <= (os.cpu_count() or 1):
         raise Exit(f"bench: --cpus must be between 1 and this machine's {os.cpu_count()} cores, got {cpus}", code=1)
-    try:
-        ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
-    except QemuError as exc:
-        raise Exit(f"bench: {exc}", code=1) from None
+    ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
     inv = [str(REPO / ".venv" / "bin" / "inv")]
     cold_cmd = None
     cold_dir = REPO / "build" / "bench-cold"
@@ -229,8 +269,6 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
                              ways=ways if boot else (), parallel=parallel, timeout=timeout, probe=chain,
                              against=Path(against) if against else None, cpus=cpus,
                              firmware_baseline=firmware_baseline)
-    except (QemuError, CommandError) as exc:
-        raise Exit(f"bench: {exc}", code=1) from None
     finally:
         if cold:
             b.remove_build_dir(cold_dir)  # a full rootfs and layers nobody reuses
@@ -247,12 +285,8 @@ def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: st
     """Build the Dockerfile (the ISO build in a container; same install-deps.sh as the README)."""
     _logging()
     from image import docker as d
-    from image.run import CommandError
 
-    try:
-        how = d.build(tag, engine, ca_bundle=Path(ca_bundle) if ca_bundle else d.host_ca_bundle())
-    except (CommandError, ValueError, FileNotFoundError) as exc:
-        raise Exit(f"docker: {exc}", code=1) from None
+    how = d.build(tag, engine, ca_bundle=Path(ca_bundle) if ca_bundle else d.host_ca_bundle())
     print(f"docker: built {tag}; build the ISO with:\n  {how}")
 
 
@@ -337,13 +371,9 @@ def assets(c: Context, out: str | None = None) -> None:
     """Build the replication software bundle (failback_assets.tar.gz), its .sha512 and
     latest/manifest.json, reproducibly; `inv publish --assets` uploads it."""
     _logging()
-    from image.assets import AssetsError, build_assets
-    from image.config import ConfigError
+    from image.assets import build_assets
 
-    try:
-        result = build_assets(Path(out) if out else None)
-    except (AssetsError, ConfigError) as exc:
-        raise Exit(f"assets: {exc}", code=1) from None
+    result = build_assets(Path(out) if out else None)
     print(f"{result.tarball}\nsha512 {result.sha512}\ninstallerVersion {result.version}")
 
 
@@ -359,16 +389,12 @@ def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: fl
     """The whole failback in QEMU: control plane + S3 + agent on the host, the ISO booted unattended from a
     seed volume, Failback pressed, digests compared; ends printing source and target sha512."""
     _logging()
-    from image.e2e import E2EError, E2EOptions, credential_lines, default_iso, run_e2e
+    from image.e2e import E2EOptions, credential_lines, default_iso, run_e2e
     from image.paths import DEFAULT_BUILD
 
-    try:
-        res = run_e2e(E2EOptions(iso=Path(iso) if iso else default_iso(),
-                                 work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout,
-                                 installation_ttl=installation_ttl or None,
-                                 client_credentials_ttl=client_credentials_ttl))
-    except E2EError as exc:
-        raise Exit(f"e2e: {exc}", code=1) from None
+    res = run_e2e(E2EOptions(iso=Path(iso) if iso else default_iso(),
+                             work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout,
+                             installation_ttl=installation_ttl or None, client_credentials_ttl=client_credentials_ttl))
     print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
           f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
     for note in res.notes:
@@ -391,12 +417,8 @@ def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: fl
 def seed(c: Context, out: str, set: list[str] | None = None, file: str | None = None, format: str = "fat") -> None:
     """Build a seed volume (label FBSEED, holding failback-seed.env) for an unattended failback."""
     _logging()
-    from image.run import CommandError
-    from image.seedimage import SeedImageError, build_seed_image
+    from image.seedimage import build_seed_image
 
-    try:
-        result = build_seed_image(Path(out), seed_file=Path(file) if file else None, sets=set or (),
-                                  kind=format)  # type: ignore[arg-type]
-    except (SeedImageError, CommandError) as exc:
-        raise Exit(f"seed: {exc}", code=1) from None
+    result = build_seed_image(Path(out), seed_file=Path(file) if file else None, sets=set or (),
+                              kind=format)  # type: ignore[arg-type]
     print(f"seed: {result.describe()}")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from image.config import ConfigError, _git_epoch
+from image.errors import ImageError
 from image.hashes import write_hashes
 from image.paths import DEFAULT_BUILD, REPO
 from image.run import CommandError, run
@@ -57,7 +58,7 @@ _PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)")
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 
-class AssetsError(RuntimeError):
+class AssetsError(ImageError, RuntimeError):
     """The bundle cannot be built as pinned (a wheel missing, unfetchable or not matching its hash)."""
 
 LAUNCHER = """#!/bin/sh

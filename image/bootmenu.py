@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from image import localdisk
+from image.errors import ImageError
 
 if TYPE_CHECKING:
     from image.config import ImageConfig
@@ -52,7 +53,7 @@ _GRUB_PLAIN = re.compile(r"^[A-Za-z0-9_./,:=+@%^-]+$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class BootMenuError(ValueError):
+class BootMenuError(ImageError, ValueError):
     """The boot section cannot be expressed in a boot menu; the message names the key."""
 
 

@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from image.errors import ImageError
 from image.paths import REPO, BuildPaths, digest, tree_digest
 from image.run import run
 
@@ -47,7 +48,7 @@ DOWNLOADED_PROJECTS = ("replicator",)
 _CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class ClientBuildError(RuntimeError):
+class ClientBuildError(ImageError, RuntimeError):
     """The client venv could not be built or does not work."""
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import yaml
 
+from image.errors import ImageError
 from image.run import CommandError, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "image.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ImageError, ValueError):
     """The image definition is invalid; the message names the file and the key."""
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from image.errors import ImageError
 from image.run import run
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ def ca_mount_args(store: ContainerStore, ca_bundle: Path | None) -> list[str]:
     return ["--volume", f"{ca_bundle}:/run/build-ca/ca-bundle.crt:ro", "--volume", f"{pip_conf}:/etc/pip.conf:ro"]
 
 
+class DockerError(ImageError, ValueError):
+    """A bad option of `inv docker` (e.g. an unknown engine)."""
+
+
 def build_image(
     store: ContainerStore, tag: str = DEFAULT_TAG, context: Path = REPO, ca_bundle: Path | None = None
 ) -> dict[str, object]:
@@ -165,7 +170,7 @@ def build(
         run(["docker", "build", "-t", tag, str(REPO)])
         return f'docker run --privileged -v "$PWD/build:/src/build" {tag}'
     if engine != "buildah":
-        raise ValueError(f"engine {engine!r}: use docker or buildah")
+        raise DockerError(f"engine {engine!r}: use docker or buildah")
     store = store or default_store()
     build_image(store, tag, ca_bundle=ca_bundle)
     return f'podman {" ".join(store.flags)} run --privileged -v "$PWD/build:/src/build" {tag}'

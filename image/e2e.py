@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from image.errors import ImageError
 from image.hashes import sha512_file
 from image.paths import DEFAULT_BUILD
 from image.run import run
@@ -57,7 +58,7 @@ REBOOT_GRACE_S = 180.0  # completion reported -> the guest's reboot (QEMU's -no-
 REBOOT_LINE = re.compile(r"reboot: Restarting system")
 
 
-class E2EError(RuntimeError):
+class E2EError(ImageError, RuntimeError):
     pass
 
 

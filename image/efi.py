@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from image.errors import ImageError
 from image.run import run
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ MAX_IMAGE_BYTES = 65535 * 512
 _SLACK_BYTES = 512 * 1024
 
 
-class EfiError(RuntimeError):
+class EfiError(ImageError, RuntimeError):
     """The EFI boot files could not be fetched or the FAT image could not be made."""
 
 

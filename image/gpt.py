@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from image.errors import ImageError
+
 SECTOR = 512
 # Where partition 1 starts once moved off the GPT structures: 32 KiB, the end of the ISO system area.
 ISO_PARTITION_START_LBA = 64
@@ -46,7 +48,7 @@ ESP_INDEX = 2  # pycdlib's entry 2 is the EFI image (entry 1 the ISO9660 data)
 _HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")  # the 92 bytes covered by the header CRC
 
 
-class GptError(RuntimeError):
+class GptError(ImageError, RuntimeError):
     """The image holds no GPT pycdlib could have written, or the result is inconsistent."""
 
 

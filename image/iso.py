@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pycdlib
 
 from image import bootmenu, efi, gpt, localdisk
+from image.errors import ImageError
 from image.run import run
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ _DIR_MODE = 0o040555
 _ISO_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
 
 
-class IsoError(ValueError):
+class IsoError(ImageError, ValueError):
     """Bad input for the ISO stage; the message names the input and how to fix it."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from image.errors import ImageError
+
 SOURCE = Path(__file__).resolve().with_name("localdisk.S")
 ISO_PATH = "/isolinux/localdisk.bs"
 OWN_ID_OFFSET = 0x7C  # `own_id` in localdisk.S: where the ISO's MBR disk id goes
@@ -32,7 +34,7 @@ CODE = bytes.fromhex(
 )
 
 
-class LocalDiskError(ValueError):
+class LocalDiskError(ImageError, ValueError):
     """The boot sector cannot be made (bad disk id)."""
 
 

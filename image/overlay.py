@@ -16,13 +16,14 @@ from typing import Any
 import jinja2
 
 from image.config import ImageConfig
+from image.errors import ImageError
 from image.paths import digest, tree_digest
 
 RECIPE_VERSION = 1
 TEMPLATE_SUFFIX = ".j2"
 
 
-class RenderError(ValueError):
+class RenderError(ImageError, ValueError):
     """A template could not be rendered; the message names the template and what is wrong."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from image import clientenv, overlay, rootfs, squashfs
 from image.config import ImageConfig, load_config, resolve_base_epoch, resolve_source_date_epoch
+from image.errors import ImageError
 from image.hashes import sha512_file, write_hashes
 from image.paths import DEFAULT_BUILD, REPO, BuildPaths, digest, tree_digest
 
@@ -28,7 +29,7 @@ _ISO_CODE = ("image/iso.py", "image/efi.py", "image/gpt.py", "image/bootmenu.py"
              "image/templates")
 
 
-class BuildError(RuntimeError):
+class BuildError(ImageError, RuntimeError):
     """A stage cannot run (missing input or prerequisite); the message says what to do."""
 
 
@@ -274,7 +275,7 @@ class Pipeline:
 
 # --- reproducibility -------------------------------------------------------------------------
 
-class ReproducibilityError(RuntimeError):
+class ReproducibilityError(ImageError, RuntimeError):
     """Two builds from the same inputs differ; the message names the differing files."""
 
 

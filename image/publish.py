@@ -27,6 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ProfileNotFound
 from s3transfer.utils import ChunksizeAdjuster
 
+from image.errors import ImageError
 from image.hashes import sha512_file
 from image.publish_plan import (
     ASSETS_FOLDER,
@@ -91,7 +92,7 @@ class PublishReport:
         return bool(self.results) and all(r.ok for r in self.results)
 
 
-class PublishError(ValueError):
+class PublishError(ImageError, ValueError):
     """Bad publish input, reported before anything is written."""
 
 

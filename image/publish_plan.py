@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from image.errors import ImageError
 from image.publish_regions import partition_of
 
 LIVECD_FOLDER = "failback_livecd"
@@ -38,7 +39,7 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _READ_BLOCK = 1024 * 1024
 
 
-class PlanError(ValueError):
+class PlanError(ImageError, ValueError):
     """Bad publish input (version, bucket prefix, artifact file)."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 
+from image.errors import ImageError
+
 COMMERCIAL_REGIONS: tuple[str, ...] = (
     "af-south-1",
     "ap-east-1",
@@ -43,7 +45,7 @@ GOVCLOUD_REGIONS: tuple[str, ...] = ("us-gov-east-1", "us-gov-west-1")
 ALL_REGIONS: tuple[str, ...] = COMMERCIAL_REGIONS + GOVCLOUD_REGIONS
 
 
-class RegionError(ValueError):
+class RegionError(ImageError, ValueError):
     """The `--regions` value names something that is not a DRS region."""
 
 

@@ -21,6 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+from image.errors import ImageError
 from image.publish_plan import PHASES, PlannedObject, RegionPlan, composite_for_part_size
 from image.publish_progress import RegionResult, Reporter
 
@@ -28,7 +29,7 @@ CHECKSUM_ALGORITHM = "SHA256"
 StepHook = Callable[[str, str, str], None]  # (region, phase, key) after an object is in place
 
 
-class RegionFailure(RuntimeError):
+class RegionFailure(ImageError, RuntimeError):
     """A region could not be published; the message names the bucket/key and what to do."""
 
 

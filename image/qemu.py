@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from image.run import CommandError, run
+from image.errors import ImageError
+from image.run import CommandTimeout, run
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ FAILURE_PATTERNS: tuple[re.Pattern[str], ...] = (
 _ANSI = re.compile(r"\x1b(\[[0-9;?=<>]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
 
 
-class QemuError(RuntimeError):
+class QemuError(ImageError, RuntimeError):
     """QEMU cannot be set up for a boot (missing firmware, bad image...)."""
 
 
@@ -419,9 +420,7 @@ def watch_boot(
         cpu = _children_cpu() - cpu_before
         qemu_output = (proc.stdout + proc.stderr).strip()
         exit_status = proc.returncode
-    except CommandError as exc:
-        if exc.returncode != -1:
-            raise
+    except CommandTimeout as exc:
         timed_out, exit_status = True, -1
         qemu_output = exc.output
     finally:

@@ -13,11 +13,13 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from image.errors import ImageError
+
 log = logging.getLogger("image.run")
 
 
-class CommandError(RuntimeError):
-    """A command exited non-zero (or could not be started)."""
+class CommandError(ImageError, RuntimeError):
+    """A command exited non-zero (the base of the two below: callers that catch any failed command catch this)."""
 
     def __init__(self, cmd: Sequence[str], returncode: int, output: str = "") -> None:
         self.cmd = list(cmd)
@@ -28,6 +30,34 @@ class CommandError(RuntimeError):
         if tail:
             msg += f"\n--- last lines of its output ---\n{tail}"
         super().__init__(msg)
+
+    def summary(self) -> str:
+        """The failing command on one line; its output's tail is `output_tail()` (printed above it)."""
+        return str(self).split("\n", 1)[0]
+
+    def output_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.output.strip().splitlines()[-lines:])
+
+
+class CommandTimeout(CommandError):
+    """A command ran longer than its timeout and was killed (returncode -1)."""
+
+    def __init__(self, cmd: Sequence[str], timeout: float | None, output: str = "") -> None:
+        self.timeout = timeout
+        super().__init__(cmd, -1, f"timed out after {timeout} s\n" + output)
+
+    def summary(self) -> str:
+        return f"command timed out after {self.timeout} s and was killed: {shlex.join(self.cmd)}"
+
+
+class ToolNotFound(CommandError):
+    """The program to run is not installed (returncode 127, as a shell reports it)."""
+
+    def __init__(self, cmd: Sequence[str], reason: str) -> None:
+        super().__init__(cmd, 127, f"{cmd[0]}: not found ({reason}); run ./install-deps.sh")
+
+    def summary(self) -> str:
+        return f"{self.cmd[0]}: not installed (needed for: {shlex.join(self.cmd)}); run ./install-deps.sh"
 
 
 def run(
@@ -64,10 +94,10 @@ def run(
             timeout=timeout,
         )
     except FileNotFoundError as exc:
-        raise CommandError(argv, 127, f"{argv[0]}: not found ({exc}); run ./install-deps.sh") from None
+        raise ToolNotFound(argv, str(exc)) from None
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"") + (exc.stderr or b"")
-        raise CommandError(argv, -1, f"timed out after {timeout} s\n" + out.decode(errors="replace")) from None
+        raise CommandTimeout(argv, timeout, out.decode(errors="replace")) from None
     stdout = proc.stdout.decode(errors="replace") if capture and proc.stdout is not None else ""
     stderr = proc.stderr.decode(errors="replace") if capture and proc.stderr is not None else ""
     result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)

@@ -21,6 +21,7 @@ from typing import Literal
 
 from failback_client import seed as seedmod
 
+from image.errors import ImageError
 from image.run import run
 
 FAT_BYTES = 1024 * 1024
@@ -28,7 +29,7 @@ SEED_NAME = "failback-seed.env"
 Kind = Literal["fat", "iso"]
 
 
-class SeedImageError(ValueError):
+class SeedImageError(ImageError, ValueError):
     """Bad seed input (key, value, file) or output path; the message names the bad part."""
 
 
