@@ -3,7 +3,7 @@
 Thin on purpose: every task calls library code in image/. The build is incremental: each stage
 skips itself when its inputs have not changed since its last successful run.
 
-Errors: an expected failure (any image.errors.ImageError, e.g. a command that failed, timed out or is
+Errors: an expected failure (any image.core.errors.ImageError, e.g. a command that failed, timed out or is
 not installed, a bad image definition, a missing input file) prints ONE line on stderr, "<task>: what
 failed; how to fix it" (a failed command's captured output tail above it), and exits 1. A traceback is
 shown only in debug mode: `FAILBACK_DEBUG=1 inv <task>` or invoke's own `inv --debug <task>`.
@@ -24,7 +24,6 @@ import invoke
 from invoke import Context, Exit
 
 REPO = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO))
 
 CONFIG_HELP = "image definition to use (default: image/image.yaml)"
 BUILD_HELP = "build directory (default: build/)"
@@ -41,12 +40,12 @@ def debug_mode() -> bool:
 def failures(name: str) -> Iterator[None]:
     """The one handler: an expected failure becomes one line "<name>: ..." on stderr and exit status 1.
 
-    Expected = image.errors.ImageError (all of image/'s errors, the run() ones included) and
+    Expected = image.core.errors.ImageError (all of image/'s errors, the run() ones included) and
     FileNotFoundError (a named input that is not there). In debug mode the exception propagates,
     traceback and all.
     """
-    from image.errors import ImageError
-    from image.run import CommandError
+    from image.core.errors import ImageError
+    from image.core.run import CommandError
 
     try:
         yield
@@ -86,7 +85,7 @@ def _logging() -> None:
 def _stage(until: str, config: str | None, build_dir: str | None, force: bool) -> None:
     """Run the pipeline up to `until` (failures: the task's handler)."""
     _logging()
-    from image.pipeline import Pipeline
+    from image.stages.pipeline import Pipeline
 
     pipe = Pipeline.from_files(Path(config) if config else None, Path(build_dir) if build_dir else None)
     pipe.build(until, force=until if force else None)
@@ -114,7 +113,7 @@ def client(c: Context, config: str | None = None, build_dir: str | None = None, 
     """Build the failback client's venv (wheel + locked dependencies) with the rootfs's python3."""
     if update_lock:
         _logging()
-        from image.clientenv import generate_lock
+        from image.stages.clientenv import generate_lock
 
         generate_lock()
         return
@@ -165,7 +164,7 @@ def test(c: Context, fast: bool = False, k: str | None = None, args: str = "") -
             "build-dir": BUILD_HELP})
 def clean(c: Context, all: bool = False, build_dir: str | None = None) -> None:
     """Remove the build outputs (build/out); --all removes the caches too."""
-    from image.pipeline import clean as do_clean
+    from image.stages.pipeline import clean as do_clean
 
     for path in do_clean(Path(build_dir) if build_dir else None, everything=all):
         print(f"removed {path}")
@@ -176,8 +175,8 @@ def reproduce(c: Context, config: str | None = None, build_dir: str | None = Non
     """Build everything twice from cold (build/repro-a, build/repro-b) and compare the sha512 of the
     ISO, each layer, the manifest, kernel and initrd; fails naming the files that differ."""
     _logging()
-    from image.pipeline import ReproducibilityError
-    from image.pipeline import reproduce as do_reproduce
+    from image.stages.pipeline import ReproducibilityError
+    from image.stages.pipeline import reproduce as do_reproduce
 
     try:
         sums = do_reproduce(Path(config) if config else None, Path(build_dir) if build_dir else None)
@@ -190,14 +189,14 @@ def reproduce(c: Context, config: str | None = None, build_dir: str | None = Non
 
 # ---------------------------------------------------------------------------------------------
 # Tasks of other parts are appended below this line, one marked section each:
-#   smoke   (image.smoke)    -- boot engineer
-#   bench   (image.bench)    -- boot engineer
+#   smoke   (image.vm.smoke)    -- boot engineer
+#   bench   (image.bench.boot)    -- boot engineer
 #   docker  (Dockerfile)     -- boot engineer
-#   publish (image.publish)  -- publish engineer
+#   publish (image.release.publish.cli)  -- publish engineer
 # ---------------------------------------------------------------------------------------------
 
 
-# --- smoke, bench, docker (boot engineer: image/smoke.py, image/bench.py, image/docker.py) ---------------------
+# --- smoke, bench, docker (boot engineer: image/vm/smoke.py, image/bench/boot.py, image/release/docker.py) ---
 
 ISO_HELP = "ISO to boot (default: build/out/<iso.artifact> of image/image.yaml)"
 TIMEOUT_HELP = "seconds to wait for the summary line, per boot (default 300)"
@@ -216,8 +215,8 @@ def smoke(c: Context, iso: str | None = None, way: list[str] | None = None, para
     and as disk (USB path); each passes when the serial console shows the client's summary line with
     the right boot mode and Secure Boot state. Serial logs: <build dir>/smoke/<way>/serial.log."""
     _logging()
-    from image import smoke as sm
-    from image.qemu import BOOT_WAYS, boot_way
+    from image.vm import smoke as sm
+    from image.vm.qemu import BOOT_WAYS, boot_way
 
     ways = [boot_way(w) for w in way] if way else list(BOOT_WAYS)
     iso_path = Path(iso) if iso else sm.default_iso()
@@ -250,9 +249,9 @@ def bench(c: Context, iso: str | None = None, cold: bool = False, rebuild: bool 
     """Print build times, ISO and layer sizes, and seconds to the summary line per boot way next to
     a bare kernel + tiny initramfs boot measured in the same run (ratios against the targets)."""
     _logging()
-    from image import bench as b
-    from image import smoke as sm
-    from image.qemu import BOOT_WAYS, boot_way
+    from image.bench import boot as b
+    from image.vm import smoke as sm
+    from image.vm.qemu import BOOT_WAYS, boot_way
 
     if not 1 <= cpus <= (os.cpu_count() or 1):
         raise Exit(f"bench: --cpus must be between 1 and this machine's {os.cpu_count()} cores, got {cpus}", code=1)
@@ -284,13 +283,13 @@ def docker(c: Context, tag: str = "localhost/failback-livecd:latest", engine: st
            ca_bundle: str | None = None) -> None:
     """Build the Dockerfile (the ISO build in a container; same install-deps.sh as the README)."""
     _logging()
-    from image import docker as d
+    from image.release import docker as d
 
     how = d.build(tag, engine, ca_bundle=Path(ca_bundle) if ca_bundle else d.host_ca_bundle())
     print(f"docker: built {tag}; build the ISO with:\n  {how}")
 
 
-# --- publish, bench-publish (publish engineer: image/publish.py, image/bench_publish.py) -----------------------
+# --- publish, bench-publish (publish engineer: image/release/publish/cli.py, image/bench/publish.py) ---
 
 
 @task(help={
@@ -327,7 +326,7 @@ def publish(c: Context, regions: str, version: str, iso: str | None = None, asse
     verified, then their .sha512 hashes, then latest/ copies, then latest/manifest.json. Idempotent: a
     re-run finishes an interrupted publish and uploads nothing that is already there. Exit 1 if any region failed."""
     _logging()
-    from image.publish import publish_command
+    from image.release.publish.cli import publish_command
 
     code = publish_command(regions, version, iso=iso, assets=assets, endpoint_url=endpoint_url,
                            bucket_prefix=bucket_prefix, expected_owner=expected_owner, acl=acl, gpg_key=gpg_key,
@@ -345,7 +344,7 @@ def publish(c: Context, regions: str, version: str, iso: str | None = None, asse
 def bench_publish(c: Context, size_mib: int = 200, regions: int = 28, moto_buffer: str = "memory") -> None:
     """Time publishing one artifact to 1 region and to N regions (moto S3 on 127.0.0.1), side by side
     with the ratio (target: 28 regions <= 3x one region)."""
-    from image.bench_publish import main
+    from image.bench.publish import main
 
     code = main(size_mib, regions, moto_buffer=moto_buffer)
     if code:  # 2: bad option, already explained on stderr
@@ -361,7 +360,7 @@ def bench_replication(c: Context, size_mib: int = 256, repeat: int = 1, link_mbp
     """Replication on loopback, side by side in one run: full sync vs a raw socket copy, delta (1 %)
     vs full sync, resume after a cut, the replicator's peak RSS (prints; asserts nothing about speed),
     on a volume of random bytes and on an ext4 volume half full of files."""
-    from image.bench_replication import main
+    from image.bench.replication import main
 
     main(["--size-mib", str(size_mib), "--repeat", str(repeat), "--link-mbps", str(link_mbps), "--volume", volume])
 
@@ -371,7 +370,7 @@ def assets(c: Context, out: str | None = None) -> None:
     """Build the replication software bundle (failback_assets.tar.gz), its .sha512 and
     latest/manifest.json, reproducibly; `inv publish --assets` uploads it."""
     _logging()
-    from image.assets import build_assets
+    from image.release.assets import build_assets
 
     result = build_assets(Path(out) if out else None)
     print(f"{result.tarball}\nsha512 {result.sha512}\ninstallerVersion {result.version}")
@@ -389,8 +388,8 @@ def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: fl
     """The whole failback in QEMU: control plane + S3 + agent on the host, the ISO booted unattended from a
     seed volume, Failback pressed, digests compared; ends printing source and target sha512."""
     _logging()
-    from image.e2e import E2EOptions, credential_lines, default_iso, run_e2e
-    from image.paths import DEFAULT_BUILD
+    from image.core.paths import DEFAULT_BUILD
+    from image.vm.e2e import E2EOptions, credential_lines, default_iso, run_e2e
 
     res = run_e2e(E2EOptions(iso=Path(iso) if iso else default_iso(),
                              work=Path(work) if work else DEFAULT_BUILD / "e2e" / "run", timeout=timeout,
@@ -417,7 +416,7 @@ def e2e(c: Context, iso: str | None = None, work: str | None = None, timeout: fl
 def seed(c: Context, out: str, set: list[str] | None = None, file: str | None = None, format: str = "fat") -> None:
     """Build a seed volume (label FBSEED, holding failback-seed.env) for an unattended failback."""
     _logging()
-    from image.seedimage import build_seed_image
+    from image.release.seedimage import build_seed_image
 
     result = build_seed_image(Path(out), seed_file=Path(file) if file else None, sets=set or (),
                               kind=format)  # type: ignore[arg-type]

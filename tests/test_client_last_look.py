@@ -16,7 +16,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from image.hashes import sha512_file
+from image.stages.hashes import sha512_file
 from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
 from tests.test_client_helpers import SEED, agent_listener, client_command, client_env, run_in_process, subprocess_env
 from tests.test_client_replication import (  # noqa: F401 - fixtures

@@ -31,7 +31,7 @@ from failback_client.download import DownloadError, download_software, unpack
 from failback_client.identify import local_identity
 from failback_client.pairing import PairingError, create_key_and_csr, install_certificates
 
-from image.hashes import sha512_file
+from image.stages.hashes import sha512_file
 from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
 from tests.test_client_replication_helpers import (
     BUCKET,

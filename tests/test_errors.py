@@ -1,4 +1,4 @@
-"""One error family (image/errors.py) and one handler (tasks.failures): an expected failure is one line
+"""One error family (image/core/errors.py) and one handler (tasks.failures): an expected failure is one line
 on stderr and exit status 1; a traceback only with FAILBACK_DEBUG=1."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from invoke import Exit
 
 import tasks
-from image.errors import ImageError
-from image.iso import IsoError
-from image.run import CommandError, CommandTimeout, ToolNotFound, run
+from image.core.errors import ImageError
+from image.core.run import CommandError, CommandTimeout, ToolNotFound, run
+from image.stages.boot.iso import IsoError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,14 +36,14 @@ def _strays(root: Path, package: str) -> tuple[int, list[str]]:
 def test_every_error_class_in_image_derives_from_image_error() -> None:
     count, strays = _strays(REPO, "image")
     assert count >= 20  # the scan finds them (IsoError, EfiError, ConfigError, ...)
-    assert not strays, f"not derived from image.errors.ImageError: {strays}"
+    assert not strays, f"not derived from image.core.errors.ImageError: {strays}"
 
 
 def test_the_scan_names_a_planted_stray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "planted").mkdir()
     (tmp_path / "planted" / "__init__.py").write_text("")
     (tmp_path / "planted" / "mod.py").write_text(
-        "from image.errors import ImageError\n"
+        "from image.core.errors import ImageError\n"
         "class GoodError(ImageError):\n    pass\n"
         "class StrayError(RuntimeError):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
