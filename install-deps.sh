@@ -33,12 +33,14 @@ VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$VENV"
 fi
-stamp="$VENV/.deps-$(cat requirements-dev.txt client/pyproject.toml controlplane/pyproject.toml | sha256sum | cut -c1-16)"
+stamp="$VENV/.deps-$(cat requirements-dev.txt pyproject.toml client/pyproject.toml controlplane/pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e ./client
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e ./controlplane
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e ./client/replicator -e ./agent
+  # image/ (the builder) as a package too: tasks.py and the tests import it without sys.path edits.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
   rm -f "$VENV"/.deps-*
   touch "$stamp"
 fi

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from tests.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401  (hooks, by name)
 
@@ -56,7 +53,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def built_pipeline():
     """The default build (image/image.yaml into build/), brought up to date once per session."""
-    from image.pipeline import Pipeline
+    from image.stages.pipeline import Pipeline
 
     if os.geteuid() != 0:
         pytest.skip("the image build needs root (mmdebstrap, chroot, mounts)")

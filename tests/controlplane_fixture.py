@@ -35,8 +35,8 @@ from drs_controlplane.server import ControlPlane
 from drs_controlplane.sigv4 import Credential
 from failback_client.drs_model import make_drs_client
 
-from image.assets import Assets
-from image.hashes import sha512_file
+from image.release.assets import Assets
+from image.stages.hashes import sha512_file
 from tests.test_client_replication_helpers import (
     AgentTls,
     agent_tls_from_controlplane,

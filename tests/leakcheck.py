@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from image.mounts import loop_devices, mounts
+from image.core.mounts import loop_devices, mounts
 
 REPO = Path(__file__).resolve().parent.parent
 _START = pytest.StashKey["Snapshot"]()

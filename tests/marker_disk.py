@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from image import efi
-from image.run import run
+from image.core.run import run
+from image.stages.boot import efi
 
 BIOS_MARKER = "failback-marker-disk: BIOS MBR"
 UEFI_MARKER = "failback-marker-disk: UEFI ESP"
@@ -41,7 +41,7 @@ def mbr_code() -> bytes:
 
 def make_marker_disk(dest: Path, cache_dir: Path) -> Path:
     """Write the marker disk at `dest` (about 20 MiB); the signed EFI binaries come from `cache_dir`."""
-    from image.config import load_config
+    from image.stages.config import load_config
 
     _versions, binaries = efi.fetch_efi_files(cache_dir, efi.AptSources.from_config(load_config()))
     files: dict[str, Path | bytes] = {

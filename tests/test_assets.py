@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from drs_agent.testing import Pki, make_image, replicator_config, sha512_file, start_agent
 
-from image.assets import TARBALL, AssetsError, build_assets, fetch_wheels, locked_pins
+from image.release.assets import TARBALL, AssetsError, build_assets, fetch_wheels, locked_pins
 
 SO = "failback_assets/lib/blake3/blake3.cpython-311-x86_64-linux-gnu.so"
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from image import efi, qemu
-from image.config import BootConfig, BootEntry, load_config
-from image.iso import IsoInputs, assemble_iso
+from image.stages.boot import efi
+from image.stages.boot.iso import IsoInputs, assemble_iso
+from image.stages.config import BootConfig, BootEntry, load_config
+from image.vm import qemu
 from tests import marker_disk
 
 pytestmark = pytest.mark.boot

@@ -1,4 +1,4 @@
-"""Boot menus rendered from the image definition (image/bootmenu.py)."""
+"""Boot menus rendered from the image definition (image/stages/boot/bootmenu.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from image import bootmenu, efi
-from image.bootmenu import BootMenuError, grub_quote, grub_words, render_grub, render_isolinux
-from image.config import BootConfig, BootEntry, load_config
-from image.run import run
+from image.core.run import run
+from image.stages.boot import bootmenu, efi
+from image.stages.boot.bootmenu import BootMenuError, grub_quote, grub_words, render_grub, render_isolinux
+from image.stages.config import BootConfig, BootEntry, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from image.hashes import sha512_file
+from image.stages.hashes import sha512_file
 from tests.controlplane_fixture import OTHER_MAC, RI, ControlPlaneHandle, Stack, failback_state
 from tests.test_client_helpers import SEED, agent_listener, client_command, client_env, run_in_process, subprocess_env
 from tests.test_client_replication_helpers import MiB, loop_device, make_ext4, seed_for

@@ -1,5 +1,5 @@
 """The newer-ISO notice (newer_iso.py) against moto's S3 server over HTTP, with what `inv publish` really
-writes (image/publish.py: latest/failback_livecd/version.json): a newer release gives one line naming it and
+writes (image/release/publish/cli.py: latest/failback_livecd/version.json): a newer release gives one line naming it and
 where it is; an older or equal one, a bucket without the object and an unreachable S3 give no line."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from failback_client import __version__
 from failback_client.console import Console
 from failback_client.newer_iso import NewerIsoCheck, is_newer, latest_published, parse_version
 
-from image.publish import publish_command
+from image.release.publish.cli import publish_command
 from tests.controlplane_fixture import ControlPlaneHandle
 from tests.test_client_helpers import SEED, agent_listener, client_env, closed_port, run_in_process
 from tests.test_client_replication_helpers import BUCKET, HASH_BUCKET, REGION, admin_s3

@@ -28,7 +28,7 @@ from failback_client.download import DownloadError, download_software, unpack
 from failback_client.identify import local_identity
 from failback_client.pairing import PairingError, create_key_and_csr, install_certificates
 
-from image.hashes import sha512_file
+from image.stages.hashes import sha512_file
 
 # The client stack's fixtures (moto, assets, s3, stack_factory) come from tests/controlplane_fixture.py (conftest).
 from tests.controlplane_fixture import OTHER_MAC, RI, ClientProcess, blank, described, failback_state, wait_for

@@ -19,7 +19,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from image.assets import Assets, build_assets
+from image.release.assets import Assets, build_assets
 
 REGION = "us-east-1"
 BUCKET = f"aws-elastic-disaster-recovery-{REGION}"

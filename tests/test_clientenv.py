@@ -1,4 +1,4 @@
-"""image/clientenv.py: the lock, the keys, the chroot script; the built venv runs (slow)."""
+"""image/stages/clientenv.py: the lock, the keys, the chroot script; the built venv runs (slow)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from image import clientenv
-from image.paths import REPO
+from image.core.paths import REPO
+from image.stages import clientenv
 
 
 def test_lock_pins_every_runtime_dependency_with_a_hash() -> None:

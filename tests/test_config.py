@@ -1,4 +1,4 @@
-"""image/config.py: the image definition loads into dataclasses; every bad value names file and key."""
+"""image/stages/config.py: the image definition loads into dataclasses; every bad value names file and key."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from image.config import (
+from image.stages.config import (
     DEFAULT_CONFIG,
     ConfigError,
     ImageConfig,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from failback_client.cli import main
 
-from image.convert_fixture import loop_device
-from image.windows_fixture import build_hive, make_windows_disk, mounted_windows, reglookup, system_reg
+from image.vm.convert_fixture import loop_device
+from image.vm.windows_fixture import build_hive, make_windows_disk, mounted_windows, reglookup, system_reg
 
 
 def test_unknown_controller_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

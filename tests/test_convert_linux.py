@@ -1,4 +1,4 @@
-"""Conversion of a cloud-like Debian disk image (image/convert_fixture.py) on this host, as root, and the proof
+"""Conversion of a cloud-like Debian disk image (image/vm/convert_fixture.py) on this host, as root, and the proof
 that it boots on other hardware: the converted image reaches its marker unit with a DHCP address in QEMU on an
 AHCI (and a virtio-blk) disk, the same image unconverted does not.
 
@@ -20,7 +20,7 @@ import pytest
 from failback_client.console import Console
 from failback_client.convert import ConversionReport
 
-from image import convert_fixture as fx
+from image.vm import convert_fixture as fx
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 log = logging.getLogger("tests.convert")

@@ -16,8 +16,8 @@ from failback_client.convert import ConversionOptions, convert
 from failback_client.convert import windows as windows_mod
 from failback_client.convert.runner import CommandFailed
 
-from image.convert_fixture import loop_device
-from image.windows_fixture import (
+from image.vm.convert_fixture import loop_device
+from image.vm.windows_fixture import (
     build_hive,
     esp_files,
     make_dirty,
@@ -77,7 +77,7 @@ def test_windows_is_detected_reported_and_not_changed(windows_disk: Path, tmp_pa
     assert _sha(windows_disk) == before
 
 
-# ---- conversion on real NTFS images (image/windows_fixture.py), checked with reglookup -------------------
+# ---- conversion on real NTFS images (image/vm/windows_fixture.py), checked with reglookup -------------------
 
 HIVE = "Windows/System32/config/SYSTEM"
 CONTROLLERS = ("ahci", "nvme", "hv_storvsc")

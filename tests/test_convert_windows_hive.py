@@ -18,7 +18,7 @@ from failback_client.convert.model import DEFAULT_WINDOWS_CLOUD_SERVICES
 from failback_client.convert.windows import apply_edits, plan_hive
 from failback_client.convert.windows_drivers import WINDOWS_DRIVERS, Controller, parse_controllers, storage_controllers
 
-from image.windows_fixture import (
+from image.vm.windows_fixture import (
     CLOUD_DRIVERS,
     STORAGE_SERVICES,
     build_hive,

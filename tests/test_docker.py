@@ -1,4 +1,4 @@
-"""The Dockerfile builds, without a Docker engine or an image registry (image/docker.py).
+"""The Dockerfile builds, without a Docker engine or an image registry (image/release/docker.py).
 
 buildah builds it with `--isolation chroot`; `FROM debian:bookworm` is a minimal bookworm rootfs
 made here with mmdebstrap and imported with `podman import`, found with `--pull=never`. The base
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from image import docker
+from image.release import docker
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "localhost/failback-livecd:test"

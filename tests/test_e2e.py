@@ -1,4 +1,4 @@
-"""The whole failback in QEMU (image/e2e.py, `inv e2e`): the ISO boots (TCG, 1 GiB) with an empty disk and a
+"""The whole failback in QEMU (image/vm/e2e.py, `inv e2e`): the ISO boots (TCG, 1 GiB) with an empty disk and a
 seed volume, the client runs unattended against the control plane, S3 and the agent on the host, the test
 presses Failback, the guest completes and reboots, and its disk equals the source volume.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from image.e2e import E2EOptions, credential_lines, default_iso, run_e2e
+from image.vm.e2e import E2EOptions, credential_lines, default_iso, run_e2e
 
 
 @pytest.mark.e2e

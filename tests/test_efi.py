@@ -1,4 +1,4 @@
-"""The EFI boot image (image/efi.py): Debian's signed shim + GRUB in a FAT image made without mounting."""
+"""The EFI boot image (image/stages/boot/efi.py): Debian's signed shim + GRUB in a FAT image made without mounting."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from image import efi
-from image.run import run
+from image.core.run import run
+from image.stages.boot import efi
 
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": os.devnull}
 
@@ -108,8 +108,7 @@ def test_unknown_package_without_cache_is_a_clear_error(tmp_path: Path, monkeypa
 
 def test_packages_come_from_the_image_definitions_mirror(tmp_path: Path) -> None:
     """A private apt state in the cache reads only the image definition's sources (the rootfs's)."""
-    from image.config import load_config
-    from image.rootfs import apt_sources
+    from image.stages.config import apt_sources, load_config
 
     cfg = load_config()
     sources = efi.AptSources.from_config(cfg)
@@ -135,7 +134,7 @@ def test_snapshot_mirror_turns_off_valid_until(tmp_path: Path) -> None:
 def test_other_architectures_are_refused() -> None:
     import dataclasses
 
-    from image.config import load_config
+    from image.stages.config import load_config
 
     cfg = load_config()
     arm = dataclasses.replace(cfg, debian=dataclasses.replace(cfg.debian, architecture="arm64"))

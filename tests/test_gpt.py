@@ -1,4 +1,4 @@
-"""The post-write GPT fixes (image/gpt.py) on images written by pycdlib's add_isohybrid(efi=True)."""
+"""The post-write GPT fixes (image/stages/boot/gpt.py) on images written by pycdlib's add_isohybrid(efi=True)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from image import gpt
-from image.run import run
+from image.core.run import run
+from image.stages.boot import gpt
 
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 

@@ -1,4 +1,4 @@
-"""image/hashes.py: streamed sha512, `<artifact>.sha512` (bare hex) and a SHA512SUMS sha512sum accepts."""
+"""image/stages/hashes.py: streamed sha512, `<artifact>.sha512` (bare hex) and a SHA512SUMS sha512sum accepts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from image.hashes import sha512_file, write_hashes
+from image.stages.hashes import sha512_file, write_hashes
 
 
 def test_sha512_file_matches_hashlib_across_chunks(tmp_path: Path) -> None:

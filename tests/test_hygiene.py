@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from image import convert_fixture, mounts, rootfs
-from image.config import load_config
-from image.mounts import LiveMountError
-from image.paths import BuildPaths
-from image.run import ToolWarningError, run
-from image.tool_warnings import MMDEBSTRAP
+from image.core import mounts
+from image.core.mounts import LiveMountError
+from image.core.paths import BuildPaths
+from image.core.run import ToolWarningError, run
+from image.core.tool_warnings import MMDEBSTRAP
+from image.stages import rootfs
+from image.stages.config import load_config
+from image.vm import convert_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,7 +111,7 @@ def test_a_tree_with_a_live_mount_is_refused_naming_the_mount(tmp_path: Path, cl
 
 @pytest.mark.root
 def test_mksquashfs_refuses_a_tree_with_a_live_mount(tmp_path: Path, cleanup: None) -> None:
-    from image import squashfs
+    from image.stages import squashfs
 
     src = tmp_path / "rootfs"
     (src / "etc").mkdir(parents=True)
@@ -148,7 +150,7 @@ def test_a_planted_mmdebstrap_warning_fails_the_command_with_its_message(fake_bi
             run(["mmdebstrap", "bookworm", "/nowhere"], capture=capture)
         assert err.value.returncode == 0
         assert "W: umount /proc failed: 8192" in str(err.value)
-        assert "image/tool_warnings.py" in str(err.value)
+        assert "image/core/tool_warnings.py" in str(err.value)
 
 
 def test_warnings_known_harmless_and_other_output_pass(fake_bin: Path) -> None:

@@ -1,4 +1,4 @@
-"""The ISO stage (image/iso.py): structure, El Torito, isohybrid MBR/GPT, reproducibility, bad input,
+"""The ISO stage (image/stages/boot/iso.py): structure, El Torito, isohybrid MBR/GPT, reproducibility, bad input,
 and (marked boot) real boots of an ISO with Debian's kernel in QEMU in all six ways."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from image import efi, gpt, iso, localdisk
-from image.config import BootConfig, BootEntry, load_config
-from image.iso import IsoError, IsoInputs, assemble_iso
-from image.run import run
+from image.core.run import run
+from image.stages.boot import efi, gpt, iso, localdisk
+from image.stages.boot.iso import IsoError, IsoInputs, assemble_iso
+from image.stages.config import BootConfig, BootEntry, load_config
 
 EPOCH = 1_700_000_000
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": os.devnull}
@@ -117,7 +117,7 @@ def test_local_disk_boot_sector_knows_this_images_mbr_id(opened: pycdlib.PyCdlib
 
 
 def test_menus_on_the_iso_are_the_rendered_ones(opened: pycdlib.PyCdlib, cfg) -> None:
-    from image.bootmenu import render_grub, render_isolinux
+    from image.stages.boot.bootmenu import render_grub, render_isolinux
 
     assert _read(opened, rr_path="/isolinux/isolinux.cfg").decode() == render_isolinux(cfg)
     assert _read(opened, rr_path="/boot/grub/grub.cfg").decode() == render_grub(cfg)
@@ -217,7 +217,7 @@ def test_gpt_is_consistent_and_sgdisk_accepts_it(built: iso.IsoResult) -> None:
     text = out.stdout + out.stderr
     assert "CRC" not in text and "mismatch" not in text.lower()
     problems = [ln.strip() for ln in text.splitlines() if ln.startswith(("Problem", "Warning", "Caution"))]
-    # The only remark is the isohybrid MBR's nested partitions, by design (see image/gpt.py).
+    # The only remark is the isohybrid MBR's nested partitions, by design (see image/stages/boot/gpt.py).
     assert problems == ["Problem: MBR partitions 1 and 2 overlap!"]
     data = built.path.read_bytes()
     header = gpt._read_header(data, 1)
@@ -353,7 +353,7 @@ def _kernel(cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from image import qemu
+    from image.vm import qemu
 
     d = tmp_path_factory.mktemp("boot-iso")
     initrd = qemu.write_marker_initramfs(d / "initrd.img")
@@ -373,7 +373,7 @@ def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("way_name", ["seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk",
                                       "ovmf-secureboot-cd", "ovmf-secureboot-disk"])
 def test_boots_to_the_kernel(way_name: str, boot_iso: Path, tmp_path: Path) -> None:
-    from image import qemu
+    from image.vm import qemu
 
     way = qemu.boot_way(way_name)
     image = qemu.disk_copy(boot_iso, tmp_path / "disk.img") if way.medium == "disk" else boot_iso

@@ -1,4 +1,4 @@
-"""The BIOS "boot from first local disk" boot sector (image/localdisk.S, image/localdisk.py)."""
+"""The BIOS "boot from first local disk" boot sector (image/stages/boot/localdisk.S, image/stages/boot/localdisk.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from image import localdisk
-from image.run import run
+from image.core.run import run
+from image.stages.boot import localdisk
 
 
 def _assemble(source: Path, workdir: Path) -> bytes:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from image import qemu
-from image.seedimage import build_seed_image
+from image.release.seedimage import build_seed_image
+from image.vm import qemu
 from tests.controlplane_fixture import drs_controlplane, drs_controlplane_factory  # noqa: F401
 
 pytestmark = pytest.mark.boot
@@ -49,7 +49,7 @@ def _iso() -> Path:
     env = os.environ.get("FAILBACK_ISO")
     if env:
         return Path(env)
-    from image.smoke import default_iso
+    from image.vm.smoke import default_iso
 
     return default_iso()
 

@@ -1,4 +1,4 @@
-"""image/overlay.py: *.j2 rendered strictly, other files copied with their modes, symlinks kept."""
+"""image/stages/overlay.py: *.j2 rendered strictly, other files copied with their modes, symlinks kept."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from image.config import DEFAULT_CONFIG, load_config
-from image.overlay import RenderError, overlay_key, render_overlay
-from image.paths import REPO
+from image.core.paths import REPO
+from image.stages.config import DEFAULT_CONFIG, load_config
+from image.stages.overlay import RenderError, overlay_key, render_overlay
 
 VALUES = {"hostname": "drs-failback", "network": {"dhcp_timeout": 30}, "client": {"venv": "/opt/failback-client"},
           "iso": {"volume_label": "DRSFAILBACK"}, "boot": {"entries": [{"id": "a"}]}}

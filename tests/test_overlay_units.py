@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from image.config import DEFAULT_CONFIG, load_config
-from image.overlay import RenderError
-from image.overlay import render_overlay as pipeline_render
+from image.stages.config import DEFAULT_CONFIG, load_config
+from image.stages.overlay import RenderError
+from image.stages.overlay import render_overlay as pipeline_render
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "overlay"
@@ -470,7 +470,7 @@ def test_console_present(live_root: Path, tmp_path: Path, tty: str, uart_type: s
 @pytest.fixture(scope="module")
 def merged_live_root(live_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The build's rootfs with the rendered overlay on top (overlayfs, as live-boot stacks them)."""
-    from image.paths import DEFAULT_BUILD, BuildPaths
+    from image.core.paths import DEFAULT_BUILD, BuildPaths
 
     rootfs = BuildPaths(DEFAULT_BUILD).rootfs
     if not (rootfs / "usr/lib/systemd/systemd").exists():

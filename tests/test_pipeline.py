@@ -1,4 +1,4 @@
-"""image/pipeline.py: stage skipping by input keys; the full default build and its reproducibility (slow)."""
+"""image/stages/pipeline.py: stage skipping by input keys; the full default build and its reproducibility (slow)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from image.config import DEFAULT_CONFIG, load_config
-from image.hashes import sha512_file
-from image.paths import DEFAULT_BUILD, BuildPaths
-from image.pipeline import BuildError, Pipeline, ReproducibilityError, clean, compare_builds, compared_files
+from image.core.paths import DEFAULT_BUILD, BuildPaths
+from image.stages.config import DEFAULT_CONFIG, load_config
+from image.stages.hashes import sha512_file
+from image.stages.pipeline import BuildError, Pipeline, ReproducibilityError, clean, compare_builds, compared_files
 
 CFG = load_config(DEFAULT_CONFIG)
 
@@ -101,7 +101,7 @@ def test_clean(tmp_path: Path) -> None:
 # --- the real build (root, slow) --------------------------------------------------------------
 
 def _iso_file(iso: Path, path: str) -> bytes:
-    from image.iso import open_iso
+    from image.stages.boot.iso import open_iso
 
     with open_iso(iso) as cd:
         buf = io.BytesIO()

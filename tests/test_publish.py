@@ -30,9 +30,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from image.publish import PublishOptions, default_transfer_jobs, publish_command, publish_release
-from image.publish_plan import VERSION_KEY, bytes_digests, s3_digests_of_file
-from image.publish_regions import ALL_REGIONS, RegionError, parse_regions
+from image.release.publish.cli import PublishOptions, default_transfer_jobs, publish_command, publish_release
+from image.release.publish.plan import VERSION_KEY, bytes_digests, s3_digests_of_file
+from image.release.publish.regions import ALL_REGIONS, RegionError, parse_regions
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -413,7 +413,7 @@ CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
 import boto3
-from image.publish import PublishOptions, publish_release
+from image.release.publish.cli import PublishOptions, publish_release
 cfg = json.loads(sys.argv[1])
 session = boto3.Session()
 after_step = cfg.pop("kill_after_step", None)
@@ -577,7 +577,7 @@ def check_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[st
 
 def test_rich_reporter_and_table() -> None:
     """The terminal path: bars per region and the final table."""
-    from image.publish_progress import RegionResult, make_reporter, render_table
+    from image.release.publish.progress import RegionResult, make_reporter, render_table
 
     out = io.StringIO()
     rep = make_reporter("rich", out)
@@ -621,7 +621,7 @@ def test_a_published_version_is_never_replaced(
 
 
 def test_error_messages_name_bucket_and_fix() -> None:
-    from image.publish_s3 import describe_error
+    from image.release.publish.s3 import describe_error
 
     def err(code: str, status: int, op: str, headers: dict[str, str] | None = None) -> ClientError:
         return ClientError({"Error": {"Code": code, "Message": ""},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from image.bench_publish import run_benchmark
+from image.bench.publish import run_benchmark
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_publish_benchmark_1_vs_28_regions(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_moto_storage_memory_disk_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from image import bench_publish as bp
+    from image.bench import publish as bp
 
     monkeypatch.setattr(bp, "_mem_available", lambda: 64 * 2**30)
     mem = bp.moto_storage("memory", 200, 28)
@@ -52,7 +52,7 @@ def test_moto_storage_memory_disk_and_fallback(monkeypatch: pytest.MonkeyPatch) 
 
 def test_moto_process_runs_with_the_storage_asked() -> None:
     """The server reports the key buffer moto itself reads, and the parent's environment is untouched."""
-    from image import bench_publish as bp
+    from image.bench import publish as bp
 
     storage = bp.MotoStorage("memory", {"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(9 * bp.MiB), "MALLOC_ARENA_MAX": "1"})
     before = dict(bp.os.environ)

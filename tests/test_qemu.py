@@ -1,4 +1,4 @@
-"""image/qemu.py: firmware chosen from QEMU's descriptors, the exact QEMU command per boot way,
+"""image/vm/qemu.py: firmware chosen from QEMU's descriptors, the exact QEMU command per boot way,
 the El Torito-less disk copy, the marker initramfs, and real TCG boots of a bare kernel."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from image import qemu, smoke
-from image.qemu import BOOT_WAYS, Firmware, QemuError, boot_way
+from image.vm import qemu, smoke
+from image.vm.qemu import BOOT_WAYS, Firmware, QemuError, boot_way
 
 REAL_DIRS = (Path("/usr/share/qemu/firmware"),)
 OVMF = Path("/usr/share/OVMF")
@@ -323,7 +323,7 @@ def test_kernel_and_layers_are_read_from_the_iso(tmp_path: Path) -> None:
     """The benchmark's baseline boots the ISO's own kernel; its layer sizes come from the ISO too."""
     import pycdlib
 
-    from image import bench
+    from image.bench import boot as bench
 
     iso = tmp_path / "t.iso"
     pc = pycdlib.PyCdlib()
@@ -350,7 +350,7 @@ def test_match_is_reported_to_the_end_of_its_line() -> None:
 
 
 def test_bench_removes_build_dirs_but_never_through_a_mount(tmp_path: Path) -> None:
-    from image import bench
+    from image.bench import boot as bench
 
     d = tmp_path / "cold"
     (d / "cache/rootfs/etc").mkdir(parents=True)
@@ -363,8 +363,8 @@ def test_bench_removes_build_dirs_but_never_through_a_mount(tmp_path: Path) -> N
 def test_bench_ratio_uses_the_baseline_next_to_each_way(tmp_path: Path) -> None:
     """Under a shared machine's changing load, each way is compared with the bare-kernel boot measured
     right before it; an `against` ISO (e.g. the previous build) is shown beside it."""
-    from image import bench
-    from image.smoke import WayResult
+    from image.bench import boot as bench
+    from image.vm.smoke import WayResult
 
     cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
     report = bench.BenchReport(
@@ -381,8 +381,8 @@ def test_bench_ratio_uses_the_baseline_next_to_each_way(tmp_path: Path) -> None:
 def test_bench_shows_uefi_ways_against_their_own_firmware_too(tmp_path: Path) -> None:
     """A UEFI way's firmware costs seconds before any ISO can act: next to the SeaBIOS baseline's ratio
     the report gives the ratio against the bare kernel loaded by that way's own firmware."""
-    from image import bench
-    from image.smoke import WayResult
+    from image.bench import boot as bench
+    from image.vm.smoke import WayResult
 
     cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
     report = bench.BenchReport(

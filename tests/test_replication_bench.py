@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from image.bench_replication import MiB, count_zero_blocks, filesystem_image, run_benchmark
+from image.bench.replication import MiB, count_zero_blocks, filesystem_image, run_benchmark
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_replication_benchmark_on_a_filesystem_volume(capsys: pytest.CaptureFixt
 
 
 def test_filesystem_volume_is_an_ext4_image_half_full(tmp_path: Path) -> None:
-    from image.run import run
+    from image.core.run import run
 
     img, used = filesystem_image(tmp_path / "vol.img", 32 * MiB, tmp_path / "files")
     assert 12 * MiB <= used <= 16 * MiB and not (tmp_path / "files").exists()

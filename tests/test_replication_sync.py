@@ -27,7 +27,7 @@ from failback_replicator.engine import Outcome, Replicator
 from failback_replicator.interfaces import Command, QueueCommandSource
 from failback_replicator.journal import Journal
 
-from image.run import run
+from image.core.run import run
 
 BS = 256 * 1024  # small blocks: more of them in a small image
 SIZE = 16 * 1024 * 1024

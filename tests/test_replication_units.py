@@ -210,7 +210,7 @@ def test_write_zeros_on_an_image_file(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_write_zeros_on_a_block_device(tmp_path: Path) -> None:
-    from image.run import run
+    from image.core.run import run
 
     mib = 1024 * 1024
     img = tmp_path / "disk.img"

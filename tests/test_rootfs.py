@@ -1,4 +1,4 @@
-"""image/rootfs.py: cache key, mmdebstrap command, manifest, kernel/initrd; the built base (slow)."""
+"""image/stages/rootfs.py: cache key, mmdebstrap command, manifest, kernel/initrd; the built base (slow)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from image import rootfs
-from image.config import DEFAULT_CONFIG, DEFAULT_INITRAMFS, ConfigError, load_config
+from image.stages import rootfs
+from image.stages.config import DEFAULT_CONFIG, DEFAULT_INITRAMFS, ConfigError, load_config
 
 CFG = load_config(DEFAULT_CONFIG)
 KEY = rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5")

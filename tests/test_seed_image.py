@@ -1,4 +1,5 @@
-"""`inv seed` (image/seedimage.py): FAT and ISO seed volumes, checked keys, private files, read back by the client."""
+"""`inv seed` (image/release/seedimage.py): FAT and ISO seed volumes, checked keys, private files, read back by
+the client."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from failback_client import seed as seedmod
 
-from image.seedimage import SeedImageError, build_seed_image, seed_text
+from image.release.seedimage import SeedImageError, build_seed_image, seed_text
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SETS = ["AWS_REGION=eu-west-1", "AWS_ACCESS_KEY=AKIAIOSFODNN7EXAMPLE", f"AWS_SECRET_KEY={SECRET}",

@@ -1,4 +1,4 @@
-"""image/smoke.py: the verdict on each way, the per-way plan (firmware, VARS copy, disk copy), the
+"""image/vm/smoke.py: the verdict on each way, the per-way plan (firmware, VARS copy, disk copy), the
 report; and, marked `boot`, the real six-way smoke matrix on the built ISO."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from image import qemu, smoke
-from image.qemu import BOOT_WAYS, BootResult, boot_way
+from image.vm import qemu, smoke
+from image.vm.qemu import BOOT_WAYS, BootResult, boot_way
 
 REPO = Path(__file__).resolve().parent.parent
 LINE = "failback-client 0.1.0 | boot mode: {mode} | secure boot: {sb} | memory: 1003 MiB"

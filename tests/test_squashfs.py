@@ -1,4 +1,4 @@
-"""image/squashfs.py: reproducible mksquashfs, layer order for live-boot, tree merging, keys."""
+"""image/stages/squashfs.py: reproducible mksquashfs, layer order for live-boot, tree merging, keys."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from image import squashfs
-from image.config import SquashfsConfig
-from image.hashes import sha512_file
+from image.stages import squashfs
+from image.stages.config import SquashfsConfig
+from image.stages.hashes import sha512_file
 
 ZSTD = SquashfsConfig("zstd", 3)
 EPOCH = 1700000000

@@ -206,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             raise HelperError(f"--duration {args.duration}: STS AssumeRole takes {MIN_DURATION} to {MAX_DURATION} s")
         if args.seed_image:
             try:  # `inv seed`'s writer, in the project's checkout (the workstation that builds the ISO)
-                from image.seedimage import build_seed_image
+                from image.release.seedimage import build_seed_image
             except ImportError:
-                raise HelperError("--seed-image needs the project's checkout (image/seedimage.py): run from it, or "
+                raise HelperError("--seed-image needs the project's checkout (image/release/seedimage.py): "
+                                  "run from it, or "
                                   "use --seed-file and `inv seed --file`") from None
         import boto3
         import botocore.exceptions

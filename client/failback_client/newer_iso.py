@@ -1,6 +1,6 @@
 """A newer ISO is pointed out, as the AWS LiveCD does: once the Region is known, this client's version is
 compared with the release `inv publish` put in the region's bucket as latest
-(`aws-elastic-disaster-recovery-{region}/latest/failback_livecd/version.json`, image/publish_plan.py).
+(`aws-elastic-disaster-recovery-{region}/latest/failback_livecd/version.json`, image/release/publish/plan.py).
 
 Never in the way: the lookup runs in a background thread with a short timeout and no retries, and the
 workflow takes its answer later only if it is there; no network, an old bucket without the object, or a

@@ -1,7 +1,7 @@
 """The AWS Regions where DRS runs (AWS General Reference, DRS endpoints), a helpful answer to a mistyped
 one, and the regional buckets.
 
-The one home of the region list: image/publish_regions.py (the release's `--regions`) imports it.
+The one home of the region list: image/release/publish/regions.py (the release's `--regions`) imports it.
 """
 
 from __future__ import annotations

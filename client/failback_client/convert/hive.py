@@ -2,7 +2,7 @@
 that decide whether a hive may be written, and the few reads and writes conversion needs.
 
 Why the loader: python3-hivex installs into Debian's /usr/lib/python3/dist-packages, which neither the
-development .venv nor the LiveCD's client venv (image/clientenv.py) sees, and adding that whole directory to
+development .venv nor the LiveCD's client venv (image/stages/clientenv.py) sees, and adding that whole directory to
 sys.path would let every other Debian module shadow the venv's pinned ones. `load_hivex()` loads exactly the
 two files of the package (the `libhivexmod` extension and the `hivex` package) from there, by path, and
 nothing else. Both venvs run Debian's own python3 (same ABI as the extension).

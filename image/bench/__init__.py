@@ -1,0 +1,1 @@
+"""Benchmarks: boot, publish, replication. May import anything."""

@@ -1,0 +1,154 @@
+"""Where every stage puts its products and caches under the build directory (default `build/`).
+
+Stages skip their work when the key of their inputs equals the one stamped after their last
+successful run; the stamp is written last, so an interrupted stage simply runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BUILD = REPO / "build"
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    root: Path  # build/ (or build/repro-a, ...)
+    # Where downloads (.debs, wheels) are kept; None = this build's own cache. Downloads are
+    # inputs, not products: the reproducibility builds share the main build's.
+    downloads: Path | None = None
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def stamps(self) -> Path:
+        return self.cache / "stamps"
+
+    # rootfs stage
+    @property
+    def rootfs(self) -> Path:
+        return self.cache / "rootfs"
+
+    @property
+    def manifest(self) -> Path:  # dpkg-query of the rootfs: "package<TAB>version<TAB>arch"
+        return self.cache / "filesystem.packages"
+
+    @property
+    def kernel(self) -> Path:
+        return self.cache / "boot" / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.cache / "boot" / "initrd.img"
+
+    # overlay + client stages
+    @property
+    def overlay(self) -> Path:  # rendered overlay/ tree
+        return self.cache / "overlay"
+
+    @property
+    def client(self) -> Path:  # tree holding the client's own files in <cfg.client.venv>
+        return self.cache / "client"
+
+    @property
+    def client_deps(self) -> Path:  # tree holding <cfg.client.venv> with the locked dependencies only
+        return self.cache / "client-deps"
+
+    @property
+    def client_full(self) -> Path:  # tree holding the complete venv (dependencies + client)
+        return self.cache / "client-full"
+
+    @property
+    def wheels(self) -> Path:  # downloaded dependency wheels, one directory per lock-file hash
+        return (self.downloads or self.cache) / "wheels"
+
+    @property
+    def apt_cache(self) -> Path:  # downloaded .debs
+        return (self.downloads or self.cache) / "apt"
+
+    # squashfs stage
+    @property
+    def layers(self) -> Path:
+        return self.cache / "layers"
+
+    @property
+    def base_layer(self) -> Path:
+        return self.layers / "00-base.squashfs"
+
+    @property
+    def deps_layer(self) -> Path:
+        return self.layers / "05-deps.squashfs"
+
+    @property
+    def overlay_layer(self) -> Path:
+        return self.layers / "10-overlay.squashfs"
+
+    @property
+    def module_file(self) -> Path:  # the list of layers the initrd stacks, lowest first
+        return self.layers / "filesystem.module"
+
+    @property
+    def iso_cache(self) -> Path:
+        return self.cache / "iso"
+
+    def artifact(self, name: str) -> Path:
+        return self.out / name
+
+    def out_manifest(self, artifact_name: str) -> Path:
+        return self.out / (Path(artifact_name).stem + ".packages")
+
+    # stamps
+    def stamp(self, stage: str) -> Path:
+        return self.stamps / f"{stage}.key"
+
+    def is_fresh(self, stage: str, key: str) -> bool:
+        try:
+            return self.stamp(stage).read_text().strip() == key
+        except FileNotFoundError:
+            return False
+
+    def mark_done(self, stage: str, key: str) -> None:
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        tmp = self.stamp(stage).with_suffix(".tmp")
+        tmp.write_text(key + "\n")
+        tmp.replace(self.stamp(stage))
+
+    def invalidate(self, stage: str) -> None:
+        self.stamp(stage).unlink(missing_ok=True)
+
+
+def digest(*parts: Any) -> str:
+    """A stable key (sha256 hex) of JSON-able values."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_digest(root: Path, *, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over a directory tree: relative paths, modes, symlink targets and file contents."""
+    h = hashlib.sha256()
+    if not root.exists():
+        return h.hexdigest()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if any(part in exclude for part in path.relative_to(root).parts):
+            continue
+        st = path.lstat()
+        h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+        if path.is_symlink():
+            h.update(str(path.readlink()).encode())
+        elif path.is_file():
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        h.update(b"\n")
+    return h.hexdigest()

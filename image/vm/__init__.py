@@ -1,0 +1,1 @@
+"""QEMU harnesses: boots (qemu, smoke), the whole failback (e2e), conversion fixtures. May import anything."""
