@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from image.core.errors import ImageError
 from image.core.run import run
 
 log = logging.getLogger("image.core.mounts")
@@ -23,7 +24,7 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 SYS_BLOCK = Path("/sys/block")
 
 
-class LiveMountError(RuntimeError):
+class LiveMountError(ImageError, RuntimeError):
     """A tree that is about to be copied, packed or removed has something mounted below it."""
 
 
