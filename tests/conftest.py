@@ -30,8 +30,12 @@ pytest_plugins = ["tests.controlplane_fixture"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow, boot or e2e (full builds, QEMU boots)")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow, boot or e2e (full builds, QEMU boots)",
+    )
 
 
 def run_slow(config: pytest.Config) -> bool:

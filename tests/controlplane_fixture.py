@@ -93,8 +93,13 @@ class ControlPlaneHandle:
     def client(self, credential: Credential | None = None, **kwargs: Any) -> BaseClient:
         """A boto3 drs client for this plane (make_drs_client; kwargs override, e.g. max_attempts=1)."""
         cred = credential or self.credential
-        options: dict[str, Any] = {"region": self.region, "endpoint_url": self.url, "access_key": cred.access_key,
-                                   "secret_key": cred.secret_key, "session_token": cred.session_token}
+        options: dict[str, Any] = {
+            "region": self.region,
+            "endpoint_url": self.url,
+            "access_key": cred.access_key,
+            "secret_key": cred.secret_key,
+            "session_token": cred.session_token,
+        }
         options.update(kwargs)
         return make_drs_client(**options)
 
@@ -155,8 +160,13 @@ class ControlPlaneHandle:
         credentials = list(self.plane.credentials.values())  # with those DRS issued failback clients
         ttl, not_seen = self.plane.issuer.ttl, self.plane.service.client_not_seen_after
         self.plane.stop()
-        self.plane = ControlPlane(state_path=self.state_path, credentials=credentials, region=self.plane.region,
-                                  client_credentials_ttl=ttl, client_not_seen_after=not_seen).start()
+        self.plane = ControlPlane(
+            state_path=self.state_path,
+            credentials=credentials,
+            region=self.plane.region,
+            client_credentials_ttl=ttl,
+            client_not_seen_after=not_seen,
+        ).start()
 
     def stop(self) -> None:
         self.plane.stop()
@@ -170,10 +180,14 @@ def drs_controlplane_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Makes control planes: factory(seed=None|dict|Path|Seed, credential=None, extra_credentials=(), region=...)."""
     handles: list[ControlPlaneHandle] = []
 
-    def make(seed: Seed | dict[str, Any] | Path | None = None, credential: Credential | None = None,
-             extra_credentials: tuple[Credential, ...] = (), region: str = REGION,
-             client_credentials_ttl: float = 3600.0, client_not_seen_after: float | None = None
-             ) -> ControlPlaneHandle:
+    def make(
+        seed: Seed | dict[str, Any] | Path | None = None,
+        credential: Credential | None = None,
+        extra_credentials: tuple[Credential, ...] = (),
+        region: str = REGION,
+        client_credentials_ttl: float = 3600.0,
+        client_not_seen_after: float | None = None,
+    ) -> ControlPlaneHandle:
         if seed is None:
             seed = load_seed(EXAMPLE_SEED)
         elif isinstance(seed, Path):
@@ -182,10 +196,14 @@ def drs_controlplane_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterat
             seed = parse_seed(seed)
         credential = credential or random_credential()
         state = tmp_path_factory.mktemp("drs-controlplane") / "state.db"
-        plane = ControlPlane(state_path=state, credentials=[credential, *extra_credentials], region=region,
-                             seed=seed, client_credentials_ttl=timedelta(seconds=client_credentials_ttl),
-                             client_not_seen_after=None if client_not_seen_after is None
-                             else timedelta(seconds=client_not_seen_after)).start()
+        plane = ControlPlane(
+            state_path=state,
+            credentials=[credential, *extra_credentials],
+            region=region,
+            seed=seed,
+            client_credentials_ttl=timedelta(seconds=client_credentials_ttl),
+            client_not_seen_after=None if client_not_seen_after is None else timedelta(seconds=client_not_seen_after),
+        ).start()
         handle = ControlPlaneHandle(plane, credential, state, seed, list(extra_credentials))
         handles.append(handle)
         return handle
@@ -234,8 +252,9 @@ class ClientProcess:
         self.out_path = out
         self._out = open(out, "wb")  # noqa: SIM115 - closed in wait()
         command = [sys.executable, "-m", "failback_client", "--log-file", str(out.with_suffix(".log"))]
-        self.proc = subprocess.Popen(command, env=clean_env(env), stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            command, env=clean_env(env), stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT
+        )
 
     @property
     def output(self) -> str:
@@ -279,8 +298,14 @@ def described(cp: ControlPlaneHandle) -> dict[str, Any]:
 class Stack:
     """Control plane + agent + loop-device targets for one client run."""
 
-    def __init__(self, cp: ControlPlaneHandle, tmp: Path, sources: dict[str, Path], targets: dict[str, Path],
-                 agent_tls: AgentTls | None = None) -> None:
+    def __init__(
+        self,
+        cp: ControlPlaneHandle,
+        tmp: Path,
+        sources: dict[str, Path],
+        targets: dict[str, Path],
+        agent_tls: AgentTls | None = None,
+    ) -> None:
         self.cp, self.tmp, self.sources, self.targets = cp, tmp, sources, targets
         self.tls = agent_tls or agent_tls_from_controlplane(cp, RI, tmp / "agent-tls")
         self.agent = start_agent(cp, RI, sources, self.tls)
@@ -299,8 +324,14 @@ class Stack:
         return ",".join(f"{name}={dev}" for name, dev in self.devices.items())
 
     def env(self, s3_url: str, **extra: str) -> dict[str, str]:
-        return client_run_env(self.cp, s3_url, RI, self.mapping, self.tmp / "work",
-                              **{"FAILBACK_AGENT_PORT": str(self.agent.port), **extra})
+        return client_run_env(
+            self.cp,
+            s3_url,
+            RI,
+            self.mapping,
+            self.tmp / "work",
+            **{"FAILBACK_AGENT_PORT": str(self.agent.port), **extra},
+        )
 
     def assert_targets_equal_sources(self) -> dict[str, str]:
         digests = {}

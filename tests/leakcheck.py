@@ -81,10 +81,10 @@ def cmdline(pid: int) -> str:
 def _hex_address(text: str) -> str:
     addr, port = text.split(":")
     if len(addr) == 8:  # IPv4, little-endian
-        ip = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+        ip = ".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
     else:
-        words = [addr[i:i + 8] for i in range(0, 32, 8)]
-        ip = ":".join("".join(w[j:j + 2] for j in (6, 4, 2, 0)) for w in words)
+        words = [addr[i : i + 8] for i in range(0, 32, 8)]
+        ip = ":".join("".join(w[j : j + 2] for j in (6, 4, 2, 0)) for w in words)
     return f"{ip}:{int(port, 16)}"
 
 
@@ -118,9 +118,11 @@ def listening_sockets(pids: set[int]) -> set[tuple[str, int]]:
 
 # Processes known to be harmless, with why (a leftover is a leak until we know why it is not).
 HARMLESS_PROCESSES = (
-    ("from multiprocessing.resource_tracker import main",
-     "Python's multiprocessing starts it once per process (a test using a Pool or shared memory) and it exits "
-     "by itself when this pytest process exits: it reads a pipe only we hold"),
+    (
+        "from multiprocessing.resource_tracker import main",
+        "Python's multiprocessing starts it once per process (a test using a Pool or shared memory) and it exits "
+        "by itself when this pytest process exits: it reads a pipe only we hold",
+    ),
 )
 
 
@@ -135,14 +137,25 @@ def _ours(path: str, roots: tuple[Path, ...]) -> bool:
 
 def leaks(start: Snapshot, end: Snapshot, roots: tuple[Path, ...]) -> list[str]:
     """What `end` has and `start` had not, as lines naming each thing and how to free it."""
-    out = [f"mount {t} ({fs} {src}): unmount it in the test's teardown (umount -R {t})"
-           for t, fs, src in sorted(end.mounts - start.mounts) if _ours(t, roots)]
-    out += [f"loop device {dev} on {img}: detach it in the test's teardown (losetup -d {dev})"
-            for dev, img in sorted(end.loops - start.loops) if _ours(img, roots)]
-    out += [f"process {pid} still running: {cmd}" for pid, cmd in sorted(end.processes - start.processes)
-            if not _harmless(cmd)]
-    out += [f"listening socket {addr} held by pid {pid} ({cmdline(pid)}): close the server in its teardown"
-            for addr, pid in sorted(end.listeners - start.listeners)]
+    out = [
+        f"mount {t} ({fs} {src}): unmount it in the test's teardown (umount -R {t})"
+        for t, fs, src in sorted(end.mounts - start.mounts)
+        if _ours(t, roots)
+    ]
+    out += [
+        f"loop device {dev} on {img}: detach it in the test's teardown (losetup -d {dev})"
+        for dev, img in sorted(end.loops - start.loops)
+        if _ours(img, roots)
+    ]
+    out += [
+        f"process {pid} still running: {cmd}"
+        for pid, cmd in sorted(end.processes - start.processes)
+        if not _harmless(cmd)
+    ]
+    out += [
+        f"listening socket {addr} held by pid {pid} ({cmdline(pid)}): close the server in its teardown"
+        for addr, pid in sorted(end.listeners - start.listeners)
+    ]
     return out
 
 

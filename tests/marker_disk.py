@@ -56,8 +56,10 @@ def make_marker_disk(dest: Path, cache_dir: Path) -> Path:
     with dest.open("wb") as f:
         f.truncate(_MIB + len(fat_bytes) + _MIB)
     first = _MIB // 512
-    run(["sgdisk", "-n", f"1:{first}:{first + len(fat_bytes) // 512 - 1}", "-t", "1:ef00", "-c", "1:ESP", dest],
-        capture=True)
+    run(
+        ["sgdisk", "-n", f"1:{first}:{first + len(fat_bytes) // 512 - 1}", "-t", "1:ef00", "-c", "1:ESP", dest],
+        capture=True,
+    )
     with dest.open("r+b") as f:
         f.seek(_MIB)
         f.write(fat_bytes)

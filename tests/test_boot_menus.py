@@ -42,10 +42,14 @@ def menu_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("menu-iso")
     for name in ("vmlinuz", "initrd.img", "00-base.squashfs"):
         (d / name).write_bytes(name.encode() * 1000)
-    boot = BootConfig(timeout=1, default="disk", entries=(
-        BootEntry(id="live", label="AWS DRS Failback Client", cmdline="console=ttyS0,115200n8"),
-        BootEntry(id="disk", label="Boot from first local disk", local_disk=True),
-    ))
+    boot = BootConfig(
+        timeout=1,
+        default="disk",
+        entries=(
+            BootEntry(id="live", label="AWS DRS Failback Client", cmdline="console=ttyS0,115200n8"),
+            BootEntry(id="disk", label="Boot from first local disk", local_disk=True),
+        ),
+    )
     cfg = dataclasses.replace(load_config(), boot=boot)
     inputs = IsoInputs(d / "vmlinuz", d / "initrd.img", (d / "00-base.squashfs",), {}, EPOCH)
     return assemble_iso(cfg, inputs, d / "menu.iso", cache).path
@@ -67,10 +71,12 @@ def boot_with_local_disk(way: qemu.BootWay, iso: Path, disk: Path, workdir: Path
     qmp = qemu.short_socket_path(way.name)
     marker = marker_disk.UEFI_MARKER if way.firmware == "uefi" else marker_disk.BIOS_MARKER
     try:
-        argv = qemu.iso_argv(way, image=image, serial_log=serial, qmp_socket=qmp, firmware=firmware,
-                             vars_file=vars_file) + marker_disk.drive_argv(disk)
-        result = qemu.watch_boot(argv, serial_log=serial, qmp_socket=qmp, pattern=re.compile(re.escape(marker)),
-                                 timeout=TIMEOUT)
+        argv = qemu.iso_argv(
+            way, image=image, serial_log=serial, qmp_socket=qmp, firmware=firmware, vars_file=vars_file
+        ) + marker_disk.drive_argv(disk)
+        result = qemu.watch_boot(
+            argv, serial_log=serial, qmp_socket=qmp, pattern=re.compile(re.escape(marker)), timeout=TIMEOUT
+        )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)
     return result, serial.read_bytes()

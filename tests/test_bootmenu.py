@@ -31,7 +31,9 @@ def _cfg(timeout: int = 3, default: str = "live", cmdline_extra: str = "console=
 
 
 def test_isolinux_menu_exact() -> None:
-    assert render_isolinux(_cfg()) == """\
+    assert (
+        render_isolinux(_cfg())
+        == """\
 # Generated from image/image.yaml by image/bootmenu.py: edit the image definition, not this file.
 # SERIAL must come first: it makes the menu usable on COM1 (IPMI SOL) as well as on the screen.
 SERIAL 0 115200
@@ -58,6 +60,7 @@ LABEL disk
   # next disk from a USB stick. LOCALBOOT 0x80 would boot the stick itself again.
   BOOT /isolinux/localdisk.bs
 """
+    )
 
 
 def test_grub_menu_exact() -> None:
@@ -185,8 +188,10 @@ def test_grub_draws_the_screen_with_gfxterm_and_falls_back_to_the_firmware_conso
     # The screen through the framebuffer, the serial port through GRUB's own ASCII terminal; the
     # firmware console (which firmware redirection copies onto the same port) only as a fallback.
     assert "serial --unit=0 --speed=115200\n" in grub
-    assert "\nif loadfont unicode; then\n    if ! terminal_output gfxterm serial; then\n" \
-           "        terminal_output console serial\n    fi\nfi\n" in grub
+    assert (
+        "\nif loadfont unicode; then\n    if ! terminal_output gfxterm serial; then\n"
+        "        terminal_output console serial\n    fi\nfi\n" in grub
+    )
     # The memdisk font by name: a path to a font file is refused under Secure Boot.
     assert "loadfont /" not in grub and "loadfont (" not in grub and "$prefix/fonts" not in grub
     assert grub.index("terminal_output console serial") < grub.index("if loadfont")
@@ -238,6 +243,5 @@ def test_grub_menus_parse_with_grubs_own_parser(grub_script_check: Path, tmp_pat
         assert out.returncode == 0, f"{name}: {out.stdout}{out.stderr}"
     # The check can fail: the sh idiom GRUB does not know.
     bad = tmp_path / "bad.cfg"
-    bad.write_text(render_grub(_cfg()).replace("if [ -n \"$found\" ]; then break; fi",
-                                               "[ -n \"$found\" ] && break"))
+    bad.write_text(render_grub(_cfg()).replace('if [ -n "$found" ]; then break; fi', '[ -n "$found" ] && break'))
     assert run([grub_script_check, bad], capture=True, check=False).returncode != 0

@@ -61,8 +61,10 @@ def test_linux_mismatch_is_a_note_and_a_match_is_ok(tmp_path: Path) -> None:
 
 
 def test_hybrid_layout_is_no_mismatch(tmp_path: Path) -> None:
-    hybrid = ("label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
-              "size=4M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
+    hybrid = (
+        "label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
+        "size=4M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
+    )
     console, out = _console()
     verdict = judge({"/dev/nvme0n1": _head(tmp_path, hybrid)}, "windows", "BIOS")
     assert verdict.source_mode == "both" and not verdict.mismatch
@@ -81,8 +83,7 @@ def test_instance_os() -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_windows_uefi_source_on_this_bios_host_stops_before_any_write(s3: str, stack_factory,
-                                                                       tmp_path: Path) -> None:
+def test_windows_uefi_source_on_this_bios_host_stops_before_any_write(s3: str, stack_factory, tmp_path: Path) -> None:
     if Path("/sys/firmware/efi").is_dir():
         pytest.skip("this host booted UEFI: the mismatch case needs a BIOS host")
     src = _disk(tmp_path / "windows.img", GPT_ESP)

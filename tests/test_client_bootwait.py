@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from failback_client.bootwait import BootWait, start_from_env, wait_command
 
-from tests.controlplane_fixture import drs_controlplane_factory  # noqa: F401 (a fixture)
 from tests.test_client_helpers import SEED, agent_listener, client_env, run_in_process
 
 
@@ -23,8 +22,10 @@ def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "systemctl"
-    script.write_text('#!/bin/sh\necho "$*" >> "$FAKE_CALLS"\nsleep "${FAKE_SLEEP:-0}"\n'
-                      'printf "%s" "${FAKE_OUT:-}"\nexit "${FAKE_RC:-0}"\n')
+    script.write_text(
+        '#!/bin/sh\necho "$*" >> "$FAKE_CALLS"\nsleep "${FAKE_SLEEP:-0}"\n'
+        'printf "%s" "${FAKE_OUT:-}"\nexit "${FAKE_RC:-0}"\n'
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.txt"))
@@ -33,7 +34,12 @@ def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_the_command_joins_the_units_start_jobs() -> None:
     assert wait_command(["local-fs.target", "systemd-udev-trigger.service"]) == [
-        "systemctl", "start", "--no-ask-password", "local-fs.target", "systemd-udev-trigger.service"]
+        "systemctl",
+        "start",
+        "--no-ask-password",
+        "local-fs.target",
+        "systemd-udev-trigger.service",
+    ]
 
 
 def test_units_up(fake_systemctl: Path) -> None:
@@ -85,8 +91,9 @@ def test_only_when_the_unit_asks(fake_systemctl: Path) -> None:
     assert wait.wait()[0]
 
 
-def test_the_client_waits_after_its_summary_line_and_logs_it(fake_systemctl: Path, monkeypatch, capsys,
-                                                             tmp_path: Path, drs_controlplane_factory) -> None:  # noqa: F811
+def test_the_client_waits_after_its_summary_line_and_logs_it(
+    fake_systemctl: Path, monkeypatch, capsys, tmp_path: Path, drs_controlplane_factory
+) -> None:
     cp = drs_controlplane_factory(seed=SEED)
     env = {**client_env(cp), "FAILBACK_CONSOLE": "ttyS0", "FAILBACK_WAIT_UNITS": "local-fs.target"}
     with agent_listener() as port:
@@ -98,8 +105,9 @@ def test_the_client_waits_after_its_summary_line_and_logs_it(fake_systemctl: Pat
     assert "boot units up " in run.log and "s after the summary line: local-fs.target" in run.log
 
 
-def test_a_failed_wait_is_a_warning_and_the_client_goes_on(fake_systemctl: Path, monkeypatch, capsys,
-                                                           tmp_path: Path, drs_controlplane_factory) -> None:  # noqa: F811
+def test_a_failed_wait_is_a_warning_and_the_client_goes_on(
+    fake_systemctl: Path, monkeypatch, capsys, tmp_path: Path, drs_controlplane_factory
+) -> None:
     monkeypatch.setenv("FAKE_RC", "1")
     cp = drs_controlplane_factory(seed=SEED)
     env = {**client_env(cp), "FAILBACK_CONSOLE": "ttyS0", "FAILBACK_WAIT_UNITS": "local-fs.target"}

@@ -52,8 +52,14 @@ def test_lock_first_claim_wins(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("typed_on", [0, 1])
 def test_two_consoles_first_input_wins_the_other_waits(tmp_path: Path, typed_on: int) -> None:
-    env = subprocess_env({"FAILBACK_SYSROOT": BIOS_ROOT, "FAILBACK_CONSOLE_LOCK": str(tmp_path / "console.lock"),
-                          "FAILBACK_PLAIN": "1", "FAILBACK_FIX_CLOCK": "0"})
+    env = subprocess_env(
+        {
+            "FAILBACK_SYSROOT": BIOS_ROOT,
+            "FAILBACK_CONSOLE_LOCK": str(tmp_path / "console.lock"),
+            "FAILBACK_PLAIN": "1",
+            "FAILBACK_FIX_CLOCK": "0",
+        }
+    )
     children = []
     for n in range(2):
         command = client_command("--log-file", str(tmp_path / f"client{n}.log"))
@@ -83,8 +89,14 @@ def test_two_consoles_first_input_wins_the_other_waits(tmp_path: Path, typed_on:
 
 def test_on_the_livecd_consoles_a_finished_run_waits_for_enter(tmp_path: Path) -> None:
     """systemd restarts the client (Restart=always): a failed --no-prompt run must not become a restart loop."""
-    env = subprocess_env({"FAILBACK_SYSROOT": BIOS_ROOT, "FAILBACK_CONSOLE_LOCK": str(tmp_path / "console.lock"),
-                          "FAILBACK_PLAIN": "1", "NO_PROMPT": "1"})
+    env = subprocess_env(
+        {
+            "FAILBACK_SYSROOT": BIOS_ROOT,
+            "FAILBACK_CONSOLE_LOCK": str(tmp_path / "console.lock"),
+            "FAILBACK_PLAIN": "1",
+            "NO_PROMPT": "1",
+        }
+    )
     command = client_command("--log-file", str(tmp_path / "client.log"))
     child = pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=30)
     child.expect_exact("give --aws-access-key-id or set AWS_ACCESS_KEY or AWS_ACCESS_KEY_ID")

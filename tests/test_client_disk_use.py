@@ -27,7 +27,7 @@ from failback_client.mapping import RecoveryDisk
 from failback_client.seed import parse_env
 from failback_client.settings import from_arguments_and_seed
 
-from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory  # noqa: F401
+from tests.controlplane_fixture import ControlPlaneHandle
 from tests.test_client_helpers import BIOS_ROOT, OTHER_RI, SEED, UEFI_ROOT, client_env, run_in_process
 
 MiB = 2**20
@@ -94,8 +94,9 @@ class SuggestingApi:
 
 def refusal(path: str, target: str, free: str, local: list[LocalDisk]) -> str:
     """The text the admin sees when `target` is chosen for /dev/xvda by `path`."""
-    common: dict[str, Any] = dict(client_id="fc", recovery_instance_id="i-0", recovery=REC, local=local,
-                                  local_api=[], value_format="dev-name")
+    common: dict[str, Any] = dict(
+        client_id="fc", recovery_instance_id="i-0", recovery=REC, local=local, local_api=[], value_format="dev-name"
+    )
     if path in ("device-mapping", "seed"):
         mapping = f"/dev/xvda={target}"
         if path == "seed":  # the FBSEED/kernel-argument seed's DEVICE_MAPPING, through the settings
@@ -103,19 +104,37 @@ def refusal(path: str, target: str, free: str, local: list[LocalDisk]) -> str:
             mapping = from_arguments_and_seed(build_parser().parse_args([]), seed, env={}).device_mapping or ""
         console, out = _console()
         with pytest.raises(ClientError) as e:
-            choose_mapping(None, console, original_server=False, device_mapping=mapping, no_prompt=True,  # type: ignore[arg-type]
-                           **common)
+            choose_mapping(
+                None,
+                console,
+                original_server=False,
+                device_mapping=mapping,
+                no_prompt=True,  # type: ignore[arg-type]
+                **common,
+            )
         return str(e.value) + out.getvalue()
     if path == "suggestion":
         console, out = _console()
         with pytest.raises(ClientError) as e:
-            choose_mapping(SuggestingApi(target), console, original_server=True, device_mapping=None,  # type: ignore[arg-type]
-                           no_prompt=True, **common)
+            choose_mapping(
+                SuggestingApi(target),
+                console,
+                original_server=True,
+                device_mapping=None,  # type: ignore[arg-type]
+                no_prompt=True,
+                **common,
+            )
         return str(e.value) + out.getvalue()
     answer = f'ALL="/dev/xvda={target}"' if path == "ALL=" else target
     console, out = _console(f"{answer}\n{free}\n")
-    volumes = choose_mapping(None, console, original_server=False, device_mapping=None, no_prompt=False,  # type: ignore[arg-type]
-                             **common)
+    volumes = choose_mapping(
+        None,
+        console,
+        original_server=False,
+        device_mapping=None,
+        no_prompt=False,  # type: ignore[arg-type]
+        **common,
+    )
     assert [v.target for v in volumes] == [free]  # asked again, and the free disk taken
     return out.getvalue()
 
@@ -143,16 +162,24 @@ def test_mount_point_and_swap_are_named_with_how_to_free_them(busy_loops: dict[s
     by_path = {d.path: d for d in discover("/", include_loop=True)}
     mounted = by_path[busy_loops["mounted"]].in_use
     assert [(u.what, u.free) for u in mounted] == [
-        (f"{os.path.basename(busy_loops['mounted'])} is mounted at {tmp_path / 'mnt'}",
-         f"unmount it: umount {tmp_path / 'mnt'}")]
+        (
+            f"{os.path.basename(busy_loops['mounted'])} is mounted at {tmp_path / 'mnt'}",
+            f"unmount it: umount {tmp_path / 'mnt'}",
+        )
+    ]
     swap = by_path[busy_loops["swap"]].in_use
     assert [(u.what, u.free) for u in swap] == [
-        (f"{os.path.basename(busy_loops['swap'])} is active swap", f"turn it off: swapoff {busy_loops['swap']}")]
+        (f"{os.path.basename(busy_loops['swap'])} is active swap", f"turn it off: swapoff {busy_loops['swap']}")
+    ]
 
 
 @pytest.mark.root
-def test_whole_client_refuses_a_mounted_disk_from_device_mapping(drs_controlplane_factory, monkeypatch,  # noqa: F811
-                                                                 capsys, tmp_path: Path) -> None:
+def test_whole_client_refuses_a_mounted_disk_from_device_mapping(
+    drs_controlplane_factory,
+    monkeypatch,
+    capsys,
+    tmp_path: Path,
+) -> None:
     """The issue's case end to end: --device-mapping naming a mounted disk, --no-prompt: exit 5, nothing sent."""
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         pytest.skip("needs root and losetup")
@@ -170,8 +197,13 @@ def test_whole_client_refuses_a_mounted_disk_from_device_mapping(drs_controlplan
             undo.callback(subprocess.run, ["losetup", "-d", loop], check=False)
         _run("mount", device, str(mnt))
         undo.callback(subprocess.run, ["umount", str(mnt)], check=False)
-        env = client_env(cp, root="/", RECOVERY_INSTANCE_ID=OTHER_RI, DEVICE_MAPPING=f"/dev/nvme0n1={device}",
-                         FAILBACK_INCLUDE_LOOP="1")
+        env = client_env(
+            cp,
+            root="/",
+            RECOVERY_INSTANCE_ID=OTHER_RI,
+            DEVICE_MAPPING=f"/dev/nvme0n1={device}",
+            FAILBACK_INCLUDE_LOOP="1",
+        )
         run = run_in_process(monkeypatch, capsys, tmp_path, env, "--no-prompt")
     assert run.status == 5, run.all
     assert f"is {device}, which is in use: {os.path.basename(device)} is mounted at {mnt}" in run.out
@@ -201,6 +233,7 @@ def test_a_disk_mounted_after_the_mapping_is_refused_at_the_last_look(busy_loops
 
 # ---- recorded trees: holders and a mounted partition -------------------------------------------------------
 
+
 def _holder(root: Path, member: str, holder: str, files: dict[str, str]) -> None:
     disk = member.rstrip("0123456789") if not member.startswith("nvme") else member.split("p")[0]
     base = root / "sys/block" / disk / (member if member != disk else "")
@@ -221,7 +254,8 @@ def busy_tree(tmp_path: Path) -> str:
     (root / "proc/self/mountinfo").write_text(
         "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
         "30 22 0:5 / /run/live/medium ro - iso9660 /dev/sdc1 ro\n"
-        "31 22 8:33 / /mnt/with\\040space rw - vfat /dev/sdc1 rw\n")
+        "31 22 8:33 / /mnt/with\\040space rw - vfat /dev/sdc1 rw\n"
+    )
     (root / "sys/block/sda/sda1/dev").write_text("8:1\n")
     _holder(root, "sdb", "dm-0", {"dm/name": "vg0-root", "dm/uuid": "LVM-abcdef"})
     return str(root)
@@ -231,7 +265,8 @@ def test_mounted_partition_and_lvm_holder_on_a_recorded_tree(busy_tree: str) -> 
     disks = {d.name: d for d in discover(busy_tree)}
     assert [(u.what, u.free) for u in disks["sda"].in_use] == [("sda1 is mounted at /", "unmount it: umount /")]
     assert [(u.what, u.free) for u in disks["sdb"].in_use] == [
-        ("sdb holds the active LVM logical volume vg0-root (/dev/dm-0)", "deactivate it: vgchange -an vg0")]
+        ("sdb holds the active LVM logical volume vg0-root (/dev/dm-0)", "deactivate it: vgchange -an vg0")
+    ]
     assert disks["sdc"].boot_medium and "boot medium" in disks["sdc"].in_use[0].what
     assert free_targets(list(disks.values())) == []
     for path in ("device-mapping", "suggestion"):
@@ -248,9 +283,11 @@ def test_md_and_dm_crypt_holders_on_a_recorded_tree(tmp_path: Path) -> None:
     _holder(root, "nvme1n1", "dm-1", {"dm/name": "luks-0a1b", "dm/uuid": "CRYPT-LUKS2-0a1b-luks-0a1b"})
     disks = {d.name: d for d in discover(str(root))}
     assert [(u.what, u.free) for u in disks["nvme0n1"].in_use] == [
-        ("nvme0n1 is a member of the active MD raid1 array /dev/md127", "stop it: mdadm --stop /dev/md127")]
+        ("nvme0n1 is a member of the active MD raid1 array /dev/md127", "stop it: mdadm --stop /dev/md127")
+    ]
     assert [(u.what, u.free) for u in disks["nvme1n1"].in_use] == [
-        ("nvme1n1 is open as the dm-crypt mapping luks-0a1b (/dev/dm-1)", "close it: cryptsetup close luks-0a1b")]
+        ("nvme1n1 is open as the dm-crypt mapping luks-0a1b (/dev/dm-1)", "close it: cryptsetup close luks-0a1b")
+    ]
     # the preflight table no longer calls them ok
     from failback_client.preflight import gather
 

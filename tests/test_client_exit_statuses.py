@@ -18,7 +18,7 @@ def _statuses() -> dict[str, int]:
 
 def _readme_rows() -> dict[str, int]:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Exit status"):]
+    section = text[text.index("## Exit status") :]
     section = section[: section.index("\n## ", 1)]
     return {name: int(status) for status, name in re.findall(r"^\| (\d+) \|.*\| `(EXIT_\w+)` \|$", section, re.M)}
 
@@ -29,7 +29,7 @@ def test_readme_lists_every_exit_status_with_its_number() -> None:
 
 def test_help_lists_every_exit_status() -> None:
     epilog = build_parser().epilog or ""
-    shown = epilog[epilog.index("exit status:"):]
+    shown = epilog[epilog.index("exit status:") :]
     numbers = {int(n) for n in re.findall(r"(?:^|\s{2,})(\d+) [a-zA-Z(]", shown, re.M)}
     assert numbers == set(_statuses().values())
 

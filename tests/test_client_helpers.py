@@ -25,33 +25,83 @@ DRILL_RI = "i-0000000000000d004"  # three volumes: more than the test machines h
 
 SEED = {
     "source_servers": [
-        {"id": "s-aaaaaaaaaaaaaaaaa", "hostname": "orig01", "vmware_uuid": "4210a1b2-c3d4-e5f6-0718-293a4b5c6d7e",
-         "nics": [{"mac": "52:54:00:12:34:56", "ips": ["192.168.10.21"]}],
-         "disks": [{"device": "/dev/sda", "bytes": GIB}, {"device": "/dev/sdb", "bytes": 2 * GIB}]},
-        {"id": "s-bbbbbbbbbbbbbbbbb", "hostname": "other01", "nics": [{"mac": "00:50:56:00:00:01"}],
-         "disks": [{"device": "/dev/sda", "bytes": 10 * GIB}]},
-        {"id": "s-ccccccccccccccccc", "hostname": "big01", "nics": [{"mac": "00:50:56:00:00:02"}],
-         "disks": [{"device": "/dev/sda", "bytes": 200 * GIB}]},
-        {"id": "s-ddddddddddddddddd", "hostname": "files01", "nics": [{"mac": "00:50:56:00:00:03"}],
-         "disks": [{"device": f"/dev/sd{c}", "bytes": GIB} for c in "abc"]},
+        {
+            "id": "s-aaaaaaaaaaaaaaaaa",
+            "hostname": "orig01",
+            "vmware_uuid": "4210a1b2-c3d4-e5f6-0718-293a4b5c6d7e",
+            "nics": [{"mac": "52:54:00:12:34:56", "ips": ["192.168.10.21"]}],
+            "disks": [{"device": "/dev/sda", "bytes": GIB}, {"device": "/dev/sdb", "bytes": 2 * GIB}],
+        },
+        {
+            "id": "s-bbbbbbbbbbbbbbbbb",
+            "hostname": "other01",
+            "nics": [{"mac": "00:50:56:00:00:01"}],
+            "disks": [{"device": "/dev/sda", "bytes": 10 * GIB}],
+        },
+        {
+            "id": "s-ccccccccccccccccc",
+            "hostname": "big01",
+            "nics": [{"mac": "00:50:56:00:00:02"}],
+            "disks": [{"device": "/dev/sda", "bytes": 200 * GIB}],
+        },
+        {
+            "id": "s-ddddddddddddddddd",
+            "hostname": "files01",
+            "nics": [{"mac": "00:50:56:00:00:03"}],
+            "disks": [{"device": f"/dev/sd{c}", "bytes": GIB} for c in "abc"],
+        },
     ],
     "recovery_instances": [
-        {"id": ORIGINAL_RI, "source_server": "s-aaaaaaaaaaaaaaaaa", "private_ip": "127.0.0.1", "use_private_ip": True,
-         "disks": [{"device": "/dev/nvme0n1", "bytes": GIB, "source_device": "/dev/sda"},
-                   {"device": "/dev/nvme1n1", "bytes": 2 * GIB, "source_device": "/dev/sdb"}]},
-        {"id": OTHER_RI, "source_server": "s-bbbbbbbbbbbbbbbbb", "private_ip": "127.0.0.1", "use_private_ip": True,
-         "disks": [{"device": "/dev/nvme0n1", "bytes": 10 * GIB, "source_device": "/dev/sda"}]},
+        {
+            "id": ORIGINAL_RI,
+            "source_server": "s-aaaaaaaaaaaaaaaaa",
+            "private_ip": "127.0.0.1",
+            "use_private_ip": True,
+            "disks": [
+                {"device": "/dev/nvme0n1", "bytes": GIB, "source_device": "/dev/sda"},
+                {"device": "/dev/nvme1n1", "bytes": 2 * GIB, "source_device": "/dev/sdb"},
+            ],
+        },
+        {
+            "id": OTHER_RI,
+            "source_server": "s-bbbbbbbbbbbbbbbbb",
+            "private_ip": "127.0.0.1",
+            "use_private_ip": True,
+            "disks": [{"device": "/dev/nvme0n1", "bytes": 10 * GIB, "source_device": "/dev/sda"}],
+        },
         {"id": BIG_RI, "source_server": "s-ccccccccccccccccc", "private_ip": "127.0.0.1", "use_private_ip": True},
         {"id": DRILL_RI, "source_server": "s-ddddddddddddddddd", "private_ip": "127.0.0.1", "is_drill": True},
     ],
 }
 
 CLIENT_ENV_VARS = (
-    "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_DRS_ENDPOINT", "RECOVERY_INSTANCE_ID", "DEVICE_MAPPING", "NO_PROMPT",
-    "FAILBACK_SYSROOT", "FAILBACK_S3_ENDPOINT", "FAILBACK_CONSOLE_LOCK", "FAILBACK_INCLUDE_LOOP", "FAILBACK_PLAIN",
-    "FAILBACK_FIX_CLOCK", "FAILBACK_AGENT_PORT", "https_proxy", "HTTPS_PROXY", "AWS_PROFILE", "AWS_CONFIG_FILE",
-    "FAILBACK_CHECK_ONLY", "FAILBACK_WORK_DIR", "REBOOT", "FAILBACK_CONSOLE", "FAILBACK_WAIT_UNITS",
+    "AWS_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_DRS_ENDPOINT",
+    "RECOVERY_INSTANCE_ID",
+    "DEVICE_MAPPING",
+    "NO_PROMPT",
+    "FAILBACK_SYSROOT",
+    "FAILBACK_S3_ENDPOINT",
+    "FAILBACK_CONSOLE_LOCK",
+    "FAILBACK_INCLUDE_LOOP",
+    "FAILBACK_PLAIN",
+    "FAILBACK_FIX_CLOCK",
+    "FAILBACK_AGENT_PORT",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "FAILBACK_CHECK_ONLY",
+    "FAILBACK_WORK_DIR",
+    "REBOOT",
+    "FAILBACK_CONSOLE",
+    "FAILBACK_WAIT_UNITS",
 )
 
 
@@ -70,15 +120,21 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def client_env(cp, *, root: str = BIOS_ROOT, agent_port: int | None = None, with_creds: bool = True,
-               **extra: str) -> dict[str, str]:
+def client_env(
+    cp, *, root: str = BIOS_ROOT, agent_port: int | None = None, with_creds: bool = True, **extra: str
+) -> dict[str, str]:
     """Launcher-style variables for a client run against control plane `cp`."""
     # FAILBACK_CHECK_ONLY: these runs end after guide step 12 (tests/test_client_replication*.py go further).
-    env = {"FAILBACK_SYSROOT": root, "FAILBACK_S3_ENDPOINT": cp.url, "FAILBACK_FIX_CLOCK": "0",
-           "FAILBACK_CHECK_ONLY": "1"}
+    env = {
+        "FAILBACK_SYSROOT": root,
+        "FAILBACK_S3_ENDPOINT": cp.url,
+        "FAILBACK_FIX_CLOCK": "0",
+        "FAILBACK_CHECK_ONLY": "1",
+    }
     if with_creds:
-        env.update(AWS_ACCESS_KEY=cp.access_key, AWS_SECRET_KEY=cp.secret_key, AWS_REGION=cp.region,
-                   AWS_DRS_ENDPOINT=cp.url)
+        env.update(
+            AWS_ACCESS_KEY=cp.access_key, AWS_SECRET_KEY=cp.secret_key, AWS_REGION=cp.region, AWS_DRS_ENDPOINT=cp.url
+        )
         if cp.session_token:
             env["AWS_SESSION_TOKEN"] = cp.session_token
     if agent_port is not None:
@@ -99,8 +155,9 @@ class Run:
         return self.out + self.err + self.log
 
 
-def run_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                   env: dict[str, str], *args: str) -> Run:
+def run_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, env: dict[str, str], *args: str
+) -> Run:
     """main() in this process with exactly `env` for the client's variables (fast: no interpreter start)."""
     from failback_client.cli import main
 
@@ -127,5 +184,11 @@ def client_command(*args: str) -> list[str]:
 
 
 def run_subprocess(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(client_command(*args), env=subprocess_env(env), text=True, capture_output=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        client_command(*args),
+        env=subprocess_env(env),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

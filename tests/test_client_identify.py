@@ -23,13 +23,14 @@ def test_physical_nics_only_and_uuid_byte_orders() -> None:
 
 
 def api_for(cp: ControlPlaneHandle) -> DrsApi:
-    settings = Settings(access_key_id=cp.access_key, secret_access_key=cp.secret_key, region=cp.region,
-                        endpoint=cp.url)
+    settings = Settings(access_key_id=cp.access_key, secret_access_key=cp.secret_key, region=cp.region, endpoint=cp.url)
     return DrsApi(settings)
 
 
-def test_vmware_uuid_in_the_other_byte_order_finds_the_source_server(drs_controlplane_factory,  # noqa: F811
-                                                                     tmp_path: Path) -> None:
+def test_vmware_uuid_in_the_other_byte_order_finds_the_source_server(
+    drs_controlplane_factory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     cp = drs_controlplane_factory(seed=SEED)
     root = tmp_path / "root"
     shutil.copytree(UEFI_ROOT, root, symlinks=True)
@@ -40,8 +41,10 @@ def test_vmware_uuid_in_the_other_byte_order_finds_the_source_server(drs_control
     assert hit is not None
     instance, reason = hit
     assert instance["recoveryInstanceID"] == ORIGINAL_RI
-    assert reason == (f"this machine's VMware UUID {stored} belongs to source server s-aaaaaaaaaaaaaaaaa (orig01), "
-                      f"whose recovery instance is {ORIGINAL_RI}")
+    assert reason == (
+        f"this machine's VMware UUID {stored} belongs to source server s-aaaaaaaaaaaaaaaaa (orig01), "
+        f"whose recovery instance is {ORIGINAL_RI}"
+    )
 
 
 def test_unknown_machine_is_not_matched(drs_controlplane_factory) -> None:  # noqa: F811

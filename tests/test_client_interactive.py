@@ -38,8 +38,9 @@ def cp(drs_controlplane_factory) -> ControlPlaneHandle:  # noqa: F811
 
 def spawn(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[pexpect.spawn, io.StringIO]:
     command = client_command("--log-file", str(tmp_path / "client.log"), *args)
-    child = pexpect.spawn(command[0], command[1:], env=subprocess_env(env), encoding="utf-8", timeout=60,
-                          dimensions=(50, 200))
+    child = pexpect.spawn(
+        command[0], command[1:], env=subprocess_env(env), encoding="utf-8", timeout=60, dimensions=(50, 200)
+    )
     transcript = io.StringIO()
     child.logfile_read = transcript
     return child, transcript
@@ -120,7 +121,8 @@ def test_pick_from_list_by_id_and_map_per_volume(cp: ControlPlaneHandle, tmp_pat
         assert finish(child) == 0
     assert "\x1b[" not in transcript.getvalue()  # plain lines: no escape sequences
     assert cp.internal(OTHER_RI)["deviceMapping"] == [
-        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/nvme1n1"}]
+        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/nvme1n1"}
+    ]
 
 
 def test_pick_by_number_and_whole_mapping_as_json(cp: ControlPlaneHandle, tmp_path: Path) -> None:
@@ -131,19 +133,23 @@ def test_pick_by_number_and_whole_mapping_as_json(cp: ControlPlaneHandle, tmp_pa
         row = next(line for line in transcript.getvalue().splitlines() if ORIGINAL_RI in line)
         child.sendline(row.split()[0])
         child.expect_exact("Local disk for /dev/nvme0n1 (1 GiB): ")
-        child.sendline('ALL=\'{"/dev/nvme0n1": "nvme-Amazon_Elastic_Block_Store_vol0fedcba9876543210", '
-                       '"/dev/nvme1n1": "EXCLUDE"}\'')
+        child.sendline(
+            'ALL=\'{"/dev/nvme0n1": "nvme-Amazon_Elastic_Block_Store_vol0fedcba9876543210", '
+            '"/dev/nvme1n1": "EXCLUDE"}\''
+        )
         child.expect_exact(STOP)
         assert finish(child) == 0
     assert cp.internal(ORIGINAL_RI)["deviceMapping"] == [
         {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/nvme1n1"},
-        {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "EXCLUDE"}]
+        {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "EXCLUDE"},
+    ]
 
 
 def test_refused_credentials_are_asked_again(cp: ControlPlaneHandle, tmp_path: Path) -> None:
     with agent_listener() as port:
-        env = client_env(cp, agent_port=port, with_creds=False, AWS_REGION=cp.region, AWS_DRS_ENDPOINT=cp.url,
-                         FAILBACK_PLAIN="1")
+        env = client_env(
+            cp, agent_port=port, with_creds=False, AWS_REGION=cp.region, AWS_DRS_ENDPOINT=cp.url, FAILBACK_PLAIN="1"
+        )
         child, transcript = spawn(env, tmp_path)
         child.expect_exact("AWS Access Key ID: ")
         child.sendline(cp.access_key)

@@ -48,17 +48,27 @@ def target(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def run_env(cp: ControlPlaneHandle, device: str, tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
     """A real run (no --check-only) of the recovery instance RI onto the loop device `device`."""
-    env = client_env(cp, root="/", agent_port=port, RECOVERY_INSTANCE_ID=RI, DEVICE_MAPPING=f"/dev/nvme0n1={device}",
-                     FAILBACK_INCLUDE_LOOP="1", FAILBACK_PLAIN="1", FAILBACK_WORK_DIR=str(tmp_path / "work"),
-                     REBOOT="0", **extra)
+    env = client_env(
+        cp,
+        root="/",
+        agent_port=port,
+        RECOVERY_INSTANCE_ID=RI,
+        DEVICE_MAPPING=f"/dev/nvme0n1={device}",
+        FAILBACK_INCLUDE_LOOP="1",
+        FAILBACK_PLAIN="1",
+        FAILBACK_WORK_DIR=str(tmp_path / "work"),
+        REBOOT="0",
+        **extra,
+    )
     env.pop("FAILBACK_CHECK_ONLY")
     return env
 
 
 def spawn(env: dict[str, str], tmp_path: Path) -> tuple[pexpect.spawn, io.StringIO]:
     command = client_command("--log-file", str(tmp_path / "client.log"))
-    child = pexpect.spawn(command[0], command[1:], env=subprocess_env(env), encoding="utf-8", timeout=30,
-                          dimensions=(50, 250))
+    child = pexpect.spawn(
+        command[0], command[1:], env=subprocess_env(env), encoding="utf-8", timeout=30, dimensions=(50, 250)
+    )
     transcript = io.StringIO()
     child.logfile_read = transcript
     return child, transcript
@@ -92,8 +102,9 @@ def test_answer_no_writes_nothing(drs_controlplane_factory, target, tmp_path: Pa
 
 
 @pytest.mark.root
-def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_controlplane_factory, target,
-                                                                       monkeypatch, capsys, tmp_path: Path) -> None:
+def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(
+    drs_controlplane_factory, target, monkeypatch, capsys, tmp_path: Path
+) -> None:
     device, image = target
     cp = drs_controlplane_factory(seed=seed_for(RI, [("/dev/nvme0n1", 32 * MiB)], [OTHER_MAC]))
     before = sha512_file(image, image.stat().st_size)
@@ -101,17 +112,23 @@ def test_no_prompt_with_explicit_mapping_is_consent_and_logs_the_table(drs_contr
         # FAILBACK_S3_ENDPOINT is the control plane, not S3: the download fails, so this run stops right after
         # the point it is about (going on past the last look) and before any write.
         run = run_in_process(monkeypatch, capsys, tmp_path, run_env(cp, device, tmp_path, port), "--no-prompt")
-    assert "--no-prompt with the volume mapping from variable DEVICE_MAPPING: taken as consent to overwrite " \
-           f"{device}" in run.out
-    assert re.search(r"INFO failback_client.console:     on it now:      gpt partition table: p1 ext4 'oldroot' "
-                     r"30.0 MiB \[" + re.escape(OS_NAME) + r"\]\n.*INFO failback_client.console:     overwritten by: "
-                     r"/dev/nvme0n1 \(32.0 MiB\)", run.log), run.log
+    assert (
+        "--no-prompt with the volume mapping from variable DEVICE_MAPPING: taken as consent to overwrite "
+        f"{device}" in run.out
+    )
+    assert re.search(
+        r"INFO failback_client.console:     on it now:      gpt partition table: p1 ext4 'oldroot' "
+        r"30.0 MiB \[" + re.escape(OS_NAME) + r"\]\n.*INFO failback_client.console:     overwritten by: "
+        r"/dev/nvme0n1 \(32.0 MiB\)",
+        run.log,
+    ), run.log
     assert "Downloading the replication software" in run.out, run.all
     assert run.status == 8 and sha512_file(image, image.stat().st_size) == before
 
 
-def test_no_prompt_without_explicit_mapping_stops_before_writing(monkeypatch, capsys, tmp_path: Path,
-                                                                 drs_controlplane_factory) -> None:
+def test_no_prompt_without_explicit_mapping_stops_before_writing(
+    monkeypatch, capsys, tmp_path: Path, drs_controlplane_factory
+) -> None:
     """The original server's automatic mapping is no consent for an unattended overwrite."""
     cp = drs_controlplane_factory(seed=SEED)
     with agent_listener() as port:
@@ -126,13 +143,15 @@ def test_no_prompt_without_explicit_mapping_stops_before_writing(monkeypatch, ca
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_answer_overwrite_starts_replication(s3: str, stack_factory: Callable[..., Stack],
-                                             tmp_path: Path) -> None:
+def test_answer_overwrite_starts_replication(s3: str, stack_factory: Callable[..., Stack], tmp_path: Path) -> None:
     src = make_ext4(tmp_path / "root.img", 32, seed=11, fill_mib=8)
     image = old_system_disk(tmp_path / "t.img")
     before = sha512_file(image, image.stat().st_size)
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
-                          {"/dev/nvme0n1": src}, {"/dev/nvme0n1": image})
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": image},
+    )
     device = stack.devices["/dev/nvme0n1"]
     env = stack.env(s3)
     env.pop("NO_PROMPT")
@@ -170,14 +189,23 @@ def test_a_mapping_from_the_seed_is_consent_without_asking() -> None:
 
     sda = {d.name: d for d in discover(BIOS_ROOT)}["sda"]
     volumes = [MappedVolume(RecoveryDisk("/dev/nvme0n1", 2**30), sda)]
-    seeded = Settings(sysroot=BIOS_ROOT, device_mapping="/dev/nvme0n1=/dev/sda",
-                      origin={"device_mapping": "seed volume FBSEED:failback-seed.env line 3"})
+    seeded = Settings(
+        sysroot=BIOS_ROOT,
+        device_mapping="/dev/nvme0n1=/dev/sda",
+        origin={"device_mapping": "seed volume FBSEED:failback-seed.env line 3"},
+    )
     out = io.StringIO()
     confirm_overwrite(seeded, Console(stdin=io.StringIO(""), stdout=out, plain=True), volumes, RI)  # no EOFError
-    assert "The volume mapping from seed volume FBSEED:failback-seed.env line 3: taken as consent to overwrite " \
-           "/dev/sda" in out.getvalue()
-    typed = Settings(sysroot=BIOS_ROOT, device_mapping="/dev/nvme0n1=/dev/sda",
-                     origin={"device_mapping": "argument --device-mapping"})
+    assert (
+        "The volume mapping from seed volume FBSEED:failback-seed.env line 3: taken as consent to overwrite "
+        "/dev/sda" in out.getvalue()
+    )
+    typed = Settings(
+        sysroot=BIOS_ROOT,
+        device_mapping="/dev/nvme0n1=/dev/sda",
+        origin={"device_mapping": "argument --device-mapping"},
+    )
     with pytest.raises(NotConfirmed, match="'overwrite please' typed"):  # interactive: the word, nothing else
-        confirm_overwrite(typed, Console(stdin=io.StringIO("overwrite please\n"), stdout=io.StringIO(), plain=True),
-                          volumes, RI)
+        confirm_overwrite(
+            typed, Console(stdin=io.StringIO("overwrite please\n"), stdout=io.StringIO(), plain=True), volumes, RI
+        )

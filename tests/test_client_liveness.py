@@ -46,15 +46,25 @@ def test_not_seen_is_set_after_the_configured_silence_and_cleared_on_return(drs_
 def test_heartbeat_metrics_and_redacted_logs(drs_controlplane, tmp_path: Path, capsys):
     cp = drs_controlplane
     client_id = _associate(cp)
-    api = DrsApi(Settings(region=cp.region, endpoint=cp.url, access_key_id=cp.access_key,
-                          secret_access_key=cp.secret_key))
+    api = DrsApi(
+        Settings(region=cp.region, endpoint=cp.url, access_key_id=cp.access_key, secret_access_key=cp.secret_key)
+    )
     rapi = ReplicationApi(api, client_id, WEB01)
     now = [0.0]
     liveness = Liveness(rapi, heartbeat_s=30, metrics_s=60, clock=lambda: now[0])
     try:
-        status = {"replicatedDisks": [{"deviceName": "/dev/nvme0n1", "totalStorageBytes": 100,
-                                       "replicatedStorageBytes": 40, "backloggedStorageBytes": 60}],
-                  "lagSeconds": 12, "throughputBytesPerSecond": 1000}
+        status = {
+            "replicatedDisks": [
+                {
+                    "deviceName": "/dev/nvme0n1",
+                    "totalStorageBytes": 100,
+                    "replicatedStorageBytes": 40,
+                    "backloggedStorageBytes": 60,
+                }
+            ],
+            "lagSeconds": 12,
+            "throughputBytesPerSecond": 1000,
+        }
         liveness.tick(status)
         now[0] = 10.0
         liveness.tick(status)  # neither period is over: nothing sent
@@ -87,14 +97,20 @@ def test_heartbeat_metrics_and_redacted_logs(drs_controlplane, tmp_path: Path, c
 def test_a_stopped_client_is_not_seen_until_it_continues(s3: str, stack_factory, tmp_path: Path) -> None:
     src = make_ext4(tmp_path / "root.img", 24, seed=7, fill_mib=8)
     size = src.stat().st_size
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC]), {"/dev/nvme0n1": src},
-                          {"/dev/nvme0n1": blank(tmp_path / "t0.img", 32 * MiB)})
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC]),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": blank(tmp_path / "t0.img", 32 * MiB)},
+    )
     cp = stack.cp
     cp.plane.service.client_not_seen_after = timedelta(seconds=4)
     client = ClientProcess(stack.env(s3), tmp_path / "client.out")
     try:
-        wait_for("Ready for launch", lambda: cp.recovery_instance(RI)["failback"]["state"]
-                 == "FAILBACK_READY_FOR_LAUNCH", client)
+        wait_for(
+            "Ready for launch",
+            lambda: cp.recovery_instance(RI)["failback"]["state"] == "FAILBACK_READY_FOR_LAUNCH",
+            client,
+        )
         assert _error_of(cp, RI) is None
         os.kill(client.proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -109,10 +125,16 @@ def test_a_stopped_client_is_not_seen_until_it_continues(s3: str, stack_factory,
         while _error_of(cp, RI) is not None:
             assert time.monotonic() - resumed < 20, "FAILBACK_CLIENT_NOT_SEEN not cleared after the client resumed"
             time.sleep(0.5)
-        print(f"\nnot seen after {not_seen_after:.1f} s of silence; cleared {time.monotonic() - resumed:.1f} s "
-              "after resuming")
-        wait_for("Ready again", lambda: cp.recovery_instance(RI)["failback"]["state"]
-                 == "FAILBACK_READY_FOR_LAUNCH", client, 30)
+        print(
+            f"\nnot seen after {not_seen_after:.1f} s of silence; cleared {time.monotonic() - resumed:.1f} s "
+            "after resuming"
+        )
+        wait_for(
+            "Ready again",
+            lambda: cp.recovery_instance(RI)["failback"]["state"] == "FAILBACK_READY_FOR_LAUNCH",
+            client,
+            30,
+        )
         cp.press_failback(RI)
         assert client.wait(120) == 0, client.output
     finally:

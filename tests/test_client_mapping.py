@@ -33,9 +33,12 @@ BIOS_ROOT = str(Path(__file__).parent / "data" / "client" / "sysroot-bios")
 
 # ---- parser: the three formats of the guide ---------------------------------------------------------
 
+
 def test_csv_with_equals_and_colons_and_by_path_values() -> None:
-    text = ("/dev/nvme2n1=pci-0000:00:10.0-scsi-0:0:0:0,/dev/nvme0n1:pci-0000:00:10.0-scsi-0:0:1:0,"
-            " /dev/nvme3n1 = exclude ,")
+    text = (
+        "/dev/nvme2n1=pci-0000:00:10.0-scsi-0:0:0:0,/dev/nvme0n1:pci-0000:00:10.0-scsi-0:0:1:0,"
+        " /dev/nvme3n1 = exclude ,"
+    )
     assert parse_device_mapping(text) == {
         "/dev/nvme2n1": "pci-0000:00:10.0-scsi-0:0:0:0",
         "/dev/nvme0n1": "pci-0000:00:10.0-scsi-0:0:1:0",
@@ -44,32 +47,41 @@ def test_csv_with_equals_and_colons_and_by_path_values() -> None:
 
 
 def test_json_object_and_api_list_and_outer_quotes() -> None:
-    assert parse_device_mapping("'{\"/dev/xvdb\":\"/dev/sdb\",\"/dev/xvdc\":\"/dev/sdc\"}'") == {
-        "/dev/xvdb": "/dev/sdb", "/dev/xvdc": "/dev/sdc"}
-    text = json.dumps([{"recoveryInstanceDeviceName": "/dev/xvda", "failbackClientDeviceName": "/dev/sda"},
-                       {"recoveryInstanceDeviceName": "/dev/xvdb", "failbackClientDeviceName": "EXCLUDE"}])
+    assert parse_device_mapping('\'{"/dev/xvdb":"/dev/sdb","/dev/xvdc":"/dev/sdc"}\'') == {
+        "/dev/xvdb": "/dev/sdb",
+        "/dev/xvdc": "/dev/sdc",
+    }
+    text = json.dumps(
+        [
+            {"recoveryInstanceDeviceName": "/dev/xvda", "failbackClientDeviceName": "/dev/sda"},
+            {"recoveryInstanceDeviceName": "/dev/xvdb", "failbackClientDeviceName": "EXCLUDE"},
+        ]
+    )
     assert parse_device_mapping(text) == {"/dev/xvda": "/dev/sda", "/dev/xvdb": EXCLUDE}
 
 
-@pytest.mark.parametrize(("text", "error", "token"), [
-    ("", MappingSyntaxError, None),
-    ("   ", MappingSyntaxError, None),
-    ("/dev/xvda", MappingSyntaxError, "/dev/xvda"),
-    ("/dev/xvda=/dev/sda,,/dev/xvdb=/dev/sdb", MappingSyntaxError, None),
-    ("/dev/xvda=/dev/sda,/dev/xvda=/dev/sdb", DuplicateDeviceError, "/dev/xvda"),
-    ('{"/dev/xvda":"/dev/sda","/dev/xvda":"/dev/sdb"}', DuplicateDeviceError, "/dev/xvda"),
-    ('{"/dev/xvda": 3}', MappingSyntaxError, "3"),
-    ('{"/dev/xvda": "/dev/sda"', MappingSyntaxError, None),
-    ('[{"recoveryInstanceDeviceName": "/dev/xvda"}]', MappingSyntaxError, "failbackClientDeviceName"),
-    ('[{"recoveryInstanceDeviceName": "a", "failbackClientDeviceName": "b", "x": 1}]', MappingSyntaxError, "x"),
-    ("[]", MappingSyntaxError, None),
-    ('"just a string"', MappingSyntaxError, None),
-    ("=/dev/sda", MappingSyntaxError, None),
-    ("/dev/xvda=", MappingSyntaxError, None),
-    ("EXCLUDE=/dev/sda", MappingSyntaxError, EXCLUDE),
-    ("/dev/xvda=/dev/s\x07da", MappingSyntaxError, "/dev/s\x07da"),
-    ("[" * 100000, MappingSyntaxError, None),
-])
+@pytest.mark.parametrize(
+    ("text", "error", "token"),
+    [
+        ("", MappingSyntaxError, None),
+        ("   ", MappingSyntaxError, None),
+        ("/dev/xvda", MappingSyntaxError, "/dev/xvda"),
+        ("/dev/xvda=/dev/sda,,/dev/xvdb=/dev/sdb", MappingSyntaxError, None),
+        ("/dev/xvda=/dev/sda,/dev/xvda=/dev/sdb", DuplicateDeviceError, "/dev/xvda"),
+        ('{"/dev/xvda":"/dev/sda","/dev/xvda":"/dev/sdb"}', DuplicateDeviceError, "/dev/xvda"),
+        ('{"/dev/xvda": 3}', MappingSyntaxError, "3"),
+        ('{"/dev/xvda": "/dev/sda"', MappingSyntaxError, None),
+        ('[{"recoveryInstanceDeviceName": "/dev/xvda"}]', MappingSyntaxError, "failbackClientDeviceName"),
+        ('[{"recoveryInstanceDeviceName": "a", "failbackClientDeviceName": "b", "x": 1}]', MappingSyntaxError, "x"),
+        ("[]", MappingSyntaxError, None),
+        ('"just a string"', MappingSyntaxError, None),
+        ("=/dev/sda", MappingSyntaxError, None),
+        ("/dev/xvda=", MappingSyntaxError, None),
+        ("EXCLUDE=/dev/sda", MappingSyntaxError, EXCLUDE),
+        ("/dev/xvda=/dev/s\x07da", MappingSyntaxError, "/dev/s\x07da"),
+        ("[" * 100000, MappingSyntaxError, None),
+    ],
+)
 def test_refusals_name_the_reason(text: str, error: type[MappingError], token: str | None) -> None:
     with pytest.raises(error) as info:
         parse_device_mapping(text)
@@ -81,8 +93,9 @@ def test_refusals_name_the_reason(text: str, error: type[MappingError], token: s
 
 # ---- parser: generated inputs -----------------------------------------------------------------------
 
-NAME_CHARS = st.characters(codec="utf-8", exclude_characters=",=:\"'{}[]",
-                           exclude_categories=("Cc", "Cf", "Cs", "Zs", "Zl", "Zp"))
+NAME_CHARS = st.characters(
+    codec="utf-8", exclude_characters=",=:\"'{}[]", exclude_categories=("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+)
 names = st.text(NAME_CHARS, min_size=1, max_size=12).map(lambda s: "/dev/" + s)
 # local names may carry ':' (by-path) and must survive every format
 local_names = st.one_of(
@@ -105,13 +118,15 @@ def test_generated_mappings_round_trip_in_every_format(mapping: dict[str, str], 
     elif style == "json":
         text = json.dumps(mapping)
     else:
-        text = json.dumps([{"recoveryInstanceDeviceName": k, "failbackClientDeviceName": v}
-                           for k, v in mapping.items()])
+        text = json.dumps(
+            [{"recoveryInstanceDeviceName": k, "failbackClientDeviceName": v} for k, v in mapping.items()]
+        )
     assert parse_device_mapping(text) == {k.strip(): v.strip() for k, v in mapping.items()}
 
 
-structural = st.text(st.sampled_from([*"=:,{}[]\"' \t\n\\/devsxEXCLUDEexclude0123:.-", "\x00", "é", "\u2028"]),
-                     max_size=60)
+structural = st.text(
+    st.sampled_from([*"=:,{}[]\"' \t\n\\/devsxEXCLUDEexclude0123:.-", "\x00", "é", "\u2028"]), max_size=60
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
@@ -142,6 +157,7 @@ def test_any_json_is_parsed_or_refused_with_a_reason(value: object) -> None:
 
 
 # ---- validator -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def local() -> list[LocalDisk]:
@@ -182,19 +198,24 @@ def test_by_path_and_persistent_formats(local: list[LocalDisk]) -> None:
     volumes = validate_mapping(parse_device_mapping(text), REC, local, "by-path")
     assert [v.target for v in volumes] == ["/dev/sda", "/dev/sdb"]
     by_id = '{"/dev/xvda":"scsi-0QEMU_QEMU_HARDDISK_drive-scsi0","/dev/xvdb":"EXCLUDE"}'
-    assert [v.target for v in validate_mapping(parse_device_mapping(by_id), REC, local, "by-id")] == ["/dev/sda",
-                                                                                                      EXCLUDE]
+    assert [v.target for v in validate_mapping(parse_device_mapping(by_id), REC, local, "by-id")] == [
+        "/dev/sda",
+        EXCLUDE,
+    ]
     by_uuid = "/dev/xvda=0f2c7c4e-1d6b-4c43-9a58-2b6a1f0a7d11,/dev/xvdb=EXCLUDE"
     assert validate_mapping(parse_device_mapping(by_uuid), REC, local, "by-uuid")[0].target == "/dev/sda"
     mixed = "/dev/xvda=scsi-0QEMU_QEMU_HARDDISK_drive-scsi0,/dev/xvdb=pci-0000:00:10.0-scsi-0:0:1:0"
     assert [v.target for v in validate_mapping(parse_device_mapping(mixed), REC, local, "all-strict")] == [
-        "/dev/sda", "/dev/sdb"]
+        "/dev/sda",
+        "/dev/sdb",
+    ]
 
 
 def test_wrong_format_hint(local: list[LocalDisk]) -> None:
     with pytest.raises(UnknownDeviceError, match="use --dm-value-format by-path") as info:
-        validate_mapping(parse_device_mapping("/dev/xvda=pci-0000:00:10.0-scsi-0:0:0:0,/dev/xvdb=EXCLUDE"),
-                         REC, local, "dev-name")
+        validate_mapping(
+            parse_device_mapping("/dev/xvda=pci-0000:00:10.0-scsi-0:0:0:0,/dev/xvdb=EXCLUDE"), REC, local, "dev-name"
+        )
     assert info.value.token == "pci-0000:00:10.0-scsi-0:0:0:0"
 
 
@@ -205,15 +226,18 @@ def test_all_strict_ambiguity() -> None:
         validate_mapping({"/dev/xvda": "disk-x", "/dev/xvdb": "EXCLUDE"}, REC, [a, b], "all-strict")
 
 
-@pytest.mark.parametrize(("text", "error", "token"), [
-    ("/dev/xvda=/dev/sdc,/dev/xvdb=EXCLUDE", BootMediumError, "/dev/sdc"),
-    ("/dev/xvda=/dev/sda,/dev/xvdb=/dev/sda", DuplicateDeviceError, "/dev/sda"),
-    ("/dev/xvda=/dev/sda", MissingDeviceError, "/dev/xvdb"),
-    ("/dev/xvda=/dev/sda,/dev/xvdb=EXCLUDE,/dev/xvdz=EXCLUDE", UnknownDeviceError, "/dev/xvdz"),
-    ("/dev/xvda=/dev/sdq,/dev/xvdb=EXCLUDE", UnknownDeviceError, "/dev/sdq"),
-    ("/dev/xvda=EXCLUDE,/dev/xvdb=EXCLUDE", MappingError, EXCLUDE),
-    ("/dev/xvda=/dev/sda,xvda=/dev/sdb,/dev/xvdb=EXCLUDE", DuplicateDeviceError, "xvda"),
-])
+@pytest.mark.parametrize(
+    ("text", "error", "token"),
+    [
+        ("/dev/xvda=/dev/sdc,/dev/xvdb=EXCLUDE", BootMediumError, "/dev/sdc"),
+        ("/dev/xvda=/dev/sda,/dev/xvdb=/dev/sda", DuplicateDeviceError, "/dev/sda"),
+        ("/dev/xvda=/dev/sda", MissingDeviceError, "/dev/xvdb"),
+        ("/dev/xvda=/dev/sda,/dev/xvdb=EXCLUDE,/dev/xvdz=EXCLUDE", UnknownDeviceError, "/dev/xvdz"),
+        ("/dev/xvda=/dev/sdq,/dev/xvdb=EXCLUDE", UnknownDeviceError, "/dev/sdq"),
+        ("/dev/xvda=EXCLUDE,/dev/xvdb=EXCLUDE", MappingError, EXCLUDE),
+        ("/dev/xvda=/dev/sda,xvda=/dev/sdb,/dev/xvdb=EXCLUDE", DuplicateDeviceError, "xvda"),
+    ],
+)
 def test_validator_refusals(local: list[LocalDisk], text: str, error: type[MappingError], token: str) -> None:
     with pytest.raises(error) as info:
         validate_mapping(parse_device_mapping(text), REC, local)
@@ -221,10 +245,14 @@ def test_validator_refusals(local: list[LocalDisk], text: str, error: type[Mappi
 
 
 @settings(max_examples=600, deadline=None)
-@given(mapping=st.dictionaries(st.sampled_from(["/dev/xvda", "/dev/xvdb", "xvdb", "/dev/xvdq"]),
-                               st.sampled_from(["/dev/sda", "sdb", "/dev/sdc", "EXCLUDE", "/dev/sdz",
-                                                "pci-0000:00:10.0-scsi-0:0:1:0"]), max_size=4),
-       fmt=st.sampled_from(["dev-name", "by-path", "by-id", "by-uuid", "all-strict"]))
+@given(
+    mapping=st.dictionaries(
+        st.sampled_from(["/dev/xvda", "/dev/xvdb", "xvdb", "/dev/xvdq"]),
+        st.sampled_from(["/dev/sda", "sdb", "/dev/sdc", "EXCLUDE", "/dev/sdz", "pci-0000:00:10.0-scsi-0:0:1:0"]),
+        max_size=4,
+    ),
+    fmt=st.sampled_from(["dev-name", "by-path", "by-id", "by-uuid", "all-strict"]),
+)
 def test_validator_never_crashes(local: list[LocalDisk], mapping: dict[str, str], fmt: str) -> None:
     try:
         volumes = validate_mapping(mapping, REC, local, fmt)

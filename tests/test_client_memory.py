@@ -21,9 +21,14 @@ def test_client_peak_rss_is_within_what_preflight_asks_for(drs_controlplane_fact
         env = subprocess_env(client_env(cp, agent_port=port, FAILBACK_PLAIN="1"))
         proc, peak_kib = run_measuring_peak_rss(
             ["failback_client", "--no-prompt", "--log-file", str(tmp_path / "client.log")],
-            tmp_path / "peak", timeout=120, env=env)
+            tmp_path / "peak",
+            timeout=120,
+            env=env,
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "the failback client stops here" in proc.stdout
-    print(f"\nclient peak RSS {peak_kib / KiB:.1f} MiB (preflight assumes {CLIENT_PEAK_MIB} MiB; "
-          f"+ replicator {REPLICATOR_PEAK_MIB} MiB: warns below {NEEDED_MIB} MiB available)")
+    print(
+        f"\nclient peak RSS {peak_kib / KiB:.1f} MiB (preflight assumes {CLIENT_PEAK_MIB} MiB; "
+        f"+ replicator {REPLICATOR_PEAK_MIB} MiB: warns below {NEEDED_MIB} MiB available)"
+    )
     assert 10 * KiB < peak_kib <= CLIENT_PEAK_MIB * KiB, f"client peak RSS {peak_kib} KiB"

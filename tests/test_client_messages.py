@@ -31,14 +31,18 @@ def test_identification_failure_lists_what_was_tried(cp, monkeypatch, capsys, tm
     assert run.status == 2, run.all
     [error] = errors(run.out)
     assert "the recovery instance could not be chosen automatically (tried " in error
-    for tried in ("MAC address 0a:1b:2c:3d:4e:5f: no source server",
-                  "VMware UUID 564d1234-5678-9abc-def0-123456789abc: no source server",
-                  "VMware UUID 34124d56-7856-bc9a-def0-123456789abc: no source server",  # the other byte order
-                  "EC2 instance id i-0123456789abcdef0: no source server"):
+    for tried in (
+        "MAC address 0a:1b:2c:3d:4e:5f: no source server",
+        "VMware UUID 564d1234-5678-9abc-def0-123456789abc: no source server",
+        "VMware UUID 34124d56-7856-bc9a-def0-123456789abc: no source server",  # the other byte order
+        "EC2 instance id i-0123456789abcdef0: no source server",
+    ):
         assert tried in error, error
     # the source servers seen, with the ids they would have matched
-    assert "source servers in us-east-1: s-aaaaaaaaaaaaaaaaa orig01 (52:54:00:12:34:56, " \
-           "4210a1b2-c3d4-e5f6-0718-293a4b5c6d7e)" in error
+    assert (
+        "source servers in us-east-1: s-aaaaaaaaaaaaaaaaa orig01 (52:54:00:12:34:56, "
+        "4210a1b2-c3d4-e5f6-0718-293a4b5c6d7e)" in error
+    )
     assert "s-bbbbbbbbbbbbbbbbb other01 (00:50:56:00:00:01)" in error
     assert "give --recovery-instance-id" in error
 
@@ -46,8 +50,10 @@ def test_identification_failure_lists_what_was_tried(cp, monkeypatch, capsys, tm
 def test_interactive_identification_says_why_before_the_list(cp, monkeypatch, capsys, tmp_path: Path) -> None:
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))  # the list prompt then meets end of input
     run = run_in_process(monkeypatch, capsys, tmp_path, client_env(cp, root=UEFI_ROOT))
-    assert "This machine was not identified as a source server: tried MAC address 0a:1b:2c:3d:4e:5f: " \
-           "no source server" in run.out, run.out
+    assert (
+        "This machine was not identified as a source server: tried MAC address 0a:1b:2c:3d:4e:5f: "
+        "no source server" in run.out
+    ), run.out
 
 
 def test_mapping_failure_names_the_rule_and_the_volume(cp, monkeypatch, capsys, tmp_path: Path) -> None:
@@ -58,9 +64,11 @@ def test_mapping_failure_names_the_rule_and_the_volume(cp, monkeypatch, capsys, 
     assert run.status == 2, run.all
     [error] = [e for e in errors(run.out) if "could not be made automatically" in e]
     # DRS suggests nothing for the volume no local disk can take; the client says which and what to add
-    assert "the volume mapping could not be made automatically (DRS's suggestion (/dev/nvme0n1=/dev/sda) does " \
-           "not fit this machine: recovery device /dev/nvme1n1 has no local device: add /dev/nvme1n1=<local " \
-           "device> or /dev/nvme1n1=EXCLUDE)" in error, error
+    assert (
+        "the volume mapping could not be made automatically (DRS's suggestion (/dev/nvme0n1=/dev/sda) does "
+        "not fit this machine: recovery device /dev/nvme1n1 has no local device: add /dev/nvme1n1=<local "
+        "device> or /dev/nvme1n1=EXCLUDE)" in error
+    ), error
     assert "give --device-mapping" in error
 
 
@@ -76,8 +84,10 @@ def test_suggested_disk_in_use_names_the_disk_and_its_use(cp, monkeypatch, capsy
     run = run_in_process(monkeypatch, capsys, tmp_path, client_env(cp, root=str(root)), "--no-prompt")
     assert run.status == 2, run.all
     [error] = [e for e in errors(run.out) if "could not be made automatically" in e]
-    assert "local device '/dev/sdb' (for /dev/nvme1n1) is /dev/sdb, which is in use: sdb is a member of the " \
-           "active MD raid1 array /dev/md127; free it first (stop it: mdadm --stop /dev/md127)" in error, error
+    assert (
+        "local device '/dev/sdb' (for /dev/nvme1n1) is /dev/sdb, which is in use: sdb is a member of the "
+        "active MD raid1 array /dev/md127; free it first (stop it: mdadm --stop /dev/md127)" in error
+    ), error
 
 
 def test_wrong_region_is_told_apart_from_a_wrong_secret(cp, monkeypatch, capsys, tmp_path: Path) -> None:
@@ -88,8 +98,9 @@ def test_wrong_region_is_told_apart_from_a_wrong_secret(cp, monkeypatch, capsys,
     assert "Credential should be scoped to a valid region" in error  # the service's own words
     assert "Secret Access Key" not in error and "clock" not in error
 
-    run = run_in_process(monkeypatch, capsys, tmp_path, client_env(cp, AWS_SECRET_KEY=cp.secret_key[::-1]),
-                         "--no-prompt")
+    run = run_in_process(
+        monkeypatch, capsys, tmp_path, client_env(cp, AWS_SECRET_KEY=cp.secret_key[::-1]), "--no-prompt"
+    )
     assert run.status == 3, run.all
     [error] = errors(run.out)
     assert "the AWS Secret Access Key does not match access key" in error

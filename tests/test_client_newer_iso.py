@@ -31,9 +31,22 @@ def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
     client = admin_s3(moto)
     for bucket in (BUCKET, HASH_BUCKET):
         client.create_bucket(Bucket=bucket)
-        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                                                    "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+        client.put_bucket_policy(
+            Bucket=bucket,
+            Policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": "*",
+                            "Action": "s3:GetObject",
+                            "Resource": f"arn:aws:s3:::{bucket}/*",
+                        }
+                    ],
+                }
+            ),
+        )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # the publisher's credentials (moto takes any)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
     return moto
@@ -45,8 +58,18 @@ def publish(url: str, version: str, tmp_path: Path) -> None:
     iso.parent.mkdir(parents=True)
     iso.write_bytes(b"ISO " + version.encode() * 1000)
     out = io.StringIO()
-    assert publish_command(REGION, version, iso=str(iso), endpoint_url=url, progress="none", out=out,
-                           release_dir=str(tmp_path / "release")) == 0, out.getvalue()
+    assert (
+        publish_command(
+            REGION,
+            version,
+            iso=str(iso),
+            endpoint_url=url,
+            progress="none",
+            out=out,
+            release_dir=str(tmp_path / "release"),
+        )
+        == 0
+    ), out.getvalue()
 
 
 def lines(check: NewerIsoCheck | None) -> list[str]:
@@ -69,8 +92,10 @@ def test_newer_published_iso_is_pointed_out(s3: str, tmp_path: Path) -> None:
     assert lines(NewerIsoCheck.start(REGION, s3)) == []
     publish(s3, NEWER, tmp_path)
     [line] = lines(NewerIsoCheck.start(REGION, s3))
-    assert line == (f"A newer Failback LiveCD ({NEWER}) is published for {REGION}; this one is {__version__}. It is "
-                    f"at {s3}/{BUCKET}/latest/failback_livecd/{ISO} (this run goes on)")
+    assert line == (
+        f"A newer Failback LiveCD ({NEWER}) is published for {REGION}; this one is {__version__}. It is "
+        f"at {s3}/{BUCKET}/latest/failback_livecd/{ISO} (this run goes on)"
+    )
 
 
 def test_silent_without_the_object_or_without_s3(s3: str) -> None:
@@ -82,13 +107,15 @@ def test_silent_without_the_object_or_without_s3(s3: str) -> None:
     assert NewerIsoCheck.start(None, s3) is None  # no region, no look
 
 
-def test_the_workflow_shows_the_line_and_goes_on(s3: str, drs_controlplane_factory, monkeypatch, capsys,
-                                                 tmp_path: Path) -> None:
+def test_the_workflow_shows_the_line_and_goes_on(
+    s3: str, drs_controlplane_factory, monkeypatch, capsys, tmp_path: Path
+) -> None:
     publish(s3, NEWER, tmp_path)
     cp: ControlPlaneHandle = drs_controlplane_factory(seed=SEED)
     with agent_listener() as port:
-        run = run_in_process(monkeypatch, capsys, tmp_path, client_env(cp, agent_port=port, FAILBACK_S3_ENDPOINT=s3),
-                             "--no-prompt")
+        run = run_in_process(
+            monkeypatch, capsys, tmp_path, client_env(cp, agent_port=port, FAILBACK_S3_ENDPOINT=s3), "--no-prompt"
+        )
     assert run.status == 0, run.all
     assert f"A newer Failback LiveCD ({NEWER}) is published for {REGION}" in run.out
     assert "the failback client stops here" in run.out

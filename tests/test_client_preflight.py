@@ -79,5 +79,8 @@ def test_memory_warns_only_below_what_this_client_needs(tmp_path: Path) -> None:
     pre = gather(str(root))
     assert not pre.memory_ok
     warning = pre.memory_warning() or ""
-    assert f"Only {NEEDED_MIB - 1} MiB of memory is available; this failback client needs about {NEEDED_MIB} MiB" \
-        in warning and "4 GiB" not in warning
+    assert (
+        f"Only {NEEDED_MIB - 1} MiB of memory is available; this failback client needs about {NEEDED_MIB} MiB"
+        in warning
+        and "4 GiB" not in warning
+    )

@@ -11,7 +11,7 @@ README = PACKAGE.parent / "README.md"
 
 def _table() -> str:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Modules"):]
+    section = text[text.index("## Modules") :]
     return section[: section.index("\n## ", 1)]
 
 

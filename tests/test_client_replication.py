@@ -83,9 +83,13 @@ class _RecordingProxy(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append(self.path)
-        with urlopen(Request(self.path, headers={k: v for k, v in self.headers.items()
-                                                 if k.lower() not in ("proxy-connection", "connection")}),
-                     timeout=30) as upstream:
+        with urlopen(
+            Request(
+                self.path,
+                headers={k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")},
+            ),
+            timeout=30,
+        ) as upstream:
             body = upstream.read()
             self.send_response(upstream.status)
             for k, v in upstream.getheaders():
@@ -99,8 +103,12 @@ class _RecordingProxy(BaseHTTPRequestHandler):
         pass
 
 
-def test_download_goes_through_the_proxy_from_the_environment(s3: str, assets, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_goes_through_the_proxy_from_the_environment(
+    s3: str,
+    assets,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """botocore takes proxies from the standard variables (https_proxy on the LiveCD; the moto endpoint is
     plain HTTP, so http_proxy here): the same code path."""
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
@@ -128,8 +136,9 @@ def _tarball(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) ->
     return path
 
 
-@pytest.mark.parametrize("bad", ["../escape", "/etc/evil", "failback_assets/../../escape", "elsewhere/x",
-                                 "symlink", "hardlink", "device"])
+@pytest.mark.parametrize(
+    "bad", ["../escape", "/etc/evil", "failback_assets/../../escape", "elsewhere/x", "symlink", "hardlink", "device"]
+)
 def test_unpack_refuses_escapes_links_and_devices(tmp_path: Path, bad: str) -> None:
     launcher = tarfile.TarInfo("failback_assets/bin/failback-replicator")
     launcher.mode = 0o755
@@ -202,8 +211,6 @@ def _other_ca(tmp_path: Path) -> str:
     return CertificateAuthority.create(tmp_path / "rogue-ca", name="rogue").cert.read_text()
 
 
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_full_sync_continuous_writes_and_failback(s3: str, stack_factory, tmp_path: Path) -> None:
@@ -213,9 +220,11 @@ def test_full_sync_continuous_writes_and_failback(s3: str, stack_factory, tmp_pa
     src1 = make_ext4(tmp_path / "data.img", 24, seed=2, fill_mib=12)
     sizes = {"/dev/nvme0n1": src0.stat().st_size, "/dev/nvme1n1": src1.stat().st_size}
     seed = seed_for(RI, list(sizes.items()), [OTHER_MAC])
-    stack = stack_factory(seed, {"/dev/nvme0n1": src0, "/dev/nvme1n1": src1},
-                          {"/dev/nvme0n1": blank(tmp_path / "t0.img", 64 * MiB),
-                           "/dev/nvme1n1": blank(tmp_path / "t1.img", 32 * MiB)})
+    stack = stack_factory(
+        seed,
+        {"/dev/nvme0n1": src0, "/dev/nvme1n1": src1},
+        {"/dev/nvme0n1": blank(tmp_path / "t0.img", 64 * MiB), "/dev/nvme1n1": blank(tmp_path / "t1.img", 32 * MiB)},
+    )
     cp = stack.cp
     client = ClientProcess(stack.env(s3), tmp_path / "client.out")
     try:
@@ -224,18 +233,24 @@ def test_full_sync_continuous_writes_and_failback(s3: str, stack_factory, tmp_pa
         info = ready["dataReplicationInfo"]
         assert info["dataReplicationState"] == "CONTINUOUS"
         assert {s["name"]: s["status"] for s in info["dataReplicationInitiation"]["steps"]} == dict.fromkeys(
-            [s["name"] for s in info["dataReplicationInitiation"]["steps"]], "SUCCEEDED")
+            [s["name"] for s in info["dataReplicationInitiation"]["steps"]], "SUCCEEDED"
+        )
         assert len(info["dataReplicationInitiation"]["steps"]) == 7
-        assert {d["deviceName"]: (d["totalStorageBytes"], d["replicatedStorageBytes"])
-                for d in info["replicatedDisks"]} == {n: (s, s) for n, s in sizes.items()}
+        assert {
+            d["deviceName"]: (d["totalStorageBytes"], d["replicatedStorageBytes"]) for d in info["replicatedDisks"]
+        } == {n: (s, s) for n, s in sizes.items()}
         assert ready["failback"]["failbackToOriginalServer"] is False
         assert "agentLastSeenByServiceDateTime" in ready["failback"] and "firstByteDateTime" in ready["failback"]
 
         # the recovery instance keeps running and writing: the change must arrive before Failback is pressed
         change_blocks(src0, [3, 17, 40], 1 * MiB, seed=11)
         expected = sha512_file(src0, sizes["/dev/nvme0n1"])
-        wait_for("continuous replication of the new writes",
-                 lambda: sha512_file(stack.devices["/dev/nvme0n1"], sizes["/dev/nvme0n1"]) == expected, client, 60)
+        wait_for(
+            "continuous replication of the new writes",
+            lambda: sha512_file(stack.devices["/dev/nvme0n1"], sizes["/dev/nvme0n1"]) == expected,
+            client,
+            60,
+        )
 
         job = cp.press_failback(RI)
         status = client.wait(120)
@@ -249,8 +264,12 @@ def test_full_sync_continuous_writes_and_failback(s3: str, stack_factory, tmp_pa
     assert "Conversion report" in out and "Conversion done (0 changes)" in out, out
     assert "sha512 verified" in out and "full sync (another server" in out
     assert "Failback launch requested" in out
-    assert any(line.startswith(("INITIAL_SYNC: /dev/nvme0n1 ->", "CONTINUOUS: /dev/nvme0n1 ->"))
-               and "ETA" in line and "/s" in line for line in out.splitlines()), out
+    assert any(
+        line.startswith(("INITIAL_SYNC: /dev/nvme0n1 ->", "CONTINUOUS: /dev/nvme0n1 ->"))
+        and "ETA" in line
+        and "/s" in line
+        for line in out.splitlines()
+    ), out
     stack.assert_targets_equal_sources()
     # the agent counts a connection's bytes when it ends
     assert stack.agent.bytes_sent > 36 * MiB, "a full sync moves every (incompressible) byte"
@@ -277,8 +296,7 @@ def test_delta_to_the_original_server_sends_only_what_differs(s3: str, stack_fac
     tgt = tmp_path / "orig.img"
     shutil.copyfile(src, tgt)
     change_blocks(tgt, [2, 9, 33, 60], 1 * MiB, seed=5)  # the original server's disk, a little behind
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], macs), {"/dev/nvme0n1": src},
-                          {"/dev/nvme0n1": tgt})
+    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], macs), {"/dev/nvme0n1": src}, {"/dev/nvme0n1": tgt})
     client = ClientProcess({**stack.env(s3), "CONVERT": "0"}, tmp_path / "client.out")
     try:
         wait_for("Ready for launch", lambda: failback_state(stack.cp) == "FAILBACK_READY_FOR_LAUNCH", client)
@@ -298,16 +316,23 @@ def test_delta_to_the_original_server_sends_only_what_differs(s3: str, stack_fac
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_corrupt_download_stops_the_client_before_any_write(moto: str, assets, stack_factory,  # type: ignore[no-untyped-def]
-                                                            tmp_path: Path) -> None:
+def test_corrupt_download_stops_the_client_before_any_write(
+    moto: str,
+    assets,
+    stack_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     with urlopen(Request(f"{moto}/moto-api/reset", method="POST"), timeout=10):
         pass
     data = bytearray(assets.tarball.read_bytes())
     data[100] ^= 0xFF
     publish_assets(moto, assets, tarball_bytes=bytes(data))
     src = make_ext4(tmp_path / "root.img", 16, seed=4, fill_mib=4)
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
-                          {"/dev/nvme0n1": src}, {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)})
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)},
+    )
     client = ClientProcess(stack.env(moto), tmp_path / "client.out")
     status = client.wait(120)
     out = client.output
@@ -331,9 +356,12 @@ def test_agent_with_a_wrong_certificate_is_refused(s3: str, stack_factory, tmp_p
     rogue = CertificateAuthority.create(tmp_path / "rogue")
     files = rogue.issue(tmp_path / "rogue-agent", f"agent.{RI}.drs.local", "server")
     src = make_ext4(tmp_path / "root.img", 16, seed=6, fill_mib=4)
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
-                          {"/dev/nvme0n1": src}, {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)},
-                          agent_tls=AgentTls(ca=files.ca, cert=files.cert, key=files.key))
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)},
+        agent_tls=AgentTls(ca=files.ca, cert=files.cert, key=files.key),
+    )
     client = ClientProcess(stack.env(s3), tmp_path / "client.out")
     status = client.wait(120)
     out = client.output
@@ -352,8 +380,11 @@ def test_agent_with_a_wrong_certificate_is_refused(s3: str, stack_factory, tmp_p
 @pytest.mark.slow
 def test_stop_failback_ends_the_client_cleanly(s3: str, stack_factory, tmp_path: Path) -> None:
     src = make_ext4(tmp_path / "root.img", 16, seed=7, fill_mib=4)
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
-                          {"/dev/nvme0n1": src}, {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)})
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", src.stat().st_size)], [OTHER_MAC]),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": blank(tmp_path / "t.img", 16 * MiB)},
+    )
     client = ClientProcess(stack.env(s3), tmp_path / "client.out")
     try:
         wait_for("Ready for launch", lambda: failback_state(stack.cp) == "FAILBACK_READY_FOR_LAUNCH", client)
@@ -392,8 +423,11 @@ def test_cut_link_and_killed_replicator_resume(s3: str, stack_factory, tmp_path:
     the disconnection), then the replication software itself is killed (the client restarts it)."""
     src = make_ext4(tmp_path / "root.img", 64, seed=8, fill_mib=48)
     size = src.stat().st_size
-    stack = stack_factory(seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC], bandwidth_mbps=200),
-                          {"/dev/nvme0n1": src}, {"/dev/nvme0n1": blank(tmp_path / "t.img", 64 * MiB)})
+    stack = stack_factory(
+        seed_for(RI, [("/dev/nvme0n1", size)], [OTHER_MAC], bandwidth_mbps=200),
+        {"/dev/nvme0n1": src},
+        {"/dev/nvme0n1": blank(tmp_path / "t.img", 64 * MiB)},
+    )
     proxy = CuttingProxy(stack.agent.port, cut_after=12 * MiB)
     env = stack.env(s3, FAILBACK_AGENT_PORT=str(proxy.port))
     client = ClientProcess(env, tmp_path / "client.out")
@@ -420,6 +454,8 @@ def test_cut_link_and_killed_replicator_resume(s3: str, stack_factory, tmp_path:
     stack.assert_targets_equal_sources()
     # Restarting from zero after the cut (12 MiB) and the kill (24+ MiB) would move at least 12 + 24 + 48 MiB;
     # resuming moves the volume once plus the unverified batches (the engine's tests measure that precisely).
-    print(f"\ncut+kill: {proxy.forwarded / MiB:.1f} MiB through the proxy for {size / MiB:.0f} MiB "
-          f"(48 MiB incompressible), {proxy.connections} connections")
+    print(
+        f"\ncut+kill: {proxy.forwarded / MiB:.1f} MiB through the proxy for {size / MiB:.0f} MiB "
+        f"(48 MiB incompressible), {proxy.connections} connections"
+    )
     assert proxy.forwarded < 80 * MiB

@@ -40,7 +40,8 @@ def start_moto() -> tuple[Any, str]:
 
 def admin_s3(url: str) -> Any:
     return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing-secret").client(
-        "s3", region_name=REGION, endpoint_url=url, config=Config(s3={"addressing_style": "path"}))
+        "s3", region_name=REGION, endpoint_url=url, config=Config(s3={"addressing_style": "path"})
+    )
 
 
 def build_test_assets(out: Path) -> Assets:
@@ -54,10 +55,22 @@ def publish_assets(url: str, assets: Assets, *, tarball_bytes: bytes | None = No
     for bucket in (BUCKET, HASH_BUCKET):
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=bucket)
-        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                           "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+        s3.put_bucket_policy(
+            Bucket=bucket,
+            Policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": "*",
+                            "Action": "s3:GetObject",
+                            "Resource": f"arn:aws:s3:::{bucket}/*",
+                        }
+                    ],
+                }
+            ),
+        )
     for bucket, key, path in assets.bucket_objects(REGION):
         body = tarball_bytes if (tarball_bytes is not None and key.endswith(".tar.gz")) else path.read_bytes()
         s3.put_object(Bucket=bucket, Key=key, Body=body)
@@ -73,15 +86,19 @@ def make_ext4(path: Path, size_mib: int, seed: int, fill_mib: int) -> Path:
     (tree / "data").mkdir(exist_ok=True)
     for i in range(fill_mib):
         (tree / "data" / f"chunk{i:03d}.bin").write_bytes(rng.randbytes(MiB))
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", f"vol{seed}", "-d", str(tree), str(path),
-                    f"{size_mib}M"], check=True, capture_output=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", f"vol{seed}", "-d", str(tree), str(path), f"{size_mib}M"],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
 @contextlib.contextmanager
 def loop_device(image: Path) -> Iterator[str]:
-    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         yield dev
     finally:
@@ -126,41 +143,77 @@ class LinkedClients(set):  # type: ignore[type-arg]
         return bool(linked) and client_id == linked
 
 
-def start_agent(cp: Any, instance_id: str, volumes: dict[str, Path], tls: AgentTls, *, host: str = "127.0.0.1",
-                port: int = 0) -> Any:
+def start_agent(
+    cp: Any, instance_id: str, volumes: dict[str, Path], tls: AgentTls, *, host: str = "127.0.0.1", port: int = 0
+) -> Any:
     from drs_agent.server import AgentConfig, AgentServer
     from drs_agent.volume import VolumeSpec
     from failback_replicator.tlsconf import TlsFiles
 
-    cfg = AgentConfig(recovery_instance_id=instance_id, volumes=[VolumeSpec(n, p) for n, p in volumes.items()],
-                      tls=TlsFiles(ca=tls.ca, cert=tls.cert, key=tls.key),
-                      paired_clients=LinkedClients(cp, instance_id), host=host, port=port, watch_interval=0.3)
+    cfg = AgentConfig(
+        recovery_instance_id=instance_id,
+        volumes=[VolumeSpec(n, p) for n, p in volumes.items()],
+        tls=TlsFiles(ca=tls.ca, cert=tls.cert, key=tls.key),
+        paired_clients=LinkedClients(cp, instance_id),
+        host=host,
+        port=port,
+        watch_interval=0.3,
+    )
     return AgentServer(cfg).start()
 
 
-def seed_for(instance_id: str, disks: list[tuple[str, int]], macs: list[str], *, agent_ip: str = "127.0.0.1",
-             bandwidth_mbps: int = 0) -> dict[str, Any]:
+def seed_for(
+    instance_id: str,
+    disks: list[tuple[str, int]],
+    macs: list[str],
+    *,
+    agent_ip: str = "127.0.0.1",
+    bandwidth_mbps: int = 0,
+) -> dict[str, Any]:
     """One source server (identified by `macs`) and its recovery instance with `disks` [(device, bytes)]."""
     return {
-        "source_servers": [{"id": "s-0000000000000e2e0", "hostname": "restore01",
-                            "nics": [{"mac": m, "ips": ["192.168.50.10"]} for m in macs],
-                            "disks": [{"device": f"/dev/sd{chr(97 + i)}", "bytes": b}
-                                      for i, (_, b) in enumerate(disks)]}],
-        "recovery_instances": [{"id": instance_id, "source_server": "s-0000000000000e2e0", "private_ip": agent_ip,
-                                "use_private_ip": True, "bandwidth_mbps": bandwidth_mbps,
-                                "disks": [{"device": d, "bytes": b, "source_device": f"/dev/sd{chr(97 + i)}"}
-                                          for i, (d, b) in enumerate(disks)]}],
+        "source_servers": [
+            {
+                "id": "s-0000000000000e2e0",
+                "hostname": "restore01",
+                "nics": [{"mac": m, "ips": ["192.168.50.10"]} for m in macs],
+                "disks": [{"device": f"/dev/sd{chr(97 + i)}", "bytes": b} for i, (_, b) in enumerate(disks)],
+            }
+        ],
+        "recovery_instances": [
+            {
+                "id": instance_id,
+                "source_server": "s-0000000000000e2e0",
+                "private_ip": agent_ip,
+                "use_private_ip": True,
+                "bandwidth_mbps": bandwidth_mbps,
+                "disks": [
+                    {"device": d, "bytes": b, "source_device": f"/dev/sd{chr(97 + i)}"}
+                    for i, (d, b) in enumerate(disks)
+                ],
+            }
+        ],
     }
 
 
-def client_run_env(cp: Any, s3_url: str, instance_id: str, mapping: str, work_dir: Path,
-                   **extra: str) -> dict[str, str]:
+def client_run_env(
+    cp: Any, s3_url: str, instance_id: str, mapping: str, work_dir: Path, **extra: str
+) -> dict[str, str]:
     """The launcher's variables for an unattended client run against this stack (no check-only, no reboot)."""
     env = {
-        "AWS_ACCESS_KEY": cp.access_key, "AWS_SECRET_KEY": cp.secret_key, "AWS_REGION": cp.region,
-        "AWS_DRS_ENDPOINT": cp.url, "RECOVERY_INSTANCE_ID": instance_id, "DEVICE_MAPPING": mapping, "NO_PROMPT": "1",
-        "FAILBACK_S3_ENDPOINT": s3_url, "FAILBACK_WORK_DIR": str(work_dir), "FAILBACK_INCLUDE_LOOP": "1",
-        "FAILBACK_PLAIN": "1", "FAILBACK_FIX_CLOCK": "0", "REBOOT": "0",
+        "AWS_ACCESS_KEY": cp.access_key,
+        "AWS_SECRET_KEY": cp.secret_key,
+        "AWS_REGION": cp.region,
+        "AWS_DRS_ENDPOINT": cp.url,
+        "RECOVERY_INSTANCE_ID": instance_id,
+        "DEVICE_MAPPING": mapping,
+        "NO_PROMPT": "1",
+        "FAILBACK_S3_ENDPOINT": s3_url,
+        "FAILBACK_WORK_DIR": str(work_dir),
+        "FAILBACK_INCLUDE_LOOP": "1",
+        "FAILBACK_PLAIN": "1",
+        "FAILBACK_FIX_CLOCK": "0",
+        "REBOOT": "0",
     }
     env.update(extra)
     return env
@@ -174,5 +227,3 @@ def clean_env(env: dict[str, str]) -> dict[str, str]:
     base.update(env)
     base["PYTHONUNBUFFERED"] = "1"
     return base
-
-

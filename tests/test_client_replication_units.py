@@ -75,8 +75,13 @@ def console() -> tuple[Console, io.StringIO]:
     return Console(stdin=io.StringIO(), stdout=out, plain=True), out
 
 
-DISK = {"deviceName": "/dev/xvda", "totalStorageBytes": 100, "replicatedStorageBytes": 40,
-        "rescannedStorageBytes": 0, "backloggedStorageBytes": 60}
+DISK = {
+    "deviceName": "/dev/xvda",
+    "totalStorageBytes": 100,
+    "replicatedStorageBytes": 40,
+    "rescannedStorageBytes": 0,
+    "backloggedStorageBytes": 60,
+}
 
 
 def test_forwarder_tells_drs_each_change_once() -> None:
@@ -84,30 +89,51 @@ def test_forwarder_tells_drs_each_change_once() -> None:
     con, out = console()
     fw = Forwarder(api, steps, con, "failback-replicator/0.1.0")  # type: ignore[arg-type]
     timing = Timing(progress_report_s=0)
-    fw.forward({"initiationSteps": {"PAIR_AGENT_WITH_REPLICATION_SOFTWARE": "SUCCEEDED",
-                                    "ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION": "SUCCEEDED"},
-                "dataReplicationState": "INITIAL_SYNC", "replicatedDisks": [DISK], "lagSeconds": 3,
-                "etaSeconds": 12, "throughputBytesPerSecond": 5, "error": None}, timing)
+    fw.forward(
+        {
+            "initiationSteps": {
+                "PAIR_AGENT_WITH_REPLICATION_SOFTWARE": "SUCCEEDED",
+                "ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION": "SUCCEEDED",
+            },
+            "dataReplicationState": "INITIAL_SYNC",
+            "replicatedDisks": [DISK],
+            "lagSeconds": 3,
+            "etaSeconds": 12,
+            "throughputBytesPerSecond": 5,
+            "error": None,
+        },
+        timing,
+    )
     assert api.names() == ["connected", "update_info", "progress"]
     update = api.calls[1][1]
     assert update["dataReplicationState"] == "INITIAL_SYNC"
-    assert {s["name"]: s["status"] for s in update["initiationSteps"]}["PAIR_AGENT_WITH_REPLICATION_SOFTWARE"] == \
-        "SUCCEEDED"
+    assert {s["name"]: s["status"] for s in update["initiationSteps"]}[
+        "PAIR_AGENT_WITH_REPLICATION_SOFTWARE"
+    ] == "SUCCEEDED"
     assert api.calls[2][1][0] == [DISK] and api.calls[2][1][1] == 3 and api.calls[2][1][2].endswith("Z")
     api.calls.clear()
     same = {"dataReplicationState": "INITIAL_SYNC", "replicatedDisks": [DISK], "lagSeconds": 3, "error": None}
     fw.forward(same, timing)
     assert api.names() == [], "nothing changed: nothing sent"
     # the link drops: DRS hears UNSTABLE_NETWORK through NotifyAgentDisconnected, with the reason
-    fw.forward({**same, "dataReplicationState": "DISCONNECTED",
-                "error": {"error": "UNSTABLE_NETWORK", "rawError": "link lost"}}, timing)
+    fw.forward(
+        {
+            **same,
+            "dataReplicationState": "DISCONNECTED",
+            "error": {"error": "UNSTABLE_NETWORK", "rawError": "link lost"},
+        },
+        timing,
+    )
     assert api.calls == [("disconnected", ("UNSTABLE_NETWORK", "link lost"))]
     assert "Replication problem UNSTABLE_NETWORK: link lost" in out.getvalue()
     api.calls.clear()
     # back: connected again, the error cleared, state forwarded; consistency reported exactly once
-    done = {**same, "dataReplicationState": "CONTINUOUS", "replicatedDisks": [{**DISK, "replicatedStorageBytes": 100,
-                                                                                "backloggedStorageBytes": 0}],
-            "consistencyAttained": True}
+    done = {
+        **same,
+        "dataReplicationState": "CONTINUOUS",
+        "replicatedDisks": [{**DISK, "replicatedStorageBytes": 100, "backloggedStorageBytes": 0}],
+        "consistencyAttained": True,
+    }
     fw.forward(done, timing)
     fw.forward(done, timing)
     assert api.names() == ["connected", "update_info", "progress", "consistency_attained"]
@@ -133,8 +159,9 @@ def test_forwarder_resends_after_a_refused_update_and_reports_other_errors_as_re
     assert api.names() == ["update_info"] and api.calls[0][1]["dataReplicationState"] == "RESCAN"
     api.calls.clear()
     fw.forward({**status, "error": {"error": "NOT_CONVERGING", "rawError": "source changes too fast"}}, Timing())
-    assert api.calls == [("update_info", {"dataReplicationError": {"error": "NOT_CONVERGING",
-                                                                    "rawError": "source changes too fast"}})]
+    assert api.calls == [
+        ("update_info", {"dataReplicationError": {"error": "NOT_CONVERGING", "rawError": "source changes too fast"}})
+    ]
 
 
 def test_progress_lines_have_bytes_rate_eta_and_stay_quiet_when_nothing_moves(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -143,20 +170,31 @@ def test_progress_lines_have_bytes_rate_eta_and_stay_quiet_when_nothing_moves(mo
     monkeypatch.setattr("failback_client.replicate.time.monotonic", lambda: clock[0])
     view = ProgressView(con, {"/dev/xvda": "/dev/sda"}, interval=10, quiet=300)
     mib = 1024 * 1024
-    disk = {"deviceName": "/dev/xvda", "totalStorageBytes": 100 * mib, "replicatedStorageBytes": 10 * mib,
-            "backloggedStorageBytes": 90 * mib}
+    disk = {
+        "deviceName": "/dev/xvda",
+        "totalStorageBytes": 100 * mib,
+        "replicatedStorageBytes": 10 * mib,
+        "backloggedStorageBytes": 90 * mib,
+    }
     view.show({"dataReplicationState": "INITIAL_SYNC", "replicatedDisks": [disk]})
     clock[0] += 5
     view.show({"dataReplicationState": "INITIAL_SYNC", "replicatedDisks": [disk]})  # within the interval
     clock[0] += 5
-    view.show({"dataReplicationState": "INITIAL_SYNC", "replicatedDisks": [{**disk, "replicatedStorageBytes": 30 * mib,
-                                                                             "backloggedStorageBytes": 70 * mib}]})
+    view.show(
+        {
+            "dataReplicationState": "INITIAL_SYNC",
+            "replicatedDisks": [{**disk, "replicatedStorageBytes": 30 * mib, "backloggedStorageBytes": 70 * mib}],
+        }
+    )
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[1] == ("INITIAL_SYNC: /dev/xvda -> /dev/sda: 30.0 MiB / 100.0 MiB ( 30.0%)  2.0 MiB/s  ETA 00:35"
-                        "  backlog 70.0 MiB")
-    steady = {"dataReplicationState": "CONTINUOUS", "replicatedDisks": [{**disk, "replicatedStorageBytes": 100 * mib,
-                                                                         "backloggedStorageBytes": 0}]}
+    assert lines[1] == (
+        "INITIAL_SYNC: /dev/xvda -> /dev/sda: 30.0 MiB / 100.0 MiB ( 30.0%)  2.0 MiB/s  ETA 00:35  backlog 70.0 MiB"
+    )
+    steady = {
+        "dataReplicationState": "CONTINUOUS",
+        "replicatedDisks": [{**disk, "replicatedStorageBytes": 100 * mib, "backloggedStorageBytes": 0}],
+    }
     for _ in range(20):
         clock[0] += 11
         view.show(steady)
@@ -171,8 +209,17 @@ def test_command_file_follows_drs(tmp_path: Path) -> None:
     con, out = console()
     run = tmp_path / "run"
     run.mkdir()
-    setup = ReplicationSetup("i-0123456789abcdef0", "fbc-x", "127.0.0.1", 1500, [("/dev/xvda", "/dev/sda")], True,
-                             None, tmp_path / "state", tls_paths(tmp_path / "tls"))
+    setup = ReplicationSetup(
+        "i-0123456789abcdef0",
+        "fbc-x",
+        "127.0.0.1",
+        1500,
+        [("/dev/xvda", "/dev/sda")],
+        True,
+        None,
+        tmp_path / "state",
+        tls_paths(tmp_path / "tls"),
+    )
     software = type("S", (), {"version": "0.1.0", "launcher": Path("/bin/false")})()
     sup = Supervisor(software, setup, run / "replicator.json", api, steps, con, Timing())  # type: ignore[arg-type]
     api.answer = {"command": "CONTINUE", "bandwidthThrottling": 100}
@@ -195,10 +242,22 @@ def test_command_file_follows_drs(tmp_path: Path) -> None:
 def test_configuration_is_what_the_replication_software_reads(tmp_path: Path) -> None:
     from failback_replicator.config import ReplicatorConfig
 
-    volumes = [MappedVolume(RecoveryDisk("/dev/xvda", 10), LocalDisk("sda", 20)),
-               MappedVolume(RecoveryDisk("/dev/xvdb", 10), None)]
-    setup = ReplicationSetup("i-0123456789abcdef0", "fbc-x", "10.0.0.5", 1500, mapped_volumes(volumes), False, 50,
-                             tmp_path / "state", tls_paths(tmp_path / "tls"), agent_identity="agent.i-0.drs.local")
+    volumes = [
+        MappedVolume(RecoveryDisk("/dev/xvda", 10), LocalDisk("sda", 20)),
+        MappedVolume(RecoveryDisk("/dev/xvdb", 10), None),
+    ]
+    setup = ReplicationSetup(
+        "i-0123456789abcdef0",
+        "fbc-x",
+        "10.0.0.5",
+        1500,
+        mapped_volumes(volumes),
+        False,
+        50,
+        tmp_path / "state",
+        tls_paths(tmp_path / "tls"),
+        agent_identity="agent.i-0.drs.local",
+    )
     path = write_config(setup, tmp_path / "run" / "replicator.json")
     assert os.stat(path).st_mode & 0o777 == 0o600
     cfg = ReplicatorConfig.from_dict(json.loads(path.read_text()))
@@ -230,13 +289,15 @@ def test_reboot_setting_from_flag_and_variable() -> None:
     assert from_arguments(build_parser().parse_args([]), {"FAILBACK_CHECK_ONLY": "1"}).check_only is True
 
 
-@pytest.mark.parametrize(("cmdline", "expected"), [
-    ("BOOT_IMAGE=/live/vmlinuz boot=failback quiet", True),  # the LiveCD's own initramfs script
-    ("boot=live components quiet", True),  # live-boot (boot=live in image.yaml)
-    ("root=/dev/sda1 ro quiet", False),  # an installed system: never ejected or rebooted from here
-])
-def test_on_livecd_needs_the_boot_argument_and_the_mounted_medium(tmp_path: Path, cmdline: str,
-                                                                  expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        ("BOOT_IMAGE=/live/vmlinuz boot=failback quiet", True),  # the LiveCD's own initramfs script
+        ("boot=live components quiet", True),  # live-boot (boot=live in image.yaml)
+        ("root=/dev/sda1 ro quiet", False),  # an installed system: never ejected or rebooted from here
+    ],
+)
+def test_on_livecd_needs_the_boot_argument_and_the_mounted_medium(tmp_path: Path, cmdline: str, expected: bool) -> None:
     import subprocess
     import sys
 
@@ -245,9 +306,15 @@ def test_on_livecd_needs_the_boot_argument_and_the_mounted_medium(tmp_path: Path
     (tmp_path / "run/live/medium").mkdir(parents=True)
     assert not on_livecd(str(tmp_path))  # nothing mounted there
     # A real mount, in a private mount namespace so the host's mounts are untouched.
-    code = ("import sys, subprocess; from failback_client.finish import on_livecd; "
-            f"subprocess.run(['mount', '-t', 'tmpfs', 'medium', '{tmp_path}/run/live/medium'], check=True); "
-            f"print(on_livecd('{tmp_path}'))")
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", code],
-                          capture_output=True, text=True, check=True)
+    code = (
+        "import sys, subprocess; from failback_client.finish import on_livecd; "
+        f"subprocess.run(['mount', '-t', 'tmpfs', 'medium', '{tmp_path}/run/live/medium'], check=True); "
+        f"print(on_livecd('{tmp_path}'))"
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert proc.stdout.strip() == str(expected)

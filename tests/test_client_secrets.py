@@ -60,12 +60,15 @@ def test_failing_runs_show_no_secret(cp: ControlPlaneHandle, tmp_path: Path) -> 
 
 def test_traceback_is_redacted(tmp_path: Path) -> None:
     secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-    code = ("from failback_client.logs import REDACTOR, install_excepthook, setup_logging\n"
-            f"setup_logging(log_file={str(tmp_path / 'x.log')!r}, log_console=False)\n"
-            f"install_excepthook(); REDACTOR.add({secret!r})\n"
-            f"raise RuntimeError('boom with ' + {secret!r})\n")
-    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env({}), capture_output=True, text=True,
-                            timeout=60)
+    code = (
+        "from failback_client.logs import REDACTOR, install_excepthook, setup_logging\n"
+        f"setup_logging(log_file={str(tmp_path / 'x.log')!r}, log_console=False)\n"
+        f"install_excepthook(); REDACTOR.add({secret!r})\n"
+        f"raise RuntimeError('boom with ' + {secret!r})\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env({}), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1 and "RuntimeError: boom with ****" in result.stderr
     assert_clean([result.stdout, result.stderr, (tmp_path / "x.log").read_text()], secret)
 

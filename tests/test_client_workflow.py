@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from failback_client.workflow import STOP_MESSAGE
 
-from tests.controlplane_fixture import ControlPlaneHandle, drs_controlplane_factory, random_credential  # noqa: F401
+from tests.controlplane_fixture import ControlPlaneHandle, random_credential
 from tests.test_client_helpers import (
     BIG_RI,
     OTHER_RI,
@@ -28,7 +28,7 @@ from tests.test_client_helpers import (
 
 
 @pytest.fixture
-def cp(drs_controlplane_factory) -> ControlPlaneHandle:  # noqa: F811
+def cp(drs_controlplane_factory) -> ControlPlaneHandle:
     return drs_controlplane_factory(seed=SEED)
 
 
@@ -61,23 +61,36 @@ def test_original_server_is_identified_and_mapped_automatically(cp, monkeypatch,
 
 
 def test_given_instance_and_by_path_mapping(cp, monkeypatch, capsys, tmp_path: Path) -> None:
-    env = client_env(cp, root=UEFI_ROOT, RECOVERY_INSTANCE_ID=OTHER_RI,
-                     DEVICE_MAPPING="/dev/nvme0n1=pci-0000:00:1f.0-nvme-1")
+    env = client_env(
+        cp, root=UEFI_ROOT, RECOVERY_INSTANCE_ID=OTHER_RI, DEVICE_MAPPING="/dev/nvme0n1=pci-0000:00:1f.0-nvme-1"
+    )
     with agent_listener() as port:
         env["FAILBACK_AGENT_PORT"] = str(port)
         run = run_in_process(monkeypatch, capsys, tmp_path, env, "--no-prompt", "--dm-value-format", "by-path")
     assert run.status == 0, run.all
     assert "secure boot: on" in run.out and "Secure Boot is on" in run.out and "4 GiB" not in run.out
     assert cp.internal(OTHER_RI)["deviceMapping"] == [
-        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/nvme1n1"}]
+        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/nvme1n1"}
+    ]
 
 
 def test_arguments_win_over_variables(cp, monkeypatch, capsys, tmp_path: Path) -> None:
     env = client_env(cp, root=UEFI_ROOT, RECOVERY_INSTANCE_ID="i-00000000000ffff01", AWS_REGION="eu-west-1")
     with agent_listener() as port:
         env["FAILBACK_AGENT_PORT"] = str(port)
-        run = run_in_process(monkeypatch, capsys, tmp_path, env, "--no-prompt", "--region", cp.region,
-                             "--recovery-instance-id", OTHER_RI, "--device-mapping", "/dev/nvme0n1=/dev/nvme0n1")
+        run = run_in_process(
+            monkeypatch,
+            capsys,
+            tmp_path,
+            env,
+            "--no-prompt",
+            "--region",
+            cp.region,
+            "--recovery-instance-id",
+            OTHER_RI,
+            "--device-mapping",
+            "/dev/nvme0n1=/dev/nvme0n1",
+        )
     assert run.status == 0, run.all
 
 
@@ -115,8 +128,13 @@ def test_bad_device_mapping_is_refused_naming_the_token(cp, monkeypatch, capsys,
 
 
 @pytest.mark.parametrize("case", ["secret", "key", "token", "expired"])
-def test_bad_credentials_give_one_sentence(drs_controlplane_factory, monkeypatch, capsys, tmp_path: Path,  # noqa: F811
-                                           case: str) -> None:
+def test_bad_credentials_give_one_sentence(
+    drs_controlplane_factory,
+    monkeypatch,
+    capsys,
+    tmp_path: Path,
+    case: str,
+) -> None:
     if case in ("token", "expired"):
         expires = datetime.now(UTC) + (timedelta(hours=-1) if case == "expired" else timedelta(hours=1))
         cred = random_credential(session_token="FwoGZXIvYXdzE" + "x" * 60, expires_at=expires)
@@ -132,8 +150,12 @@ def test_bad_credentials_give_one_sentence(drs_controlplane_factory, monkeypatch
         env["AWS_SESSION_TOKEN"] = "FwoGZXIvYXdzE" + "y" * 60
     run = run_in_process(monkeypatch, capsys, tmp_path, env, "--no-prompt")
     assert run.status == 3, run.all
-    expected = {"secret": "Secret Access Key does not match", "key": "does not recognise the access key ID",
-                "token": "or the AWS Session Token", "expired": "Session Token has expired"}[case]
+    expected = {
+        "secret": "Secret Access Key does not match",
+        "key": "does not recognise the access key ID",
+        "token": "or the AWS Session Token",
+        "expired": "Session Token has expired",
+    }[case]
     errors = [line for line in run.out.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and expected in errors[0], run.out
     assert "Traceback" not in run.all
@@ -179,8 +201,10 @@ def test_importing_the_command_line_loads_nothing_heavy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, failback_client.cli; "
-            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('failback_client', 'yaml', 'boto3', 'botocore', 'rich', 'urllib3') or m == 'urllib.request')))")
+    code = (
+        "import sys, failback_client.cli; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('failback_client', 'yaml', 'boto3', 'botocore', 'rich', 'urllib3') or m == 'urllib.request')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert set(loaded) <= {"failback_client", "failback_client.cli", "failback_client.errors"}, loaded

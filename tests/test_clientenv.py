@@ -17,8 +17,20 @@ def test_lock_pins_every_runtime_dependency_with_a_hash() -> None:
     text = clientenv.LOCK.read_text()
     entries = re.findall(r"^([a-z0-9-]+)==(\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", text, re.M)
     names = {name for name, _, _ in entries}
-    assert {"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3", "rich",
-            "markdown-it-py", "mdurl", "pygments", "pyyaml"} <= names
+    assert {
+        "boto3",
+        "botocore",
+        "s3transfer",
+        "jmespath",
+        "python-dateutil",
+        "six",
+        "urllib3",
+        "rich",
+        "markdown-it-py",
+        "mdurl",
+        "pygments",
+        "pyyaml",
+    } <= names
     requirement_lines = [line for line in text.splitlines() if "==" in line]
     assert len(requirement_lines) == len(entries), "every requirement carries exactly one hash"
     # The ISO runs what the tests run: the pins shared with requirements-dev.txt agree.
@@ -91,8 +103,14 @@ def test_missing_lock_says_how_to_make_it(tmp_path: Path) -> None:
 
 
 def test_chroot_script_protects_the_base(tmp_path: Path) -> None:
-    cmd = clientenv.chroot_script(tmp_path / "root fs", "/opt/failback-client", tmp_path / "staging",
-                                  tmp_path / "wheels", [["python3", "-V"]], 1700000000)
+    cmd = clientenv.chroot_script(
+        tmp_path / "root fs",
+        "/opt/failback-client",
+        tmp_path / "staging",
+        tmp_path / "wheels",
+        [["python3", "-V"]],
+        1700000000,
+    )
     assert cmd[:4] == ["unshare", "--mount", "--pid", "--fork"]
     script = cmd[-1]
     root = "'" + str(tmp_path / "root fs") + "'"
@@ -114,8 +132,14 @@ def _venv(tree: Path, files: dict[str, str]) -> Path:
 def test_split_keeps_only_what_the_client_added(tmp_path: Path) -> None:
     common = {"pyvenv.cfg": "home = /usr/bin\n", "lib/python3.11/site-packages/boto3/__init__.py": "b\n"}
     deps = _venv(tmp_path / "deps", common)
-    full = _venv(tmp_path / "full", common | {"lib/python3.11/site-packages/failback_client/__init__.py": "c\n",
-                                              "bin/failback-client": "#!/opt/fc/bin/python\n"})
+    full = _venv(
+        tmp_path / "full",
+        common
+        | {
+            "lib/python3.11/site-packages/failback_client/__init__.py": "c\n",
+            "bin/failback-client": "#!/opt/fc/bin/python\n",
+        },
+    )
     (deps / "opt/fc/bin").mkdir()
     for tree in (deps, full):
         (tree / "opt/fc/bin/python3").symlink_to("/usr/bin/python3")
@@ -152,6 +176,10 @@ def test_built_client_venv_runs_in_the_rootfs(built_pipeline) -> None:
     assert pycs, "bytecode is compiled at build time"
     # unchecked-hash pycs: flags field (bytes 4-8) = 0b01 (hash-based, not checked), so no source mtime.
     assert all(pyc.read_bytes()[4:8] == b"\x01\x00\x00\x00" for pyc in pycs)
-    site = subprocess.run(["chroot", str(p.rootfs), "python3", "-c", "import sys; print(sys.version_info[:2])"],
-                          capture_output=True, text=True, check=True).stdout
+    site = subprocess.run(
+        ["chroot", str(p.rootfs), "python3", "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert site.strip() == "(3, 11)"

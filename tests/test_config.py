@@ -82,6 +82,7 @@ def test_integer_epoch_and_optional_keys(tmp_path: Path) -> None:
 
 def _set(path: str, value: Any):
     """A change that sets a dotted/indexed key path (`boot.entries[2].label`)."""
+
     def change(d: dict[str, Any]) -> None:
         parts = path.replace("[", ".").replace("]", "").split(".")
         node: Any = d
@@ -92,6 +93,7 @@ def _set(path: str, value: Any):
             node[int(last)] = value
         else:
             node[last] = value
+
     return change
 
 
@@ -102,6 +104,7 @@ def _del(path: str):
         for p in parents:
             node = node[p]
         del node[last]
+
     return change
 
 
@@ -123,7 +126,7 @@ BAD_CASES = [
     (_set("iso.volume_label", "A" * 33), "iso.volume_label", "ISO 9660"),
     (_set("iso.artifact", "../x.iso"), "iso.artifact", ".iso"),
     (_set("iso.artifact", "livecd.img"), "iso.artifact", ".iso"),
-    (_set("source_date_epoch", "yesterday"), "source_date_epoch", "\"git\" or an integer"),
+    (_set("source_date_epoch", "yesterday"), "source_date_epoch", '"git" or an integer'),
     (_set("source_date_epoch", -5), "source_date_epoch", "between"),
     (_set("squashfs.compression", "gzip"), "squashfs.compression", "zstd or xz"),
     (_set("squashfs.level", 40), "squashfs.level", "between 1 and 22"),
@@ -149,8 +152,7 @@ BAD_CASES = [
     (_set("kernel_cmdline", "boot=local"), "kernel_cmdline", "one boot=failback"),
     (lambda d: d["packages"].append("Bad_Name"), f"packages[{len(BASE['packages'])}]", "Debian package name"),
     (lambda d: d["packages"].append("python3"), f"packages[{len(BASE['packages'])}]", "duplicate"),
-    (lambda d: d["packages"].append("grub-efi-amd64-signed"), f"packages[{len(BASE['packages'])}]",
-     "boot loaders"),
+    (lambda d: d["packages"].append("grub-efi-amd64-signed"), f"packages[{len(BASE['packages'])}]", "boot loaders"),
     (_set("exclude_paths", ["usr/share/doc/*"]), "exclude_paths[0]", "absolute"),
     (_set("kernel_cmdline", "quiet"), "kernel_cmdline", "got none"),
     (_del("kernel_cmdline"), "kernel_cmdline", "required but missing"),
@@ -192,8 +194,13 @@ def test_config_is_immutable() -> None:
 
 
 def _git(repo: Path, *args: str, date: int | None = None) -> None:
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.org", "PATH": "/usr/bin:/bin"}
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+        "PATH": "/usr/bin:/bin",
+    }
     if date is not None:
         env |= {"GIT_AUTHOR_DATE": f"@{date} +0000", "GIT_COMMITTER_DATE": f"@{date} +0000"}
     subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)

@@ -34,8 +34,11 @@ APP01 = "i-0a1b2c3d4e5f60003"  # private IP replication, 100 Mbps
 WIN01_STOPPED = "i-0a1b2c3d4e5f60004"
 GIB = 1024**3
 LOCAL_DISKS = [
-    {"deviceName": "/dev/sda", "bytes": 1 * GIB,
-     "persistentNames": ["/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"]},
+    {
+        "deviceName": "/dev/sda",
+        "bytes": 1 * GIB,
+        "persistentNames": ["/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"],
+    },
     {"deviceName": "/dev/sdb", "bytes": 2 * GIB},
     {"deviceName": "/dev/sdc", "bytes": 4 * GIB},
 ]
@@ -48,20 +51,26 @@ def _error(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str, str]:
 
 def _csr(common_name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None) -> str:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _associate(cp: ControlPlaneHandle, instance: str = WEB01, macs: tuple[str, ...] = ("52:54:00:12:34:56",)) -> str:
     out = cp.client().associate_failback_client_to_recovery_instance_for_drs(
-        recoveryInstanceID=instance, failbackClientVersion="0.1.0", localDisks=LOCAL_DISKS,
-        identification={"hostname": "web01", "macAddresses": list(macs), "bootMode": "BIOS", "secureBoot": False})
+        recoveryInstanceID=instance,
+        failbackClientVersion="0.1.0",
+        localDisks=LOCAL_DISKS,
+        identification={"hostname": "web01", "macAddresses": list(macs), "bootMode": "BIOS", "secureBoot": False},
+    )
     return out["failbackClientID"]
 
 
 # --- public operations ------------------------------------------------------------------------
+
 
 def test_describe_recovery_instances_filters_and_pages(drs_controlplane):
     drs = drs_controlplane.client()
@@ -108,8 +117,9 @@ def test_failback_replication_configuration_round_trip(drs_controlplane):
     drs = drs_controlplane.client()
     config = drs.get_failback_replication_configuration(recoveryInstanceID=APP01)
     assert (config["usePrivateIP"], config["bandwidthThrottling"], config["internetProtocol"]) == (True, 100, "IPV4")
-    drs.update_failback_replication_configuration(recoveryInstanceID=APP01, usePrivateIP=False, bandwidthThrottling=0,
-                                                  name="fast")
+    drs.update_failback_replication_configuration(
+        recoveryInstanceID=APP01, usePrivateIP=False, bandwidthThrottling=0, name="fast"
+    )
     config = drs.get_failback_replication_configuration(recoveryInstanceID=APP01)
     assert (config["usePrivateIP"], config["bandwidthThrottling"], config["name"]) == (False, 0, "fast")
     with pytest.raises(ClientError) as exc:
@@ -120,26 +130,35 @@ def test_failback_replication_configuration_round_trip(drs_controlplane):
 
 # --- the whole failback as the client and the console drive it ----------------------------------
 
+
 def test_failback_lifecycle(drs_controlplane):
     cp = drs_controlplane
     drs = cp.client()
     ids = {"recoveryInstanceID": WEB01}
 
     out = drs.associate_failback_client_to_recovery_instance_for_drs(
-        recoveryInstanceID=WEB01, localDisks=LOCAL_DISKS, identification={"macAddresses": ["52:54:00:12:34:56"]})
+        recoveryInstanceID=WEB01, localDisks=LOCAL_DISKS, identification={"macAddresses": ["52:54:00:12:34:56"]}
+    )
     client_id = out["failbackClientID"]
     ids["failbackClientID"] = client_id
     assert out["failbackToOriginalServer"] is True
-    assert out["replicationEndpoint"] == {"privateIP": "10.0.1.21", "publicIP": "203.0.113.21", "port": 1500,
-                                          "usePrivateIP": False, "internetProtocol": "IPV4"}
+    assert out["replicationEndpoint"] == {
+        "privateIP": "10.0.1.21",
+        "publicIP": "203.0.113.21",
+        "port": 1500,
+        "usePrivateIP": False,
+        "internetProtocol": "IPV4",
+    }
     ri = cp.recovery_instance(WEB01)
     assert ri["failback"]["failbackClientID"] == client_id
     assert ri["failback"]["state"] == "FAILBACK_IN_PROGRESS"
     assert ri["dataReplicationInfo"]["dataReplicationState"] == "INITIATING"
 
     suggested = drs.get_suggested_failback_client_device_mapping_for_drs(**ids, localDisks=LOCAL_DISKS)
-    mapping = [{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/sda"},
-               {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "/dev/sdb"}]
+    mapping = [
+        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/sda"},
+        {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "/dev/sdb"},
+    ]
     assert suggested["deviceMapping"] == mapping
     stored = drs.update_failback_client_device_mapping_for_drs(**ids, deviceMapping=mapping)
     assert [d["totalStorageBytes"] for d in stored["replicatedDisks"]] == [GIB, 2 * GIB]
@@ -159,21 +178,28 @@ def test_failback_lifecycle(drs_controlplane):
     with pytest.raises(CsrError, match="subject CN must be"):
         cp.issue_agent_certificate(WEB01, _csr("agent.i-00000000deadbeef.drs.local"))
 
-    steps = [{"name": "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE", "status": "SUCCEEDED"},
-             {"name": "COMPLETE_VOLUME_MAPPING", "status": "SUCCEEDED"},
-             {"name": "ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "status": "IN_PROGRESS"}]
+    steps = [
+        {"name": "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE", "status": "SUCCEEDED"},
+        {"name": "COMPLETE_VOLUME_MAPPING", "status": "SUCCEEDED"},
+        {"name": "ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "status": "IN_PROGRESS"},
+    ]
     state = drs.update_agent_replication_info_for_drs(**ids, initiationSteps=steps)["failbackState"]
     assert state == "FAILBACK_IN_PROGRESS"
-    shown = {s["name"]: s["status"] for s in
-             cp.recovery_instance(WEB01)["dataReplicationInfo"]["dataReplicationInitiation"]["steps"]}
+    shown = {
+        s["name"]: s["status"]
+        for s in cp.recovery_instance(WEB01)["dataReplicationInfo"]["dataReplicationInitiation"]["steps"]
+    }
     assert shown["COMPLETE_VOLUME_MAPPING"] == "SUCCEEDED"
     assert shown["PAIR_AGENT_WITH_REPLICATION_SOFTWARE"] == "NOT_STARTED"
 
     assert drs.update_failback_client_last_seen_for_drs(**ids)["lastSeenDateTime"].endswith("Z")
     drs.notify_agent_connected_for_drs(**ids, agentVersion="1.0")
     drs.notify_agent_replication_progress_for_drs(
-        **ids, replicatedDisks=[{"deviceName": "/dev/nvme0n1", "replicatedStorageBytes": GIB // 2}], lagSeconds=30,
-        throughputBytesPerSecond=10_000_000)
+        **ids,
+        replicatedDisks=[{"deviceName": "/dev/nvme0n1", "replicatedStorageBytes": GIB // 2}],
+        lagSeconds=30,
+        throughputBytesPerSecond=10_000_000,
+    )
     ri = cp.recovery_instance(WEB01)
     assert ri["dataReplicationInfo"]["dataReplicationState"] == "INITIAL_SYNC"
     assert ri["dataReplicationInfo"]["replicatedDisks"][0]["replicatedStorageBytes"] == GIB // 2
@@ -207,10 +233,12 @@ def test_failback_lifecycle(drs_controlplane):
     jobs = drs.describe_jobs(filters={"jobIDs": [job["jobID"]]})["items"]
     assert [(j["status"], j["participatingServers"][0]["launchStatus"]) for j in jobs] == [("COMPLETED", "LAUNCHED")]
 
-    drs.send_client_logs_for_drs(**ids, logEvents=[
-        {"timestamp": "2026-11-25T20:00:00.000Z", "level": "INFO", "message": "mapping done"}])
-    drs.send_client_metrics_for_drs(failbackClientID=client_id, metrics=[
-        {"name": "replication.bytes", "value": 1.5e9, "unit": "Bytes"}])
+    drs.send_client_logs_for_drs(
+        **ids, logEvents=[{"timestamp": "2026-11-25T20:00:00.000Z", "level": "INFO", "message": "mapping done"}]
+    )
+    drs.send_client_metrics_for_drs(
+        failbackClientID=client_id, metrics=[{"name": "replication.bytes", "value": 1.5e9, "unit": "Bytes"}]
+    )
     assert cp.client_logs()[0]["message"] == "mapping done"
     assert cp.client_metrics()[0]["value"] == 1.5e9
 
@@ -234,7 +262,8 @@ def test_not_original_server_gets_no_suggestion(drs_controlplane):
     drs = drs_controlplane.client()
     client_id = _associate(drs_controlplane, macs=("52:54:00:99:99:99",))
     out = drs.get_suggested_failback_client_device_mapping_for_drs(
-        failbackClientID=client_id, recoveryInstanceID=WEB01, localDisks=LOCAL_DISKS)
+        failbackClientID=client_id, recoveryInstanceID=WEB01, localDisks=LOCAL_DISKS
+    )
     assert out["failbackToOriginalServer"] is False
     assert out["deviceMapping"] == []
 
@@ -244,8 +273,10 @@ def test_not_original_server_gets_no_suggestion(drs_controlplane):
     [
         ([("/dev/nvme0n1", "/dev/sda")], "/dev/nvme1n1 has no target"),
         ([("/dev/nvme0n1", "/dev/sda"), ("/dev/nvme1n1", "/dev/sda")], "/dev/sda is already the target"),
-        ([("/dev/nvme0n1", "/dev/sda"), ("/dev/nvme9n1", "/dev/sdb"), ("/dev/nvme1n1", "/dev/sdc")],
-         "/dev/nvme9n1 is not a volume"),
+        (
+            [("/dev/nvme0n1", "/dev/sda"), ("/dev/nvme9n1", "/dev/sdb"), ("/dev/nvme1n1", "/dev/sdc")],
+            "/dev/nvme9n1 is not a volume",
+        ),
         ([("/dev/nvme0n1", "/dev/sdz"), ("/dev/nvme1n1", "/dev/sdb")], "/dev/sdz is not a disk the failback client"),
         ([("/dev/nvme0n1", "/dev/sda"), ("/dev/nvme1n1", "/dev/sda")], "already the target"),
         ([("/dev/nvme0n1", "EXCLUDE"), ("/dev/nvme1n1", "EXCLUDE")], "every volume is EXCLUDEd"),
@@ -257,8 +288,10 @@ def test_device_mapping_is_checked(drs_controlplane, mapping, complaint):
     client_id = _associate(drs_controlplane)
     with pytest.raises(ClientError) as exc:
         drs.update_failback_client_device_mapping_for_drs(
-            failbackClientID=client_id, recoveryInstanceID=WEB01,
-            deviceMapping=[{"recoveryInstanceDeviceName": r, "failbackClientDeviceName": f} for r, f in mapping])
+            failbackClientID=client_id,
+            recoveryInstanceID=WEB01,
+            deviceMapping=[{"recoveryInstanceDeviceName": r, "failbackClientDeviceName": f} for r, f in mapping],
+        )
     status, code, message = _error(exc)
     assert (status, code) == (400, "ValidationException")
     assert exc.value.response["fieldList"]
@@ -270,9 +303,13 @@ def test_excluding_a_volume_and_persistent_names_are_accepted(drs_controlplane):
     client_id = _associate(drs_controlplane)
     by_path = LOCAL_DISKS[0]["persistentNames"][0]
     out = drs.update_failback_client_device_mapping_for_drs(
-        failbackClientID=client_id, recoveryInstanceID=WEB01,
-        deviceMapping=[{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": by_path},
-                       {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "EXCLUDE"}])
+        failbackClientID=client_id,
+        recoveryInstanceID=WEB01,
+        deviceMapping=[
+            {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": by_path},
+            {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "EXCLUDE"},
+        ],
+    )
     assert [d["deviceName"] for d in out["replicatedDisks"]] == ["/dev/nvme0n1"]
 
 
@@ -309,6 +346,7 @@ def test_conflicts_and_missing_resources(drs_controlplane):
 
 # --- requests the model refuses -----------------------------------------------------------------
 
+
 def test_bad_id_pattern_is_a_validation_exception(drs_controlplane):
     drs = drs_controlplane.client()
     with pytest.raises(ClientError) as exc:  # right length for botocore, wrong pattern for the service
@@ -325,12 +363,15 @@ def test_enum_and_pattern_of_our_shapes_are_enforced(drs_controlplane):
     client_id = _associate(drs_controlplane)
     with pytest.raises(ClientError) as exc:
         drs.update_failback_client_device_mapping_for_drs(
-            failbackClientID=client_id, recoveryInstanceID=WEB01,
-            deviceMapping=[{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "sda"}])
+            failbackClientID=client_id,
+            recoveryInstanceID=WEB01,
+            deviceMapping=[{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "sda"}],
+        )
     assert "deviceMapping.1.failbackClientDeviceName" in _error(exc)[2]
     with pytest.raises(ClientError) as exc:
-        drs.update_agent_replication_info_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01,
-                                                  dataReplicationState="SYNCING")
+        drs.update_agent_replication_info_for_drs(
+            failbackClientID=client_id, recoveryInstanceID=WEB01, dataReplicationState="SYNCING"
+        )
     assert "enum value set" in _error(exc)[2]
 
 
@@ -363,14 +404,16 @@ def test_unimplemented_public_operation_says_so(drs_controlplane):
 
 
 def test_unsigned_request_is_refused(drs_controlplane):
-    status, headers, body = _raw_post(drs_controlplane.url, "/DescribeRecoveryInstances", b"{}",
-                                      {"Content-Type": "application/json"})
+    status, headers, body = _raw_post(
+        drs_controlplane.url, "/DescribeRecoveryInstances", b"{}", {"Content-Type": "application/json"}
+    )
     assert status == 403
     assert headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
     assert b"Missing Authentication Token" in body
 
 
 # --- authentication -----------------------------------------------------------------------------
+
 
 def test_wrong_secret_gets_the_aws_signature_error(drs_controlplane):
     cp = drs_controlplane
@@ -379,14 +422,16 @@ def test_wrong_secret_gets_the_aws_signature_error(drs_controlplane):
         bad.describe_recovery_instances()
     assert _error(exc) == (403, "InvalidSignatureException", SIGNATURE_MISMATCH)
     assert exc.value.response["Error"]["Message"].startswith(
-        "The request signature we calculated does not match the signature you provided.")
+        "The request signature we calculated does not match the signature you provided."
+    )
     assert cp.secret_key not in str(exc.value)
 
 
 def test_unknown_key_and_bad_tokens(drs_controlplane_factory):
     temporary = random_credential(session_token="FwoGZXIvYXdzEXAMPLETOKEN")
-    expired = random_credential(session_token="FwoGZXIvYXdzEXPIRED",
-                                expires_at=datetime.now(UTC) - timedelta(minutes=1))
+    expired = random_credential(
+        session_token="FwoGZXIvYXdzEXPIRED", expires_at=datetime.now(UTC) - timedelta(minutes=1)
+    )
     cp = drs_controlplane_factory(extra_credentials=(temporary, expired))
     with pytest.raises(ClientError) as exc:
         cp.client(access_key="AKIAUNKNOWN000000000").describe_recovery_instances()
@@ -434,6 +479,7 @@ def test_restricted_credential_gets_access_denied(drs_controlplane_factory):
 
 # --- throttling and retries ---------------------------------------------------------------------
 
+
 def test_throttling_is_retried_by_botocore(drs_controlplane):
     cp = drs_controlplane
     cp.throttle_next(2)
@@ -455,6 +501,7 @@ def test_throttling_surfaces_when_retries_run_out(drs_controlplane):
 
 # --- persistence --------------------------------------------------------------------------------
 
+
 def test_state_survives_a_restart(drs_controlplane):
     cp = drs_controlplane
     client_id = _associate(cp)
@@ -464,28 +511,36 @@ def test_state_survives_a_restart(drs_controlplane):
     ri = drs.describe_recovery_instances(filters={"recoveryInstanceIDs": [WEB01]})["items"][0]
     assert ri["failback"]["failbackClientID"] == client_id
     assert drs.get_failback_replication_configuration(recoveryInstanceID=WEB01)["bandwidthThrottling"] == 42
-    assert drs.get_failback_command_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01)["command"] == \
-        "CONTINUE"
+    assert (
+        drs.get_failback_command_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01)["command"] == "CONTINUE"
+    )
 
 
 # --- the issued certificates work for mutual TLS --------------------------------------------------
 
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def test_issued_certificates_make_a_mutual_tls_connection(drs_controlplane, tmp_path):
     cp = drs_controlplane
     client_id = _associate(cp)
     client_key, agent_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    issued = cp.client().issue_agent_certificate_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01,
-                                                         certificateSigningRequest=_csr(client_id, client_key))
+    issued = cp.client().issue_agent_certificate_for_drs(
+        failbackClientID=client_id, recoveryInstanceID=WEB01, certificateSigningRequest=_csr(client_id, client_key)
+    )
     agent = cp.issue_agent_certificate(WEB01, _csr(issued["agentCommonName"], agent_key))
     files = {}
-    for name, data in {"ca.pem": issued["caCertificate"].encode(), "client.pem": issued["certificate"].encode(),
-                       "client.key": _key_pem(client_key), "agent.pem": agent.certificate_pem.encode(),
-                       "agent.key": _key_pem(agent_key)}.items():
+    for name, data in {
+        "ca.pem": issued["caCertificate"].encode(),
+        "client.pem": issued["certificate"].encode(),
+        "client.key": _key_pem(client_key),
+        "agent.pem": agent.certificate_pem.encode(),
+        "agent.key": _key_pem(agent_key),
+    }.items():
         files[name] = tmp_path / name
         files[name].write_bytes(data)
         files[name].chmod(0o600)
@@ -507,8 +562,10 @@ def test_issued_certificates_make_a_mutual_tls_connection(drs_controlplane, tmp_
     thread.start()
     client_ctx = ssl.create_default_context(cafile=str(files["ca.pem"]))
     client_ctx.load_cert_chain(files["client.pem"], files["client.key"])
-    with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
-            client_ctx.wrap_socket(raw, server_hostname=issued["agentCommonName"]) as tls:
+    with (
+        socket.create_connection(listener.getsockname(), timeout=10) as raw,
+        client_ctx.wrap_socket(raw, server_hostname=issued["agentCommonName"]) as tls,
+    ):
         tls.sendall(b"hello")
         assert tls.recv(5) == b"hello"
     thread.join(timeout=10)

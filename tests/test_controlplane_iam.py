@@ -30,8 +30,10 @@ drs_controlplane = controlplane_fixture.drs_controlplane
 drs_controlplane_factory = controlplane_fixture.drs_controlplane_factory
 
 DB01 = "i-0a1b2c3d4e5f60002"
-DENIED = re.compile(r"^User: (?P<user>arn:aws:\S+) is not authorized to perform: drs:(?P<action>\w+) on resource: "
-                    r"(?P<resource>\S+)$")
+DENIED = re.compile(
+    r"^User: (?P<user>arn:aws:\S+) is not authorized to perform: drs:(?P<action>\w+) on resource: "
+    r"(?P<resource>\S+)$"
+)
 INSTALLER_ARN = "arn:aws:sts::123456789012:assumed-role/FailbackInstaller/admin"
 
 
@@ -41,8 +43,9 @@ def _error(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str, str]:
 
 
 def _installer(**kw):  # type: ignore[no-untyped-def]
-    return random_credential(policy=managed("installation"), session_token="FwoGZXIvYXdzEXAMPLETOKEN",
-                             principal=INSTALLER_ARN, **kw)
+    return random_credential(
+        policy=managed("installation"), session_token="FwoGZXIvYXdzEXAMPLETOKEN", principal=INSTALLER_ARN, **kw
+    )
 
 
 def _install(cp, cred) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
@@ -50,26 +53,45 @@ def _install(cp, cred) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
     drs = cp.client(cred)
     assert drs.describe_recovery_instances()["items"]
     client_id = drs.associate_failback_client_to_recovery_instance_for_drs(
-        recoveryInstanceID=WEB01, failbackClientVersion="0.1.0", localDisks=LOCAL_DISKS,
-        identification={"hostname": "web01", "macAddresses": ["52:54:00:12:34:56"], "bootMode": "BIOS",
-                        "secureBoot": False})["failbackClientID"]
+        recoveryInstanceID=WEB01,
+        failbackClientVersion="0.1.0",
+        localDisks=LOCAL_DISKS,
+        identification={
+            "hostname": "web01",
+            "macAddresses": ["52:54:00:12:34:56"],
+            "bootMode": "BIOS",
+            "secureBoot": False,
+        },
+    )["failbackClientID"]
     ids = {"failbackClientID": client_id, "recoveryInstanceID": WEB01}
     drs.get_suggested_failback_client_device_mapping_for_drs(**ids, localDisks=LOCAL_DISKS)
-    drs.update_failback_client_device_mapping_for_drs(**ids, deviceMapping=[
-        {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/sda"},
-        {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "/dev/sdb"}])
-    drs.update_agent_replication_info_for_drs(**ids, dataReplicationState="INITIATING", initiationSteps=[
-        {"name": "COMPLETE_VOLUME_MAPPING", "status": "SUCCEEDED"}])
+    drs.update_failback_client_device_mapping_for_drs(
+        **ids,
+        deviceMapping=[
+            {"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "/dev/sda"},
+            {"recoveryInstanceDeviceName": "/dev/nvme1n1", "failbackClientDeviceName": "/dev/sdb"},
+        ],
+    )
+    drs.update_agent_replication_info_for_drs(
+        **ids,
+        dataReplicationState="INITIATING",
+        initiationSteps=[{"name": "COMPLETE_VOLUME_MAPPING", "status": "SUCCEEDED"}],
+    )
     drs.issue_agent_certificate_for_drs(**ids, certificateSigningRequest=_csr(client_id))
     drs.send_client_metrics_for_drs(**ids, metrics=[{"name": "replicatedBytes", "value": 1.0}])
     return client_id, ids
 
 
-@pytest.mark.parametrize("call", [
-    "get_failback_command_for_drs", "update_failback_client_last_seen_for_drs",
-    "get_failback_launch_requested_for_drs", "notify_agent_connected_for_drs",
-    "update_agent_replication_process_state_for_drs",
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "get_failback_command_for_drs",
+        "update_failback_client_last_seen_for_drs",
+        "get_failback_launch_requested_for_drs",
+        "notify_agent_connected_for_drs",
+        "update_agent_replication_process_state_for_drs",
+    ],
+)
 def test_installation_credentials_only_install(drs_controlplane_factory, call):
     """The mutant: one post-install call made with the admin's installation credentials is refused."""
     installer = _installer()
@@ -91,9 +113,11 @@ def test_installation_policy_denies_console_and_configuration_calls(drs_controlp
     installer = _installer()
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     drs = cp.client(installer, max_attempts=1)
-    for call, kwargs in (("start_failback_launch", {"recoveryInstanceIDs": [WEB01]}),
-                         ("get_failback_replication_configuration", {"recoveryInstanceID": WEB01}),
-                         ("stop_failback", {"recoveryInstanceID": WEB01})):
+    for call, kwargs in (
+        ("start_failback_launch", {"recoveryInstanceIDs": [WEB01]}),
+        ("get_failback_replication_configuration", {"recoveryInstanceID": WEB01}),
+        ("stop_failback", {"recoveryInstanceID": WEB01}),
+    ):
         with pytest.raises(ClientError) as exc:
             getattr(drs, call)(**kwargs)
         assert _error(exc)[1] == "AccessDeniedException", call
@@ -184,20 +208,25 @@ def test_credentials_file_errors_name_the_entry(tmp_path: Path):
     now = datetime.now(UTC)
     f = tmp_path / "creds.yaml"
     (tmp_path / "secret").write_text("s3cr3t-value\n")
-    f.write_text("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key_file: secret, policy: installation,"
-                 " session_token: tok, lifetime: 60}\n  - {access_key: AKIAEXAMPLE000000002, secret_key: x,"
-                 " policy: operator}\n")
+    f.write_text(
+        "credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key_file: secret, policy: installation,"
+        " session_token: tok, lifetime: 60}\n  - {access_key: AKIAEXAMPLE000000002, secret_key: x,"
+        " policy: operator}\n"
+    )
     first, second = load_credentials(f, model, now)
     assert first.secret_key == "s3cr3t-value" and first.session_token == "tok"
     assert first.expires_at == now + timedelta(seconds=60) and first.policy == managed("installation")
     assert second.policy is not None and second.policy.allows("StartFailbackLaunch", "*")
     for text, fragment in (
-            ("credentials: []", "at least one entry"),
-            ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: root}", "policy must be"),
-            ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, policy: admin}", "credentials[0] (AKIAEXAMPLE"),
-            ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: admin, ttl: 5}", "ttl"),
-            ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: admin, lifetime: -1}",
-             "lifetime")):
+        ("credentials: []", "at least one entry"),
+        ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: root}", "policy must be"),
+        ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, policy: admin}", "credentials[0] (AKIAEXAMPLE"),
+        ("credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: admin, ttl: 5}", "ttl"),
+        (
+            "credentials:\n  - {access_key: AKIAEXAMPLE000000001, secret_key: x, policy: admin, lifetime: -1}",
+            "lifetime",
+        ),
+    ):
         f.write_text(text)
         with pytest.raises(CredentialsFileError) as exc:
             load_credentials(f, model, now)
@@ -209,22 +238,46 @@ def test_serve_with_a_credentials_file(tmp_path: Path):
     from failback_client.drs_model import make_drs_client
 
     f = tmp_path / "creds.yaml"
-    f.write_text("credentials:\n  - {access_key: ASIAEXAMPLE000000001, secret_key: install-secret, policy: "
-                 "installation, session_token: tok, principal: " + INSTALLER_ARN + "}\n")
+    f.write_text(
+        "credentials:\n  - {access_key: ASIAEXAMPLE000000001, secret_key: install-secret, policy: "
+        "installation, session_token: tok, principal: " + INSTALLER_ARN + "}\n"
+    )
     seed = Path(__file__).resolve().parents[1] / "controlplane" / "examples" / "seed.yaml"
-    proc = subprocess.Popen([sys.executable, "-m", "drs_controlplane.cli", "serve", "--credentials", str(f), "--seed",
-                             str(seed), "--state", str(tmp_path / "state.db")], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "drs_controlplane.cli",
+            "serve",
+            "--credentials",
+            str(f),
+            "--seed",
+            str(seed),
+            "--state",
+            str(tmp_path / "state.db"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
-        drs = make_drs_client(region="us-east-1", endpoint_url=url, access_key="ASIAEXAMPLE000000001",
-                              secret_key="install-secret", session_token="tok", max_attempts=1)
+        drs = make_drs_client(
+            region="us-east-1",
+            endpoint_url=url,
+            access_key="ASIAEXAMPLE000000001",
+            secret_key="install-secret",
+            session_token="tok",
+            max_attempts=1,
+        )
         assert drs.describe_recovery_instances()["items"]
         with pytest.raises(ClientError) as exc:
             drs.start_failback_launch(recoveryInstanceIDs=[WEB01])
-        assert _error(exc)[2] == (f"User: {INSTALLER_ARN} is not authorized to perform: drs:StartFailbackLaunch on "
-                                  f"resource: arn:aws:drs:us-east-1:123456789012:recovery-instance/{WEB01}")
+        assert _error(exc)[2] == (
+            f"User: {INSTALLER_ARN} is not authorized to perform: drs:StartFailbackLaunch on "
+            f"resource: arn:aws:drs:us-east-1:123456789012:recovery-instance/{WEB01}"
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -33,19 +33,23 @@ WEB01 = "i-0a1b2c3d4e5f60001"
 
 # --- model checks -------------------------------------------------------------------------------
 
+
 def _input(operation: str):
     return MODEL.operation_model(operation).input_shape
 
 
 def test_check_shape_reports_every_problem_with_its_path():
-    problems = modelcheck.check_shape(_input("UpdateAgentReplicationInfoForDrs"), {
-        "failbackClientID": "fbc-short",
-        "recoveryInstanceID": "i-0123456789abcdef0",
-        "dataReplicationState": "SYNCING",
-        "replicatedDisks": [{"deviceName": "/dev/nvme0n1", "replicatedStorageBytes": -1}],
-        "initiationSteps": [{"name": "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE", "status": True}],
-        "surprise": 1,
-    })
+    problems = modelcheck.check_shape(
+        _input("UpdateAgentReplicationInfoForDrs"),
+        {
+            "failbackClientID": "fbc-short",
+            "recoveryInstanceID": "i-0123456789abcdef0",
+            "dataReplicationState": "SYNCING",
+            "replicatedDisks": [{"deviceName": "/dev/nvme0n1", "replicatedStorageBytes": -1}],
+            "initiationSteps": [{"name": "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE", "status": True}],
+            "surprise": 1,
+        },
+    )
     by_path: dict[str, str] = {}
     for problem in problems:
         by_path[problem.path] = by_path.get(problem.path, "") + problem.message + "\n"
@@ -59,27 +63,38 @@ def test_check_shape_reports_every_problem_with_its_path():
 
 
 def test_check_shape_accepts_a_good_request_and_requires_members():
-    good = {"failbackClientID": "fbc-0123456789abcdefg", "recoveryInstanceID": "i-0123456789abcdef0",
-            "deviceMapping": [{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "EXCLUDE"}]}
+    good = {
+        "failbackClientID": "fbc-0123456789abcdefg",
+        "recoveryInstanceID": "i-0123456789abcdef0",
+        "deviceMapping": [{"recoveryInstanceDeviceName": "/dev/nvme0n1", "failbackClientDeviceName": "EXCLUDE"}],
+    }
     assert modelcheck.check_shape(_input("UpdateFailbackClientDeviceMappingForDrs"), good) == []
     problems = modelcheck.check_shape(_input("UpdateFailbackClientDeviceMappingForDrs"), {"deviceMapping": []})
     assert {p.path for p in problems} == {"failbackClientID", "recoveryInstanceID", "deviceMapping"}
 
 
 def test_response_validation_catches_a_broken_response():
-    good = {"failbackClientID": "fbc-0123456789abcdefg", "failbackToOriginalServer": True,
-            "replicationEndpoint": {"port": 1500, "usePrivateIP": False, "privateIP": "10.0.0.1"}}
+    good = {
+        "failbackClientID": "fbc-0123456789abcdefg",
+        "failbackToOriginalServer": True,
+        "replicationEndpoint": {"port": 1500, "usePrivateIP": False, "privateIP": "10.0.0.1"},
+    }
     validate_response(MODEL, "AssociateFailbackClientToRecoveryInstanceForDrs", good)
     broken = {**good, "replicationEndpoint": {"port": 70000, "usePrivateIP": "no"}}
     with pytest.raises(ResponseShapeError, match=r"replicationEndpoint\.port.*replicationEndpoint\.usePrivateIP"):
         validate_response(MODEL, "AssociateFailbackClientToRecoveryInstanceForDrs", broken)
     with pytest.raises(ResponseShapeError, match="failbackToOriginalServer"):
-        validate_response(MODEL, "AssociateFailbackClientToRecoveryInstanceForDrs",
-                          {"failbackClientID": "fbc-0123456789abcdefg", "replicationEndpoint": good[
-                              "replicationEndpoint"]})
+        validate_response(
+            MODEL,
+            "AssociateFailbackClientToRecoveryInstanceForDrs",
+            {"failbackClientID": "fbc-0123456789abcdefg", "replicationEndpoint": good["replicationEndpoint"]},
+        )
     with pytest.raises(ResponseShapeError, match="FAILBACK_SOMETHING"):
-        validate_response(MODEL, "DescribeRecoveryInstances",
-                          {"items": [{"recoveryInstanceID": WEB01, "failback": {"state": "FAILBACK_SOMETHING"}}]})
+        validate_response(
+            MODEL,
+            "DescribeRecoveryInstances",
+            {"items": [{"recoveryInstanceID": WEB01, "failback": {"state": "FAILBACK_SOMETHING"}}]},
+        )
     with pytest.raises(ResponseShapeError, match="no output shape"):
         validate_response(MODEL, "StopFailback", {"done": True})
 
@@ -96,9 +111,14 @@ def test_a_handler_bug_becomes_a_500_not_a_bad_response(drs_controlplane, caplog
 
 # --- SigV4 --------------------------------------------------------------------------------------
 
+
 def _signed(body: bytes, secret: str = "s3cr3t", when: datetime | None = None, token: str | None = None):
-    request = AWSRequest(method="POST", url="http://127.0.0.1:8443/DescribeRecoveryInstances", data=body,
-                         headers={"Content-Type": "application/json"})
+    request = AWSRequest(
+        method="POST",
+        url="http://127.0.0.1:8443/DescribeRecoveryInstances",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     signer = SigV4Auth(Credentials("AKIAUNITTEST00000001", secret, token), "drs", "us-east-1")
     if when is None:
         signer.add_auth(request)
@@ -109,10 +129,12 @@ def _signed(body: bytes, secret: str = "s3cr3t", when: datetime | None = None, t
             request.headers["X-Amz-Security-Token"] = token
         canonical = signer.canonical_request(request)
         signature = signer.signature(signer.string_to_sign(request, canonical), request)
-        request.headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential=AKIAUNITTEST00000001/"
-                                            f"{request.context['timestamp'][:8]}/us-east-1/drs/aws4_request, "
-                                            f"SignedHeaders={signer.signed_headers(signer.headers_to_sign(request))}, "
-                                            f"Signature={signature}")
+        request.headers["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential=AKIAUNITTEST00000001/"
+            f"{request.context['timestamp'][:8]}/us-east-1/drs/aws4_request, "
+            f"SignedHeaders={signer.signed_headers(signer.headers_to_sign(request))}, "
+            f"Signature={signature}"
+        )
     headers = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()}
     headers["host"] = "127.0.0.1:8443"
     return headers
@@ -120,9 +142,16 @@ def _signed(body: bytes, secret: str = "s3cr3t", when: datetime | None = None, t
 
 def _verify(headers, body, now=None, **cred):
     credential = Credential("AKIAUNITTEST00000001", "s3cr3t", **cred)
-    return verify(method="POST", host_url="http://127.0.0.1:8443", path_and_query="/DescribeRecoveryInstances",
-                  headers=headers, body=body, region="us-east-1", credentials={credential.access_key: credential},
-                  now=now or datetime.now(UTC))
+    return verify(
+        method="POST",
+        host_url="http://127.0.0.1:8443",
+        path_and_query="/DescribeRecoveryInstances",
+        headers=headers,
+        body=body,
+        region="us-east-1",
+        credentials={credential.access_key: credential},
+        now=now or datetime.now(UTC),
+    )
 
 
 def test_sigv4_accepts_a_botocore_signature_and_refuses_tampering():
@@ -161,6 +190,7 @@ def test_credential_repr_hides_the_secret():
 
 # --- seed ---------------------------------------------------------------------------------------
 
+
 def test_example_seed_loads():
     seed = load_seed(EXAMPLE_SEED)
     assert len(seed.recovery_instances) >= 5
@@ -173,15 +203,31 @@ def test_example_seed_loads():
     [
         ({"source_servers": [{"id": "s-1", "hostname": "x"}]}, r"source_servers\[0\]\.id: 's-1'"),
         ({"source_servers": [{"id": "s-1111111111111111a", "hostname": "x", "colour": 1}]}, "unknown field.*colour"),
-        ({"source_servers": [{"id": "s-1111111111111111a", "hostname": "x", "nics": [{"mac": "nope"}]}]},
-         r"nics\[0\]\.mac: 'nope' is not a MAC"),
-        ({"source_servers": [{"id": "s-1111111111111111a", "hostname": "x", "disks": [{"device": "sda", "bytes": 1}]}]},
-         "is not a /dev path"),
-        ({"recovery_instances": [{"id": "i-0123456789abcdef0", "source_server": "s-1111111111111111a"}]},
-         "is not one of the source_servers"),
-        ({"source_servers": [{"id": "s-1111111111111111a", "hostname": "x"}],
-          "recovery_instances": [{"id": "i-0123456789abcdef0", "source_server": "s-1111111111111111a",
-                                  "ec2_state": "ON"}]}, "ec2_state: 'ON' is not one of"),
+        (
+            {"source_servers": [{"id": "s-1111111111111111a", "hostname": "x", "nics": [{"mac": "nope"}]}]},
+            r"nics\[0\]\.mac: 'nope' is not a MAC",
+        ),
+        (
+            {
+                "source_servers": [
+                    {"id": "s-1111111111111111a", "hostname": "x", "disks": [{"device": "sda", "bytes": 1}]}
+                ]
+            },
+            "is not a /dev path",
+        ),
+        (
+            {"recovery_instances": [{"id": "i-0123456789abcdef0", "source_server": "s-1111111111111111a"}]},
+            "is not one of the source_servers",
+        ),
+        (
+            {
+                "source_servers": [{"id": "s-1111111111111111a", "hostname": "x"}],
+                "recovery_instances": [
+                    {"id": "i-0123456789abcdef0", "source_server": "s-1111111111111111a", "ec2_state": "ON"}
+                ],
+            },
+            "ec2_state: 'ON' is not one of",
+        ),
     ],
 )
 def test_seed_errors_name_the_entry(data, complaint):
@@ -199,12 +245,17 @@ def test_unreadable_seed(tmp_path: Path):
 
 # --- CLI ----------------------------------------------------------------------------------------
 
+
 def _cli_env(monkeypatch, cp, tmp_path) -> Path:
     secret_file = tmp_path / "secret"
     secret_file.write_text(cp.secret_key + "\n")
     monkeypatch.setenv("DRS_CONTROLPLANE_ACCESS_KEY", cp.access_key)
-    for name in ("DRS_CONTROLPLANE_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "DRS_CONTROLPLANE_SESSION_TOKEN"):
+    for name in (
+        "DRS_CONTROLPLANE_SECRET_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "DRS_CONTROLPLANE_SESSION_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
     return secret_file
 
@@ -223,13 +274,14 @@ def test_cli_describe_and_failback(drs_controlplane, monkeypatch, tmp_path, caps
     assert "ConflictException" in capsys.readouterr().err
 
     drs = cp.client()
-    client_id = drs.associate_failback_client_to_recovery_instance_for_drs(recoveryInstanceID=WEB01)[
-        "failbackClientID"]
+    client_id = drs.associate_failback_client_to_recovery_instance_for_drs(recoveryInstanceID=WEB01)["failbackClientID"]
     drs.notify_consistency_attained_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01)
     assert cli.main(["failback", "--url", cp.url, "--secret-key-file", str(secret_file), WEB01]) == 0
     assert "Failback launch job drsjob-" in capsys.readouterr().out
-    assert drs.get_failback_command_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01)["command"] == \
-        "FINAL_SYNC"
+    assert (
+        drs.get_failback_command_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01)["command"]
+        == "FINAL_SYNC"
+    )
 
 
 def test_cli_names_missing_credentials(monkeypatch, capsys):
@@ -246,12 +298,18 @@ def test_cli_serve_help_mentions_port_zero(capsys):
 
 
 def test_describe_rows_show_progress_and_errors():
-    item = {"recoveryInstanceID": WEB01, "sourceServerID": "s-1111111111111111a", "ec2InstanceState": "RUNNING",
-            "failback": {"state": "FAILBACK_ERROR", "failbackClientID": "fbc-0123456789abcdefg"},
-            "dataReplicationInfo": {"dataReplicationState": "DISCONNECTED",
-                                    "dataReplicationError": {"error": "UNSTABLE_NETWORK"},
-                                    "replicatedDisks": [{"totalStorageBytes": 4, "replicatedStorageBytes": 1}]},
-            "recoveryInstanceProperties": {"disks": []}}
+    item = {
+        "recoveryInstanceID": WEB01,
+        "sourceServerID": "s-1111111111111111a",
+        "ec2InstanceState": "RUNNING",
+        "failback": {"state": "FAILBACK_ERROR", "failbackClientID": "fbc-0123456789abcdefg"},
+        "dataReplicationInfo": {
+            "dataReplicationState": "DISCONNECTED",
+            "dataReplicationError": {"error": "UNSTABLE_NETWORK"},
+            "replicatedDisks": [{"totalStorageBytes": 4, "replicatedStorageBytes": 1}],
+        },
+        "recoveryInstanceProperties": {"disks": []},
+    }
     row = cli.describe_rows([json.loads(json.dumps(item))])[1]
     assert "DISCONNECTED (UNSTABLE_NETWORK)" in row and row[6].startswith("25%")
 
@@ -262,9 +320,25 @@ def test_serve_command_prints_its_url_and_stops_on_sigterm(tmp_path, monkeypatch
     env = {**os.environ, "DRS_CONTROLPLANE_ACCESS_KEY": "AKIASERVETEST0000001"}
     env.pop("DRS_CONTROLPLANE_SECRET_KEY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "drs_controlplane.cli", "serve", "--seed", str(EXAMPLE_SEED), "--state",
-         str(tmp_path / "state" / "state.db"), "--port", "0", "--secret-key-file", str(tmp_path / "secret")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "drs_controlplane.cli",
+            "serve",
+            "--seed",
+            str(EXAMPLE_SEED),
+            "--state",
+            str(tmp_path / "state" / "state.db"),
+            "--port",
+            "0",
+            "--secret-key-file",
+            str(tmp_path / "secret"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")

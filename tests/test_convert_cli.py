@@ -33,8 +33,9 @@ def test_not_a_block_device_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_help_lists_the_controller_drivers() -> None:
-    out = subprocess.run([sys.executable, "-m", "failback_client", "convert", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "failback_client", "convert", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--dry-run" in out and "hv_storvsc" in out and "megaraid_sas" in out and "exit status" in out
 
 
@@ -50,18 +51,36 @@ def test_dry_run_then_real_run_through_the_subcommand(tmp_path: Path) -> None:
     hive = build_hive(tmp_path / "SYSTEM.src", system_reg()).read_bytes()
     img = make_windows_disk(tmp_path / "win.img", "uefi", hive)
     digest = _sha(img)
-    base = [sys.executable, "-m", "failback_client", "convert", "--boot-mode", "uefi",
-            "--controllers", "vmw_pvscsi,megaraid_sas", "--log-file", str(tmp_path / "convert.log")]
+    base = [
+        sys.executable,
+        "-m",
+        "failback_client",
+        "convert",
+        "--boot-mode",
+        "uefi",
+        "--controllers",
+        "vmw_pvscsi,megaraid_sas",
+        "--log-file",
+        str(tmp_path / "convert.log"),
+    ]
     with loop_device(img) as dev:
-        dry = subprocess.run([*base, "--dry-run", dev], capture_output=True, text=True, env={"FAILBACK_PLAIN": "1",
-                             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        dry = subprocess.run(
+            [*base, "--dry-run", dev],
+            capture_output=True,
+            text=True,
+            env={"FAILBACK_PLAIN": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
     print(dry.stdout, dry.stderr)
     assert dry.returncode == 0
     assert "dry run: nothing written" in dry.stdout and "would edit" in dry.stdout and "pvscsi" in dry.stdout
     assert _sha(img) == digest
     with loop_device(img) as dev:
-        real = subprocess.run([*base, dev], capture_output=True, text=True,
-                              env={"FAILBACK_PLAIN": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        real = subprocess.run(
+            [*base, dev],
+            capture_output=True,
+            text=True,
+            env={"FAILBACK_PLAIN": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
     print(real.stdout, real.stderr)
     assert real.returncode == 0 and "Changes made on the target" in real.stdout
     with mounted_windows(img, "uefi") as c:

@@ -80,13 +80,17 @@ def test_report_lists_what_was_found_and_changed(converted: Converted) -> None:
     assert report.linux[0].instance_boot_mode == "BIOS"  # BIOS boot partition; its ESP holds no EFI directory
     assert report.windows == []
     changed = {(c.path, c.action) for c in report.changes}
-    for expected in [("/etc/fstab", "edited"), ("/etc/default/grub", "edited"),
-                     ("/etc/initramfs-tools/modules", "edited"), ("/boot/grub/grub.cfg", "regenerated"),
-                     ("/etc/systemd/network/10-cloud-init-ens5.network", "removed"),
-                     ("/etc/systemd/network/10-cloud-init-ens5.link", "removed"),
-                     ("/etc/systemd/network/90-failback-wired.network", "created"),
-                     ("/etc/systemd/system/cloud-init.service", "masked"),
-                     ("/etc/systemd/system/amazon-ssm-agent.service", "masked")]:
+    for expected in [
+        ("/etc/fstab", "edited"),
+        ("/etc/default/grub", "edited"),
+        ("/etc/initramfs-tools/modules", "edited"),
+        ("/boot/grub/grub.cfg", "regenerated"),
+        ("/etc/systemd/network/10-cloud-init-ens5.network", "removed"),
+        ("/etc/systemd/network/10-cloud-init-ens5.link", "removed"),
+        ("/etc/systemd/network/90-failback-wired.network", "created"),
+        ("/etc/systemd/system/cloud-init.service", "masked"),
+        ("/etc/systemd/system/amazon-ssm-agent.service", "masked"),
+    ]:
         assert expected in changed, f"{expected} not in the report: {sorted(changed)}"
     assert any(c.action == "regenerated" and c.path.startswith("/boot/initrd.img-") for c in report.changes)
     assert any(c.action == "installed" and "i386-pc" in c.detail for c in report.changes)
@@ -107,7 +111,7 @@ def test_files_are_converted_and_backed_up(converted: Converted, mounted: Path) 
     root_line = next(line for line in fstab.splitlines() if line.split()[1:2] == ["/"])
     uuid = root_line.split()[0].removeprefix("UUID=")
     assert len(uuid) == 36
-    assert f'root=UUID={uuid}' in (mounted / "etc/default/grub").read_text()
+    assert f"root=UUID={uuid}" in (mounted / "etc/default/grub").read_text()
     assert "root=/dev/nvme0n1p1" in (mounted / "etc/default/grub.failback-bak").read_text()
     grub_cfg = (mounted / "boot/grub/grub.cfg").read_text()
     assert "nvme0n1p1" not in grub_cfg and f"root=UUID={uuid}" in grub_cfg
@@ -118,8 +122,9 @@ def test_files_are_converted_and_backed_up(converted: Converted, mounted: Path) 
     modules = (mounted / "etc/initramfs-tools/modules").read_text()
     assert "virtio_blk" in modules and "ahci" in modules
     initrds = sorted((mounted / "boot").glob("initrd.img-*-amd64"))
-    listing = subprocess.run(["chroot", str(mounted), "lsinitramfs", f"/boot/{initrds[0].name}"], check=True,
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["chroot", str(mounted), "lsinitramfs", f"/boot/{initrds[0].name}"], check=True, capture_output=True, text=True
+    ).stdout
     for mod in ("ahci.ko", "virtio_blk.ko", "sd_mod.ko", "nvme.ko"):
         assert mod in listing, f"{mod} missing from the regenerated initramfs"
     assert (mounted / "etc/systemd/system/cloud-init.service").readlink() == Path("/dev/null")

@@ -32,6 +32,7 @@ def resolver() -> devrefs.DeviceResolver:
 
 # ---- device references -----------------------------------------------------------------------------------------
 
+
 def test_split_kernel_name() -> None:
     assert devrefs.split_kernel_name("/dev/nvme0n1p15") == ("nvme0n1", 15)
     assert devrefs.split_kernel_name("/dev/xvda1") == ("xvda", 1)
@@ -62,8 +63,10 @@ def test_fstab_rewrite_keeps_layout_and_resolves_other_disks() -> None:
     assert lines[4].startswith("UUID=99999999-0000-0000-0000-000000000002 none swap")
     assert lines[5:] == fstab.splitlines()[5:]
     assert unresolved == ["/dev/nvme2n1p1"]
-    assert [(r.old, r.where) for r in done][:2] == [("/dev/nvme0n1p1", "/ in /etc/fstab"),
-                                                     ("/dev/nvme0n1p15", "/boot/efi in /etc/fstab")]
+    assert [(r.old, r.where) for r in done][:2] == [
+        ("/dev/nvme0n1p1", "/ in /etc/fstab"),
+        ("/dev/nvme0n1p15", "/boot/efi in /etc/fstab"),
+    ]
     # A second pass finds nothing more to do (idempotent).
     again, done2, _ = devrefs.rewrite_table(new, resolver(), source_field=0, type_field=2, name="/etc/fstab")
     assert again == new and [r.old for r in done2] == ["/dev/nvme2n1p1"][:0]
@@ -84,8 +87,10 @@ def test_crypttab_source_field() -> None:
 
 
 def test_grub_default_rewrite() -> None:
-    text = ('GRUB_TIMEOUT=1\nGRUB_CMDLINE_LINUX="root=/dev/nvme0n1p1 console=ttyS0 resume=/dev/nvme1n1p2"\n'
-            'GRUB_CMDLINE_LINUX_DEFAULT="root=/dev/mapper/vg-root quiet"\n')
+    text = (
+        'GRUB_TIMEOUT=1\nGRUB_CMDLINE_LINUX="root=/dev/nvme0n1p1 console=ttyS0 resume=/dev/nvme1n1p2"\n'
+        'GRUB_CMDLINE_LINUX_DEFAULT="root=/dev/mapper/vg-root quiet"\n'
+    )
     new, done, unresolved = devrefs.rewrite_kernel_args(text, resolver(), "/etc/default/grub")
     assert f'root=UUID={ROOT_UUID} console=ttyS0 resume=UUID=99999999-0000-0000-0000-000000000002"' in new
     assert "root=/dev/mapper/vg-root quiet" in new
@@ -124,8 +129,9 @@ def test_netplan_wired_dhcp_and_static() -> None:
     dhcp = yaml.safe_load(network.netplan_wired(None, None))
     assert {e["match"]["name"] for e in dhcp["network"]["ethernets"].values()} == {"en*", "eth*"}
     assert all(e["dhcp4"] is True for e in dhcp["network"]["ethernets"].values())
-    static = yaml.safe_load(network.netplan_wired(StaticNetwork("192.0.2.10/24", "192.0.2.1", ("192.0.2.53",)),
-                                                  "enp1s0"))
+    static = yaml.safe_load(
+        network.netplan_wired(StaticNetwork("192.0.2.10/24", "192.0.2.1", ("192.0.2.53",)), "enp1s0")
+    )
     eth = static["network"]["ethernets"]["enp1s0"]
     assert eth["addresses"] == ["192.0.2.10/24"]
     assert eth["routes"] == [{"to": "default", "via": "192.0.2.1"}]
@@ -163,8 +169,9 @@ def test_ifupdown_unpin_hwaddress_and_renamed() -> None:
     assert "iface lo inet loopback" in result.text and "# failback: iface lo" not in result.text
     renamed = network.ifupdown_unpin(IFUPDOWN, {"eth0"})
     assert renamed.disabled == ["ens5", "eth0"]
-    cloud = network.ifupdown_unpin("auto lo\niface lo inet loopback\nauto ens5\niface ens5 inet dhcp\n", set(),
-                                   whole_file_is_cloud=True)
+    cloud = network.ifupdown_unpin(
+        "auto lo\niface lo inet loopback\nauto ens5\niface ens5 inet dhcp\n", set(), whole_file_is_cloud=True
+    )
     assert cloud.disabled == ["ens5"] and "iface lo inet loopback" in cloud.text
 
 
@@ -172,7 +179,7 @@ def test_networkd_and_udev_mac_detection() -> None:
     assert network.is_mac_pinned_unit("[Match]\nMACAddress=0a:1b:2c:3d:4e:5f\n[Network]\nDHCP=yes\n")
     assert network.is_mac_pinned_unit("[Match]\nPermanentMACAddress=0a:1b:2c:3d:4e:5f\n")
     assert not network.is_mac_pinned_unit("[Match]\nName=en*\n[Link]\nMACAddress=0a:1b:2c:3d:4e:5f\n")
-    rule = ('SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="0a:1b:2c:3d:4e:5f", NAME="eth0"\n')
+    rule = 'SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="0a:1b:2c:3d:4e:5f", NAME="eth0"\n'
     assert network.udev_mac_names(rule) == ["eth0"]
     assert network.udev_mac_names('SUBSYSTEM=="block", RUN+="/bin/true"\n') is None
 
@@ -188,13 +195,16 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Transaction:
 def test_convert_network_networkd_target(tmp_path: Path) -> None:
     pinned = "[Match]\nMACAddress=0a:1b:2c:3d:4e:5f\nName=ens5\n\n[Network]\nDHCP=ipv4\n"
     link = "[Match]\nMACAddress=0a:1b:2c:3d:4e:5f\n\n[Link]\nName=ens5\n"
-    tx = _tree(tmp_path, {
-        "/etc/systemd/network/10-cloud-init-ens5.network": pinned,
-        "/etc/systemd/network/10-cloud-init-ens5.link": link,
-        "/etc/systemd/network/20-other.network": "[Match]\nName=br0\n",
-        "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service": "",
-        "/etc/cloud/cloud.cfg": "",
-    })
+    tx = _tree(
+        tmp_path,
+        {
+            "/etc/systemd/network/10-cloud-init-ens5.network": pinned,
+            "/etc/systemd/network/10-cloud-init-ens5.link": link,
+            "/etc/systemd/network/20-other.network": "[Match]\nName=br0\n",
+            "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service": "",
+            "/etc/cloud/cloud.cfg": "",
+        },
+    )
     notes = network.convert_network(tx, static=None, nics=["enp0s2"])
     assert notes == []
     d = tmp_path / "etc/systemd/network"
@@ -215,14 +225,17 @@ def test_convert_network_networkd_target(tmp_path: Path) -> None:
 
 
 def test_convert_network_ifupdown_target(tmp_path: Path) -> None:
-    tx = _tree(tmp_path, {
-        "/etc/network/interfaces": "auto lo\niface lo inet loopback\n",
-        "/etc/network/interfaces.d/50-cloud-init": "auto lo\niface lo inet loopback\n\nauto ens5\n"
-                                                   "iface ens5 inet dhcp\n",
-        "/etc/udev/rules.d/70-persistent-net.rules": 'SUBSYSTEM=="net", ATTR{address}=="0a:1b:2c:3d:4e:5f", '
-                                                     'NAME="ens5"\n',
-        "/sbin/ifup": "",
-    })
+    tx = _tree(
+        tmp_path,
+        {
+            "/etc/network/interfaces": "auto lo\niface lo inet loopback\n",
+            "/etc/network/interfaces.d/50-cloud-init": "auto lo\niface lo inet loopback\n\nauto ens5\n"
+            "iface ens5 inet dhcp\n",
+            "/etc/udev/rules.d/70-persistent-net.rules": 'SUBSYSTEM=="net", ATTR{address}=="0a:1b:2c:3d:4e:5f", '
+            'NAME="ens5"\n',
+            "/sbin/ifup": "",
+        },
+    )
     network.convert_network(tx, static=StaticNetwork("192.0.2.10/24", "192.0.2.1"), nics=["enp1s0", "enp2s0"])
     ours = (tmp_path / "etc/network/interfaces.d/90-failback-wired").read_text()
     assert "iface enp1s0 inet static\n    address 192.0.2.10/24\n    gateway 192.0.2.1" in ours
@@ -241,6 +254,7 @@ def test_convert_network_netplan_target(tmp_path: Path) -> None:
 
 
 # ---- files, initramfs, agents ------------------------------------------------------------------------------------
+
 
 def test_transaction_backup_is_kept_from_first_run_and_rollback(tmp_path: Path) -> None:
     tx = _tree(tmp_path, {"/etc/fstab": "original\n"})
@@ -275,9 +289,14 @@ def test_initramfs_modules_block_is_idempotent() -> None:
 
 
 def test_disable_agents_masks_installed_units(tmp_path: Path) -> None:
-    tx = _tree(tmp_path, {"/lib/systemd/system/cloud-init.service": "[Unit]\n",
-                          "/lib/systemd/system/amazon-ssm-agent.service": "[Unit]\n",
-                          "/etc/cloud/cloud.cfg": ""})
+    tx = _tree(
+        tmp_path,
+        {
+            "/lib/systemd/system/cloud-init.service": "[Unit]\n",
+            "/lib/systemd/system/amazon-ssm-agent.service": "[Unit]\n",
+            "/etc/cloud/cloud.cfg": "",
+        },
+    )
     masked = disable_agents(tx, ("cloud-init.service", "amazon-ssm-agent.service", "not-there.service"))
     assert masked == ["cloud-init.service", "amazon-ssm-agent.service"]
     assert os.readlink(tmp_path / "etc/systemd/system/cloud-init.service") == "/dev/null"
@@ -290,6 +309,7 @@ def test_disable_agents_masks_installed_units(tmp_path: Path) -> None:
 
 
 # ---- this machine's drivers, the target's kernels -----------------------------------------------------------------
+
 
 def _link(path: Path, target: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,9 +346,11 @@ def test_local_hardware_from_sysfs(tmp_path: Path) -> None:
 def test_kernel_modules_parse(tmp_path: Path) -> None:
     k = tmp_path / "lib/modules/6.1.0-28-amd64"
     k.mkdir(parents=True)
-    (k / "modules.dep").write_text("kernel/drivers/ata/ahci.ko.xz: kernel/drivers/ata/libahci.ko.xz\n"
-                                   "kernel/drivers/nvme/host/nvme.ko: kernel/drivers/nvme/host/nvme-core.ko\n"
-                                   "kernel/drivers/nvme/host/nvme-core.ko:\n")
+    (k / "modules.dep").write_text(
+        "kernel/drivers/ata/ahci.ko.xz: kernel/drivers/ata/libahci.ko.xz\n"
+        "kernel/drivers/nvme/host/nvme.ko: kernel/drivers/nvme/host/nvme-core.ko\n"
+        "kernel/drivers/nvme/host/nvme-core.ko:\n"
+    )
     (k / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
     mods = drivers.kernel_modules(tmp_path)
     assert mods == {"6.1.0-28-amd64": ({"ahci", "nvme", "nvme_core"}, {"virtio_pci"})}
@@ -358,8 +380,13 @@ def _crafted_disk(tmp_path: Path, *, bcd: bool) -> Path:
     img = tmp_path / "windows.img"
     with img.open("wb") as f:
         f.truncate(80 * MIB)
-    subprocess.run(["sfdisk", "-q", str(img)], check=True, capture_output=True, text=True,
-                   input=f"label: gpt\nstart=2048, size=69632, type={ESP_TYPE}\nsize=40M, type={MSDATA_TYPE}\n")
+    subprocess.run(
+        ["sfdisk", "-q", str(img)],
+        check=True,
+        capture_output=True,
+        text=True,
+        input=f"label: gpt\nstart=2048, size=69632, type={ESP_TYPE}\nsize=40M, type={MSDATA_TYPE}\n",
+    )
     esp = tmp_path / "esp.fat"
     _sh("mkfs.vfat", "-C", "-F", "32", str(esp), str(69632 // 2))
     if bcd:
@@ -384,8 +411,10 @@ def test_inspect_disk_and_windows_detection(tmp_path: Path) -> None:
     assert [(p.number, p.fstype, p.is_esp) for p in disk.partitions] == [(1, "vfat", True), (2, "", False)]
     win = detect.find_windows(disk, this_machine_mode="bios")
     assert win is not None
-    assert win.evidence == ["NTFS on partition 2 (" + disk.partitions[1].node + ")",
-                            "UEFI boot configuration EFI/Microsoft/Boot/BCD on partition 1"]
+    assert win.evidence == [
+        "NTFS on partition 2 (" + disk.partitions[1].node + ")",
+        "UEFI boot configuration EFI/Microsoft/Boot/BCD on partition 1",
+    ]
     assert any("this machine boots BIOS; the instance's disk was made for UEFI" in c for c in win.checks)
 
 
@@ -405,6 +434,7 @@ def test_uninterpretable_disk_is_reported(tmp_path: Path) -> None:
 
 # ---- the whole convert() on disks without Linux (no mounts happen) -----------------------------------------------
 
+
 def test_convert_reports_windows_and_uninterpretable_disks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
@@ -417,8 +447,11 @@ def test_convert_reports_windows_and_uninterpretable_disks(tmp_path: Path, monke
     before = win.read_bytes()
     monkeypatch.setattr(os, "geteuid", lambda: 0)  # image files: nothing here needs root
     out = io.StringIO()
-    report = convert([win, blank], Console(stdin=io.StringIO(""), stdout=out, plain=True),
-                     ConversionOptions(boot_mode="uefi", work_dir=tmp_path / "work", sys_root=tmp_path))
+    report = convert(
+        [win, blank],
+        Console(stdin=io.StringIO(""), stdout=out, plain=True),
+        ConversionOptions(boot_mode="uefi", work_dir=tmp_path / "work", sys_root=tmp_path),
+    )
     text = out.getvalue()
     assert report.ok and report.changes == [] and report.linux == []
     assert [w.disk for w in report.windows] == [str(win)]
@@ -438,8 +471,11 @@ def test_convert_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     out = io.StringIO()
-    report = convert([tmp_path / "x"], Console(stdin=io.StringIO(""), stdout=out, plain=True),
-                     ConversionOptions(work_dir=tmp_path / "work"))
+    report = convert(
+        [tmp_path / "x"],
+        Console(stdin=io.StringIO(""), stdout=out, plain=True),
+        ConversionOptions(work_dir=tmp_path / "work"),
+    )
     assert not report.ok and report.failed_step == "inspect the target disks"
     assert "ERROR: Conversion failed at step 'inspect the target disks': conversion needs root" in out.getvalue()
 

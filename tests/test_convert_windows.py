@@ -44,8 +44,13 @@ def windows_disk(tmp_path: Path) -> Path:
     img = tmp_path / "windows-bios.img"
     with img.open("wb") as f:
         f.truncate(120 * MIB)
-    subprocess.run(["sfdisk", "-q", str(img)], check=True, text=True, capture_output=True,
-                   input="label: dos\nsize=40M, type=7, bootable\ntype=7\n")
+    subprocess.run(
+        ["sfdisk", "-q", str(img)],
+        check=True,
+        text=True,
+        capture_output=True,
+        input="label: dos\nsize=40M, type=7, bootable\ntype=7\n",
+    )
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with loop_device(img) as dev:
@@ -64,14 +69,19 @@ def test_windows_is_detected_reported_and_not_changed(windows_disk: Path, tmp_pa
     before = _sha(windows_disk)
     out = io.StringIO()
     with loop_device(windows_disk) as dev:
-        report = convert([Path(dev)], Console(stdin=io.StringIO(""), stdout=out, plain=True),
-                         ConversionOptions(boot_mode="uefi", work_dir=tmp_path / "work"))
+        report = convert(
+            [Path(dev)],
+            Console(stdin=io.StringIO(""), stdout=out, plain=True),
+            ConversionOptions(boot_mode="uefi", work_dir=tmp_path / "work"),
+        )
     text = out.getvalue()
     print(text)
     assert report.ok and report.changes == [] and report.linux == []
     [win] = report.windows
-    assert set(win.evidence[2:]) == {"Windows/System32 on partition 2",
-                                     "BIOS boot configuration Boot/BCD on partition 1"}
+    assert set(win.evidence[2:]) == {
+        "Windows/System32 on partition 2",
+        "BIOS boot configuration Boot/BCD on partition 1",
+    }
     assert any("this machine boots UEFI; the instance's disk was made for BIOS" in c for c in win.checks)
     assert "was NOT changed. An administrator must check:" in text and "INACCESSIBLE_BOOT_DEVICE" in text
     assert _sha(windows_disk) == before
@@ -99,9 +109,17 @@ def _run(img: Path, tmp_path: Path, mode: str, **opts) -> tuple:
     out = io.StringIO()
     (tmp_path / "sys").mkdir(exist_ok=True)  # an empty /sys: only --controllers count
     with loop_device(img) as dev:
-        report = convert([Path(dev)], Console(stdin=io.StringIO(""), stdout=out, plain=True),
-                         ConversionOptions(boot_mode=mode, work_dir=tmp_path / "work", sys_root=tmp_path / "sys",
-                                           windows_controllers=opts.pop("controllers", CONTROLLERS), **opts))
+        report = convert(
+            [Path(dev)],
+            Console(stdin=io.StringIO(""), stdout=out, plain=True),
+            ConversionOptions(
+                boot_mode=mode,
+                work_dir=tmp_path / "work",
+                sys_root=tmp_path / "sys",
+                windows_controllers=opts.pop("controllers", CONTROLLERS),
+                **opts,
+            ),
+        )
     print(out.getvalue())
     return report, out.getvalue()
 
@@ -189,8 +207,9 @@ def test_hibernated_volume_with_nothing_to_change_is_only_a_note(tmp_path: Path)
     assert _sha(img) == digest
 
 
-def test_read_only_fallback_of_ntfs3g_is_caught(system_hive: bytes, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_only_fallback_of_ntfs3g_is_caught(
+    system_hive: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past our own hiberfil.sys look, ntfs-3g itself falls back to read-only on such a volume: caught too."""
     img = make_windows_disk(tmp_path / "win.img", "bios", system_hive, hiberfil=True)
     digest = _sha(img)
@@ -200,8 +219,9 @@ def test_read_only_fallback_of_ntfs3g_is_caught(system_hive: bytes, tmp_path: Pa
     assert report.changes == [] and _sha(img) == digest
 
 
-def test_failure_after_the_hive_write_puts_it_back(system_hive: bytes, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_after_the_hive_write_puts_it_back(
+    system_hive: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     img = make_windows_disk(tmp_path / "win.img", "uefi", system_hive)
     written = []
 

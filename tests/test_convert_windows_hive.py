@@ -27,8 +27,10 @@ from image.vm.windows_fixture import (
     system_reg,
 )
 
-pytestmark = pytest.mark.skipif(not (shutil.which("hivexregedit") and shutil.which("reglookup")),
-                                reason="libwin-hivex-perl / reglookup not installed (./install-deps.sh)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("hivexregedit") and shutil.which("reglookup")),
+    reason="libwin-hivex-perl / reglookup not installed (./install-deps.sh)",
+)
 CS = "/ControlSet001/Services"
 
 
@@ -40,8 +42,13 @@ def _windows(tmp: Path, drivers: tuple[str, ...] = STORAGE_SERVICES + CLOUD_DRIV
     return win
 
 
-def _convert(hive_path: Path, windows: Path, kinds: list[str], controllers: list[Controller] | None = None,
-             cloud=DEFAULT_WINDOWS_CLOUD_SERVICES) -> tuple[list, list[str]]:
+def _convert(
+    hive_path: Path,
+    windows: Path,
+    kinds: list[str],
+    controllers: list[Controller] | None = None,
+    cloud=DEFAULT_WINDOWS_CLOUD_SERVICES,
+) -> tuple[list, list[str]]:
     notes: list[str] = []
     h = Hive(hive_path, write=True)
     cs, edits = plan_hive(h, windows, kinds, controllers or [], cloud, notes)
@@ -81,10 +88,12 @@ def test_each_controller_kind_gets_its_inbox_driver_to_boot_start(kind: str, tmp
 
 def test_second_plan_finds_nothing_and_missing_drivers_are_reported_with_pci_id(tmp_path: Path) -> None:
     hive = build_hive(tmp_path / "SYSTEM", system_reg(storage=("storahci", "stornvme"), cloud=False))
-    controllers = [Controller("ahci", "8086:2922", "0000:00:1f.2", 0x010601),
-                   Controller("virtio_blk", "1af4:1042", "0000:00:04.0", 0x010000),
-                   Controller("smartpqi", "9005:028f", "0000:03:00.0", 0x010700),
-                   Controller("", "1234:5678", "0000:05:00.0", 0x010800)]
+    controllers = [
+        Controller("ahci", "8086:2922", "0000:00:1f.2", 0x010601),
+        Controller("virtio_blk", "1af4:1042", "0000:00:04.0", 0x010000),
+        Controller("smartpqi", "9005:028f", "0000:03:00.0", 0x010700),
+        Controller("", "1234:5678", "0000:05:00.0", 0x010800),
+    ]
     windows = _windows(tmp_path, ("storahci",))  # stornvme's key is there, its file is not
     edits, notes = _convert(hive, windows, ["ahci", "virtio_blk", "nvme"], controllers, cloud=())
     assert [e.service for e in edits] == ["storahci", "storahci"]  # Start, then StartOverride
@@ -172,9 +181,14 @@ def test_storage_controllers_from_sys(tmp_path: Path) -> None:
     (tmp_path / "sys/bus/vmbus/drivers/hv_storvsc").mkdir(parents=True)
     os.symlink(tmp_path / "sys/bus/vmbus/drivers/hv_storvsc", hv / "driver")
     found = {(c.kind, c.pci_id) for c in storage_controllers(tmp_path)}
-    assert found == {("virtio_blk", "1af4:1001"), ("intel_rst", "8086:2822"), ("ahci", "8086:2922"),
-                     ("nvme", "144d:a808"), ("", "1000:0097"),
-                     ("hv_storvsc", "VMBus {ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}")}
+    assert found == {
+        ("virtio_blk", "1af4:1001"),
+        ("intel_rst", "8086:2822"),
+        ("ahci", "8086:2922"),
+        ("nvme", "144d:a808"),
+        ("", "1000:0097"),
+        ("hv_storvsc", "VMBus {ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}"),
+    }
     assert storage_controllers(tmp_path / "nothing") == []
 
 
@@ -184,17 +198,25 @@ def test_parse_controllers() -> None:
         parse_controllers("e1000e")
 
 
-@pytest.mark.parametrize(("table", "mode"), [
-    ("label: dos\nsize=10M, type=7, bootable\ntype=7\n", "bios"),
-    ("label: dos\nsize=10M, type=7\ntype=7\n", ""),  # no active partition
-    ("label: dos\nsize=10M, type=ef\ntype=7\n", "uefi"),
-    ("label: gpt\nsize=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n"
-     "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", "uefi"),
-    ("label: gpt\ntype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", ""),  # GPT without ESP
-    ("label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
-     "size=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
-     "both"),  # Debian's cloud images: BIOS boot + ESP
-])
+@pytest.mark.parametrize(
+    ("table", "mode"),
+    [
+        ("label: dos\nsize=10M, type=7, bootable\ntype=7\n", "bios"),
+        ("label: dos\nsize=10M, type=7\ntype=7\n", ""),  # no active partition
+        ("label: dos\nsize=10M, type=ef\ntype=7\n", "uefi"),
+        (
+            "label: gpt\nsize=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n"
+            "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n",
+            "uefi",
+        ),
+        ("label: gpt\ntype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", ""),  # GPT without ESP
+        (
+            "label: gpt\nsize=3M, type=21686148-6449-6E6F-744E-656564454649\n"
+            "size=10M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+            "both",
+        ),  # Debian's cloud images: BIOS boot + ESP
+    ],
+)
 def test_layout_boot_mode(table: str, mode: str, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     with img.open("wb") as f:

@@ -37,8 +37,9 @@ def moto_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dic
     server = Path(sys.executable).with_name("moto_server")
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -49,8 +50,9 @@ def moto_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dic
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
-                           aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup"
+        )
         users = {}
         iam.create_user(UserName="admin")
         key = iam.create_access_key(UserName="admin")["AccessKey"]
@@ -58,10 +60,28 @@ def moto_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dic
         users["admin"] = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
         iam.create_user(UserName="viewer")
         key = iam.create_access_key(UserName="viewer")["AccessKey"]
-        iam.put_user_policy(UserName="viewer", PolicyName="no-create", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
-                "sts:GetCallerIdentity", "sts:AssumeRole", "iam:GetRole", "iam:ListAttachedRolePolicies",
-                "iam:ListRolePolicies"]}]}))
+        iam.put_user_policy(
+            UserName="viewer",
+            PolicyName="no-create",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Resource": "*",
+                            "Action": [
+                                "sts:GetCallerIdentity",
+                                "sts:AssumeRole",
+                                "iam:GetRole",
+                                "iam:ListAttachedRolePolicies",
+                                "iam:ListRolePolicies",
+                            ],
+                        }
+                    ],
+                }
+            ),
+        )
         users["viewer"] = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
         yield {name: {**creds, "AWS_ENDPOINT_URL": url} for name, creds in users.items()}
     finally:
@@ -80,9 +100,13 @@ def _as(monkeypatch: pytest.MonkeyPatch, creds: dict[str, str], tmp_path: Path) 
 
 
 def _iam(creds: dict[str, str]):  # type: ignore[no-untyped-def]
-    return boto3.client("iam", endpoint_url=creds["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "iam",
+        endpoint_url=creds["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -109,8 +133,10 @@ def test_role_created_once_and_credentials_for_the_launcher(moto_iam, monkeypatc
     assert _policies(iam, "FbInstall1") == [INSTALLATION_POLICY_ARN]
     trust = role["AssumeRolePolicyDocument"]
     trust = json.loads(trust) if isinstance(trust, str) else trust
-    assert trust["Statement"][0]["Principal"]["AWS"] == ["arn:aws:iam::123456789012:root",
-                                                         "arn:aws:iam::123456789012:user/admin"]
+    assert trust["Statement"][0]["Principal"]["AWS"] == [
+        "arn:aws:iam::123456789012:root",
+        "arn:aws:iam::123456789012:user/admin",
+    ]
     assert iam.list_role_policies(RoleName="FbInstall1")["PolicyNames"] == []
 
     status, out, err = _run(capsys, "--role-name", "FbInstall1", "--show")  # a second run changes nothing
@@ -145,8 +171,13 @@ def test_role_with_other_policies_is_named_and_fixed_only_with_update(moto_iam, 
     iam = _iam(admin)
     assert _run(capsys, "--role-name", "FbInstall3")[0] == 0
     iam.attach_role_policy(RoleName="FbInstall3", PolicyArn="arn:aws:iam::aws:policy/ReadOnlyAccess")
-    iam.put_role_policy(RoleName="FbInstall3", PolicyName="extra", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    iam.put_role_policy(
+        RoleName="FbInstall3",
+        PolicyName="extra",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
     status, out, err = _run(capsys, "--role-name", "FbInstall3")
     assert status == 1 and out == ""
     assert "has other policies: ReadOnlyAccess, extra (inline)" in err and "--update" in err

@@ -35,14 +35,17 @@ def test_dockerfile_uses_the_shared_install_script() -> None:
 
 def test_store_keeps_its_own_storage(tmp_path: Path) -> None:
     store = docker.ContainerStore(tmp_path)
-    assert store.flags == ["--root", f"{tmp_path}/storage", "--runroot", f"{tmp_path}/run",
-                           "--storage-driver", "vfs"]
+    assert store.flags == ["--root", f"{tmp_path}/storage", "--runroot", f"{tmp_path}/run", "--storage-driver", "vfs"]
     assert store.base_tarball == tmp_path / "debian-bookworm-minbase.tar"
     assert docker.ca_mount_args(store, None) == []
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
-    assert docker.ca_mount_args(store, ca) == ["--volume", f"{ca}:/run/build-ca/ca-bundle.crt:ro",
-                                               "--volume", f"{tmp_path}/pip-build.conf:/etc/pip.conf:ro"]
+    assert docker.ca_mount_args(store, ca) == [
+        "--volume",
+        f"{ca}:/run/build-ca/ca-bundle.crt:ro",
+        "--volume",
+        f"{tmp_path}/pip-build.conf:/etc/pip.conf:ro",
+    ]
     assert (tmp_path / "pip-build.conf").read_text() == "[global]\ncert = /run/build-ca/ca-bundle.crt\n"
 
 

@@ -45,30 +45,48 @@ def _installed(cp, installer, tmp_path: Path) -> tuple[str, Path]:  # type: igno
     """Associate and pair with the installation credentials, as the workflow does; returns (client ID, key)."""
     drs = cp.client(installer)
     client_id = drs.associate_failback_client_to_recovery_instance_for_drs(
-        recoveryInstanceID=WEB01, failbackClientVersion="0.1.0", localDisks=LOCAL_DISKS,
-        identification={"hostname": "web01", "macAddresses": ["52:54:00:12:34:56"], "bootMode": "BIOS",
-                        "secureBoot": False})["failbackClientID"]
+        recoveryInstanceID=WEB01,
+        failbackClientVersion="0.1.0",
+        localDisks=LOCAL_DISKS,
+        identification={
+            "hostname": "web01",
+            "macAddresses": ["52:54:00:12:34:56"],
+            "bootMode": "BIOS",
+            "secureBoot": False,
+        },
+    )["failbackClientID"]
     tls = tmp_path / "tls"
     csr = create_key_and_csr(tls, client_id)
-    issued = drs.issue_agent_certificate_for_drs(failbackClientID=client_id, recoveryInstanceID=WEB01,
-                                                 certificateSigningRequest=csr)
+    issued = drs.issue_agent_certificate_for_drs(
+        failbackClientID=client_id, recoveryInstanceID=WEB01, certificateSigningRequest=csr
+    )
     install_certificates(tls, client_id, issued["certificate"], issued["caCertificate"])
     return client_id, tls_paths(tls).key
 
 
 def _source(cp, client_id: str, key: Path, notices: Notices | None = None) -> DrsIssuedCredentials:  # type: ignore[no-untyped-def]
-    return DrsIssuedCredentials(region=cp.region, endpoint_url=cp.url, client_id=client_id,
-                                recovery_instance_id=WEB01, key=key, notices=notices or Notices())
+    return DrsIssuedCredentials(
+        region=cp.region,
+        endpoint_url=cp.url,
+        client_id=client_id,
+        recovery_instance_id=WEB01,
+        key=key,
+        notices=notices or Notices(),
+    )
 
 
 @pytest.fixture
 def installer():  # type: ignore[no-untyped-def]
-    return random_credential(policy=managed("installation"), session_token="installation-token",
-                             principal="arn:aws:sts::123456789012:assumed-role/FailbackInstaller/admin")
+    return random_credential(
+        policy=managed("installation"),
+        session_token="installation-token",
+        principal="arn:aws:sts::123456789012:assumed-role/FailbackInstaller/admin",
+    )
 
 
-def test_issued_credentials_are_the_failback_policy_scoped_to_the_instance(drs_controlplane_factory, installer,
-                                                                          tmp_path):
+def test_issued_credentials_are_the_failback_policy_scoped_to_the_instance(
+    drs_controlplane_factory, installer, tmp_path
+):
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     client_id, key = _installed(cp, installer, tmp_path)
     meta = _source(cp, client_id, key).fetch()
@@ -94,8 +112,9 @@ def test_issued_credentials_are_the_failback_policy_scoped_to_the_instance(drs_c
 def _call(cp, **params):  # type: ignore[no-untyped-def]
     from failback_client.drs_model import make_drs_client
 
-    return make_drs_client(region=cp.region, endpoint_url=cp.url, unsigned=True, max_attempts=1
-                           ).get_failback_client_credentials_for_drs(**params)
+    return make_drs_client(
+        region=cp.region, endpoint_url=cp.url, unsigned=True, max_attempts=1
+    ).get_failback_client_credentials_for_drs(**params)
 
 
 def test_the_proof_of_identity_is_checked(drs_controlplane_factory, installer, tmp_path):
@@ -121,8 +140,11 @@ def test_the_proof_of_identity_is_checked(drs_controlplane_factory, installer, t
     assert "already used" in exc.value.response["Error"]["Message"]
     old = (datetime.now(UTC) - timedelta(minutes=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
     with pytest.raises(ClientError) as exc:  # stale: a clock far off, or a recorded request
-        _call(cp, **{**params, "signedAt": old, "nonce": "m" * 24},
-              signature=sign(key, proof_text(client_id, WEB01, old, "m" * 24)))
+        _call(
+            cp,
+            **{**params, "signedAt": old, "nonce": "m" * 24},
+            signature=sign(key, proof_text(client_id, WEB01, old, "m" * 24)),
+        )
     assert exc.value.response["Error"]["Code"] == "InvalidSignatureException"
 
 
@@ -147,13 +169,19 @@ def test_refreshes_before_expiry_through_botocore(drs_controlplane_factory, inst
 
 
 def test_a_client_cut_off_longer_than_its_credentials_live_recovers_without_the_admin(
-        drs_controlplane_factory, installer, tmp_path, monkeypatch):
+    drs_controlplane_factory, installer, tmp_path, monkeypatch
+):
     monkeypatch.setattr(drs_credentials, "BACKOFF_FIRST_S", 0.3)
     monkeypatch.setattr(drs_credentials, "BACKOFF_MAX_S", 1.0)
     cp = drs_controlplane_factory(extra_credentials=(installer,), client_credentials_ttl=4)
     client_id, key = _installed(cp, installer, tmp_path)
-    settings = Settings(region=cp.region, endpoint=cp.url, access_key_id=installer.access_key,
-                        secret_access_key=installer.secret_key, session_token=installer.session_token)
+    settings = Settings(
+        region=cp.region,
+        endpoint=cp.url,
+        access_key_id=installer.access_key,
+        secret_access_key=installer.secret_key,
+        session_token=installer.session_token,
+    )
     api = DrsApi(settings)
     rapi = ReplicationApi(api, client_id, WEB01)
     notices = Notices()
@@ -198,13 +226,17 @@ def test_a_client_cut_off_longer_than_its_credentials_live_recovers_without_the_
     assert cp.plane.counts()["access denied"] == failed_refreshes  # only the planted cut-off answers
 
 
-def test_a_post_install_call_on_the_installation_credentials_is_denied(drs_controlplane_factory, installer,
-                                                                       tmp_path):
+def test_a_post_install_call_on_the_installation_credentials_is_denied(drs_controlplane_factory, installer, tmp_path):
     """Mutant of the switch: the installed client still on the admin's credentials gets AccessDenied."""
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     client_id, _key = _installed(cp, installer, tmp_path)
-    settings = Settings(region=cp.region, endpoint=cp.url, access_key_id=installer.access_key,
-                        secret_access_key=installer.secret_key, session_token=installer.session_token)
+    settings = Settings(
+        region=cp.region,
+        endpoint=cp.url,
+        access_key_id=installer.access_key,
+        secret_access_key=installer.secret_key,
+        session_token=installer.session_token,
+    )
     api = DrsApi(settings)
     api.installed = True  # as after the switch, but the client kept the installation credentials
     rapi = ReplicationApi(api, client_id, WEB01)
@@ -214,13 +246,17 @@ def test_a_post_install_call_on_the_installation_credentials_is_denied(drs_contr
     assert cp.plane.requests[-1].error_code == "AccessDeniedException"
 
 
-def test_access_denied_after_the_switch_blames_the_issued_credentials(drs_controlplane_factory, installer,
-                                                                      tmp_path):
+def test_access_denied_after_the_switch_blames_the_issued_credentials(drs_controlplane_factory, installer, tmp_path):
     """After the switch a refusal is about what DRS issued: no advice about the installation policy or STS."""
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     client_id, key = _installed(cp, installer, tmp_path)
-    settings = Settings(region=cp.region, endpoint=cp.url, access_key_id=installer.access_key,
-                        secret_access_key=installer.secret_key, session_token=installer.session_token)
+    settings = Settings(
+        region=cp.region,
+        endpoint=cp.url,
+        access_key_id=installer.access_key,
+        secret_access_key=installer.secret_key,
+        session_token=installer.session_token,
+    )
     api = DrsApi(settings)
     switch_to_drs_credentials(api, Notices(), client_id, WEB01, key)
     rapi = ReplicationApi(api, client_id, DB01)  # another instance: outside what DRS issued this client

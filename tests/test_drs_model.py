@@ -51,8 +51,9 @@ FBC = "fbc-0123456789abcdefg"
 
 @pytest.fixture(scope="module")
 def client():
-    return make_drs_client(region="eu-west-1", endpoint_url=None, access_key="AKIAEXAMPLEEXAMPLE00",
-                           secret_key="not-a-real-secret")
+    return make_drs_client(
+        region="eu-west-1", endpoint_url=None, access_key="AKIAEXAMPLEEXAMPLE00", secret_key="not-a-real-secret"
+    )
 
 
 def _public_raw() -> dict:
@@ -127,11 +128,17 @@ def test_serializes_like_a_public_call(client):
     [
         ("get_failback_command_for_drs", {"recoveryInstanceID": RI}, 'Missing required parameter.*"failbackClientID"'),
         ("get_failback_command_for_drs", {"recoveryInstanceID": "i-1", "failbackClientID": FBC}, "Invalid length"),
-        ("update_failback_client_device_mapping_for_drs",
-         {"recoveryInstanceID": RI, "failbackClientID": FBC, "deviceMapping": []}, "Invalid length"),
+        (
+            "update_failback_client_device_mapping_for_drs",
+            {"recoveryInstanceID": RI, "failbackClientID": FBC, "deviceMapping": []},
+            "Invalid length",
+        ),
         ("send_client_metrics_for_drs", {"metrics": [{"name": "x", "value": "fast"}]}, "Invalid type"),
-        ("update_agent_replication_info_for_drs",
-         {"recoveryInstanceID": RI, "failbackClientID": FBC, "lagSeconds": -1}, "Invalid value"),
+        (
+            "update_agent_replication_info_for_drs",
+            {"recoveryInstanceID": RI, "failbackClientID": FBC, "lagSeconds": -1},
+            "Invalid value",
+        ),
         ("describe_recovery_instances", {"maxResults": 0}, "Invalid value"),
     ],
 )

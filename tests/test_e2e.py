@@ -41,8 +41,9 @@ def test_failback_in_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     assert res.boot_outcome == "matched", detail
     # the OS volume, converted by the guest after the final sync, boots on this machine (virtio-blk, not NVMe)
     # and gets an address by DHCP (the unconverted image does not: tests/test_convert_linux.py)
-    print(f"converted OS volume: {res.converted_boot} after {res.converted_boot_seconds:.0f} s: "
-          f"{res.converted_boot_line}")
+    print(
+        f"converted OS volume: {res.converted_boot} after {res.converted_boot_seconds:.0f} s: {res.converted_boot_line}"
+    )
     assert res.converted and res.converted_boot == "matched", detail
 
 

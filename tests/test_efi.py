@@ -33,8 +33,9 @@ def efi_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fat_image_from_small_files(tmp_path: Path) -> None:
     a = tmp_path / "a.bin"
     a.write_bytes(b"A" * 5000)
-    img = efi.make_fat_image({"EFI/BOOT/BOOTX64.EFI": a, "boot/grub/grub.cfg": b"echo hi\n"},
-                             tmp_path / "x.img", 1_700_000_000)
+    img = efi.make_fat_image(
+        {"EFI/BOOT/BOOTX64.EFI": a, "boot/grub/grub.cfg": b"echo hi\n"}, tmp_path / "x.img", 1_700_000_000
+    )
     assert img.stat().st_size == 1024 * 1024  # 5 KB + slack, rounded up to whole MiB
     assert "::/EFI/BOOT/BOOTX64.EFI" in mdir(img, "EFI/BOOT")
     assert mread(img, "EFI/BOOT/BOOTX64.EFI", tmp_path / "out1") == a.read_bytes()

@@ -29,8 +29,9 @@ def _strays(root: Path, package: str) -> tuple[int, list[str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ClassDef) and node.name.endswith(("Error", "Failure")):
                 found.append((mod, node.name))
-    return len(found), [f"{m}.{c}" for m, c in found
-                        if not issubclass(getattr(importlib.import_module(m), c), ImageError)]
+    return len(found), [
+        f"{m}.{c}" for m, c in found if not issubclass(getattr(importlib.import_module(m), c), ImageError)
+    ]
 
 
 def test_every_error_class_in_image_derives_from_image_error() -> None:
@@ -45,7 +46,8 @@ def test_the_scan_names_a_planted_stray(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "planted" / "mod.py").write_text(
         "from image.core.errors import ImageError\n"
         "class GoodError(ImageError):\n    pass\n"
-        "class StrayError(RuntimeError):\n    pass\n")
+        "class StrayError(RuntimeError):\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _strays(tmp_path, "planted") == (2, ["planted.mod.StrayError"])
 
@@ -71,13 +73,17 @@ def test_run_raises_the_three_kinds() -> None:
     assert missing.value.returncode == 127 and isinstance(missing.value, CommandError)
 
 
-@pytest.mark.parametrize("cmd, timeout, words", [
-    (["sh", "-c", "echo its-own-words >&2; exit 3"], None, "command failed with exit status 3: sh -c"),
-    (["sleep", "5"], 0.2, "timed out after 0.2 s and was killed: sleep 5"),
-    (["no-such-tool-failback", "--x"], None, "no-such-tool-failback: not installed"),
-])
-def test_a_failed_command_is_one_line(cmd: list[str], timeout: float | None, words: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "cmd, timeout, words",
+    [
+        (["sh", "-c", "echo its-own-words >&2; exit 3"], None, "command failed with exit status 3: sh -c"),
+        (["sleep", "5"], 0.2, "timed out after 0.2 s and was killed: sleep 5"),
+        (["no-such-tool-failback", "--x"], None, "no-such-tool-failback: not installed"),
+    ],
+)
+def test_a_failed_command_is_one_line(
+    cmd: list[str], timeout: float | None, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     exit_ = _one_line(lambda: run(cmd, capture=True, timeout=timeout))
     assert words in exit_.message
     if "its-own-words" in " ".join(cmd):
@@ -102,8 +108,14 @@ def test_debug_mode_lets_the_error_through(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def _inv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(REPO / ".venv/bin/inv"), *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+    return subprocess.run(
+        [str(REPO / ".venv/bin/inv"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=120,
+    )
 
 
 def test_inv_prints_one_line_and_exits_1(tmp_path: Path) -> None:
@@ -113,8 +125,7 @@ def test_inv_prints_one_line_and_exits_1(tmp_path: Path) -> None:
     assert res.returncode == 1, res
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.startswith("rootfs: ")
-    debug = _inv("rootfs", "--config", str(bad), "--build-dir", str(tmp_path / "build"),
-                 env={tasks.DEBUG_ENV: "1"})
+    debug = _inv("rootfs", "--config", str(bad), "--build-dir", str(tmp_path / "build"), env={tasks.DEBUG_ENV: "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
 
 

@@ -21,14 +21,20 @@ def _raw_pycdlib_hybrid(path: Path, payload: int = 300_000) -> Path:
     iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident="GPTTEST")
     iso.add_directory("/ISOLINUX", rr_name="isolinux", joliet_path="/isolinux")
     boot = ISOLINUX_BIN.read_bytes()
-    iso.add_fp(io.BytesIO(boot), len(boot), "/ISOLINUX/ISOLINUX.BIN;1", rr_name="isolinux.bin",
-               joliet_path="/isolinux/isolinux.bin")
+    iso.add_fp(
+        io.BytesIO(boot),
+        len(boot),
+        "/ISOLINUX/ISOLINUX.BIN;1",
+        rr_name="isolinux.bin",
+        joliet_path="/isolinux/isolinux.bin",
+    )
     efi = b"\xeb\x3c\x90" + bytes(128 * 1024 - 3)
     iso.add_fp(io.BytesIO(efi), len(efi), "/EFI.IMG;1", rr_name="efi.img", joliet_path="/efi.img")
     data = bytes(range(256)) * (payload // 256)
     iso.add_fp(io.BytesIO(data), len(data), "/DATA.BIN;1", rr_name="data.bin", joliet_path="/data.bin")
-    iso.add_eltorito("/ISOLINUX/ISOLINUX.BIN;1", bootcatfile="/ISOLINUX/BOOT.CAT;1", boot_load_size=4,
-                     boot_info_table=True)
+    iso.add_eltorito(
+        "/ISOLINUX/ISOLINUX.BIN;1", bootcatfile="/ISOLINUX/BOOT.CAT;1", boot_load_size=4, boot_info_table=True
+    )
     iso.add_eltorito("/EFI.IMG;1", efi=True)
     iso.add_isohybrid(efi=True, mbr_id=0x12345678)
     iso.write(str(path))
@@ -51,8 +57,10 @@ def test_pycdlib_defects_are_still_there(tmp_path: Path) -> None:
     assert any(p.startswith("disk GUIDs differ") for p in problems)
     assert "primary and backup partition arrays differ" in problems
     assert any("partitions 1 and 2 overlap" in p for p in problems)
-    assert f"partition 2 (the EFI image) is typed {gpt.BASIC_DATA_PARTITION}, not EFI System " \
-           f"{gpt.EFI_SYSTEM_PARTITION}" in problems
+    assert (
+        f"partition 2 (the EFI image) is typed {gpt.BASIC_DATA_PARTITION}, not EFI System "
+        f"{gpt.EFI_SYSTEM_PARTITION}" in problems
+    )
     assert any("CRC" in p for p in _sgdisk_problems(img))
 
 
@@ -76,7 +84,11 @@ def test_normalise_makes_a_gpt_sgdisk_accepts(tmp_path: Path) -> None:
     old_esp = gpt.read_entries(before, gpt._read_header(before, 1))[1]
     assert old_esp.type_guid == gpt.BASIC_DATA_PARTITION  # pycdlib's
     assert (esp.type_guid, esp.first_lba, esp.last_lba, esp.name) == (
-        gpt.EFI_SYSTEM_PARTITION, old_esp.first_lba, old_esp.last_lba, old_esp.name)
+        gpt.EFI_SYSTEM_PARTITION,
+        old_esp.first_lba,
+        old_esp.last_lba,
+        old_esp.name,
+    )
     assert iso_part.type_guid == gpt.BASIC_DATA_PARTITION
     backup = gpt._read_header(after, primary.backup_lba)
     assert [e.type_guid for e in gpt.read_entries(after, backup)] == [e.type_guid for e in entries]

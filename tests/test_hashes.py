@@ -53,8 +53,9 @@ def test_sums_keep_other_existing_artifacts(tmp_path: Path) -> None:
     write_hashes(a)  # again: replaces its own line, keeps b's
     lines = (tmp_path / "SHA512SUMS").read_text().splitlines()
     assert [line.split("  ")[1] for line in lines] == ["a.iso", "b.iso"]
-    assert subprocess.run(["sha512sum", "-c", "--strict", "SHA512SUMS"], cwd=tmp_path,
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(["sha512sum", "-c", "--strict", "SHA512SUMS"], cwd=tmp_path, capture_output=True).returncode == 0
+    )
     b.unlink()
     write_hashes(a)  # a vanished artifact's line is dropped
     assert (tmp_path / "SHA512SUMS").read_text().count("\n") == 1

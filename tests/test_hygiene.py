@@ -69,6 +69,7 @@ def _tmpfs(where: Path) -> None:
 
 # ---- reading mountinfo and loop devices ---------------------------------------------------------------------------
 
+
 def test_mountinfo_is_read_with_its_escapes_and_deepest_first(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     base = tmp_path / "a b"
@@ -76,7 +77,8 @@ def test_mountinfo_is_read_with_its_escapes_and_deepest_first(tmp_path: Path) ->
         "22 1 0:21 / / rw shared:1 - ext4 /dev/sda1 rw\n"
         f"30 22 0:5 / {str(base).replace(' ', chr(92) + '040')} rw - tmpfs tmp rw\n"
         f"31 30 0:6 / {str(base).replace(' ', chr(92) + '040')}/tree/proc rw shared:2 - proc proc rw\n"
-        "32 22 0:7 / /elsewhere rw - tmpfs tmp rw\n")
+        "32 22 0:7 / /elsewhere rw - tmpfs tmp rw\n"
+    )
     found = mounts.mounts_under(base, info)
     assert [m.target for m in found] == [base / "tree" / "proc", base]
     assert (found[0].fstype, found[0].source) == ("proc", "proc")
@@ -94,6 +96,7 @@ def test_loop_devices_are_read_from_sysfs(tmp_path: Path) -> None:
 
 
 # ---- 1. a tree with a live mount under it is refused before copying ----------------------------------------------
+
 
 @pytest.mark.root
 def test_a_tree_with_a_live_mount_is_refused_naming_the_mount(tmp_path: Path, cleanup: None) -> None:
@@ -123,10 +126,12 @@ def test_mksquashfs_refuses_a_tree_with_a_live_mount(tmp_path: Path, cleanup: No
 
 
 @pytest.mark.root
-def test_convert_fixture_never_copies_a_tree_with_a_live_mount(tmp_path: Path, cleanup: None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_convert_fixture_never_copies_a_tree_with_a_live_mount(
+    tmp_path: Path, cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fixture's own `cp -a tree/. mnt`: a tree whose /proc stayed mounted is refused before the copy, and
     nothing of the run stays mounted or attached."""
+
     def tree_with_proc_mounted(target: Path, apt_cache: Path) -> None:
         (target / "etc").mkdir(parents=True)
         _tmpfs(target / "proc")
@@ -143,6 +148,7 @@ def test_convert_fixture_never_copies_a_tree_with_a_live_mount(tmp_path: Path, c
 
 # ---- 2. a tool's unexplained warning fails the command -----------------------------------------------------------
 
+
 def test_a_planted_mmdebstrap_warning_fails_the_command_with_its_message(fake_bin: Path) -> None:
     _fake_tool(fake_bin, "mmdebstrap", "#!/bin/sh\necho 'I: fine' >&2\necho 'W: umount /proc failed: 8192' >&2\n")
     for capture in (False, True):
@@ -154,11 +160,17 @@ def test_a_planted_mmdebstrap_warning_fails_the_command_with_its_message(fake_bi
 
 
 def test_warnings_known_harmless_and_other_output_pass(fake_bin: Path) -> None:
-    harmless = ("W: Download is performed unsandboxed as root as file '/var/cache/apt/archives/partial/x.deb' "
-                "couldn't be accessed by user '_apt'. - pkgAcquire::Run (13: Permission denied)")
+    harmless = (
+        "W: Download is performed unsandboxed as root as file '/var/cache/apt/archives/partial/x.deb' "
+        "couldn't be accessed by user '_apt'. - pkgAcquire::Run (13: Permission denied)"
+    )
     assert MMDEBSTRAP.offending(harmless) == []
-    _fake_tool(fake_bin, "mmdebstrap", f"#!/bin/sh\necho \"{harmless}\" >&2\necho 'I: W: in the middle' >&2\n"
-                                       "echo 'W: on stdout is not a warning of the tool' \n")
+    _fake_tool(
+        fake_bin,
+        "mmdebstrap",
+        f"#!/bin/sh\necho \"{harmless}\" >&2\necho 'I: W: in the middle' >&2\n"
+        "echo 'W: on stdout is not a warning of the tool' \n",
+    )
     assert "I: W: in the middle" in run(["mmdebstrap"], capture=True).stderr
     run(["mmdebstrap"])
     # Another tool's "W: " line is its own business.
@@ -167,8 +179,9 @@ def test_warnings_known_harmless_and_other_output_pass(fake_bin: Path) -> None:
 
 
 @pytest.mark.root
-def test_rootfs_stage_fails_on_the_warning_and_leaves_nothing_mounted(tmp_path: Path, fake_bin: Path,
-                                                                      cleanup: None) -> None:
+def test_rootfs_stage_fails_on_the_warning_and_leaves_nothing_mounted(
+    tmp_path: Path, fake_bin: Path, cleanup: None
+) -> None:
     cfg = load_config()
     _fake_tool(fake_bin, "mmdebstrap", BUSY_PROC_MMDEBSTRAP.replace("{suite}", cfg.debian.suite))
     paths = BuildPaths(tmp_path / "build")
@@ -180,6 +193,7 @@ def test_rootfs_stage_fails_on_the_warning_and_leaves_nothing_mounted(tmp_path: 
 
 # ---- 3. a failed or killed run does not break the next one -------------------------------------------------------
 
+
 def _image_on_loop(path: Path) -> str:
     with path.open("wb") as f:
         f.truncate(8 * 1024 * 1024)
@@ -188,8 +202,9 @@ def _image_on_loop(path: Path) -> str:
 
 
 @pytest.mark.root
-def test_a_fixture_run_killed_half_way_does_not_break_the_next(tmp_path: Path, fake_bin: Path, cleanup: None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fixture_run_killed_half_way_does_not_break_the_next(
+    tmp_path: Path, fake_bin: Path, cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Left as a kill -9 in the middle leaves it: a tree with its /proc mounted, the image attached to a loop
     device and mounted at mnt/ with a chroot's /dev bind mount on it. The next start clears it all and builds."""
     cache = tmp_path / "cache"
@@ -224,8 +239,9 @@ def test_a_fixture_run_killed_half_way_does_not_break_the_next(tmp_path: Path, f
 
 
 @pytest.mark.root
-def test_the_real_busy_proc_failure_then_the_next_start(tmp_path: Path, fake_bin: Path, cleanup: None,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_real_busy_proc_failure_then_the_next_start(
+    tmp_path: Path, fake_bin: Path, cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fresh machine's failure end to end with a fake mmdebstrap: the warning fails the build with its
     message, nothing stays mounted, and the next start (a working mmdebstrap) is not stopped by work/."""
     cfg = load_config()
@@ -284,9 +300,25 @@ def test_cleans_up(tmp_path):
 def _inner_pytest(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_inner.py").write_text(source)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "tests.leakcheck", "-p", "no:cacheprovider",
-         f"--basetemp={tmp_path / 'basetemp'}", f"--rootdir={tmp_path}", str(tmp_path / "test_inner.py")],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests.leakcheck",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'basetemp'}",
+            f"--rootdir={tmp_path}",
+            str(tmp_path / "test_inner.py"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_leak_check_fails_on_a_leftover_child_process_and_listening_socket(tmp_path: Path) -> None:
@@ -322,8 +354,11 @@ def test_leak_check_passes_a_clean_run(tmp_path: Path) -> None:
 
 def test_leak_check_lets_the_multiprocessing_resource_tracker_be(tmp_path: Path) -> None:
     """Known harmless (tests/leakcheck.py says why): it exits with the pytest process that started it."""
-    r = _inner_pytest(tmp_path, "import multiprocessing\n\ndef test_a_pool():\n"
-                                "    with multiprocessing.get_context('spawn').Pool(1) as p:\n"
-                                "        assert p.apply(abs, (-1,)) == 1\n")
+    r = _inner_pytest(
+        tmp_path,
+        "import multiprocessing\n\ndef test_a_pool():\n"
+        "    with multiprocessing.get_context('spawn').Pool(1) as p:\n"
+        "        assert p.apply(abs, (-1,)) == 1\n",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "leak check" not in r.stdout

@@ -72,7 +72,8 @@ def test_a_planted_violation_is_named(tmp_path: Path) -> None:
         (tmp_path / pkg / "__init__.py").write_text("")
     (tmp_path / "stages/boot/iso.py").write_text(
         "from image.core.run import run\nfrom image.stages import config\n"
-        "def f():\n    from image.release.publish import cli\n")
+        "def f():\n    from image.release.publish import cli\n"
+    )
     (tmp_path / "core/paths.py").write_text("import image.stages.config\n")
     (tmp_path / "vm/qemu.py").write_text("from image.bench import boot\nfrom image import release\n")
     (tmp_path / "release/assets.py").write_text("from image import vm\nimport failback_client\n")

@@ -47,8 +47,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> IsoInputs:
         kernel=_write(d / "vmlinuz-6.1", 3_000_123, 1),
         initrd=_write(d / "initrd.img-6.1", 1_000_001, 2),
         layers=(_write(d / "00-base.squashfs", 2_500_000, 3), _write(d / "10-overlay.squashfs", 300_000, 4)),
-        extra_files={"/live/filesystem.module": d / "filesystem.module",
-                     "/live/filesystem.packages": d / "filesystem.packages"},
+        extra_files={
+            "/live/filesystem.module": d / "filesystem.module",
+            "/live/filesystem.packages": d / "filesystem.packages",
+        },
         source_date_epoch=EPOCH,
     )
 
@@ -89,11 +91,25 @@ def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs
     assert opened.has_rock_ridge() and opened.has_joliet()
     assert opened.pvd.volume_identifier.rstrip() == b"DRSFAILBACK"
     files = _rr_files(opened)
-    assert {"/live/vmlinuz", "/live/initrd.img", "/live/00-base.squashfs", "/live/10-overlay.squashfs",
-            "/live/filesystem.module", "/live/filesystem.packages", "/isolinux/isolinux.bin",
-            "/isolinux/ldlinux.c32", "/isolinux/menu.c32", "/isolinux/libutil.c32", "/isolinux/libcom32.c32",
-            "/isolinux/isolinux.cfg", "/isolinux/boot.cat", "/boot/grub/grub.cfg", "/boot/grub/efi.img",
-            "/.disk/info", "/.disk/boot-packages"} <= files
+    assert {
+        "/live/vmlinuz",
+        "/live/initrd.img",
+        "/live/00-base.squashfs",
+        "/live/10-overlay.squashfs",
+        "/live/filesystem.module",
+        "/live/filesystem.packages",
+        "/isolinux/isolinux.bin",
+        "/isolinux/ldlinux.c32",
+        "/isolinux/menu.c32",
+        "/isolinux/libutil.c32",
+        "/isolinux/libcom32.c32",
+        "/isolinux/isolinux.cfg",
+        "/isolinux/boot.cat",
+        "/boot/grub/grub.cfg",
+        "/boot/grub/efi.img",
+        "/.disk/info",
+        "/.disk/boot-packages",
+    } <= files
     assert _read(opened, rr_path="/live/vmlinuz") == inputs.kernel.read_bytes()
     assert _read(opened, joliet_path="/live/00-base.squashfs") == inputs.layers[0].read_bytes()
     assert _read(opened, iso_path="/LIVE/INITRD.IMG;1") == inputs.initrd.read_bytes()
@@ -142,8 +158,14 @@ def test_dates_are_source_date_epoch_in_utc(opened: pycdlib.PyCdlib) -> None:
         assert vd.volume_creation_date.gmtoffset == 0
     rec = opened.get_record(rr_path="/live/vmlinuz")
     d = rec.date
-    assert (d.years_since_1900 + 1900, d.month, d.day_of_month, d.hour, d.minute, d.gmtoffset) == (2023, 11, 14, 22,
-                                                                                                  13, 0)
+    assert (d.years_since_1900 + 1900, d.month, d.day_of_month, d.hour, d.minute, d.gmtoffset) == (
+        2023,
+        11,
+        14,
+        22,
+        13,
+        0,
+    )
 
 
 # --- El Torito ---------------------------------------------------------------------------------
@@ -179,8 +201,9 @@ def test_boot_info_table(built: iso.IsoResult, opened: pycdlib.PyCdlib) -> None:
     assert data[:8] == original[:8] and data[64:] == original[64:]
 
 
-def test_efi_image_holds_shim_and_grub(built: iso.IsoResult, opened: pycdlib.PyCdlib, cache: Path,
-                                       tmp_path: Path) -> None:
+def test_efi_image_holds_shim_and_grub(
+    built: iso.IsoResult, opened: pycdlib.PyCdlib, cache: Path, tmp_path: Path
+) -> None:
     img = tmp_path / "efi.img"
     img.write_bytes(_read(opened, rr_path="/boot/grub/efi.img"))
     assert img.stat().st_size < efi.MAX_IMAGE_BYTES
@@ -236,8 +259,9 @@ def test_pycdlib_still_reads_the_result_as_hybrid(opened: pycdlib.PyCdlib) -> No
 # --- reproducibility -------------------------------------------------------------------------------
 
 
-def test_two_builds_are_identical_and_epoch_matters(cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult,
-                                                    tmp_path: Path) -> None:
+def test_two_builds_are_identical_and_epoch_matters(
+    cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult, tmp_path: Path
+) -> None:
     again = assemble_iso(cfg, inputs, tmp_path / "b.iso", cache)
     assert again.path.read_bytes() == built.path.read_bytes()
     later = assemble_iso(cfg, dataclasses.replace(inputs, source_date_epoch=EPOCH + 86400), tmp_path / "c.iso", cache)
@@ -245,8 +269,9 @@ def test_two_builds_are_identical_and_epoch_matters(cfg, inputs: IsoInputs, cach
     assert gpt.check_gpt(later.path) == []
 
 
-def test_build_does_not_depend_on_local_time_zone(cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult,
-                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_does_not_depend_on_local_time_zone(
+    cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TZ", "America/St_Johns")  # UTC-3:30: any local-time leak changes dates
     time.tzset()
     try:
@@ -330,8 +355,7 @@ def test_iso9660_name_clash_is_refused(cfg, inputs: IsoInputs, cache: Path, tmp_
 
 def test_bad_extra_path(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
     with pytest.raises(IsoError, match=r"extra_files\['live/x'\]: must be an absolute path"):
-        assemble_iso(cfg, dataclasses.replace(inputs, extra_files={"live/x": inputs.kernel}), tmp_path / "x.iso",
-                     cache)
+        assemble_iso(cfg, dataclasses.replace(inputs, extra_files={"live/x": inputs.kernel}), tmp_path / "x.iso", cache)
 
 
 # --- real boots (QEMU, TCG) --------------------------------------------------------------------------
@@ -360,18 +384,23 @@ def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     layer = _write(d / "00-base.squashfs", 100_000, 5)
     base = load_config()
     # Not `quiet`: the kernel's own "Secure boot enabled" line is part of the check.
-    boot = BootConfig(timeout=1, default="test", entries=(
-        BootEntry(id="test", label="test", cmdline="console=ttyS0,115200n8 panic=-1"),
-        BootEntry(id="disk", label="disk", local_disk=True),
-    ))
+    boot = BootConfig(
+        timeout=1,
+        default="test",
+        entries=(
+            BootEntry(id="test", label="test", cmdline="console=ttyS0,115200n8 panic=-1"),
+            BootEntry(id="disk", label="disk", local_disk=True),
+        ),
+    )
     cfg = dataclasses.replace(base, kernel_cmdline="boot=live", boot=boot)
     return assemble_iso(cfg, IsoInputs(_kernel(cache), initrd, (layer,), {}, EPOCH), d / "boot.iso", cache).path
 
 
 @pytest.mark.slow
 @pytest.mark.boot
-@pytest.mark.parametrize("way_name", ["seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk",
-                                      "ovmf-secureboot-cd", "ovmf-secureboot-disk"])
+@pytest.mark.parametrize(
+    "way_name", ["seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk", "ovmf-secureboot-cd", "ovmf-secureboot-disk"]
+)
 def test_boots_to_the_kernel(way_name: str, boot_iso: Path, tmp_path: Path) -> None:
     from image.vm import qemu
 
@@ -384,10 +413,12 @@ def test_boots_to_the_kernel(way_name: str, boot_iso: Path, tmp_path: Path) -> N
     serial = tmp_path / "serial.log"
     qmp = qemu.short_socket_path(way_name)
     try:
-        argv = qemu.iso_argv(way, image=image, serial_log=serial, qmp_socket=qmp, firmware=firmware,
-                             vars_file=vars_file)
-        result = qemu.watch_boot(argv, serial_log=serial, qmp_socket=qmp,
-                                 pattern=re.compile(re.escape(qemu.BARE_MARKER)), timeout=300)
+        argv = qemu.iso_argv(
+            way, image=image, serial_log=serial, qmp_socket=qmp, firmware=firmware, vars_file=vars_file
+        )
+        result = qemu.watch_boot(
+            argv, serial_log=serial, qmp_socket=qmp, pattern=re.compile(re.escape(qemu.BARE_MARKER)), timeout=300
+        )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)
     assert result.outcome == "matched", f"{way_name}: {result.outcome} {result.match}\n{result.tail()}"

@@ -57,8 +57,7 @@ def fake_sys(root: Path, nics: dict[str, tuple[str, str]]) -> Path:
 def settings_for(root: Path, seed: Seed | None = None, *argv: str) -> Settings:
     from failback_client.cli import build_parser
 
-    s = from_arguments_and_seed(build_parser().parse_args(list(argv)), seed or Seed(),
-                                {"FAILBACK_SYSROOT": str(root)})
+    s = from_arguments_and_seed(build_parser().parse_args(list(argv)), seed or Seed(), {"FAILBACK_SYSROOT": str(root)})
     return s
 
 
@@ -81,13 +80,16 @@ def test_ip_arg_dhcp_forms_are_not_static(line: str) -> None:
     assert network.parse_ip_arg(line)[0] is None
 
 
-@pytest.mark.parametrize(("line", "named"), [
-    ("ip=10.0.2.300::10.0.2.2:24::ens3:none:10.0.2.3", "IPADDR"),
-    ("ip=10.0.2.50::10.0.3.2:24::ens3:none:10.0.2.3", "GATEWAY"),
-    ("ip=10.0.2.50::10.0.2.2:24::ens3:none", "DNS missing"),
-    ("ip=10.0.2.50::10.0.2.2:255.0.255.0::ens3:none:10.0.2.3", "NETMASK"),
-    ("ip=bogus", "not a form this LiveCD knows"),
-])
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("ip=10.0.2.300::10.0.2.2:24::ens3:none:10.0.2.3", "IPADDR"),
+        ("ip=10.0.2.50::10.0.3.2:24::ens3:none:10.0.2.3", "GATEWAY"),
+        ("ip=10.0.2.50::10.0.2.2:24::ens3:none", "DNS missing"),
+        ("ip=10.0.2.50::10.0.2.2:255.0.255.0::ens3:none:10.0.2.3", "NETMASK"),
+        ("ip=bogus", "not a form this LiveCD knows"),
+    ],
+)
 def test_ip_arg_errors(line: str, named: str) -> None:
     with pytest.raises(UsageError, match="kernel argument ip=") as e:
         network.parse_ip_arg(line)
@@ -98,8 +100,10 @@ def test_ip_arg_errors(line: str, named: str) -> None:
 
 
 def test_plan_seed_static_beats_ip_arg(tmp_path: Path) -> None:
-    seed = parse_env("IPADDR=10.9.0.5\nNETMASK=16\nGATEWAY=10.9.0.1\nDNS=10.9.0.2,10.9.0.3\nNIC=ens4\n",
-                     "volume FBSEED:failback-seed.env")
+    seed = parse_env(
+        "IPADDR=10.9.0.5\nNETMASK=16\nGATEWAY=10.9.0.1\nDNS=10.9.0.2,10.9.0.3\nNIC=ens4\n",
+        "volume FBSEED:failback-seed.env",
+    )
     p = network.plan(settings_for(tmp_path, seed), {}, "ip=10.0.2.50::10.0.2.2:24::ens3:none:10.0.2.3")
     assert p.static == nv.StaticConfig("10.9.0.5", 16, "10.9.0.1", ("10.9.0.2", "10.9.0.3"), "ens4")
     assert p.static_origin == "seed volume FBSEED:failback-seed.env line 1"
@@ -126,8 +130,10 @@ def test_plan_proxy_environment_beats_seed_and_timeout(tmp_path: Path) -> None:
 def test_list_nics_physical_only(tmp_path: Path) -> None:
     root = fake_sys(tmp_path, {"ens3": ("52:54:00:12:34:56", "1"), "ens4": ("52:54:00:aa:bb:cc", "0")})
     nics = network.list_nics(str(root), lambda: {"ens3": ["10.0.2.15/24"], "lo": ["127.0.0.1/8"]})
-    assert nics == [network.Nic("ens3", "52:54:00:12:34:56", True, ("10.0.2.15/24",)),
-                    network.Nic("ens4", "52:54:00:aa:bb:cc", False, ())]
+    assert nics == [
+        network.Nic("ens3", "52:54:00:12:34:56", True, ("10.0.2.15/24",)),
+        network.Nic("ens4", "52:54:00:aa:bb:cc", False, ()),
+    ]
 
 
 class FakeClock:
@@ -146,12 +152,15 @@ def test_wait_shows_each_change_and_returns_the_first_address(tmp_path: Path) ->
     clock = FakeClock()
     answers = iter([{}, {}, {}, {"ens3": ["10.0.2.15/24"]}])
     con, out = console()
-    nic = network.wait_for_address(con, 30, sysroot=str(root), addresses=lambda: next(answers),
-                                   clock=clock, sleep=clock.sleep)
+    nic = network.wait_for_address(
+        con, 30, sysroot=str(root), addresses=lambda: next(answers), clock=clock, sleep=clock.sleep
+    )
     assert nic is not None and nic.addresses == ("10.0.2.15/24",)
     lines = out.getvalue().splitlines()
-    assert lines == ["Network: ens3  52:54:00:12:34:56  link up  no address yet",
-                     "Network: ens3  52:54:00:12:34:56  link up  10.0.2.15/24"]
+    assert lines == [
+        "Network: ens3  52:54:00:12:34:56  link up  no address yet",
+        "Network: ens3  52:54:00:12:34:56  link up  10.0.2.15/24",
+    ]
     assert clock.t == 1.5
 
 
@@ -159,8 +168,7 @@ def test_wait_is_bounded(tmp_path: Path) -> None:
     root = fake_sys(tmp_path, {"ens3": ("52:54:00:12:34:56", "0")})
     clock = FakeClock()
     con, _ = console()
-    assert network.wait_for_address(con, 30, sysroot=str(root), addresses=dict, clock=clock,
-                                    sleep=clock.sleep) is None
+    assert network.wait_for_address(con, 30, sysroot=str(root), addresses=dict, clock=clock, sleep=clock.sleep) is None
     assert 30 <= clock.t <= 30.5
 
 
@@ -169,8 +177,22 @@ def test_wait_is_bounded(tmp_path: Path) -> None:
 
 def test_prompt_reasks_with_the_reason(tmp_path: Path) -> None:
     nics = [network.Nic("ens3", "52:54:00:12:34:56", False), network.Nic("ens4", "52:54:00:aa:bb:cc", True)]
-    answers = "\n".join(["9", "", "192.168.10.300", "192.168.10.20", "255.0.255.0", "24", "192.168.11.1",
-                         "192.168.10.1", "8.8.8", "192.168.10.10, 192.168.10.11", "proxy.local", "10.0.2.2:3128"])
+    answers = "\n".join(
+        [
+            "9",
+            "",
+            "192.168.10.300",
+            "192.168.10.20",
+            "255.0.255.0",
+            "24",
+            "192.168.11.1",
+            "192.168.10.1",
+            "8.8.8",
+            "192.168.10.10, 192.168.10.11",
+            "proxy.local",
+            "10.0.2.2:3128",
+        ]
+    )
     con, out = console(answers + "\n")
     cfg, proxy = network.prompt_static(con, nics)
     assert cfg == nv.StaticConfig("192.168.10.20", 24, "192.168.10.1", ("192.168.10.10", "192.168.10.11"), "ens4")
@@ -201,9 +223,10 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
     log = tmp_path / "calls.log"
     (bindir / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\n')
     (bindir / "ip").write_text(
-        f'#!/bin/sh\nf=$(ls {root}/etc/systemd/network/05-failback-static-*.network 2>/dev/null | head -n1)\n'
+        f"#!/bin/sh\nf=$(ls {root}/etc/systemd/network/05-failback-static-*.network 2>/dev/null | head -n1)\n"
         '[ -n "$f" ] || exit 0\na=$(sed -n "s/^Address=//p" "$f")\n'
-        'echo "2: ens3    inet $a brd 0.0.0.0 scope global ens3"\n')
+        'echo "2: ens3    inet $a brd 0.0.0.0 scope global ens3"\n'
+    )
     for f in bindir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("FAILBACK_NETWORK", "1")
@@ -219,12 +242,14 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
 
 def addresses_from(root: Path):
     """What `ip` would show: the static file's address once start.sh wrote it."""
+
     def addresses() -> dict[str, list[str]]:
         files = list((root / "etc/systemd/network").glob("05-failback-static-*.network"))
         if not files:
             return {}
         addr = [ln.split("=", 1)[1] for ln in files[0].read_text().splitlines() if ln.startswith("Address=")]
         return {"ens3": addr}
+
     return addresses
 
 
@@ -242,7 +267,8 @@ def test_no_dhcp_prompts_applies_with_start_sh_and_sets_proxy(live: dict[str, ob
     written = (root / "etc/systemd/network/05-failback-static-ens3.network").read_text()
     assert "Address=192.168.10.20/24" in written and "DNS=192.168.10.10" in written
     assert (root / "run/failback/network.env").read_text() == (
-        "https_proxy='http://10.0.2.2:3128'\nHTTPS_PROXY='http://10.0.2.2:3128'\n")
+        "https_proxy='http://10.0.2.2:3128'\nHTTPS_PROXY='http://10.0.2.2:3128'\n"
+    )
     calls = Path(str(live["log"])).read_text().splitlines()
     assert calls == ["systemctl restart systemd-networkd.service"]  # RESTART_CLIENT=0: the client stays
     assert network.direct_note() == network.DIRECT_NOTE
@@ -271,8 +297,9 @@ def test_bad_static_from_start_sh_is_reported(live: dict[str, object]) -> None:
     cfg = nv.StaticConfig("10.0.2.60", 24, "10.0.2.2", ("10.0.2.3",), "eth7")  # no such NIC
     con, out = console("")
     assert not network.apply_static(cfg, con)
-    assert "The static address was not applied: start.sh: error: NIC='eth7': no such network interface" \
-        in out.getvalue()
+    assert (
+        "The static address was not applied: start.sh: error: NIC='eth7': no such network interface" in out.getvalue()
+    )
     assert not (root / "etc").exists()
 
 
@@ -294,21 +321,42 @@ def test_not_managed_off_the_livecd(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_start_sh_proxy_only_and_bad_proxy(live: dict[str, object]) -> None:
     script = os.environ["FAILBACK_START_SH"]
     root = Path(str(live["root"]))
-    ok = subprocess.run(["dash", script], env={**os.environ, "HTTPS_PROXY": "10.0.2.2:3128"}, capture_output=True,
-                        text=True, check=False)
+    ok = subprocess.run(
+        ["dash", script],
+        env={**os.environ, "HTTPS_PROXY": "10.0.2.2:3128"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "https_proxy='http://10.0.2.2:3128'" in (root / "run/failback/network.env").read_text()
-    for bad, why in (("http://p", "needs a port"), ("ftp://p:1", "must be written http://host:port"),
-                     ("http://p:99999", "port is not a number"), ("http://u:pa'ss@p:1", "quotes or spaces")):
-        proc = subprocess.run(["dash", script], env={**os.environ, "HTTPS_PROXY": bad, "CONFIG_NETWORK": "1",
-                                                     "IPADDR": "10.0.2.9", "NETMASK": "24", "GATEWAY": "10.0.2.2",
-                                                     "DNS": "10.0.2.3"},
-                              capture_output=True, text=True, check=False)
+    for bad, why in (
+        ("http://p", "needs a port"),
+        ("ftp://p:1", "must be written http://host:port"),
+        ("http://p:99999", "port is not a number"),
+        ("http://u:pa'ss@p:1", "quotes or spaces"),
+    ):
+        proc = subprocess.run(
+            ["dash", script],
+            env={
+                **os.environ,
+                "HTTPS_PROXY": bad,
+                "CONFIG_NETWORK": "1",
+                "IPADDR": "10.0.2.9",
+                "NETMASK": "24",
+                "GATEWAY": "10.0.2.2",
+                "DNS": "10.0.2.3",
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert proc.returncode == 2 and "error: HTTPS_PROXY: " in proc.stderr and why in proc.stderr, proc.stderr
         assert "pa'ss" not in proc.stderr
     assert not (root / "etc").exists()  # nothing changed by the refused runs
-    gone = subprocess.run(["dash", script], env={**os.environ, "HTTPS_PROXY": ""}, capture_output=True, text=True,
-                          check=False)
+    gone = subprocess.run(
+        ["dash", script], env={**os.environ, "HTTPS_PROXY": ""}, capture_output=True, text=True, check=False
+    )
     assert gone.returncode == 0 and not (root / "run/failback/network.env").exists()
 
 
@@ -332,8 +380,9 @@ def test_url_seed_fetched_after_the_network(tmp_path: Path, monkeypatch: pytest.
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("FAILBACK_NETWORK", "0")
-        seed = parse_cmdline(f"failback.seed=http://127.0.0.1:{server.server_address[1]}/s.env "
-                             "failback.AWS_REGION=eu-west-1")
+        seed = parse_cmdline(
+            f"failback.seed=http://127.0.0.1:{server.server_address[1]}/s.env failback.AWS_REGION=eu-west-1"
+        )
         s = settings_for(fake_sys(tmp_path, {}), seed)
         con, out = console("")
         network.prepare_network(s, con)
@@ -345,13 +394,18 @@ def test_url_seed_fetched_after_the_network(tmp_path: Path, monkeypatch: pytest.
     assert "used: recovery_instance_id" in out.getvalue()
 
 
-
-
 def test_after_start_sh_the_static_address_is_kept(live: dict[str, object]) -> None:
     """A client restarted by start.sh neither re-applies a seed's address nor talks about DHCP."""
     root = Path(str(live["root"]))
-    env = {**os.environ, "CONFIG_NETWORK": "1", "RESTART_CLIENT": "0", "IPADDR": "10.0.2.70", "NETMASK": "24",
-           "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
+    env = {
+        **os.environ,
+        "CONFIG_NETWORK": "1",
+        "RESTART_CLIENT": "0",
+        "IPADDR": "10.0.2.70",
+        "NETMASK": "24",
+        "GATEWAY": "10.0.2.2",
+        "DNS": "10.0.2.3",
+    }
     assert subprocess.run(["dash", os.environ["FAILBACK_START_SH"]], env=env, check=False).returncode == 0
     seed = parse_env("IPADDR=10.0.2.60\nNETMASK=24\nGATEWAY=10.0.2.2\nDNS=10.0.2.3\n", "volume FBSEED:x")
     con, out = console("")

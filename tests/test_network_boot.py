@@ -40,8 +40,7 @@ from tests.controlplane_fixture import drs_controlplane, drs_controlplane_factor
 pytestmark = pytest.mark.boot
 
 REPO = Path(__file__).resolve().parent.parent
-BASE_APPEND = ("boot=failback quiet console=tty0 console=ttyS0,115200n8 "
-               "systemd.mask=failback-client@tty1.service")
+BASE_APPEND = "boot=failback quiet console=tty0 console=ttyS0,115200n8 systemd.mask=failback-client@tty1.service"
 BOOT_TIMEOUT = 600.0
 
 
@@ -74,20 +73,34 @@ def _free_port() -> int:
 class Guest:
     """One QEMU boot whose serial console we read and type into."""
 
-    def __init__(self, workdir: Path, live: tuple[Path, Path, Path], append: str, *, nic: list[str],
-                 drives: list[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self, workdir: Path, live: tuple[Path, Path, Path], append: str, *, nic: list[str], drives: list[str] = ()
+    ) -> None:  # type: ignore[assignment]
         iso, kernel, initrd = live
         workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = workdir / "serial.log"
         self.qmp = qemu.short_socket_path("net")
         self.serial_sock = self.qmp.parent / "serial.sock"
-        argv = qemu.kernel_argv(kernel=kernel, initrd=initrd, append=f"{BASE_APPEND} {append}",
-                                serial_log=self.serial_log, qmp_socket=self.qmp)
-        argv = self._replace(argv, "-serial", [
-            "-chardev", f"socket,id=ser0,path={self.serial_sock},server=on,wait=on", "-serial", "chardev:ser0"])
+        argv = qemu.kernel_argv(
+            kernel=kernel,
+            initrd=initrd,
+            append=f"{BASE_APPEND} {append}",
+            serial_log=self.serial_log,
+            qmp_socket=self.qmp,
+        )
+        argv = self._replace(
+            argv,
+            "-serial",
+            ["-chardev", f"socket,id=ser0,path={self.serial_sock},server=on,wait=on", "-serial", "chardev:ser0"],
+        )
         argv = self._replace(argv, "-nic", nic)
-        argv += ["-drive", f"if=none,id=live,file={iso},format=raw,media=cdrom,readonly=on",
-                 "-device", "ide-cd,drive=live,bus=ide.0", *drives]
+        argv += [
+            "-drive",
+            f"if=none,id=live,file={iso},format=raw,media=cdrom,readonly=on",
+            "-device",
+            "ide-cd,drive=live,bus=ide.0",
+            *drives,
+        ]
         self.argv = argv
         self.text = ""
         self._buf = bytearray()
@@ -99,7 +112,7 @@ class Guest:
     @staticmethod
     def _replace(argv: list[str], flag: str, new: list[str]) -> list[str]:
         i = argv.index(flag)
-        return [*argv[:i], *new, *argv[i + 2:]]
+        return [*argv[:i], *new, *argv[i + 2 :]]
 
     def start(self) -> Guest:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -151,8 +164,9 @@ class Guest:
         exited = ""
         if self.proc is not None and self.proc.poll() is not None and self.proc.stdout is not None:
             exited = f"\nQEMU exited {self.proc.returncode}: {self.proc.stdout.read().decode(errors='replace')}"
-        raise AssertionError(f"{pattern!r} not on the serial console within {timeout:.0f} s{exited}; "
-                             f"last lines:\n{tail}")
+        raise AssertionError(
+            f"{pattern!r} not on the serial console within {timeout:.0f} s{exited}; last lines:\n{tail}"
+        )
 
     def send(self, line: str) -> None:
         assert self.sock is not None
@@ -192,6 +206,8 @@ LOG_DIR = REPO / "build" / "netboot"  # serial logs stay here after the run
 
 def logdir(name: str) -> Path:
     return LOG_DIR / name
+
+
 SUMMARY = r"failback-client \S+ \| boot mode: BIOS"
 
 
@@ -200,17 +216,32 @@ SUMMARY = r"failback-client \S+ \| boot mode: BIOS"
 
 def test_dhcp_and_unattended_seed_volume(live_iso, drs_controlplane, tmp_path: Path) -> None:  # noqa: F811
     port = drs_controlplane.plane.url.rsplit(":", 1)[1].rstrip("/")
-    seed = build_seed_image(tmp_path / "seed.iso", kind="iso", sets=[
-        "AWS_REGION=us-east-1", f"AWS_ACCESS_KEY={drs_controlplane.access_key}",
-        f"AWS_SECRET_KEY={drs_controlplane.secret_key}", f"AWS_DRS_ENDPOINT=http://10.0.2.2:{port}",
-        f"FAILBACK_S3_ENDPOINT=http://10.0.2.2:{port}", "RECOVERY_INSTANCE_ID=i-0a1b2c3d4e5f60003",
-        "DEVICE_MAPPING=/dev/nvme0n1=/dev/vda", "NO_PROMPT=1", "REBOOT=0"])
+    seed = build_seed_image(
+        tmp_path / "seed.iso",
+        kind="iso",
+        sets=[
+            "AWS_REGION=us-east-1",
+            f"AWS_ACCESS_KEY={drs_controlplane.access_key}",
+            f"AWS_SECRET_KEY={drs_controlplane.secret_key}",
+            f"AWS_DRS_ENDPOINT=http://10.0.2.2:{port}",
+            f"FAILBACK_S3_ENDPOINT=http://10.0.2.2:{port}",
+            "RECOVERY_INSTANCE_ID=i-0a1b2c3d4e5f60003",
+            "DEVICE_MAPPING=/dev/nvme0n1=/dev/vda",
+            "NO_PROMPT=1",
+            "REBOOT=0",
+        ],
+    )
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
         f.truncate(1 << 30)  # 1 GiB, the recovery instance's volume
-    drives = ["-drive", f"if=none,id=seed,file={seed.path},format=raw,media=cdrom,readonly=on",
-              "-device", "ide-cd,drive=seed,bus=ide.1",
-              "-drive", f"if=virtio,file={disk},format=raw"]
+    drives = [
+        "-drive",
+        f"if=none,id=seed,file={seed.path},format=raw,media=cdrom,readonly=on",
+        "-device",
+        "ide-cd,drive=seed,bus=ide.1",
+        "-drive",
+        f"if=virtio,file={disk},format=raw",
+    ]
     with booted(logdir("seed"), live_iso, "", nic=USER_NET, drives=drives) as g:
         start = time.monotonic()
         summary = g.wait_for(SUMMARY)
@@ -226,8 +257,10 @@ def test_dhcp_and_unattended_seed_volume(live_iso, drs_controlplane, tmp_path: P
     assert "AWS Access Key ID:" not in text and "Network card [" not in text  # nothing was asked
     assert drs_controlplane.secret_key not in text
     internal = drs_controlplane.internal("i-0a1b2c3d4e5f60003")
-    print(f"\nseed boot: summary line {t_summary:.0f} s, mapping done {t_mapped:.0f} s after QEMU start; "
-          f"internal mapping {internal.get('volumeMapping') or internal}")
+    print(
+        f"\nseed boot: summary line {t_summary:.0f} s, mapping done {t_mapped:.0f} s after QEMU start; "
+        f"internal mapping {internal.get('volumeMapping') or internal}"
+    )
     assert done
 
 
@@ -275,16 +308,21 @@ class ConnectProxy:
 def test_ip_argument_and_https_proxy(live_iso, tmp_path: Path) -> None:
     proxy = ConnectProxy()
     secret = "TestSecretKey0123456789abcdefABCDEF/+xyz"
-    append = (f"ip=10.0.2.50::10.0.2.2:255.255.255.0:::none:10.0.2.3 failback.AWS_REGION=us-east-1 "
-              f"failback.AWS_ACCESS_KEY=AKIAIOSFODNN7EXAMPLE failback.AWS_SECRET_KEY={secret} "
-              f"failback.NO_PROMPT=1 failback.HTTPS_PROXY=http://10.0.2.2:{proxy.port}")
+    append = (
+        f"ip=10.0.2.50::10.0.2.2:255.255.255.0:::none:10.0.2.3 failback.AWS_REGION=us-east-1 "
+        f"failback.AWS_ACCESS_KEY=AKIAIOSFODNN7EXAMPLE failback.AWS_SECRET_KEY={secret} "
+        f"failback.NO_PROMPT=1 failback.HTTPS_PROXY=http://10.0.2.2:{proxy.port}"
+    )
     try:
         with booted(logdir("ip-proxy"), live_iso, append, nic=USER_NET) as g:
             summary = g.wait_for(SUMMARY)
             g.wait_for(r"Network: static address from kernel argument ip=10\.0\.2\.50::", after=summary.end())
             ready = g.wait_for(r"Network ready: \S+ .*10\.0\.2\.50/24", after=summary.end())
-            g.wait_for(rf"HTTPS proxy http://10\.0\.2\.2:{proxy.port} \(seed kernel command line\) for DRS and S3; "
-                       r"the replication stream \(TCP 1500\) goes direct", after=ready.end())
+            g.wait_for(
+                rf"HTTPS proxy http://10\.0\.2\.2:{proxy.port} \(seed kernel command line\) for DRS and S3; "
+                r"the replication stream \(TCP 1500\) goes direct",
+                after=ready.end(),
+            )
             g.wait_for(r"(ERROR: .*proxy.*|Press Enter to start the failback client again)", after=ready.end())
             text = g.text
     finally:
@@ -357,19 +395,33 @@ def type_on_screen(qmp_socket: Path, text: str) -> None:
 
 def test_no_dhcp_start_sh_typed_at_the_root_shell(live_iso, tmp_path: Path) -> None:
     nic = ["-netdev", f"socket,id=n0,listen=127.0.0.1:{_free_port()}", "-device", "virtio-net-pci,netdev=n0"]
-    command = ('IPADDR="10.0.2.70" NETMASK="255.255.255.0" GATEWAY="10.0.2.2" DNS="10.0.2.3" '
-               "CONFIG_NETWORK=1 /usr/bin/start.sh\n")
+    command = (
+        'IPADDR="10.0.2.70" NETMASK="255.255.255.0" GATEWAY="10.0.2.2" DNS="10.0.2.3" '
+        "CONFIG_NETWORK=1 /usr/bin/start.sh\n"
+    )
     with booted(logdir("no-dhcp-start-sh"), live_iso, "", nic=nic) as g:
         first = g.wait_for(SUMMARY)
         at = g.wait_for(r"Network: no address after 30 s", after=first.end()).end()
         g.wait_for(r"Network card \[\S+\]: ", after=at)
-        _qmp(g.qmp, [{"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "ctrl"},
-                                                                       {"type": "qcode", "data": "alt"},
-                                                                       {"type": "qcode", "data": "f2"}]}}])
+        _qmp(
+            g.qmp,
+            [
+                {
+                    "execute": "send-key",
+                    "arguments": {
+                        "keys": [
+                            {"type": "qcode", "data": "ctrl"},
+                            {"type": "qcode", "data": "alt"},
+                            {"type": "qcode", "data": "f2"},
+                        ]
+                    },
+                }
+            ],
+        )
         time.sleep(3)
         type_on_screen(g.qmp, command)
         # start.sh restarts the client on its consoles: a second summary line, the static address, the prompt.
         again = g.wait_for(SUMMARY, after=at, timeout=240)
         ready = g.wait_for(r"Network ready: \S+ 10\.0\.2\.70/24", after=again.end())
         g.wait_for(r"AWS Access Key ID: ", after=ready.end())
-        assert "no address after" not in g.text[again.end():]
+        assert "no address after" not in g.text[again.end() :]

@@ -12,8 +12,13 @@ from image.core.paths import REPO
 from image.stages.config import DEFAULT_CONFIG, load_config
 from image.stages.overlay import RenderError, overlay_key, render_overlay
 
-VALUES = {"hostname": "drs-failback", "network": {"dhcp_timeout": 30}, "client": {"venv": "/opt/failback-client"},
-          "iso": {"volume_label": "DRSFAILBACK"}, "boot": {"entries": [{"id": "a"}]}}
+VALUES = {
+    "hostname": "drs-failback",
+    "network": {"dhcp_timeout": 30},
+    "client": {"venv": "/opt/failback-client"},
+    "iso": {"volume_label": "DRSFAILBACK"},
+    "boot": {"entries": [{"id": "a"}]},
+}
 
 
 def make_tree(root: Path, files: dict[str, tuple[str, int]]) -> Path:
@@ -30,13 +35,16 @@ def mode(path: Path) -> int:
 
 
 def test_renders_templates_and_copies_files_with_modes(tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "overlay", {
-        "etc/hostname.j2": ("{{ hostname }}\n", 0o644),
-        "usr/lib/x/launch.j2": ("#!/bin/sh\nexec {{ client.venv }}/bin/c --t {{ network.dhcp_timeout }}\n", 0o755),
-        "etc/secret.conf": ("k=v\n", 0o600),
-        "etc/group-read.conf": ("x\n", 0o640),
-        "usr/bin/start.sh": ("#!/bin/sh\necho {{ not rendered }}\n", 0o755),
-    })
+    src = make_tree(
+        tmp_path / "overlay",
+        {
+            "etc/hostname.j2": ("{{ hostname }}\n", 0o644),
+            "usr/lib/x/launch.j2": ("#!/bin/sh\nexec {{ client.venv }}/bin/c --t {{ network.dhcp_timeout }}\n", 0o755),
+            "etc/secret.conf": ("k=v\n", 0o600),
+            "etc/group-read.conf": ("x\n", 0o640),
+            "usr/bin/start.sh": ("#!/bin/sh\necho {{ not rendered }}\n", 0o755),
+        },
+    )
     os.chmod(src / "usr/lib/x", 0o750)
     (src / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
     (src / "etc/wants").mkdir()
@@ -71,15 +79,19 @@ def test_output_is_owned_by_root(tmp_path: Path) -> None:
         assert (p.stat().st_uid, p.stat().st_gid) == (0, 0), p
 
 
-@pytest.mark.parametrize(("template", "variable", "line"), [
-    ("line one\n{{ hostnme }}\n", "hostnme", 2),
-    ("{% if true %}\n\n{{ network.dhcp_timout }}\n{% endif %}\n", "network.dhcp_timout", 3),
-    ("{{ client.venv }}\n{{ iso.volume }}\n", "iso.volume", 2),
-    ("{{ boot.entries[0].label }}\n", "boot.entries[0].label", 1),
-    ("{{ missing.deeper }}\n", "missing", 1),
-])
-def test_undefined_variable_names_template_line_and_variable(tmp_path: Path, template: str, variable: str,
-                                                             line: int) -> None:
+@pytest.mark.parametrize(
+    ("template", "variable", "line"),
+    [
+        ("line one\n{{ hostnme }}\n", "hostnme", 2),
+        ("{% if true %}\n\n{{ network.dhcp_timout }}\n{% endif %}\n", "network.dhcp_timout", 3),
+        ("{{ client.venv }}\n{{ iso.volume }}\n", "iso.volume", 2),
+        ("{{ boot.entries[0].label }}\n", "boot.entries[0].label", 1),
+        ("{{ missing.deeper }}\n", "missing", 1),
+    ],
+)
+def test_undefined_variable_names_template_line_and_variable(
+    tmp_path: Path, template: str, variable: str, line: int
+) -> None:
     src = make_tree(tmp_path / "overlay", {"etc/systemd/x.conf.j2": (template, 0o644)})
     with pytest.raises(RenderError) as err:
         render_overlay(src, tmp_path / "out", VALUES)
@@ -102,8 +114,9 @@ def test_syntax_error_names_template_and_line(tmp_path: Path) -> None:
 
 
 def test_template_and_plain_file_of_the_same_name_conflict(tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "overlay", {"etc/hostname.j2": ("{{ hostname }}\n", 0o644),
-                                            "etc/hostname": ("other\n", 0o644)})
+    src = make_tree(
+        tmp_path / "overlay", {"etc/hostname.j2": ("{{ hostname }}\n", 0o644), "etc/hostname": ("other\n", 0o644)}
+    )
     with pytest.raises(RenderError, match=r"both hostname\.j2 and hostname exist"):
         render_overlay(src, tmp_path / "out", VALUES)
 
@@ -146,4 +159,5 @@ def test_overlay_key_follows_templates_and_values(tmp_path: Path) -> None:
     os.chmod(src / "etc/hostname.j2", 0o755)
     assert overlay_key(cfg, src) != edited, "a mode change must rebuild too"
     from dataclasses import replace
+
     assert overlay_key(replace(cfg, hostname="other"), src) != overlay_key(cfg, src)

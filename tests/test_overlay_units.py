@@ -34,8 +34,14 @@ VALUES: dict[str, Any] = load_config(DEFAULT_CONFIG).template_vars()
 
 # A live system in RAM during a failback: no package downloads, no scrubbing or trimming of the
 # server's disks behind the client's back.
-MASKED_HOUSEKEEPING = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
-                       "e2scrub_reap.service", "fstrim.timer")
+MASKED_HOUSEKEEPING = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+)
 
 VERIFIED_UNITS = [
     "failback-client@tty1.service",
@@ -123,8 +129,11 @@ def test_client_unit_contract(live_root: Path, verify_root: Path) -> None:
     assert not {"local-fs.target", "sysinit.target", "systemd-udev-trigger.service"} & set(after), after
     waited = re.search(r'^Environment="FAILBACK_WAIT_UNITS=([^"]*)"', text, re.M)
     assert waited, "the client unit names the units its workflow waits for"
-    assert waited.group(1).split() == ["local-fs.target", "systemd-tmpfiles-setup.service",
-                                       "systemd-udev-trigger.service"]
+    assert waited.group(1).split() == [
+        "local-fs.target",
+        "systemd-tmpfiles-setup.service",
+        "systemd-udev-trigger.service",
+    ]
     # Each one a unit systemd has (a typo would make the wait fail). A host without the udev package (a
     # container) lacks udev's units; the image installs udev, whose coldplug unit has this name.
     known = {p.name for p in (verify_root / "usr/lib/systemd/system").iterdir()}
@@ -184,7 +193,9 @@ def test_wait_online_is_bounded_and_its_arguments_parse(live_root: Path) -> None
     # The real binary parses every option before acting on --help: a bad one fails here.
     proc = subprocess.run(
         ["/usr/lib/systemd/systemd-networkd-wait-online", *argv[1:], "--help"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -195,9 +206,10 @@ def test_templates_take_image_values(tmp_path: Path) -> None:
     render_overlay(tmp_path, values)
     assert (tmp_path / "etc/hostname").read_text() == "other-host\n"
     assert "other-host" in (tmp_path / "etc/hosts").read_text()
-    assert "--timeout=7" in (
-        tmp_path / "etc/systemd/system/systemd-networkd-wait-online.service.d/failback.conf"
-    ).read_text()
+    assert (
+        "--timeout=7"
+        in (tmp_path / "etc/systemd/system/systemd-networkd-wait-online.service.d/failback.conf").read_text()
+    )
     assert 'python="/opt/x/bin/python"' in (tmp_path / "usr/lib/failback/launch").read_text()
     assert not list(tmp_path.rglob("*.j2"))
 
@@ -260,7 +272,7 @@ def fake_system(tmp_path: Path, live_root: Path) -> dict[str, object]:
     # `ip -4 -o addr show dev NIC` shows whatever address the static config asked for.
     (bindir / "ip").write_text(
         f'#!/bin/sh\necho "ip $*" >> {log}\n'
-        f'f=$(ls {root}/etc/systemd/network/05-failback-static-*.network 2>/dev/null | head -n1)\n'
+        f"f=$(ls {root}/etc/systemd/network/05-failback-static-*.network 2>/dev/null | head -n1)\n"
         '[ -n "$f" ] || exit 0\n'
         'a=$(sed -n "s/^Address=//p" "$f")\n'
         '[ -z "${FAKE_IP_SILENT:-}" ] && echo "2: ens3    inet $a brd 0.0.0.0 scope global ens3"\n'
@@ -364,8 +376,9 @@ def test_start_sh_gives_up_on_a_link_that_never_comes(fake_system: dict[str, obj
 
 
 def test_start_sh_named_nic_and_prefix_netmask(fake_system: dict[str, object]) -> None:
-    proc = run_start(fake_system, **{**GOOD, "NETMASK": "16", "GATEWAY": "192.168.0.1", "NIC": "eth0",
-                                     "CONFIG_NETWORK": "1"})
+    proc = run_start(
+        fake_system, **{**GOOD, "NETMASK": "16", "GATEWAY": "192.168.0.1", "NIC": "eth0", "CONFIG_NETWORK": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     text = (Path(str(fake_system["root"])) / "etc/systemd/network/05-failback-static-eth0.network").read_text()
     assert "Address=192.168.10.20/16" in text
@@ -408,7 +421,10 @@ def run_launch(launch: Path, tty: str, seed: Path, **env: str) -> dict[str, str]
     proc = subprocess.run(
         ["dash", str(launch), tty],
         env={"PATH": "/usr/bin:/bin", "FAILBACK_SEED_ENV": str(seed), **env},
-        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
     )
     return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
 
@@ -451,16 +467,21 @@ def test_launcher_explains_a_missing_client(tmp_path: Path) -> None:
     assert "bin/python is missing" in proc.stderr and "without the client" in proc.stderr
 
 
-@pytest.mark.parametrize(("tty", "uart_type", "present"), [("ttyS0", "4", True), ("ttyS1", "0", False),
-                                                            ("ttyS2", None, False), ("tty1", "", True)])
+@pytest.mark.parametrize(
+    ("tty", "uart_type", "present"),
+    [("ttyS0", "4", True), ("ttyS1", "0", False), ("ttyS2", None, False), ("tty1", "", True)],
+)
 def test_console_present(live_root: Path, tmp_path: Path, tty: str, uart_type: str | None, present: bool) -> None:
     d = tmp_path / "sys/class/tty" / tty
     if uart_type is not None:
         d.mkdir(parents=True)
         if uart_type:
             (d / "type").write_text(uart_type + "\n")
-    proc = subprocess.run(["dash", str(live_root / "usr/lib/failback/console-present"), tty],
-                          env={"FAILBACK_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=False)
+    proc = subprocess.run(
+        ["dash", str(live_root / "usr/lib/failback/console-present"), tty],
+        env={"FAILBACK_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert (proc.returncode == 0) == present
 
 
@@ -481,9 +502,18 @@ def merged_live_root(live_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     for d in ("upper", "work", "merged"):
         (work / d).mkdir()
     merged = work / "merged"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={live_root}:{rootfs},upperdir={work / 'upper'},workdir={work / 'work'}", str(merged)],
-                   check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={live_root}:{rootfs},upperdir={work / 'upper'},workdir={work / 'work'}",
+            str(merged),
+        ],
+        check=True,
+    )
     try:
         yield merged
     finally:
@@ -492,28 +522,37 @@ def merged_live_root(live_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.root
 def test_units_verify_on_the_real_rootfs(merged_live_root: Path) -> None:
-    units = [*VERIFIED_UNITS, "systemd-resolved.service", "systemd-timesyncd.service", "multi-user.target",
-             "timers.target"]
+    units = [
+        *VERIFIED_UNITS,
+        "systemd-resolved.service",
+        "systemd-timesyncd.service",
+        "multi-user.target",
+        "timers.target",
+    ]
     proc = analyze_verify(merged_live_root, units)
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
 
 
 @pytest.mark.root
-@pytest.mark.parametrize(("unit", "state"), [
-    ("failback-client@tty1.service", "enabled"),
-    ("failback-client@ttyS0.service", "enabled"),
-    ("getty@tty1.service", "masked"),
-    ("serial-getty@ttyS0.service", "masked"),
-    ("getty@tty2.service", "enabled"),
-    ("systemd-networkd.service", "enabled"),
-    ("systemd-networkd-wait-online.service", "enabled"),
-    ("systemd-resolved.service", "enabled"),
-    ("systemd-timesyncd.service", "enabled"),
-    *[(unit, "masked") for unit in MASKED_HOUSEKEEPING],
-])
+@pytest.mark.parametrize(
+    ("unit", "state"),
+    [
+        ("failback-client@tty1.service", "enabled"),
+        ("failback-client@ttyS0.service", "enabled"),
+        ("getty@tty1.service", "masked"),
+        ("serial-getty@ttyS0.service", "masked"),
+        ("getty@tty2.service", "enabled"),
+        ("systemd-networkd.service", "enabled"),
+        ("systemd-networkd-wait-online.service", "enabled"),
+        ("systemd-resolved.service", "enabled"),
+        ("systemd-timesyncd.service", "enabled"),
+        *[(unit, "masked") for unit in MASKED_HOUSEKEEPING],
+    ],
+)
 def test_unit_states_on_the_real_rootfs(merged_live_root: Path, unit: str, state: str) -> None:
-    proc = subprocess.run(["systemctl", f"--root={merged_live_root}", "is-enabled", unit],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["systemctl", f"--root={merged_live_root}", "is-enabled", unit], capture_output=True, text=True, check=False
+    )
     assert proc.stdout.strip() == state, proc.stdout + proc.stderr
 
 
@@ -524,11 +563,17 @@ def networkd_parse(files: list[Path], tmp_path: Path) -> str:
     netdir.mkdir()
     for f in files:
         shutil.copyfile(f, netdir / f.name)
-    script = (f"mount --bind {netdir} /etc/systemd/network && mount -t tmpfs tmpfs /run/systemd && "
-              "exec /lib/systemd/systemd-networkd")
-    proc = subprocess.run(["timeout", "4", "unshare", "-m", "-n", "sh", "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "SYSTEMD_LOG_TARGET": "console", "SYSTEMD_LOG_LEVEL": "debug"},
-                          check=False)
+    script = (
+        f"mount --bind {netdir} /etc/systemd/network && mount -t tmpfs tmpfs /run/systemd && "
+        "exec /lib/systemd/systemd-networkd"
+    )
+    proc = subprocess.run(
+        ["timeout", "4", "unshare", "-m", "-n", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSTEMD_LOG_TARGET": "console", "SYSTEMD_LOG_LEVEL": "debug"},
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert "Enumeration completed" in output, output[-2000:]
     return "\n".join(line for line in output.splitlines() if "/etc/systemd/network/" in line)

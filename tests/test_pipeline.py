@@ -100,6 +100,7 @@ def test_clean(tmp_path: Path) -> None:
 
 # --- the real build (root, slow) --------------------------------------------------------------
 
+
 def _iso_file(iso: Path, path: str) -> bytes:
     from image.stages.boot.iso import open_iso
 
@@ -115,8 +116,10 @@ def test_default_build_products(built_pipeline, built_iso: Path) -> None:
     p = built_pipeline.paths
     assert built_iso == DEFAULT_BUILD / "out" / CFG.iso.artifact and built_iso.is_file()
     size = built_iso.stat().st_size
-    print(f"ISO {size / 2**20:.1f} MiB; layers " +
-          ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in built_pipeline.layer_sizes().items()))
+    print(
+        f"ISO {size / 2**20:.1f} MiB; layers "
+        + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in built_pipeline.layer_sizes().items())
+    )
     assert size <= 200 * 2**20, f"ISO is {size / 2**20:.1f} MiB, over the 200 MiB target"
     manifest = built_iso.with_name(Path(CFG.iso.artifact).stem + ".packages")
     assert manifest.read_bytes() == p.manifest.read_bytes()
@@ -129,16 +132,18 @@ def test_default_build_products(built_pipeline, built_iso: Path) -> None:
         assert len(_iso_file(built_iso, f"/live/{layer.name}")) == layer.stat().st_size
     # Hashes beside it, checked by the real tool.
     assert built_iso.with_name(built_iso.name + ".sha512").read_text() == sha512_file(built_iso) + "\n"
-    check = subprocess.run(["sha512sum", "-c", "--strict", "SHA512SUMS"], cwd=built_iso.parent,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["sha512sum", "-c", "--strict", "SHA512SUMS"], cwd=built_iso.parent, capture_output=True, text=True
+    )
     assert check.returncode == 0 and f"{CFG.iso.artifact}: OK" in check.stdout, check.stdout + check.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.root
 def test_second_build_is_a_no_op(built_pipeline) -> None:
-    again = Pipeline(built_pipeline.cfg, built_pipeline.paths,
-                     epochs=(built_pipeline.base_epoch, built_pipeline.epoch))  # a commit may land meanwhile
+    again = Pipeline(
+        built_pipeline.cfg, built_pipeline.paths, epochs=(built_pipeline.base_epoch, built_pipeline.epoch)
+    )  # a commit may land meanwhile
     again.build()
     assert [r.stage for r in again.report.results if not r.skipped] == []
     assert sha512_file(again.artifact) == sha512_file(built_pipeline.artifact)
@@ -151,8 +156,11 @@ def test_cold_rebuild_gives_the_same_bytes(built_pipeline) -> None:
     root = DEFAULT_BUILD / "repro-test"
     if root.exists():
         shutil.rmtree(root)
-    cold = Pipeline(built_pipeline.cfg, BuildPaths(root, downloads=DEFAULT_BUILD / "cache"),
-                    epochs=(built_pipeline.base_epoch, built_pipeline.epoch))
+    cold = Pipeline(
+        built_pipeline.cfg,
+        BuildPaths(root, downloads=DEFAULT_BUILD / "cache"),
+        epochs=(built_pipeline.base_epoch, built_pipeline.epoch),
+    )
     cold.build()
     try:
         sums = compare_builds(built_pipeline, cold)

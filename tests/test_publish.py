@@ -40,8 +40,15 @@ PREFIX = "aws-elastic-disaster-recovery"
 ISO = "aws-failback-livecd-64bit.iso"
 REGIONS = ["us-east-1", "eu-west-1", "ap-southeast-2"]
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-not-printed"}
-WRITE_OPS = {"PutObject", "UploadPart", "CreateMultipartUpload", "CompleteMultipartUpload", "CopyObject",
-             "UploadPartCopy", "DeleteObject"}
+WRITE_OPS = {
+    "PutObject",
+    "UploadPart",
+    "CreateMultipartUpload",
+    "CompleteMultipartUpload",
+    "CopyObject",
+    "UploadPartCopy",
+    "DeleteObject",
+}
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -62,14 +69,18 @@ def s3(moto_url: str) -> Iterator[Any]:
 
 
 def admin_client(url: str, region: str = "us-east-1") -> Any:
-    return boto3.Session(aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
-                         aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"]).client(
-        "s3", region_name=region, endpoint_url=url, config=Config(s3={"addressing_style": "path"}))
+    return boto3.Session(
+        aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"]
+    ).client("s3", region_name=region, endpoint_url=url, config=Config(s3={"addressing_style": "path"}))
 
 
 def anonymous_client(url: str) -> Any:
-    return boto3.client("s3", region_name="us-east-1", endpoint_url=url,
-                        config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url=url,
+        config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}),
+    )
 
 
 def make_buckets(s3: Any, regions: list[str], skip: set[str] = frozenset(), located: dict[str, str] | None = None):
@@ -81,11 +92,22 @@ def make_buckets(s3: Any, regions: list[str], skip: set[str] = frozenset(), loca
             loc = (located or {}).get(bucket, region)
             kwargs = {} if loc == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": loc}}
             s3.create_bucket(Bucket=bucket, **kwargs)
-            s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                               "Resource": f"arn:aws:s3:::{bucket}/*"}],
-            }))
+            s3.put_bucket_policy(
+                Bucket=bucket,
+                Policy=json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Principal": "*",
+                                "Action": "s3:GetObject",
+                                "Resource": f"arn:aws:s3:::{bucket}/*",
+                            }
+                        ],
+                    }
+                ),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +121,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def session_with_counter() -> tuple[boto3.Session, Counter[str]]:
     """A session whose clients count every S3 operation they send (PUTs, copies, parts...)."""
-    session = boto3.Session(aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"])
+    session = boto3.Session(
+        aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"]
+    )
     calls: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -114,9 +137,16 @@ def session_with_counter() -> tuple[boto3.Session, Counter[str]]:
 
 def options(url: str, art: dict[str, Path], tmp: Path, **kw: Any) -> PublishOptions:
     base: dict[str, Any] = dict(
-        regions=REGIONS, version="1.0.0", iso=art["iso"], assets=art["assets"], endpoint_url=url,
-        multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2,
-        release_dir=tmp / "release", progress="plain",
+        regions=REGIONS,
+        version="1.0.0",
+        iso=art["iso"],
+        assets=art["assets"],
+        endpoint_url=url,
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+        max_concurrency=2,
+        release_dir=tmp / "release",
+        progress="plain",
     )
     base.update(kw)
     if "session" not in base:
@@ -170,8 +200,11 @@ def check_invariants(client: Any, regions: list[str]) -> list[str]:
         manifest = None
         if "latest/manifest.json" in rel_keys:
             manifest = json.loads(client.get_object(Bucket=rel, Key="latest/manifest.json")["Body"].read())
-        latest = {k: sha512_of(client, rel, k) for k in rel_keys
-                  if k.startswith("latest/") and k not in ("latest/manifest.json", VERSION_KEY)}
+        latest = {
+            k: sha512_of(client, rel, k)
+            for k in rel_keys
+            if k.startswith("latest/") and k not in ("latest/manifest.json", VERSION_KEY)
+        }
         published: dict[str, str] = {}  # object key -> digest its .sha512 publishes
         for k in keys(client, hb):
             if k.endswith(".sha512"):
@@ -275,7 +308,7 @@ def test_s3_digests_composite(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(data)
     d = s3_digests_of_file(p, 5 * MiB)
-    parts = b"".join(hashlib.sha256(data[i:i + 5 * MiB]).digest() for i in range(0, len(data), 5 * MiB))
+    parts = b"".join(hashlib.sha256(data[i : i + 5 * MiB]).digest() for i in range(0, len(data), 5 * MiB))
     import base64
 
     assert d.composite == base64.b64encode(hashlib.sha256(parts).digest()).decode()
@@ -286,15 +319,26 @@ def test_s3_digests_composite(tmp_path: Path) -> None:
 
 def test_dry_run_prints_every_object(artifacts: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
     out = io.StringIO()
-    code = publish_command("us-east-1,us-gov-west-1", "2.0", iso=str(artifacts["iso"]),
-                           assets=str(artifacts["assets"]), dry_run=True, out=out,
-                           release_dir=str(tmp_path))
+    code = publish_command(
+        "us-east-1,us-gov-west-1",
+        "2.0",
+        iso=str(artifacts["iso"]),
+        assets=str(artifacts["assets"]),
+        dry_run=True,
+        out=out,
+        release_dir=str(tmp_path),
+    )
     assert code == 0
     text = out.getvalue()
     iso_digest = hashlib.sha512(artifacts["iso"].read_bytes()).hexdigest()
     for region in ("us-east-1", "us-gov-west-1"):
-        for key in (f"2.0/failback_livecd/{ISO}", f"latest/failback_livecd/{ISO}", "latest/manifest.json",
-                    "2.0/failback_assets/failback_assets.tar.gz", VERSION_KEY):
+        for key in (
+            f"2.0/failback_livecd/{ISO}",
+            f"latest/failback_livecd/{ISO}",
+            "latest/manifest.json",
+            "2.0/failback_assets/failback_assets.tar.gz",
+            VERSION_KEY,
+        ):
             assert f"s3://{PREFIX}-{region}/{key}" in text
         assert f"s3://{PREFIX}-hashes-{region}/latest/failback_livecd/{ISO}.sha512  128 bytes" in text
     assert f"{artifacts['iso'].stat().st_size} bytes  sha512 {iso_digest}" in text
@@ -302,7 +346,8 @@ def test_dry_run_prints_every_object(artifacts: dict[str, Path], tmp_path: Path,
     assert "copy from us-east-1" not in text
     # manifest last in each region
     assert text.index(f"{PREFIX}-us-east-1/latest/manifest.json") > text.index(
-        f"{PREFIX}-hashes-us-east-1/latest/failback_livecd/{ISO}.sha512")
+        f"{PREFIX}-hashes-us-east-1/latest/failback_livecd/{ISO}.sha512"
+    )
 
 
 def test_bad_input_is_named(artifacts: dict[str, Path], capsys: Any, tmp_path: Path) -> None:
@@ -310,8 +355,17 @@ def test_bad_input_is_named(artifacts: dict[str, Path], capsys: Any, tmp_path: P
     assert "bad --version 'latest'" in capsys.readouterr().err
     assert publish_command("us-east-1", "1.0", iso="/nonexistent/x.iso", dry_run=True) == 2
     assert "/nonexistent/x.iso does not exist" in capsys.readouterr().err
-    assert publish_command("us-east-1", "1.0", iso=str(artifacts["iso"]), bucket_prefix="Bad_Prefix",
-                           dry_run=True, release_dir=str(tmp_path)) == 2
+    assert (
+        publish_command(
+            "us-east-1",
+            "1.0",
+            iso=str(artifacts["iso"]),
+            bucket_prefix="Bad_Prefix",
+            dry_run=True,
+            release_dir=str(tmp_path),
+        )
+        == 2
+    )
     assert "bad --bucket-prefix 'Bad_Prefix'" in capsys.readouterr().err
 
 
@@ -330,8 +384,9 @@ def test_publish_three_regions_then_anonymous_download(
     session, calls = session_with_counter()
     sent_owner: list[str] = []
     copies: list[dict[str, Any]] = []
-    session.events.register("before-parameter-build.s3",
-                            lambda params, **_: sent_owner.append(params.get("ExpectedBucketOwner", "")))
+    session.events.register(
+        "before-parameter-build.s3", lambda params, **_: sent_owner.append(params.get("ExpectedBucketOwner", ""))
+    )
     session.events.register("before-parameter-build.s3.CopyObject", lambda params, **_: copies.append(params))
     out = io.StringIO()
     opts = options(moto_url, artifacts, tmp_path, session=session, expected_owner="123456789012")
@@ -347,8 +402,12 @@ def test_publish_three_regions_then_anonymous_download(
     assert calls["CopyObject"] + calls["UploadPartCopy"] > 0
     assert sent_owner and all(o == "123456789012" for o in sent_owner)
     # a copy is only of the verified source (its ETag), in the owner's bucket, and S3 re-checksums it
-    assert copies and all(c["ExpectedSourceBucketOwner"] == "123456789012" and c["CopySourceIfMatch"]
-                          and c["ChecksumAlgorithm"] == "SHA256" for c in copies)
+    assert copies and all(
+        c["ExpectedSourceBucketOwner"] == "123456789012"
+        and c["CopySourceIfMatch"]
+        and c["ChecksumAlgorithm"] == "SHA256"
+        for c in copies
+    )
     assert all(r.verified and r.objects == r.planned for r in report.results)
     text = out.getvalue()
     for region in REGIONS:
@@ -362,16 +421,22 @@ def test_rerun_with_nothing_changed_uploads_nothing(
 ) -> None:
     make_buckets(s3, REGIONS)
     assert publish_release(options(moto_url, artifacts, tmp_path), io.StringIO()).ok
-    before = {(r, k): s3.head_object(Bucket=f"{PREFIX}-{r}", Key=k)["LastModified"]
-              for r in REGIONS for k in keys(s3, f"{PREFIX}-{r}")}
+    before = {
+        (r, k): s3.head_object(Bucket=f"{PREFIX}-{r}", Key=k)["LastModified"]
+        for r in REGIONS
+        for k in keys(s3, f"{PREFIX}-{r}")
+    }
     session, calls = session_with_counter()
     report = publish_release(options(moto_url, artifacts, tmp_path, session=session), io.StringIO())
     assert report.ok
     assert not (set(calls) & WRITE_OPS), calls
     assert calls["HeadObject"] > 0
     assert all(r.written == 0 and r.bytes == 0 for r in report.results)
-    after = {(r, k): s3.head_object(Bucket=f"{PREFIX}-{r}", Key=k)["LastModified"]
-             for r in REGIONS for k in keys(s3, f"{PREFIX}-{r}")}
+    after = {
+        (r, k): s3.head_object(Bucket=f"{PREFIX}-{r}", Key=k)["LastModified"]
+        for r in REGIONS
+        for k in keys(s3, f"{PREFIX}-{r}")
+    }
     assert after == before
 
 
@@ -381,8 +446,13 @@ class Crash(Exception):
 
 @pytest.mark.parametrize(
     "phase, key_end",
-    [("artifact", ISO), ("artifact", "tar.gz"), ("hash", ".iso.sha512"), ("latest", ISO),
-     ("latest-hash", "SHA512SUMS")],
+    [
+        ("artifact", ISO),
+        ("artifact", "tar.gz"),
+        ("hash", ".iso.sha512"),
+        ("latest", ISO),
+        ("latest-hash", "SHA512SUMS"),
+    ],
 )
 def test_crash_between_steps_then_rerun_repairs(
     s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path, phase: str, key_end: str
@@ -437,8 +507,12 @@ sys.exit(0 if publish_release(opts).ok else 1)
 
 @pytest.mark.parametrize(
     "kill",
-    [{"kill_after_parts": 2}, {"kill_after_step": ["artifact", ISO]}, {"kill_after_step": ["hash", ".iso.sha512"]},
-     {"kill_after_step": ["latest", ISO]}],
+    [
+        {"kill_after_parts": 2},
+        {"kill_after_step": ["artifact", ISO]},
+        {"kill_after_step": ["hash", ".iso.sha512"]},
+        {"kill_after_step": ["latest", ISO]},
+    ],
     ids=["mid-multipart", "after-iso", "after-hash", "after-latest-iso"],
 )
 def test_sigkill_then_rerun_repairs(
@@ -447,19 +521,37 @@ def test_sigkill_then_rerun_repairs(
     """A real SIGKILL of a publish process at several points; a watcher polls the buckets all the
     time; a second process run finishes the job."""
     make_buckets(s3, REGIONS)
-    cfg = {"regions": REGIONS, "version": "1.0.0", "iso": str(artifacts["iso"]), "assets": str(artifacts["assets"]),
-           "url": moto_url, "release_dir": str(tmp_path / "release")}
+    cfg = {
+        "regions": REGIONS,
+        "version": "1.0.0",
+        "iso": str(artifacts["iso"]),
+        "assets": str(artifacts["assets"]),
+        "url": moto_url,
+        "release_dir": str(tmp_path / "release"),
+    }
     env = {**os.environ, **CREDS, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with Watcher(moto_url, REGIONS) as watcher:
-        killed = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**cfg, **kill})], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
+        killed = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps({**cfg, **kill})],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
         assert check_invariants(s3, REGIONS) == []
         if "kill_after_parts" in kill:
             uploads = s3.list_multipart_uploads(Bucket=f"{PREFIX}-us-east-1").get("Uploads", [])
             assert uploads, "the kill was meant to leave an unfinished multipart upload"
-        rerun = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(cfg)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "testing-secret-not-printed" not in rerun.stdout + rerun.stderr
     assert watcher.polls > 0 and watcher.violations == []
@@ -490,12 +582,20 @@ def test_one_failing_region_does_not_hide_the_others(
     for k, v in CREDS.items():  # the `inv publish` path: the standard credential chain
         monkeypatch.setenv(k, v)
     regions = [*REGIONS, "sa-east-1"]
-    make_buckets(s3, regions, skip={f"{PREFIX}-hashes-eu-west-1"},
-                 located={f"{PREFIX}-sa-east-1": "eu-central-1"})
+    make_buckets(s3, regions, skip={f"{PREFIX}-hashes-eu-west-1"}, located={f"{PREFIX}-sa-east-1": "eu-central-1"})
     out = io.StringIO()
-    code = publish_command(",".join(regions), "1.0.0", iso=str(artifacts["iso"]), assets=str(artifacts["assets"]),
-                           endpoint_url=moto_url, multipart_threshold_mib=5, multipart_chunksize_mib=5,
-                           progress="plain", out=out, release_dir=str(tmp_path))
+    code = publish_command(
+        ",".join(regions),
+        "1.0.0",
+        iso=str(artifacts["iso"]),
+        assets=str(artifacts["assets"]),
+        endpoint_url=moto_url,
+        multipart_threshold_mib=5,
+        multipart_chunksize_mib=5,
+        progress="plain",
+        out=out,
+        release_dir=str(tmp_path),
+    )
     assert code == 1
     text = out.getvalue()
     assert f"s3://{PREFIX}-hashes-eu-west-1: no such bucket (create it in eu-west-1" in text
@@ -548,30 +648,54 @@ def test_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[str
     assert gnupg_daemons(home) == [], "a GnuPG daemon outlived the test"
 
 
-def check_gpg_signature_of_sha512sums(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path,
-                                      home: Path) -> None:
+def check_gpg_signature_of_sha512sums(
+    s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path, home: Path
+) -> None:
     gpg = ["gpg", "--homedir", str(home), "--batch"]
-    subprocess.run([*gpg, "--passphrase", "", "--quick-gen-key", "Release Test <release@example.test>",
-                    "ed25519", "sign", "never"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *gpg,
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "Release Test <release@example.test>",
+            "ed25519",
+            "sign",
+            "never",
+        ],
+        check=True,
+        capture_output=True,
+    )
     make_buckets(s3, REGIONS[:1])
-    opts = options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], gpg_key="release@example.test",
-                   gpg_homedir=home)
+    opts = options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], gpg_key="release@example.test", gpg_homedir=home)
     assert publish_release(opts, io.StringIO()).ok
     anon = anonymous_client(moto_url)
     hb = f"{PREFIX}-hashes-us-east-1"
     for prefix in ("1.0.0", "latest"):
         (tmp_path / "SUMS").write_bytes(anon.get_object(Bucket=hb, Key=f"{prefix}/SHA512SUMS")["Body"].read())
         (tmp_path / "SUMS.asc").write_bytes(anon.get_object(Bucket=hb, Key=f"{prefix}/SHA512SUMS.asc")["Body"].read())
-        subprocess.run([*gpg, "--verify", str(tmp_path / "SUMS.asc"), str(tmp_path / "SUMS")], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [*gpg, "--verify", str(tmp_path / "SUMS.asc"), str(tmp_path / "SUMS")], check=True, capture_output=True
+        )
     # The signature is reused, so an unchanged signed release re-publishes nothing.
     session, calls = session_with_counter()
-    report = publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], gpg_key="release@example.test",
-                                     gpg_homedir=home, session=session), io.StringIO())
+    report = publish_release(
+        options(
+            moto_url,
+            artifacts,
+            tmp_path,
+            regions=REGIONS[:1],
+            gpg_key="release@example.test",
+            gpg_homedir=home,
+            session=session,
+        ),
+        io.StringIO(),
+    )
     assert report.ok and not (set(calls) & WRITE_OPS), calls
     # Publishing without a key afterwards removes the now-unmatched latest signature.
-    assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], version="1.0.1"),
-                           io.StringIO()).ok
+    assert publish_release(
+        options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], version="1.0.1"), io.StringIO()
+    ).ok
     assert "latest/SHA512SUMS.asc" not in keys(s3, hb) and "1.0.0/SHA512SUMS.asc" in keys(s3, hb)
 
 
@@ -585,8 +709,11 @@ def test_rich_reporter_and_table() -> None:
     rep.advance("us-east-1", 100)
     rep.region_finished(RegionResult("us-east-1", objects=1, planned=1, verified=True))
     rep.close()
-    render_table([RegionResult("us-east-1", objects=1, planned=1, bytes=100, seconds=0.5, verified=True)],
-                 rich_output=True, out=out)
+    render_table(
+        [RegionResult("us-east-1", objects=1, planned=1, bytes=100, seconds=0.5, verified=True)],
+        rich_output=True,
+        out=out,
+    )
     assert "us-east-1" in out.getvalue() and "yes" in out.getvalue()
 
 
@@ -598,8 +725,10 @@ def test_other_part_size_still_uploads_nothing(
     make_buckets(s3, REGIONS[:1])
     assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1]), io.StringIO()).ok
     session, calls = session_with_counter()
-    report = publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], session=session,
-                                     multipart_chunksize=6 * MiB), io.StringIO())
+    report = publish_release(
+        options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], session=session, multipart_chunksize=6 * MiB),
+        io.StringIO(),
+    )
     assert report.ok and not (set(calls) & WRITE_OPS), calls
 
 
@@ -624,16 +753,24 @@ def test_error_messages_name_bucket_and_fix() -> None:
     from image.release.publish.s3 import describe_error
 
     def err(code: str, status: int, op: str, headers: dict[str, str] | None = None) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": ""},
-                            "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}}}, op)
+        return ClientError(
+            {
+                "Error": {"Code": code, "Message": ""},
+                "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}},
+            },
+            op,
+        )
 
     assert describe_error(err("403", 403, "HeadBucket"), "s3://b-x", "eu-west-1") == (
-        "s3://b-x: access denied (403); check the credentials' policy, the bucket policy and --expected-owner")
-    msg = describe_error(err("PermanentRedirect", 301, "PutObject", {"x-amz-bucket-region": "us-west-2"}),
-                         "s3://b-x/k", "eu-west-1")
+        "s3://b-x: access denied (403); check the credentials' policy, the bucket policy and --expected-owner"
+    )
+    msg = describe_error(
+        err("PermanentRedirect", 301, "PutObject", {"x-amz-bucket-region": "us-west-2"}), "s3://b-x/k", "eu-west-1"
+    )
     assert msg == "s3://b-x/k: wrong region, the bucket is in us-west-2, not eu-west-1"
-    assert "no such bucket (create it in eu-west-1" in describe_error(err("404", 404, "HeadBucket"), "s3://b-x",
-                                                                       "eu-west-1")
+    assert "no such bucket (create it in eu-west-1" in describe_error(
+        err("404", 404, "HeadBucket"), "s3://b-x", "eu-west-1"
+    )
     from botocore.exceptions import NoCredentialsError
 
     assert "no AWS credentials found" in describe_error(NoCredentialsError(), "s3://b", "eu-west-1")
@@ -641,13 +778,15 @@ def test_error_messages_name_bucket_and_fix() -> None:
 
 def test_acl_option_grants_public_read(s3: Any, moto_url: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
     make_buckets(s3, REGIONS[:1])
-    assert publish_release(options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], acl="public-read"),
-                           io.StringIO()).ok
+    assert publish_release(
+        options(moto_url, artifacts, tmp_path, regions=REGIONS[:1], acl="public-read"), io.StringIO()
+    ).ok
     for bucket in (f"{PREFIX}-us-east-1", f"{PREFIX}-hashes-us-east-1"):
         for key in keys(s3, bucket):
             grants = s3.get_object_acl(Bucket=bucket, Key=key)["Grants"]
-            assert any(g["Grantee"].get("URI", "").endswith("/global/AllUsers") and g["Permission"] == "READ"
-                       for g in grants), (bucket, key, grants)
+            assert any(
+                g["Grantee"].get("URI", "").endswith("/global/AllUsers") and g["Permission"] == "READ" for g in grants
+            ), (bucket, key, grants)
 
 
 def test_large_writes_share_one_budget_across_regions(
@@ -661,8 +800,10 @@ def test_large_writes_share_one_budget_across_regions(
     in_flight = [0, 0]  # now, most seen
     finished: list[str] = []
     # An upload spans CreateMultipartUpload..CompleteMultipartUpload (or is one PutObject); a copy is one CopyObject.
-    starts, ends = {"CreateMultipartUpload", "PutObject", "CopyObject"}, {"CompleteMultipartUpload", "PutObject",
-                                                                            "CopyObject"}
+    starts, ends = (
+        {"CreateMultipartUpload", "PutObject", "CopyObject"},
+        {"CompleteMultipartUpload", "PutObject", "CopyObject"},
+    )
 
     def large(params: dict[str, Any]) -> bool:
         return str(params.get("Key", "")).endswith((ISO, "failback_assets.tar.gz"))
@@ -682,8 +823,9 @@ def test_large_writes_share_one_budget_across_regions(
 
     session.events.register("before-parameter-build.s3", before)
     session.events.register("after-call.s3", after)
-    report = publish_release(options(moto_url, artifacts, tmp_path, regions=regions, session=session,
-                                     transfer_jobs=1), io.StringIO())
+    report = publish_release(
+        options(moto_url, artifacts, tmp_path, regions=regions, session=session, transfer_jobs=1), io.StringIO()
+    )
     assert report.ok
     assert_fully_published(moto_url, regions, artifacts)
     assert len(finished) == 2 * 2 * len(regions)  # 2 artifacts, at {version}/ and latest/, in every region

@@ -22,17 +22,32 @@ REAL_DIRS = (Path("/usr/share/qemu/firmware"),)
 OVMF = Path("/usr/share/OVMF")
 
 
-def write_descriptor(d: Path, name: str, features: list[str], code: str, vars_: str,
-                     machines: tuple[str, ...] = ("pc-q35-*",), interface: str = "uefi", device: str = "flash") -> None:
+def write_descriptor(
+    d: Path,
+    name: str,
+    features: list[str],
+    code: str,
+    vars_: str,
+    machines: tuple[str, ...] = ("pc-q35-*",),
+    interface: str = "uefi",
+    device: str = "flash",
+) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(json.dumps({
-        "description": name,
-        "interface-types": [interface],
-        "mapping": {"device": device, "executable": {"filename": code, "format": "raw"},
-                    "nvram-template": {"filename": vars_, "format": "raw"}},
-        "targets": [{"architecture": "x86_64", "machines": list(machines)}],
-        "features": features,
-    }))
+    (d / name).write_text(
+        json.dumps(
+            {
+                "description": name,
+                "interface-types": [interface],
+                "mapping": {
+                    "device": device,
+                    "executable": {"filename": code, "format": "raw"},
+                    "nvram-template": {"filename": vars_, "format": "raw"},
+                },
+                "targets": [{"architecture": "x86_64", "machines": list(machines)}],
+                "features": features,
+            }
+        )
+    )
 
 
 # --- firmware selection, on this host's real descriptors ---------------------------------------------------
@@ -70,8 +85,13 @@ def test_selection_is_by_feature_not_by_file_name(tmp_path: Path) -> None:
     write_descriptor(usr, "30-sb-empty.json", ["secure-boot", "requires-smm"], code, vars_)
     write_descriptor(usr, "70-plain.json", [], code, vars_)
     write_descriptor(usr, "80-enrolled.json", ["secure-boot", "enrolled-keys", "requires-smm"], code, vars_)
-    write_descriptor(etc, "80-enrolled.json", ["secure-boot", "enrolled-keys", "requires-smm"], code,
-                     str(OVMF / "OVMF_VARS_4M.ms.fd"))
+    write_descriptor(
+        etc,
+        "80-enrolled.json",
+        ["secure-boot", "enrolled-keys", "requires-smm"],
+        code,
+        str(OVMF / "OVMF_VARS_4M.ms.fd"),
+    )
     fws = qemu.load_firmware_descriptors((etc, usr))
     assert [fw.descriptor.name for fw in fws] == ["30-sb-empty.json", "70-plain.json", "80-enrolled.json"]
     assert qemu.select_uefi_firmware(fws, secure_boot=False).descriptor.name == "70-plain.json"
@@ -82,11 +102,20 @@ def test_selection_is_by_feature_not_by_file_name(tmp_path: Path) -> None:
 
 def test_missing_firmware_is_a_clear_error(tmp_path: Path) -> None:
     write_descriptor(tmp_path, "60-plain.json", [], str(OVMF / "OVMF_CODE_4M.fd"), str(OVMF / "OVMF_VARS_4M.fd"))
-    write_descriptor(tmp_path, "61-i440fx.json", ["secure-boot", "enrolled-keys"], str(OVMF / "OVMF_CODE_4M.fd"),
-                     str(OVMF / "OVMF_VARS_4M.fd"), machines=("pc-i440fx-*",))
+    write_descriptor(
+        tmp_path,
+        "61-i440fx.json",
+        ["secure-boot", "enrolled-keys"],
+        str(OVMF / "OVMF_CODE_4M.fd"),
+        str(OVMF / "OVMF_VARS_4M.fd"),
+        machines=("pc-i440fx-*",),
+    )
     fws = qemu.load_firmware_descriptors((tmp_path,))
-    with pytest.raises(QemuError, match=r"no UEFI firmware descriptor for machine q35 with secure-boot \+ "
-                                        r"enrolled-keys .*60-plain.json.*ovmf"):
+    with pytest.raises(
+        QemuError,
+        match=r"no UEFI firmware descriptor for machine q35 with secure-boot \+ "
+        r"enrolled-keys .*60-plain.json.*ovmf",
+    ):
         qemu.select_uefi_firmware(fws, secure_boot=True)
 
 
@@ -98,15 +127,32 @@ BASE = [
     "-qmp", "unix:/s/q.sock,server=on,wait=off", "-rtc", "base=utc", "-nic", "user,model=virtio-net-pci",
     "-device", "virtio-rng-pci", "-no-reboot",
 ]  # fmt: skip
-CD = ["-drive", "if=none,id=boot,file={img},format=raw,media=cdrom,readonly=on",
-      "-device", "ide-cd,drive=boot,bootindex=0"]
-DISK = ["-drive", "if=none,id=boot,file={img},format=raw,media=disk,snapshot=on",
-        "-device", "ide-hd,drive=boot,bootindex=0"]
-PLAIN = ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-         "-drive", "if=pflash,format=raw,unit=1,file=/w/vars.fd"]
-SECURE = ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
-          "-drive", "if=pflash,format=raw,unit=1,file=/w/vars.fd",
-          "-global", "driver=cfi.pflash01,property=secure,value=on"]
+CD = [
+    "-drive",
+    "if=none,id=boot,file={img},format=raw,media=cdrom,readonly=on",
+    "-device",
+    "ide-cd,drive=boot,bootindex=0",
+]
+DISK = [
+    "-drive",
+    "if=none,id=boot,file={img},format=raw,media=disk,snapshot=on",
+    "-device",
+    "ide-hd,drive=boot,bootindex=0",
+]
+PLAIN = [
+    "-drive",
+    "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "-drive",
+    "if=pflash,format=raw,unit=1,file=/w/vars.fd",
+]
+SECURE = [
+    "-drive",
+    "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+    "-drive",
+    "if=pflash,format=raw,unit=1,file=/w/vars.fd",
+    "-global",
+    "driver=cfi.pflash01,property=secure,value=on",
+]
 
 
 def expected(smm: str, fw: list[str], medium: list[str], img: str) -> list[str]:
@@ -130,21 +176,34 @@ def test_exact_qemu_command_per_way(name: str, argv: list[str]) -> None:
     if way.firmware == "uefi":
         fw = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(REAL_DIRS), secure_boot=way.secure_boot)
     image = Path("/i/disk.img" if way.medium == "disk" else "/i/live.iso")
-    got = qemu.iso_argv(way, image=image, serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"),
-                        firmware=fw, vars_file=Path("/w/vars.fd") if fw else None)
+    got = qemu.iso_argv(
+        way,
+        image=image,
+        serial_log=Path("/w/serial.log"),
+        qmp_socket=Path("/s/q.sock"),
+        firmware=fw,
+        vars_file=Path("/w/vars.fd") if fw else None,
+    )
     assert got == argv
 
 
 def test_cpus_reach_every_guest_the_bench_compares(tmp_path: Path) -> None:
     """`inv bench --cpus N`: the ISO ways and the bare-kernel baseline get the same -smp."""
     way = boot_way("seabios-cd")
-    iso = qemu.iso_argv(way, image=Path("/i/live.iso"), serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"),
-                        cpus=2)
+    iso = qemu.iso_argv(
+        way, image=Path("/i/live.iso"), serial_log=Path("/w/serial.log"), qmp_socket=Path("/s/q.sock"), cpus=2
+    )
     one = expected("off", [], CD, "/i/live.iso")
     i = iso.index("-smp")
-    assert iso[i + 1] == "2" and iso[:i + 1] + iso[i + 2:] == one[:i + 1] + one[i + 2:]
-    bare = qemu.kernel_argv(kernel=Path("/k"), initrd=Path("/r"), append="x", serial_log=Path("/w/s.log"),
-                            qmp_socket=Path("/s/q.sock"), cpus=2)
+    assert iso[i + 1] == "2" and iso[: i + 1] + iso[i + 2 :] == one[: i + 1] + one[i + 2 :]
+    bare = qemu.kernel_argv(
+        kernel=Path("/k"),
+        initrd=Path("/r"),
+        append="x",
+        serial_log=Path("/w/s.log"),
+        qmp_socket=Path("/s/q.sock"),
+        cpus=2,
+    )
     assert bare[bare.index("-smp") + 1] == "2"
     plan, _, _ = smoke.plan_way(way, Path("/i/live.iso"), tmp_path, (), None, cpus=2)
     assert plan[plan.index("-smp") + 1] == "2"
@@ -164,8 +223,12 @@ def test_way_and_firmware_must_agree() -> None:
 
 def test_the_six_ways() -> None:
     assert [(w.boot_mode, w.secure_boot_state, w.medium) for w in BOOT_WAYS] == [
-        ("BIOS", "off", "cd"), ("BIOS", "off", "disk"), ("UEFI", "off", "cd"), ("UEFI", "off", "disk"),
-        ("UEFI", "on", "cd"), ("UEFI", "on", "disk"),
+        ("BIOS", "off", "cd"),
+        ("BIOS", "off", "disk"),
+        ("UEFI", "off", "cd"),
+        ("UEFI", "off", "disk"),
+        ("UEFI", "on", "cd"),
+        ("UEFI", "on", "disk"),
     ]
 
 
@@ -181,8 +244,8 @@ def test_vars_are_copied_per_boot(tmp_path: Path) -> None:
 
 def fake_iso(path: Path) -> Path:
     data = bytearray(20 * 2048)
-    data[16 * 2048:16 * 2048 + 6] = b"\x01CD001"
-    data[17 * 2048:17 * 2048 + 7 + 23] = b"\x00CD001\x01EL TORITO SPECIFICATION"
+    data[16 * 2048 : 16 * 2048 + 6] = b"\x01CD001"
+    data[17 * 2048 : 17 * 2048 + 7 + 23] = b"\x00CD001\x01EL TORITO SPECIFICATION"
     path.write_bytes(bytes(data))
     return path
 
@@ -216,14 +279,20 @@ def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None
     a = qemu.write_marker_initramfs(tmp_path / "a.gz")
     b = qemu.write_marker_initramfs(tmp_path / "b.gz")
     assert a.read_bytes() == b.read_bytes()
-    listing = subprocess.run(["cpio", "-t", "-v"], input=gzip.decompress(a.read_bytes()),
-                             capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["cpio", "-t", "-v"], input=gzip.decompress(a.read_bytes()), capture_output=True, check=True
+    ).stdout.decode()
     names = [line.split()[-1] for line in listing.splitlines()]
     assert names == ["bin", "dev", "dev/console", "proc", "sys", "bin/busybox", "init"]
     extract = tmp_path / "x"
     extract.mkdir()
-    subprocess.run(["cpio", "-i", "--no-absolute-filenames", "init"], cwd=extract,
-                   input=gzip.decompress(a.read_bytes()), capture_output=True, check=True)
+    subprocess.run(
+        ["cpio", "-i", "--no-absolute-filenames", "init"],
+        cwd=extract,
+        input=gzip.decompress(a.read_bytes()),
+        capture_output=True,
+        check=True,
+    )
     assert qemu.BARE_MARKER in (extract / "init").read_text()
 
 
@@ -256,11 +325,14 @@ def bare_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.boot
-@pytest.mark.parametrize(("firmware", "secure_line"), [
-    (None, None),
-    ("plain", "secureboot: Secure boot disabled"),
-    ("secure", "secureboot: Secure boot enabled"),
-])
+@pytest.mark.parametrize(
+    ("firmware", "secure_line"),
+    [
+        (None, None),
+        ("plain", "secureboot: Secure boot disabled"),
+        ("secure", "secureboot: Secure boot enabled"),
+    ],
+)
 def test_bare_kernel_boots_with_each_firmware(
     bare_kernel: Path, tmp_path: Path, qmp_socket: Path, firmware: str | None, secure_line: str | None
 ) -> None:
@@ -285,15 +357,14 @@ def test_bare_kernel_boots_with_each_firmware(
 def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: Path, qmp_socket: Path) -> None:
     initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
     log, sock = tmp_path / "serial.log", qmp_socket
-    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=initrd, append="console=ttyS0 panic=-1",
-                            serial_log=log, qmp_socket=sock)
+    argv = qemu.kernel_argv(
+        kernel=bare_kernel, initrd=initrd, append="console=ttyS0 panic=-1", serial_log=log, qmp_socket=sock
+    )
     # The guest powers off after the marker: waiting for something else ends with QEMU's exit.
-    exited = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
-                             timeout=180)
+    exited = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"), timeout=180)
     assert exited.outcome == "exited", exited.tail()
     assert "QEMU exited with status 0" in (exited.match or "")
-    stuck = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
-                            timeout=0.5)
+    stuck = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"), timeout=0.5)
     assert stuck.outcome == "timeout"
 
 
@@ -303,10 +374,10 @@ def test_failure_line_stops_the_boot_early(bare_kernel: Path, tmp_path: Path, qm
     empty = tmp_path / "empty.gz"
     empty.write_bytes(gzip.compress(qemu._newc_entry("TRAILER!!!", 0), mtime=0))
     log, sock = tmp_path / "serial.log", qmp_socket
-    argv = qemu.kernel_argv(kernel=bare_kernel, initrd=empty, append="console=ttyS0 panic=0",
-                            serial_log=log, qmp_socket=sock)
-    result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"),
-                             timeout=180)
+    argv = qemu.kernel_argv(
+        kernel=bare_kernel, initrd=empty, append="console=ttyS0 panic=0", serial_log=log, qmp_socket=sock
+    )
+    result = qemu.watch_boot(argv, serial_log=log, qmp_socket=sock, pattern=re.compile("never printed"), timeout=180)
     assert result.outcome == "failed", result.tail()
     assert "Kernel panic - not syncing" in (result.match or "")
     assert result.seconds < 60
@@ -329,9 +400,11 @@ def test_kernel_and_layers_are_read_from_the_iso(tmp_path: Path) -> None:
     pc = pycdlib.PyCdlib()
     pc.new(interchange_level=3, rock_ridge="1.09", joliet=3)
     pc.add_directory("/LIVE", rr_name="live", joliet_path="/live")
-    for iso_name, name, data in (("VMLINUZ.;1", "vmlinuz", b"kernel-bytes"),
-                                 ("BASE.SQF;1", "00-base.squashfs", b"b" * 5000),
-                                 ("OVERLAY.SQF;1", "10-overlay.squashfs", b"o" * 700)):
+    for iso_name, name, data in (
+        ("VMLINUZ.;1", "vmlinuz", b"kernel-bytes"),
+        ("BASE.SQF;1", "00-base.squashfs", b"b" * 5000),
+        ("OVERLAY.SQF;1", "10-overlay.squashfs", b"o" * 700),
+    ):
         pc.add_fp(io.BytesIO(data), len(data), f"/LIVE/{iso_name}", rr_name=name, joliet_path=f"/live/{name}")
     pc.write(str(iso))
     pc.close()
@@ -368,7 +441,9 @@ def test_bench_ratio_uses_the_baseline_next_to_each_way(tmp_path: Path) -> None:
 
     cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
     report = bench.BenchReport(
-        baseline_s=5.0, way_baselines={"seabios-cd": 4.0, "ovmf-disk": 6.0}, against=tmp_path / "before.iso",
+        baseline_s=5.0,
+        way_baselines={"seabios-cd": 4.0, "ovmf-disk": 6.0},
+        against=tmp_path / "before.iso",
         boots=[WayResult(cd, True, 16.0, "ok", tmp_path), WayResult(disk, True, 30.0, "ok", tmp_path)],
         against_boots=[WayResult(cd, True, 40.0, "ok", tmp_path), WayResult(disk, False, 300.0, "no line", tmp_path)],
     )
@@ -386,7 +461,8 @@ def test_bench_shows_uefi_ways_against_their_own_firmware_too(tmp_path: Path) ->
 
     cd, disk = qemu.boot_way("seabios-cd"), qemu.boot_way("ovmf-disk")
     report = bench.BenchReport(
-        way_baselines={"seabios-cd": 4.0, "ovmf-disk": 4.0}, firmware_baselines={"ovmf-disk": 7.5},
+        way_baselines={"seabios-cd": 4.0, "ovmf-disk": 4.0},
+        firmware_baselines={"ovmf-disk": 7.5},
         boots=[WayResult(cd, True, 15.0, "ok", tmp_path), WayResult(disk, True, 20.0, "ok", tmp_path)],
     )
     text = report.format()
@@ -398,9 +474,16 @@ def test_bench_shows_uefi_ways_against_their_own_firmware_too(tmp_path: Path) ->
 def test_watch_boot_measures_the_child_cpu_time(tmp_path: Path) -> None:
     """cpu_seconds counts what the watched process burnt (a loaded machine stretches `seconds`, not it)."""
     log = tmp_path / "serial.log"
-    busy = ("python3 -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass'; "
-            f"echo READY-MARK >> {log}; sleep 1")
-    result = qemu.watch_boot(["sh", "-c", busy], serial_log=log, qmp_socket=tmp_path / "none.sock",
-                             pattern=re.compile("READY-MARK"), timeout=30)
+    busy = (
+        "python3 -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass'; "
+        f"echo READY-MARK >> {log}; sleep 1"
+    )
+    result = qemu.watch_boot(
+        ["sh", "-c", busy],
+        serial_log=log,
+        qmp_socket=tmp_path / "none.sock",
+        pattern=re.compile("READY-MARK"),
+        timeout=30,
+    )
     assert result.outcome == "matched", result.tail()
     assert result.cpu_seconds is not None and 0.35 <= result.cpu_seconds < result.seconds + 1.5

@@ -181,7 +181,9 @@ def test_a_rescan_cut_short_stops_its_readers_before_the_next_session(
     reads: list[tuple[threading.Thread, float]] = []
     connects: list[float] = []
     read_block_into, source_digests, connect = (
-        compare.read_block_into, compare.Comparer.source_digests, session.Link.connect
+        compare.read_block_into,
+        compare.Comparer.source_digests,
+        session.Link.connect,
     )
 
     def slow_read(*args, **kwargs):  # type: ignore[no-untyped-def]

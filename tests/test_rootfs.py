@@ -21,24 +21,41 @@ CFG = load_config(DEFAULT_CONFIG)
 KEY = rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5")
 
 
-@pytest.mark.parametrize("changed", [
-    replace(CFG, debian=replace(CFG.debian, suite="trixie")),
-    replace(CFG, debian=replace(CFG.debian, mirror="http://snapshot.debian.org/archive/debian/20250520T000000Z")),
-    replace(CFG, debian=replace(CFG.debian, security_mirror="")),
-    replace(CFG, debian=replace(CFG.debian, components=("main",))),
-    replace(CFG, packages=(*CFG.packages, "vim-tiny")),
-    replace(CFG, packages=tuple(p for p in CFG.packages if p != "less")),
-    replace(CFG, exclude_paths=CFG.exclude_paths[1:]),
-    replace(CFG, include_paths=()),
-    replace(CFG, initramfs=replace(CFG.initramfs, modules=CFG.initramfs.modules[1:])),
-    replace(CFG, initramfs=replace(CFG.initramfs, drop=())),
-    replace(CFG, initramfs=replace(CFG.initramfs, level=3)),
-    replace(CFG, initramfs=DEFAULT_INITRAMFS),
-    replace(CFG, mask_units=CFG.mask_units[1:]),
-    replace(CFG, mask_generators=CFG.mask_generators[1:]),
-], ids=["suite", "mirror", "security", "components", "add-package", "drop-package", "excludes", "includes",
-        "initramfs-modules", "initramfs-drop", "initramfs-level", "initramfs-default", "mask-units",
-        "mask-generators"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        replace(CFG, debian=replace(CFG.debian, suite="trixie")),
+        replace(CFG, debian=replace(CFG.debian, mirror="http://snapshot.debian.org/archive/debian/20250520T000000Z")),
+        replace(CFG, debian=replace(CFG.debian, security_mirror="")),
+        replace(CFG, debian=replace(CFG.debian, components=("main",))),
+        replace(CFG, packages=(*CFG.packages, "vim-tiny")),
+        replace(CFG, packages=tuple(p for p in CFG.packages if p != "less")),
+        replace(CFG, exclude_paths=CFG.exclude_paths[1:]),
+        replace(CFG, include_paths=()),
+        replace(CFG, initramfs=replace(CFG.initramfs, modules=CFG.initramfs.modules[1:])),
+        replace(CFG, initramfs=replace(CFG.initramfs, drop=())),
+        replace(CFG, initramfs=replace(CFG.initramfs, level=3)),
+        replace(CFG, initramfs=DEFAULT_INITRAMFS),
+        replace(CFG, mask_units=CFG.mask_units[1:]),
+        replace(CFG, mask_generators=CFG.mask_generators[1:]),
+    ],
+    ids=[
+        "suite",
+        "mirror",
+        "security",
+        "components",
+        "add-package",
+        "drop-package",
+        "excludes",
+        "includes",
+        "initramfs-modules",
+        "initramfs-drop",
+        "initramfs-level",
+        "initramfs-default",
+        "mask-units",
+        "mask-generators",
+    ],
+)
 def test_key_changes_with_each_input(changed) -> None:
     assert rootfs.rootfs_key(changed, 1700000000, "mmdebstrap 1.3.5") != KEY
 
@@ -48,8 +65,10 @@ def test_key_changes_with_epoch_and_tool_but_not_other_settings() -> None:
     assert rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.4.0") != KEY
     assert rootfs.rootfs_key(CFG, 1700000000, "mmdebstrap 1.3.5") == KEY
     # Boot menu, hostname, compression... belong to later stages: the base stays cached.
-    assert rootfs.rootfs_key(replace(CFG, hostname="other", kernel_cmdline="boot=live x"), 1700000000,
-                             "mmdebstrap 1.3.5") == KEY
+    assert (
+        rootfs.rootfs_key(replace(CFG, hostname="other", kernel_cmdline="boot=live x"), 1700000000, "mmdebstrap 1.3.5")
+        == KEY
+    )
 
 
 def test_mmdebstrap_command(tmp_path: Path) -> None:
@@ -65,10 +84,13 @@ def test_mmdebstrap_command(tmp_path: Path) -> None:
     assert len(excludes) == len(CFG.exclude_paths) and len(includes) == len(CFG.include_paths)
     # dpkg applies the last matching filter: the re-includes must come after the excludes.
     assert cmd.index(includes[0]) > cmd.index(excludes[-1])
-    assert cmd[-5:] == ["bookworm", str(tmp_path / "target"),
-                        "deb http://deb.debian.org/debian bookworm main non-free-firmware",
-                        "deb http://deb.debian.org/debian bookworm-updates main non-free-firmware",
-                        "deb http://deb.debian.org/debian-security bookworm-security main non-free-firmware"]
+    assert cmd[-5:] == [
+        "bookworm",
+        str(tmp_path / "target"),
+        "deb http://deb.debian.org/debian bookworm main non-free-firmware",
+        "deb http://deb.debian.org/debian bookworm-updates main non-free-firmware",
+        "deb http://deb.debian.org/debian-security bookworm-security main non-free-firmware",
+    ]
     assert any("sync-in '" + str(tmp_path / "apt cache") + "'" in c for c in cmd), "cache path must be quoted"
     assert not any("Check-Valid-Until" in c for c in cmd)
     assert any("machine-id" in c for c in cmd)
@@ -89,9 +111,12 @@ def test_initramfs_files_from_the_definition() -> None:
         assert needed in added, needed
     # Not conffiles of initramfs-tools (dpkg would stop to ask about a pre-existing one), and no
     # module list initramfs-tools would load at boot whether the hardware is there or not.
-    assert set(files) == {"/etc/initramfs-tools/conf.d/failback.conf", "/etc/initramfs-tools/hooks/failback",
-                          "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
-                          "/etc/initramfs-tools/scripts/failback"}
+    assert set(files) == {
+        "/etc/initramfs-tools/conf.d/failback.conf",
+        "/etc/initramfs-tools/hooks/failback",
+        "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
+        "/etc/initramfs-tools/scripts/failback",
+    }
     # The boot script (boot=failback) is sourced by /init, not run: no #!, not executable; it looks for
     # the ISO's label.
     boot = files["/etc/initramfs-tools/scripts/failback"]
@@ -115,8 +140,13 @@ def test_keep_code_script_leaves_a_sleeping_busybox_shell(tmp_path: Path) -> Non
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sleep").symlink_to(busybox)
-    run = subprocess.run([busybox, "sh", str(script)], env={"PATH": str(bin_dir), marker.split("=")[0]: marker},
-                         capture_output=True, text=True, timeout=10)
+    run = subprocess.run(
+        [busybox, "sh", str(script)],
+        env={"PATH": str(bin_dir), marker.split("=")[0]: marker},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert run.returncode == 0 and run.stdout == run.stderr == ""
 
     def left_behind() -> list[tuple[int, list[bytes]]]:
@@ -155,8 +185,12 @@ def test_default_initramfs_is_debians() -> None:
 def _fake_initramfs_tree(root: Path) -> Path:
     """A tree shaped like the one mkinitramfs builds, with modules from three places."""
     kernel = root / "usr/lib/modules/6.1.0-99-amd64/kernel"
-    for rel in ("drivers/net/ethernet/intel/e1000e.ko", "drivers/scsi/sr_mod.ko", "fs/squashfs/squashfs.ko",
-                "fs/btrfs/btrfs.ko"):
+    for rel in (
+        "drivers/net/ethernet/intel/e1000e.ko",
+        "drivers/scsi/sr_mod.ko",
+        "fs/squashfs/squashfs.ko",
+        "fs/btrfs/btrfs.ko",
+    ):
         (kernel / rel).parent.mkdir(parents=True, exist_ok=True)
         (kernel / rel).write_bytes(b"\0")
     (root / "usr/lib/firmware/bnx2x").mkdir(parents=True)
@@ -179,8 +213,9 @@ def test_hook_passes_shellcheck_drops_globs_then_adds_modules(tmp_path: Path) ->
     script.write_text(hook.read_text().replace("/usr/share/initramfs-tools/hook-functions", str(lib)))
     script.chmod(0o755)
     record = tmp_path / "added"
-    subprocess.run([str(script)], env={"DESTDIR": str(dest), "RECORD": str(record), "PATH": "/usr/bin:/bin"},
-                   check=True)
+    subprocess.run(
+        [str(script)], env={"DESTDIR": str(dest), "RECORD": str(record), "PATH": "/usr/bin:/bin"}, check=True
+    )
     assert not (kernel / "drivers/net").exists() and not (dest / "usr/lib/firmware").exists()
     assert not (kernel / "fs/btrfs").exists()
     assert (kernel / "drivers/scsi/sr_mod.ko").is_file() and (kernel / "fs/squashfs/squashfs.ko").is_file()
@@ -218,19 +253,22 @@ def test_setup_files_go_in_before_the_packages(tmp_path: Path) -> None:
     assert rootfs.mmdebstrap_command(CFG, tmp_path / "t", tmp_path / "a").count("--essential-hook") == 0
 
 
-@pytest.mark.parametrize(("change", "key", "words"), [
-    ({"policy": "some"}, "initramfs.policy", "most, dep, list, netboot"),
-    ({"modules": ["sr mod"]}, "initramfs.modules[0]", "kernel module name"),
-    ({"policy": "list", "modules": []}, "initramfs.modules", "find the live medium"),
-    ({"drop": ["/usr/lib/firmware"]}, "initramfs.drop[0]", "relative to the initramfs root"),
-    ({"drop": ["usr/../etc"]}, "initramfs.drop[0]", "without '..'"),
-    ({"compression": "lzop"}, "initramfs.compression", "zstd, lz4, xz, gzip"),
-    ({"compression": "lz4", "level": 3}, "initramfs.compression", "'lz4' in packages"),
-    ({"level": 20}, "initramfs.level", "between 1 and 19"),
-    ({"colour": 1}, "initramfs.colour", "unknown key"),
-    ({"mask_units": ["pstore"]}, "mask_units[0]", "systemd unit file name"),
-    ({"mask_generators": ["gpt-auto"]}, "mask_generators[0]", "systemd generator"),
-])
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"policy": "some"}, "initramfs.policy", "most, dep, list, netboot"),
+        ({"modules": ["sr mod"]}, "initramfs.modules[0]", "kernel module name"),
+        ({"policy": "list", "modules": []}, "initramfs.modules", "find the live medium"),
+        ({"drop": ["/usr/lib/firmware"]}, "initramfs.drop[0]", "relative to the initramfs root"),
+        ({"drop": ["usr/../etc"]}, "initramfs.drop[0]", "without '..'"),
+        ({"compression": "lzop"}, "initramfs.compression", "zstd, lz4, xz, gzip"),
+        ({"compression": "lz4", "level": 3}, "initramfs.compression", "'lz4' in packages"),
+        ({"level": 20}, "initramfs.level", "between 1 and 19"),
+        ({"colour": 1}, "initramfs.colour", "unknown key"),
+        ({"mask_units": ["pstore"]}, "mask_units[0]", "systemd unit file name"),
+        ({"mask_generators": ["gpt-auto"]}, "mask_generators[0]", "systemd generator"),
+    ],
+)
 def test_bad_initramfs_settings_name_the_key(tmp_path: Path, change: dict, key: str, words: str) -> None:
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
     if "mask_units" in change or "mask_generators" in change:
@@ -253,10 +291,14 @@ def test_initramfs_section_is_optional(tmp_path: Path) -> None:
 
 
 def test_snapshot_mirror_disables_valid_until(tmp_path: Path) -> None:
-    cfg = replace(CFG, debian=replace(CFG.debian, mirror="http://snapshot.debian.org/archive/debian/20250520T000000Z",
-                                      security_mirror=""))
+    cfg = replace(
+        CFG,
+        debian=replace(
+            CFG.debian, mirror="http://snapshot.debian.org/archive/debian/20250520T000000Z", security_mirror=""
+        ),
+    )
     cmd = rootfs.mmdebstrap_command(cfg, tmp_path / "t", tmp_path / "c")
-    assert "--aptopt=Acquire::Check-Valid-Until \"false\"" in cmd
+    assert '--aptopt=Acquire::Check-Valid-Until "false"' in cmd
     assert not any("security" in c for c in cmd if c.startswith("deb "))
 
 
@@ -311,6 +353,7 @@ def test_boot_files_errors(tmp_path: Path) -> None:
 
 # --- the real base of the default build -----------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.root
 def test_built_base(built_pipeline, tmp_path: Path) -> None:
@@ -332,8 +375,9 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     assert (mods / "drivers/net/ethernet/broadcom").is_dir()
     assert not list((mods / "sound").rglob("*.ko")), "sound modules are excluded"
     # The boot script (boot=failback) must be in the initramfs, or the ISO cannot find its squashfs layers.
-    listing = subprocess.run(["chroot", str(p.rootfs), "lsinitramfs", f"/boot/initrd.img-{kver}"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["chroot", str(p.rootfs), "lsinitramfs", f"/boot/initrd.img-{kver}"], capture_output=True, text=True, check=True
+    ).stdout
     assert "scripts/failback" in listing.split() and "usr/bin/busybox" in listing
     assert "squashfs.ko" in listing and "overlay.ko" in listing
     # The initramfs section: the live medium's drivers, no network drivers or firmware (initramfs.drop).
@@ -346,8 +390,9 @@ def test_built_base(built_pipeline, tmp_path: Path) -> None:
     assert (p.rootfs / "usr/lib/udev/rules.d/69-lvm.rules").is_file()
     assert _forced_modules(p.initrd, tmp_path) == [], "the initrd must not load drivers whatever the hardware"
     # initramfs.drop must not break a kept module: every dependency depmod recorded is in the initrd.
-    subprocess.run(f"zstd -dc {p.initrd} | cpio -id --quiet 'usr/lib/modules/*/modules.dep'", shell=True,
-                   cwd=tmp_path, check=True)
+    subprocess.run(
+        f"zstd -dc {p.initrd} | cpio -id --quiet 'usr/lib/modules/*/modules.dep'", shell=True, cwd=tmp_path, check=True
+    )
     [dep_file] = tmp_path.glob("usr/lib/modules/*/modules.dep")
     needed = {w.rstrip(":") for line in dep_file.read_text().splitlines() for w in line.split()}
     absent = sorted(n for n in needed if f"{dep_file.parent.relative_to(tmp_path)}/{n}" not in listing)
@@ -370,6 +415,7 @@ def _forced_modules(initrd: Path, tmp: Path) -> list[str]:
 
 # --- the initrd's boot script (boot=failback) ------------------------------------------------------
 
+
 def _boot_script(tmp_path: Path, label: str) -> Path:
     cfg = replace(CFG, iso=replace(CFG.iso, volume_label=label))
     files = rootfs.initramfs_setup_files(cfg)
@@ -389,8 +435,9 @@ def _medium(tmp_path: Path, label: str) -> Path:
         tree.mkdir()
         for fname, text in files.items():
             (tree / fname).write_text(text + "\n")
-        subprocess.run(["mksquashfs", str(tree), str(content / "live" / name), "-quiet", "-noappend",
-                        "-no-progress"], check=True)
+        subprocess.run(
+            ["mksquashfs", str(tree), str(content / "live" / name), "-quiet", "-noappend", "-no-progress"], check=True
+        )
     (content / "live/filesystem.module").write_text("".join(f"{name}\n" for name in layers))
     out = tmp_path / "medium.img"
     subprocess.run(["mke2fs", "-q", "-t", "ext2", "-L", label, "-d", str(content), str(out), "4M"], check=True)
@@ -403,13 +450,23 @@ def _run_boot_script(script: Path, tmp_path: Path, cmdline: str) -> subprocess.C
     (tmp_path / "cmdline").write_text(cmdline + "\n")
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
-    shell = (f'panic() {{ echo "PANIC: $*"; exit 3; }}; . {script}; rootmnt={root}; mountroot || exit 4; '
-             f'cat {root}/a {root}/b {root}/c; echo new > {root}/d; cat {tmp_path}/live/overlay/rw/d; '
-             f'busybox mount | grep -c " {tmp_path}/live/"')
-    env = {"PATH": os.environ["PATH"], "FAILBACK_LIVE_DIR": str(tmp_path / "live"),
-           "FAILBACK_CMDLINE": str(tmp_path / "cmdline")}
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "busybox", "sh", "-c", shell],
-                          env=env, capture_output=True, text=True, timeout=60)
+    shell = (
+        f'panic() {{ echo "PANIC: $*"; exit 3; }}; . {script}; rootmnt={root}; mountroot || exit 4; '
+        f"cat {root}/a {root}/b {root}/c; echo new > {root}/d; cat {tmp_path}/live/overlay/rw/d; "
+        f'busybox mount | grep -c " {tmp_path}/live/"'
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "FAILBACK_LIVE_DIR": str(tmp_path / "live"),
+        "FAILBACK_CMDLINE": str(tmp_path / "cmdline"),
+    }
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "busybox", "sh", "-c", shell],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.root
@@ -418,8 +475,9 @@ def test_boot_script_stacks_the_layers_of_the_labelled_medium(tmp_path: Path) ->
     script = _boot_script(tmp_path, label)
     subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
     medium = _medium(tmp_path, label)
-    loop = subprocess.run(["losetup", "-f", "--show", "-r", str(medium)], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", "-r", str(medium)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         run = _run_boot_script(script, tmp_path, "BOOT_IMAGE=/live/vmlinuz boot=failback failback.wait=10 quiet")
         assert run.returncode == 0, run.stdout + run.stderr

@@ -55,23 +55,29 @@ def test_env_double_quotes_unescape_and_are_not_expanded() -> None:
     assert seed.get("AWS_SESSION_TOKEN") == 'a"b\\c$HOME'
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("AWS_REGION=eu-west-1\nRECOVERY_INSTANCE_ID=x-12\n", "seed f line 2: RECOVERY_INSTANCE_ID: 'x-12' is not"),
-    ("AWS_REGION=eu-west-1\nAWS_REGION=eu-west-2\n", "seed f line 2: AWS_REGION is given twice (first on line 1)"),
-    ("aws_region=eu-west-1\n", "seed f line 1: unknown key 'aws_region': keys are upper case, did you mean AWS_"),
-    ("AWS_REGIO=eu-west-1\n", "seed f line 1: unknown key 'AWS_REGIO'"),
-    ("AWS_REGION = eu-west-1\n", "seed f line 1: AWS_REGION: expected KEY=value with no space"),
-    ("just words\n", "seed f line 1: the line: expected KEY=value"),
-    ('\n\nDNS="10.0.0.1\n', "seed f line 3: DNS: the value's \" quote is not closed"),
-    ("DEVICE_MAPPING=a b\n", "seed f line 1: DEVICE_MAPPING: the value has spaces; quote it"),
-    ("NO_PROMPT=maybe\n", "seed f line 1: NO_PROMPT: 'maybe' is not a yes/no value"),
-    ("FAILBACK_AGENT_PORT=70000\n", "seed f line 1: FAILBACK_AGENT_PORT: '70000' is not a TCP port"),
-    ("AWS_DRS_ENDPOINT=ftp://x\n", "seed f line 1: AWS_DRS_ENDPOINT: endpoint 'ftp://x' must start with https://"),
-    ("IPADDR=10.0.0.300\n", "seed f line 1: IPADDR: '10.0.0.300' is not an IPv4 address"),
-    ("IPADDR=10.0.0.5\nNETMASK=24\n", "seed f: IPADDR, NETMASK given without GATEWAY, DNS"),
-    ("IPADDR=10.0.0.5\nNETMASK=24\nGATEWAY=10.0.1.1\nDNS=10.0.0.1\n", "seed f: GATEWAY: gateway 10.0.1.1 is not in"),
-    ("DEVICE_MAPPING={bad\n", "seed f line 1: DEVICE_MAPPING: not a device mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("AWS_REGION=eu-west-1\nRECOVERY_INSTANCE_ID=x-12\n", "seed f line 2: RECOVERY_INSTANCE_ID: 'x-12' is not"),
+        ("AWS_REGION=eu-west-1\nAWS_REGION=eu-west-2\n", "seed f line 2: AWS_REGION is given twice (first on line 1)"),
+        ("aws_region=eu-west-1\n", "seed f line 1: unknown key 'aws_region': keys are upper case, did you mean AWS_"),
+        ("AWS_REGIO=eu-west-1\n", "seed f line 1: unknown key 'AWS_REGIO'"),
+        ("AWS_REGION = eu-west-1\n", "seed f line 1: AWS_REGION: expected KEY=value with no space"),
+        ("just words\n", "seed f line 1: the line: expected KEY=value"),
+        ('\n\nDNS="10.0.0.1\n', "seed f line 3: DNS: the value's \" quote is not closed"),
+        ("DEVICE_MAPPING=a b\n", "seed f line 1: DEVICE_MAPPING: the value has spaces; quote it"),
+        ("NO_PROMPT=maybe\n", "seed f line 1: NO_PROMPT: 'maybe' is not a yes/no value"),
+        ("FAILBACK_AGENT_PORT=70000\n", "seed f line 1: FAILBACK_AGENT_PORT: '70000' is not a TCP port"),
+        ("AWS_DRS_ENDPOINT=ftp://x\n", "seed f line 1: AWS_DRS_ENDPOINT: endpoint 'ftp://x' must start with https://"),
+        ("IPADDR=10.0.0.300\n", "seed f line 1: IPADDR: '10.0.0.300' is not an IPv4 address"),
+        ("IPADDR=10.0.0.5\nNETMASK=24\n", "seed f: IPADDR, NETMASK given without GATEWAY, DNS"),
+        (
+            "IPADDR=10.0.0.5\nNETMASK=24\nGATEWAY=10.0.1.1\nDNS=10.0.0.1\n",
+            "seed f: GATEWAY: gateway 10.0.1.1 is not in",
+        ),
+        ("DEVICE_MAPPING={bad\n", "seed f line 1: DEVICE_MAPPING: not a device mapping"),
+    ],
+)
 def test_env_errors_name_line_and_key(text: str, expected: str) -> None:
     with pytest.raises(SeedError) as e:
         parse_env(text, "f")
@@ -92,20 +98,30 @@ def test_secret_values_never_in_errors() -> None:
 def test_yaml_format_types_mapping_and_lines() -> None:
     seed = parse_yaml(
         "AWS_REGION: eu-west-1\nNO_PROMPT: true\nREBOOT: off\nAWS_DRS_ENDPOINT:\nFAILBACK_AGENT_PORT: 1501\n"
-        "DEVICE_MAPPING:\n  /dev/xvda: /dev/sda\n  /dev/xvdb: EXCLUDE\n", "u")
-    assert seed.env() == {"AWS_REGION": "eu-west-1", "NO_PROMPT": "1", "REBOOT": "0", "AWS_DRS_ENDPOINT": "",
-                          "FAILBACK_AGENT_PORT": "1501",
-                          "DEVICE_MAPPING": '{"/dev/xvda": "/dev/sda", "/dev/xvdb": "EXCLUDE"}'}
+        "DEVICE_MAPPING:\n  /dev/xvda: /dev/sda\n  /dev/xvdb: EXCLUDE\n",
+        "u",
+    )
+    assert seed.env() == {
+        "AWS_REGION": "eu-west-1",
+        "NO_PROMPT": "1",
+        "REBOOT": "0",
+        "AWS_DRS_ENDPOINT": "",
+        "FAILBACK_AGENT_PORT": "1501",
+        "DEVICE_MAPPING": '{"/dev/xvda": "/dev/sda", "/dev/xvdb": "EXCLUDE"}',
+    }
     assert seed.values["DEVICE_MAPPING"].line == 6
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("AWS_REGION: eu-west-1\nRECOVERY_INSTANCE_ID: nope\n", "seed u line 2: RECOVERY_INSTANCE_ID:"),
-    ("AWS_REGION: [a, b]\n", "seed u line 1: AWS_REGION: the value must be a single value"),
-    ("- AWS_REGION\n", "seed u line 1: the seed must be a mapping"),
-    ("AWS_REGION: eu-west-1\n  bad: indent: x\n", "seed u line 2:"),
-    ("AWS_REGION: eu-west-1\nAWS_REGION: eu-west-2\n", "seed u line 2: AWS_REGION is given twice"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("AWS_REGION: eu-west-1\nRECOVERY_INSTANCE_ID: nope\n", "seed u line 2: RECOVERY_INSTANCE_ID:"),
+        ("AWS_REGION: [a, b]\n", "seed u line 1: AWS_REGION: the value must be a single value"),
+        ("- AWS_REGION\n", "seed u line 1: the seed must be a mapping"),
+        ("AWS_REGION: eu-west-1\n  bad: indent: x\n", "seed u line 2:"),
+        ("AWS_REGION: eu-west-1\nAWS_REGION: eu-west-2\n", "seed u line 2: AWS_REGION is given twice"),
+    ],
+)
 def test_yaml_errors_name_line_and_key(text: str, expected: str) -> None:
     with pytest.raises(SeedError) as e:
         parse_yaml(text, "u")
@@ -116,11 +132,16 @@ def test_yaml_errors_name_line_and_key(text: str, expected: str) -> None:
 
 
 def test_cmdline_inline_keys_any_case_quotes_and_url() -> None:
-    seed = parse_cmdline('BOOT_IMAGE=/live/vmlinuz boot=live quiet failback.aws_region=eu-west-1 '
-                         'failback.NO_PROMPT=1 failback.DEVICE_MAPPING="/dev/xvda=/dev/sda, /dev/xvdb=EXCLUDE" '
-                         'failback.seed=http://10.0.2.2:8080/s.yaml\n')
-    assert seed.env() == {"AWS_REGION": "eu-west-1", "NO_PROMPT": "1",
-                          "DEVICE_MAPPING": "/dev/xvda=/dev/sda, /dev/xvdb=EXCLUDE"}
+    seed = parse_cmdline(
+        "BOOT_IMAGE=/live/vmlinuz boot=live quiet failback.aws_region=eu-west-1 "
+        'failback.NO_PROMPT=1 failback.DEVICE_MAPPING="/dev/xvda=/dev/sda, /dev/xvdb=EXCLUDE" '
+        "failback.seed=http://10.0.2.2:8080/s.yaml\n"
+    )
+    assert seed.env() == {
+        "AWS_REGION": "eu-west-1",
+        "NO_PROMPT": "1",
+        "DEVICE_MAPPING": "/dev/xvda=/dev/sda, /dev/xvdb=EXCLUDE",
+    }
     assert seed.url == "http://10.0.2.2:8080/s.yaml"
     assert seed.values["AWS_REGION"].origin == "seed kernel command line"
 
@@ -130,12 +151,15 @@ def test_cmdline_without_failback_args_is_empty() -> None:
     assert seed.values == {} and seed.sources == [] and seed.url is None
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    ("failback.seed=ftp://x/y", "failback.seed: give an http:// or https:// URL"),
-    ("failback.colour=blue", "failback.colour: unknown key COLOUR"),
-    ("failback.AWS_REGION", "failback.AWS_REGION: give a value"),
-    ("failback.AWS_REGION=mars-1", "AWS_REGION: 'mars-1' is not an AWS Region"),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("failback.seed=ftp://x/y", "failback.seed: give an http:// or https:// URL"),
+        ("failback.colour=blue", "failback.colour: unknown key COLOUR"),
+        ("failback.AWS_REGION", "failback.AWS_REGION: give a value"),
+        ("failback.AWS_REGION=mars-1", "AWS_REGION: 'mars-1' is not an AWS Region"),
+    ],
+)
 def test_cmdline_errors(line: str, expected: str) -> None:
     with pytest.raises(SeedError, match="seed kernel command line") as e:
         parse_cmdline(line)
@@ -157,8 +181,11 @@ def sysroot(tmp_path: Path, cmdline: str = "boot=live\n", files: dict[str, str] 
 
 
 def test_load_local_volume_and_cmdline_precedence(tmp_path: Path) -> None:
-    root = sysroot(tmp_path, "quiet failback.AWS_REGION=us-east-1\n",
-                   {"failback-seed.env": COMPLETE_ENV, "failback-seed.yaml": "AWS_REGION: ap-south-1\n"})
+    root = sysroot(
+        tmp_path,
+        "quiet failback.AWS_REGION=us-east-1\n",
+        {"failback-seed.env": COMPLETE_ENV, "failback-seed.yaml": "AWS_REGION: ap-south-1\n"},
+    )
     seed = seedmod.load_local(str(root))
     assert seed.get("AWS_REGION") == "us-east-1"  # the kernel argument beats the volume
     assert seed.values["AWS_REGION"].source == "kernel command line"
@@ -234,8 +261,10 @@ def http_server():
 
 def test_url_seed_yaml_by_content_type_and_network_keys_ignored(http_server) -> None:
     base, handler = http_server
-    handler.routes["/seeds/s1"] = ("application/yaml", b"AWS_REGION: eu-west-2\nIPADDR: 10.1.1.1\nNETMASK: 24\n"
-                                                       b"GATEWAY: 10.1.1.254\nDNS: 10.1.1.2\n")
+    handler.routes["/seeds/s1"] = (
+        "application/yaml",
+        b"AWS_REGION: eu-west-2\nIPADDR: 10.1.1.1\nNETMASK: 24\nGATEWAY: 10.1.1.254\nDNS: 10.1.1.2\n",
+    )
     seed = seedmod.fetch_url(f"{base}/seeds/s1")
     assert seed.env() == {"AWS_REGION": "eu-west-2"}
     assert any("IPADDR ignored" in w for w in seed.warnings)
@@ -245,8 +274,9 @@ def test_url_seed_yaml_by_content_type_and_network_keys_ignored(http_server) -> 
 def test_url_seed_fills_below_cmdline_and_volume(http_server, tmp_path: Path) -> None:
     base, handler = http_server
     handler.routes["/s.env"] = ("text/plain", b"AWS_REGION=ap-south-1\nRECOVERY_INSTANCE_ID=i-00000000000000aa\n")
-    root = sysroot(tmp_path, f"failback.seed={base}/s.env failback.NO_PROMPT=0\n",
-                   {"failback-seed.env": "AWS_REGION=eu-west-1\n"})
+    root = sysroot(
+        tmp_path, f"failback.seed={base}/s.env failback.NO_PROMPT=0\n", {"failback-seed.env": "AWS_REGION=eu-west-1\n"}
+    )
     seed = seedmod.load_local(str(root))
     assert seed.url == f"{base}/s.env" and handler.seen == []  # not fetched before the network is up
     seedmod.add_url_seed(seed)
@@ -295,8 +325,9 @@ def test_fill_from_later_seed_only_fills_gaps() -> None:
     assert s.no_prompt and set(filled) == {"recovery_instance_id", "no_prompt"}
 
 
-def test_cli_reports_malformed_seed_on_the_console(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_reports_malformed_seed_on_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from failback_client.cli import main
 
     root = sysroot(tmp_path, files={"failback-seed.env": f"AWS_SECRET_KEY={SECRET}\nRECOVERY_INSTANCE_ID=i-zz\n"})
@@ -305,8 +336,10 @@ def test_cli_reports_malformed_seed_on_the_console(tmp_path: Path, capsys: pytes
     status = main(["--log-file", str(tmp_path / "client.log")])
     err = capsys.readouterr().err
     assert status == 2
-    assert ("failback-client: error: seed volume FBSEED:failback-seed.env line 2: RECOVERY_INSTANCE_ID: 'i-zz' "
-            "is not a recovery instance ID") in err
+    assert (
+        "failback-client: error: seed volume FBSEED:failback-seed.env line 2: RECOVERY_INSTANCE_ID: 'i-zz' "
+        "is not a recovery instance ID"
+    ) in err
     assert SECRET not in err
 
 

@@ -15,8 +15,14 @@ from failback_client import seed as seedmod
 from image.release.seedimage import SeedImageError, build_seed_image, seed_text
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-SETS = ["AWS_REGION=eu-west-1", "AWS_ACCESS_KEY=AKIAIOSFODNN7EXAMPLE", f"AWS_SECRET_KEY={SECRET}",
-        "RECOVERY_INSTANCE_ID=i-0123456789abcdef0", 'DEVICE_MAPPING={"/dev/xvda": "/dev/vda"}', "NO_PROMPT=1"]
+SETS = [
+    "AWS_REGION=eu-west-1",
+    "AWS_ACCESS_KEY=AKIAIOSFODNN7EXAMPLE",
+    f"AWS_SECRET_KEY={SECRET}",
+    "RECOVERY_INSTANCE_ID=i-0123456789abcdef0",
+    'DEVICE_MAPPING={"/dev/xvda": "/dev/vda"}',
+    "NO_PROMPT=1",
+]
 
 
 def blkid(path: Path) -> dict[str, str]:
@@ -29,8 +35,13 @@ def test_fat_image_label_mode_and_content(tmp_path: Path) -> None:
     result = build_seed_image(out, sets=SETS)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert blkid(out)["LABEL"] == "FBSEED" and blkid(out)["TYPE"] == "vfat"
-    text = subprocess.run(["mtype", "-i", str(out), "::/failback-seed.env"], capture_output=True, text=True,
-                          check=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    text = subprocess.run(
+        ["mtype", "-i", str(out), "::/failback-seed.env"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    ).stdout
     seed = seedmod.parse_env(text, "read back")
     assert seed.get("AWS_SECRET_KEY") == SECRET
     assert seed.get("DEVICE_MAPPING") == '{"/dev/xvda": "/dev/vda"}'
@@ -59,22 +70,33 @@ def test_file_then_set_overrides(tmp_path: Path) -> None:
     out = tmp_path / "seed.img"
     result = build_seed_image(out, seed_file=src, sets=["AWS_REGION=us-east-1"])
     assert result.keys == ("AWS_REGION", "DEVICE_MAPPING", "NO_PROMPT")
-    text = subprocess.run(["mtype", "-i", str(out), "::/failback-seed.env"], capture_output=True, text=True,
-                          check=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    text = subprocess.run(
+        ["mtype", "-i", str(out), "::/failback-seed.env"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    ).stdout
     assert seedmod.parse_env(text, "x").env() == {
-        "AWS_REGION": "us-east-1", "DEVICE_MAPPING": '{"/dev/xvda": "/dev/sda"}', "NO_PROMPT": "1"}
+        "AWS_REGION": "us-east-1",
+        "DEVICE_MAPPING": '{"/dev/xvda": "/dev/sda"}',
+        "NO_PROMPT": "1",
+    }
 
 
-@pytest.mark.parametrize(("kwargs", "expected"), [
-    ({"sets": ["AWS_REGIO=eu-west-1"]}, "--set AWS_REGIO: unknown key"),
-    ({"sets": ["AWS_REGION"]}, "--set 'AWS_REGION': write --set KEY=VALUE"),
-    ({"sets": ["AWS_REGION=mars"]}, "--set AWS_REGION: 'mars' is not an AWS Region"),
-    ({"sets": ["AWS_REGION=eu-west-1", "AWS_REGION=eu-west-2"]}, "--set AWS_REGION: given twice"),
-    ({"sets": ["IPADDR=10.0.0.2"]}, "IPADDR given without NETMASK, GATEWAY, DNS"),
-    ({"sets": [f"AWS_SECRET_KEY={SECRET} x"]}, "--set AWS_SECRET_KEY: an AWS Secret Access Key has no spaces"),
-    ({"sets": []}, "the seed is empty"),
-    ({"sets": ["AWS_REGION=eu-west-1"], "kind": "vhd"}, "--format 'vhd': use fat"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"sets": ["AWS_REGIO=eu-west-1"]}, "--set AWS_REGIO: unknown key"),
+        ({"sets": ["AWS_REGION"]}, "--set 'AWS_REGION': write --set KEY=VALUE"),
+        ({"sets": ["AWS_REGION=mars"]}, "--set AWS_REGION: 'mars' is not an AWS Region"),
+        ({"sets": ["AWS_REGION=eu-west-1", "AWS_REGION=eu-west-2"]}, "--set AWS_REGION: given twice"),
+        ({"sets": ["IPADDR=10.0.0.2"]}, "IPADDR given without NETMASK, GATEWAY, DNS"),
+        ({"sets": [f"AWS_SECRET_KEY={SECRET} x"]}, "--set AWS_SECRET_KEY: an AWS Secret Access Key has no spaces"),
+        ({"sets": []}, "the seed is empty"),
+        ({"sets": ["AWS_REGION=eu-west-1"], "kind": "vhd"}, "--format 'vhd': use fat"),
+    ],
+)
 def test_bad_input_names_the_bad_part(tmp_path: Path, kwargs: dict, expected: str) -> None:
     out = tmp_path / "seed.img"
     with pytest.raises(SeedImageError) as e:
@@ -100,12 +122,22 @@ def test_inv_seed_task(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
     inv = repo / ".venv/bin/inv"
     out = tmp_path / "s.img"
-    ok = subprocess.run([str(inv), "seed", "--out", str(out), "--set", "AWS_REGION=eu-west-1", "--set",
-                         f"AWS_SECRET_KEY={SECRET}"], cwd=repo, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [str(inv), "seed", "--out", str(out), "--set", "AWS_REGION=eu-west-1", "--set", f"AWS_SECRET_KEY={SECRET}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "AWS_SECRET_KEY=****" in ok.stdout and SECRET not in ok.stdout + ok.stderr
-    bad = subprocess.run([str(inv), "seed", "--out", str(out), "--set", "NO_PROMPT=2"], cwd=repo,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(inv), "seed", "--out", str(out), "--set", "NO_PROMPT=2"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "seed: --set NO_PROMPT: '2' is not a yes/no value" in bad.stderr
 
 

@@ -43,18 +43,18 @@ def test_summary_regex() -> None:
 def test_failures_explain_themselves(tmp_path: Path) -> None:
     way = boot_way("ovmf-cd")
     log = tmp_path / "serial.log"
-    assert smoke.check_summary(way, BootResult("timeout", 300, None, log)) == (
-        False, "no summary line within 300 s")
+    assert smoke.check_summary(way, BootResult("timeout", 300, None, log)) == (False, "no summary line within 300 s")
     ok, detail = smoke.check_summary(way, BootResult("failed", 9, "Kernel panic - not syncing: x", log))
     assert not ok and detail == "boot failed: Kernel panic - not syncing: x"
     ok, detail = smoke.check_summary(
-        way, BootResult("exited", 1, "QEMU exited with status 1", log, qemu_output="qemu: could not open disk"))
+        way, BootResult("exited", 1, "QEMU exited with status 1", log, qemu_output="qemu: could not open disk")
+    )
     assert not ok and detail == "QEMU exited with status 1: qemu: could not open disk before the summary line"
 
 
 def fake_iso(path: Path) -> Path:
     data = bytearray(20 * 2048)
-    data[17 * 2048:17 * 2048 + 30] = b"\x00CD001\x01EL TORITO SPECIFICATION"
+    data[17 * 2048 : 17 * 2048 + 30] = b"\x00CD001\x01EL TORITO SPECIFICATION"
     path.write_bytes(bytes(data))
     return path
 

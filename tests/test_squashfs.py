@@ -39,8 +39,9 @@ def test_compression_args() -> None:
 
 
 @pytest.mark.parametrize("sq", [ZSTD, SquashfsConfig("xz", None)], ids=["zstd", "xz"])
-def test_mksquashfs_is_reproducible_and_stamps_epoch(tmp_path: Path, sq: SquashfsConfig,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mksquashfs_is_reproducible_and_stamps_epoch(
+    tmp_path: Path, sq: SquashfsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A SOURCE_DATE_EPOCH in the environment (CI sets one) must not clash with the flags.
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
     src = tree(tmp_path / "src")
@@ -94,8 +95,9 @@ def test_merge_trees_refuses_a_file_in_both(tmp_path: Path) -> None:
 
 def test_module_file_lists_base_first(tmp_path: Path) -> None:
     mod = tmp_path / "filesystem.module"
-    squashfs.write_module_file(mod, [tmp_path / "00-base.squashfs", tmp_path / "05-deps.squashfs",
-                                     tmp_path / "10-overlay.squashfs"])
+    squashfs.write_module_file(
+        mod, [tmp_path / "00-base.squashfs", tmp_path / "05-deps.squashfs", tmp_path / "10-overlay.squashfs"]
+    )
     # live-boot stacks the last listed on top: the overlay must come after the base.
     assert mod.read_text() == "00-base.squashfs\n05-deps.squashfs\n10-overlay.squashfs\n"
 

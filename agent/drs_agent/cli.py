@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1500)
     p.add_argument("--watch-interval", type=float, default=5.0)
-    p.add_argument("--digests", default=None,
-                   help="block digests served, comma-separated (default: all available, blake3 then sha256)")
+    p.add_argument(
+        "--digests",
+        default=None,
+        help="block digests served, comma-separated (default: all available, blake3 then sha256)",
+    )
     args = p.parse_args(argv)
     digests = tuple(d.strip() for d in args.digests.split(",") if d.strip()) if args.digests else None
     if digests is not None and (not digests or set(digests) - set(DIGEST_ALGORITHMS)):

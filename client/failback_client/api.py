@@ -32,67 +32,90 @@ def explain(error: Exception, settings: Settings, action: str, *, installed: boo
         if code in ("InvalidSignatureException", "SignatureDoesNotMatch") and "expired" in message.lower():
             return CredentialsError(
                 f"AWS refused the request signature as expired while {action}: this machine's clock is more than "
-                "5 minutes off; set it to the correct UTC time (the hardware clock must keep UTC, not local time)")
+                "5 minutes off; set it to the correct UTC time (the hardware clock must keep UTC, not local time)"
+            )
         signature = code in ("InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature")
         if signature and "not yet current" in message.lower():
             return CredentialsError(
                 f"AWS refused the request signature as dated in the future while {action}: this machine's clock "
-                "is more than 5 minutes ahead; set it to the correct UTC time")
+                "is more than 5 minutes ahead; set it to the correct UTC time"
+            )
         if signature and "scoped to a valid region" in message.lower():
             return CredentialsError(
                 f"The endpoint {endpoint} is not in region {region} (while {action}): AWS answered "
-                f"\"{message.strip()}\". Give the region the endpoint belongs to, or the endpoint of the region "
-                "(--region, --endpoint)")
+                f'"{message.strip()}". Give the region the endpoint belongs to, or the endpoint of the region '
+                "(--region, --endpoint)"
+            )
         if signature and "scoped to correct service" in message.lower():
             return CredentialsError(
                 f"The endpoint {endpoint} is not an Elastic Disaster Recovery endpoint (while {action}): AWS "
-                f"answered \"{message.strip()}\"; check --endpoint")
+                f'answered "{message.strip()}"; check --endpoint'
+            )
         if signature:
             return CredentialsError(
                 f"AWS refused the request signature while {action}: the AWS Secret Access Key does not match "
-                f"access key {key}; check it for a typo (AWS answered \"{message.strip()[:200]}\")")
-        if installed and code in ("AccessDeniedException", "AccessDenied", "ExpiredTokenException", "ExpiredToken",
-                                  "UnrecognizedClientException", "InvalidClientTokenId"):
+                f'access key {key}; check it for a typo (AWS answered "{message.strip()[:200]}")'
+            )
+        if installed and code in (
+            "AccessDeniedException",
+            "AccessDenied",
+            "ExpiredTokenException",
+            "ExpiredToken",
+            "UnrecognizedClientException",
+            "InvalidClientTokenId",
+        ):
             return CredentialsError(
                 f"Elastic Disaster Recovery refused the credentials it issued this failback client while {action} "
-                f"({code}: \"{message.strip()[:300]}\"). The credentials entered at installation are not the cause "
+                f'({code}: "{message.strip()[:300]}"). The credentials entered at installation are not the cause '
                 f"and are not used any more. Check in the DRS console that the recovery instance still exists and "
-                f"its failback was not stopped, then start the failback client again")
+                f"its failback was not stopped, then start the failback client again"
+            )
         if code in ("ExpiredTokenException", "ExpiredToken"):
             return CredentialsError(
                 f"The AWS Session Token has expired (while {action}): create new temporary credentials with "
-                "AWS STS AssumeRole and start again")
+                "AWS STS AssumeRole and start again"
+            )
         if code in ("RequestExpired", "RequestTimeTooSkewed"):
             return CredentialsError(
                 f"AWS refused the request as too old or too new while {action}: this machine's clock is off; "
-                "set it to the correct UTC time")
+                "set it to the correct UTC time"
+            )
         if code in ("UnrecognizedClientException", "InvalidClientTokenId", "InvalidAccessKeyId"):
-            what = (f"the access key ID {key} or the AWS Session Token" if settings.session_token
-                    else f"the access key ID {key}")
+            what = (
+                f"the access key ID {key} or the AWS Session Token"
+                if settings.session_token
+                else f"the access key ID {key}"
+            )
             return CredentialsError(
                 f"AWS does not recognise {what} (while {action}): check for a typo, or that the credentials "
-                f"belong to the account of region {region}")
+                f"belong to the account of region {region}"
+            )
         if code in ("AccessDeniedException", "AccessDenied"):
             return CredentialsError(
                 f"The credentials are valid but not allowed to {action}: attach the {POLICY} policy "
-                "to the role or user they belong to")
+                "to the role or user they belong to"
+            )
         if code == "UninitializedAccountException":
             return CredentialsError(
-                f"Elastic Disaster Recovery is not initialized in {region} for this account: check the region")
+                f"Elastic Disaster Recovery is not initialized in {region} for this account: check the region"
+            )
         if code in ("ThrottlingException", "TooManyRequestsException"):
-            return ServiceError(f"DRS kept throttling the requests while {action} even after retries; "
-                                "wait a minute and start again")
+            return ServiceError(
+                f"DRS kept throttling the requests while {action} even after retries; wait a minute and start again"
+            )
         detail = f": {message}" if message else ""
         return ServiceError(f"DRS refused {action} ({code or status}){detail}")
     if isinstance(error, botocore.exceptions.SSLError):
         return CredentialsError(
-            f"TLS to {endpoint} failed while {action}: a proxy that inspects TLS, or a wrong endpoint name")
+            f"TLS to {endpoint} failed while {action}: a proxy that inspects TLS, or a wrong endpoint name"
+        )
     if isinstance(error, botocore.exceptions.ProxyConnectionError):
         return CredentialsError(f"The HTTPS proxy refused the connection to {endpoint} while {action}")
     if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
         return CredentialsError(
             f"Cannot reach the DRS endpoint {endpoint} while {action}: check the network, DNS, the route or "
-            "proxy to it, and the region/endpoint you gave")
+            "proxy to it, and the region/endpoint you gave"
+        )
     if isinstance(error, botocore.exceptions.ReadTimeoutError):
         return ServiceError(f"The DRS endpoint {endpoint} did not answer in time while {action}")
     if isinstance(error, botocore.exceptions.ParamValidationError):
@@ -101,9 +124,11 @@ def explain(error: Exception, settings: Settings, action: str, *, installed: boo
         return ServiceError(f"DRS call failed while {action}: {error}")
     raise error
 
+
 @contextlib.contextmanager
-def calling(settings: Settings, action: str, logger: logging.Logger = log, *,
-            installed: bool = False) -> Iterator[None]:
+def calling(
+    settings: Settings, action: str, logger: logging.Logger = log, *, installed: bool = False
+) -> Iterator[None]:
     """Around one DRS call: a botocore error becomes the one-sentence ClientError of `explain`."""
     try:
         yield
@@ -122,7 +147,6 @@ def all_items(method: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict
         if not token:
             return items
         kwargs["nextToken"] = token
-
 
 
 class DrsApi:
@@ -163,12 +187,14 @@ class DrsApi:
 
     def recovery_instances(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
         with self._calling("listing recovery instances"):
-            return all_items(self.client.describe_recovery_instances,
-                             filters={"recoveryInstanceIDs": ids} if ids else {})
+            return all_items(
+                self.client.describe_recovery_instances, filters={"recoveryInstanceIDs": ids} if ids else {}
+            )
 
     def source_servers_by_hardware_id(self, hardware_id: str) -> list[dict[str, Any]]:
-        return self._source_servers({"hardwareId": hardware_id},
-                                    f"looking up source servers by hardware id {hardware_id}")
+        return self._source_servers(
+            {"hardwareId": hardware_id}, f"looking up source servers by hardware id {hardware_id}"
+        )
 
     def source_servers(self) -> list[dict[str, Any]]:
         """Every source server of the region (to say what identification could have matched)."""
@@ -178,32 +204,44 @@ class DrsApi:
         with self._calling(action):
             return all_items(self.client.describe_source_servers, filters=filters)
 
-    def associate(self, recovery_instance_id: str, identification: dict[str, Any],
-                  local_disks: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    def associate(
+        self, recovery_instance_id: str, identification: dict[str, Any], local_disks: list[dict[str, Any]], version: str
+    ) -> dict[str, Any]:
         with self._calling(f"linking this failback client with {recovery_instance_id}"):
             return self.client.associate_failback_client_to_recovery_instance_for_drs(
-                recoveryInstanceID=recovery_instance_id, failbackClientVersion=version,
-                identification=identification, localDisks=local_disks)
+                recoveryInstanceID=recovery_instance_id,
+                failbackClientVersion=version,
+                identification=identification,
+                localDisks=local_disks,
+            )
 
-    def suggested_mapping(self, client_id: str, recovery_instance_id: str,
-                          local_disks: list[dict[str, Any]]) -> dict[str, Any]:
+    def suggested_mapping(
+        self, client_id: str, recovery_instance_id: str, local_disks: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         with self._calling("asking DRS for the suggested volume mapping"):
             return self.client.get_suggested_failback_client_device_mapping_for_drs(
-                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, localDisks=local_disks)
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, localDisks=local_disks
+            )
 
-    def update_mapping(self, client_id: str, recovery_instance_id: str,
-                       mapping: list[dict[str, str]]) -> dict[str, Any]:
+    def update_mapping(
+        self, client_id: str, recovery_instance_id: str, mapping: list[dict[str, str]]
+    ) -> dict[str, Any]:
         with self._calling("sending the volume mapping to DRS"):
             return self.client.update_failback_client_device_mapping_for_drs(
-                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, deviceMapping=mapping)
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id, deviceMapping=mapping
+            )
 
     def report_steps(self, client_id: str, recovery_instance_id: str, steps: list[dict[str, str]]) -> None:
         with self._calling("reporting the initiation steps to DRS"):
             self.update_replication(
-                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id,
-                dataReplicationState="INITIATING", initiationSteps=steps)
+                failbackClientID=client_id,
+                recoveryInstanceID=recovery_instance_id,
+                dataReplicationState="INITIATING",
+                initiationSteps=steps,
+            )
 
     def seen(self, client_id: str, recovery_instance_id: str) -> None:
         with self._calling("telling DRS this failback client is alive"):
             self.client.update_failback_client_last_seen_for_drs(
-                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id)
+                failbackClientID=client_id, recoveryInstanceID=recovery_instance_id
+            )

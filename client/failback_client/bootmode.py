@@ -37,7 +37,7 @@ BIOS_BOOT_GUID = uuid.UUID("21686148-6449-6E6F-744E-656564454649")  # GRUB's BIO
 
 def _gpt_kinds(head: bytes, sector: int) -> set[uuid.UUID] | None:
     """The ESP / BIOS boot type GUIDs among the GPT's entries; None when there is no GPT header at LBA 1."""
-    hdr = head[sector:sector + 92]
+    hdr = head[sector : sector + 92]
     if len(hdr) < 92 or hdr[:8] != b"EFI PART":
         return None
     entries_lba, count, size = struct.unpack_from("<QII", hdr, 72)
@@ -46,7 +46,7 @@ def _gpt_kinds(head: bytes, sector: int) -> set[uuid.UUID] | None:
     found = set()
     for i in range(count):
         off = entries_lba * sector + i * size
-        entry = head[off:off + 16]
+        entry = head[off : off + 16]
         if len(entry) < 16:
             break
         kind = uuid.UUID(bytes_le=entry)
@@ -56,11 +56,11 @@ def _gpt_kinds(head: bytes, sector: int) -> set[uuid.UUID] | None:
 
 
 def layout_boot_mode(head: bytes) -> str:
-    """"uefi", "bios", "both" (a GPT with an ESP and a BIOS boot partition, as cloud Linux images have), or ""
+    """ "uefi", "bios", "both" (a GPT with an ESP and a BIOS boot partition, as cloud Linux images have), or ""
     (cannot tell: no table, a GPT without ESP, an MBR without active partition)."""
     if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
         return ""
-    parts = [head[446 + 16 * i:446 + 16 * (i + 1)] for i in range(4)]
+    parts = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
     if any(p[4] == MBR_PROTECTIVE for p in parts):
         for sector in (SECTOR, 4096):
             kinds = _gpt_kinds(head, sector)
@@ -99,7 +99,7 @@ class BootModeMismatch(ClientError):
 
 
 def instance_os(instance: dict[str, Any]) -> str:
-    """"windows", "linux" or "" from recoveryInstanceProperties.os.fullString."""
+    """ "windows", "linux" or "" from recoveryInstanceProperties.os.fullString."""
     text = str(instance.get("recoveryInstanceProperties", {}).get("os", {}).get("fullString", "")).lower()
     return "windows" if "windows" in text else "linux" if text and "windows" not in text else ""
 
@@ -149,20 +149,29 @@ def read_heads(setup: ReplicationSetup, *, timeout: float = 60) -> dict[str, byt
         cert = cast("dict[str, tuple[tuple[tuple[str, str], ...], ...]]", sock.getpeercert())  # CERT_REQUIRED
         subject = dict(x[0] for x in cert.get("subject", ()))
         if setup.agent_identity and subject.get("commonName") != setup.agent_identity:
-            raise ConnectionError(f"the agent's certificate is for {subject.get('commonName')!r}, "
-                                  f"not {setup.agent_identity!r}")
+            raise ConnectionError(
+                f"the agent's certificate is for {subject.get('commonName')!r}, not {setup.agent_identity!r}"
+            )
         agent = _Agent(sock)
-        hello = {"op": "HELLO", "version": 2, "software": "failback-client-bootcheck", "client": setup.client_id,
-                 "recovery_instance": setup.recovery_instance_id, "block_size": HEAD_BLOCK_SIZE, "codecs": ["zlib"],
-                 "digests": ["sha256"]}
+        hello = {
+            "op": "HELLO",
+            "version": 2,
+            "software": "failback-client-bootcheck",
+            "client": setup.client_id,
+            "recovery_instance": setup.recovery_instance_id,
+            "block_size": HEAD_BLOCK_SIZE,
+            "codecs": ["zlib"],
+            "digests": ["sha256"],
+        }
         agent.send(hello)
         reply = agent.recv_json()
         if reply.get("op") == "ERROR" and reply.get("error") == "VERSION":
             agent.send({k: v for k, v in hello.items() if k != "digests"} | {"version": 1})
             reply = agent.recv_json()
         if reply.get("op") != "HELLO":
-            raise ConnectionError(f"the agent answered HELLO with {reply.get('error') or reply.get('op')}: "
-                                  f"{reply.get('message', '')}")
+            raise ConnectionError(
+                f"the agent answered HELLO with {reply.get('error') or reply.get('op')}: {reply.get('message', '')}"
+            )
         index = {v["name"]: i for i, v in enumerate(reply.get("volumes", []))}
         heads: dict[str, bytes] = {}
         for name, _target in setup.volumes:
@@ -178,9 +187,14 @@ def read_heads(setup: ReplicationSetup, *, timeout: float = 60) -> dict[str, byt
                     break
                 if ftype == FRAME_BLOCK:
                     _vol, _idx, codec, raw_len, _dig = _BLOCK.unpack_from(body)
-                    data = body[_BLOCK.size:]
-                    heads[name] = (bytes(raw_len) if codec == CODEC_ZERO else zlib.decompress(data)
-                                   if codec == CODEC_ZLIB else data)
+                    data = body[_BLOCK.size :]
+                    heads[name] = (
+                        bytes(raw_len)
+                        if codec == CODEC_ZERO
+                        else zlib.decompress(data)
+                        if codec == CODEC_ZLIB
+                        else data
+                    )
         with contextlib.suppress(OSError):
             agent.send({"op": "BYE"})
     return heads
@@ -208,14 +222,20 @@ def judge(heads: dict[str, bytes], os_name: str, this_mode: str) -> Verdict:
 def check_boot_mode(verdict: Verdict, console: Console) -> None:
     """A Windows mismatch stops here (BootModeMismatch); Linux gets a note; unknown layouts a note."""
     shown = ", ".join(f"{n}: {m.upper() or 'unknown'}" for n, m in verdict.per_volume.items()) or "none read"
-    log.info("boot mode: recovery volumes %s; instance OS %s; this machine %s", shown, verdict.os or "unknown",
-             verdict.this_mode)
+    log.info(
+        "boot mode: recovery volumes %s; instance OS %s; this machine %s",
+        shown,
+        verdict.os or "unknown",
+        verdict.this_mode,
+    )
     if not verdict.source_mode:
         console.info(f"Boot mode: the recovery volumes' layout does not tell how they boot ({shown})")
         return
     if verdict.source_mode == "both":
-        console.ok(f"Boot mode: the recovery volumes boot BIOS and UEFI ({shown}); this machine booted "
-                   f"{verdict.this_mode.upper()}")
+        console.ok(
+            f"Boot mode: the recovery volumes boot BIOS and UEFI ({shown}); this machine booted "
+            f"{verdict.this_mode.upper()}"
+        )
         return
     if not verdict.mismatch:
         console.ok(f"Boot mode: the recovery volumes boot {verdict.source_mode.upper()}, like this machine")
@@ -226,11 +246,14 @@ def check_boot_mode(verdict: Verdict, console: Console) -> None:
             f"the recovery instance runs Windows and its volumes boot {src} ({shown}), but this machine booted the "
             f"failback client in {here} mode: Windows only boots in the mode it was installed for. Nothing was "
             f"written to a local disk. Fix: reboot this ISO in {src} mode (firmware boot menu or setup) and start "
-            "the failback client again")
+            "the failback client again"
+        )
     what = "Linux" if verdict.os == "linux" else "the restored system (OS unknown)"
-    console.warn(f"Boot mode: the recovery volumes boot {src} and this machine booted {here}; conversion installs "
-                 f"the boot loader of {what} for {here} (the guide asks Linux servers to boot the client in BIOS "
-                 "mode)")
+    console.warn(
+        f"Boot mode: the recovery volumes boot {src} and this machine booted {here}; conversion installs "
+        f"the boot loader of {what} for {here} (the guide asks Linux servers to boot the client in BIOS "
+        "mode)"
+    )
 
 
 def before_replication(settings: Settings, console: Console, api: DrsApi, setup: ReplicationSetup) -> None:

@@ -41,8 +41,14 @@ class BootWait:
         try:
             # Its own process group: a timeout kills whatever it started too (their open pipe would
             # keep communicate() waiting).
-            self.proc = popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.proc = popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
         except OSError as e:
             self.error = f"cannot run {self.argv[0]}: {e.strerror or e}"
 

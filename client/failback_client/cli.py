@@ -102,36 +102,71 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--aws-access-key-id", metavar="AWS_ACCESS_KEY_ID", dest="access_key_id",
-                   help="AWS access key ID of the failback installation credentials")
-    p.add_argument("--aws-secret-access-key", metavar="AWS_SECRET_ACCESS_KEY", dest="secret_access_key",
-                   help="AWS secret access key (prefer the prompt or AWS_SECRET_KEY: arguments are visible in ps)")
-    p.add_argument("--aws-session-token", metavar="AWS_SESSION_TOKEN", dest="session_token",
-                   help="AWS session token of temporary (STS) credentials")
+    p.add_argument(
+        "--aws-access-key-id",
+        metavar="AWS_ACCESS_KEY_ID",
+        dest="access_key_id",
+        help="AWS access key ID of the failback installation credentials",
+    )
+    p.add_argument(
+        "--aws-secret-access-key",
+        metavar="AWS_SECRET_ACCESS_KEY",
+        dest="secret_access_key",
+        help="AWS secret access key (prefer the prompt or AWS_SECRET_KEY: arguments are visible in ps)",
+    )
+    p.add_argument(
+        "--aws-session-token",
+        metavar="AWS_SESSION_TOKEN",
+        dest="session_token",
+        help="AWS session token of temporary (STS) credentials",
+    )
     p.add_argument("--region", metavar="REGION", help="AWS Region of the recovery instance, e.g. us-east-1")
-    p.add_argument("--endpoint", metavar="ENDPOINT",
-                   help="custom DRS endpoint URL, e.g. a VPC endpoint (PrivateLink)")
-    p.add_argument("--default-endpoint", action="store_true",
-                   help="use https://drs.REGION.amazonaws.com without asking")
-    p.add_argument("--recovery-instance-id", metavar="RECOVERY_INSTANCE_ID",
-                   help="recovery instance to fail back from (skips automatic identification)")
-    p.add_argument("--dm-value-format", choices=DM_VALUE_FORMATS, default="dev-name", metavar="FORMAT",
-                   help="how local devices are named in --device-mapping and at the mapping prompts: "
-                        f"{', '.join(DM_VALUE_FORMATS)} (default dev-name, e.g. /dev/sda; all-strict accepts "
-                        "every form)")
-    p.add_argument("--device-mapping", metavar="DEVICE_MAPPING",
-                   help='volume mapping: CSV "rec1=local1,rec2:local2,rec3=EXCLUDE", a JSON object '
-                        'or the JSON list [{"recoveryInstanceDeviceName": …, "failbackClientDeviceName": …}]')
-    p.add_argument("--no-prompt", action="store_true",
-                   help="never ask: anything missing is an error naming its argument and variable")
+    p.add_argument("--endpoint", metavar="ENDPOINT", help="custom DRS endpoint URL, e.g. a VPC endpoint (PrivateLink)")
+    p.add_argument(
+        "--default-endpoint", action="store_true", help="use https://drs.REGION.amazonaws.com without asking"
+    )
+    p.add_argument(
+        "--recovery-instance-id",
+        metavar="RECOVERY_INSTANCE_ID",
+        help="recovery instance to fail back from (skips automatic identification)",
+    )
+    p.add_argument(
+        "--dm-value-format",
+        choices=DM_VALUE_FORMATS,
+        default="dev-name",
+        metavar="FORMAT",
+        help="how local devices are named in --device-mapping and at the mapping prompts: "
+        f"{', '.join(DM_VALUE_FORMATS)} (default dev-name, e.g. /dev/sda; all-strict accepts "
+        "every form)",
+    )
+    p.add_argument(
+        "--device-mapping",
+        metavar="DEVICE_MAPPING",
+        help='volume mapping: CSV "rec1=local1,rec2:local2,rec3=EXCLUDE", a JSON object '
+        'or the JSON list [{"recoveryInstanceDeviceName": …, "failbackClientDeviceName": …}]',
+    )
+    p.add_argument(
+        "--no-prompt",
+        action="store_true",
+        help="never ask: anything missing is an error naming its argument and variable",
+    )
     p.add_argument("--log-console", action="store_true", help="also write the log to the console (stderr)")
-    p.add_argument("--no-reboot", action="store_true",
-                   help="after a completed failback, do not eject the medium and reboot (also REBOOT=0)")
-    p.add_argument("--no-convert", action="store_true",
-                   help="after the final sync, leave the restored volumes as replicated: do not adapt the restored "
-                        "system to this machine's drivers, disks and network (also CONVERT=0)")
-    p.add_argument("--check-only", action="store_true",
-                   help="stop after the connectivity checks (step 4 above): download, pair and write nothing")
+    p.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="after a completed failback, do not eject the medium and reboot (also REBOOT=0)",
+    )
+    p.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="after the final sync, leave the restored volumes as replicated: do not adapt the restored "
+        "system to this machine's drivers, disks and network (also CONVERT=0)",
+    )
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="stop after the connectivity checks (step 4 above): download, pair and write nothing",
+    )
     add_log_file_argument(p)
     p.add_argument("--version", action="version", version=f"failback-client {__version__}")
     return p
@@ -229,8 +264,11 @@ def _run(settings: Settings, console: Console) -> int:
         _log().info("exit %s", status)
         return status
     except EOFError:
-        _report(console, "The console input ended before all answers were given; "
-                         "use --no-prompt with arguments or variables to run without a console")
+        _report(
+            console,
+            "The console input ended before all answers were given; "
+            "use --no-prompt with arguments or variables to run without a console",
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         _report(console, "Interrupted.")

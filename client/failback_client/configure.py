@@ -82,11 +82,18 @@ def write_config(setup: ReplicationSetup, path: Path) -> Path:
 def check_config(software: Software, path: Path) -> None:
     """Let the downloaded software validate the file; its one-line verdict is the error shown."""
     try:
-        proc = subprocess.run([str(software.launcher), "--config", str(path), "--check-config"],
-                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [str(software.launcher), "--config", str(path), "--check-config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
     except OSError as e:
         raise ConfigureError(f"Cannot start the replication software {software.launcher}: {e.strerror or e}") from None
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        raise ConfigureError(f"The replication software refused its configuration {path}: "
-                             f"{detail[-1] if detail else f'exit status {proc.returncode}'}")
+        raise ConfigureError(
+            f"The replication software refused its configuration {path}: "
+            f"{detail[-1] if detail else f'exit status {proc.returncode}'}"
+        )

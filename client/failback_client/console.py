@@ -63,7 +63,8 @@ def wants_plain(stream: IO[str], env: dict[str, str] | os._Environ[str]) -> bool
         return True
     # FAILBACK_CONSOLE is the LiveCD launcher's name for the console this instance runs on.
     if os.path.basename(name).startswith(SERIAL_TTY_PREFIXES) or env.get("FAILBACK_CONSOLE", "").startswith(
-            SERIAL_TTY_PREFIXES):
+        SERIAL_TTY_PREFIXES
+    ):
         return True
     return env.get("TERM", "dumb") in ("", "dumb")
 

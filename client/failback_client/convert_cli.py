@@ -32,21 +32,41 @@ def build_parser() -> argparse.ArgumentParser:
     from failback_client.convert.windows_drivers import WINDOWS_DRIVERS
 
     p = argparse.ArgumentParser(
-        prog="failback-client convert", description=DESCRIPTION,
+        prog="failback-client convert",
+        description=DESCRIPTION,
         epilog=EPILOG.format(drivers=", ".join(sorted(WINDOWS_DRIVERS))),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("disks", nargs="+", metavar="DISK", help="whole local disk(s) holding the restored volumes, "
-                   "e.g. /dev/sda (block devices only)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list what would change on Windows and write nothing (not a byte of the disks)")
-    p.add_argument("--controllers", metavar="DRIVER,...", default="",
-                   help="also make Windows boot from these controller kinds (for a disk moved to other hardware); "
-                        "default: only the controllers this machine has")
-    p.add_argument("--boot-mode", choices=("auto", "bios", "uefi"), default="auto",
-                   help="boot mode to convert for (default auto: how this machine booted the failback client)")
-    p.add_argument("--remove-hiberfile", action="store_true",
-                   help="consent to discard a Windows hibernated / Fast Startup session on the disks (its unsaved "
-                        "state is lost) so the volume can be written")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "disks",
+        nargs="+",
+        metavar="DISK",
+        help="whole local disk(s) holding the restored volumes, e.g. /dev/sda (block devices only)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would change on Windows and write nothing (not a byte of the disks)",
+    )
+    p.add_argument(
+        "--controllers",
+        metavar="DRIVER,...",
+        default="",
+        help="also make Windows boot from these controller kinds (for a disk moved to other hardware); "
+        "default: only the controllers this machine has",
+    )
+    p.add_argument(
+        "--boot-mode",
+        choices=("auto", "bios", "uefi"),
+        default="auto",
+        help="boot mode to convert for (default auto: how this machine booted the failback client)",
+    )
+    p.add_argument(
+        "--remove-hiberfile",
+        action="store_true",
+        help="consent to discard a Windows hibernated / Fast Startup session on the disks (its unsaved "
+        "state is lost) so the volume can be written",
+    )
     add_log_file_argument(p)
     return p
 
@@ -84,7 +104,11 @@ def main(argv: list[str]) -> int:
     from failback_client.logs import setup_logging
 
     setup_logging(log_file=args.log_file, log_console=False)
-    options = ConversionOptions(boot_mode=args.boot_mode, dry_run=args.dry_run, windows_controllers=controllers,
-                                remove_hiberfile=args.remove_hiberfile)
+    options = ConversionOptions(
+        boot_mode=args.boot_mode,
+        dry_run=args.dry_run,
+        windows_controllers=controllers,
+        remove_hiberfile=args.remove_hiberfile,
+    )
     report = convert([Path(d) for d in args.disks], Console(), options)
     return 0 if report.ok else EXIT_CONVERT

@@ -49,8 +49,12 @@ class Issued:
         def secret(value: str) -> str:
             return value if show else MASK
 
-        return [f"AWS_REGION={self.region}", f"AWS_ACCESS_KEY={self.access_key}",
-                f"AWS_SECRET_KEY={secret(self.secret_key)}", f"AWS_SESSION_TOKEN={secret(self.session_token)}"]
+        return [
+            f"AWS_REGION={self.region}",
+            f"AWS_ACCESS_KEY={self.access_key}",
+            f"AWS_SECRET_KEY={secret(self.secret_key)}",
+            f"AWS_SESSION_TOKEN={secret(self.session_token)}",
+        ]
 
 
 def trust_policy(account: str, caller: str) -> dict[str, Any]:
@@ -59,8 +63,10 @@ def trust_policy(account: str, caller: str) -> dict[str, Any]:
     principals = [f"arn:aws:iam::{account}:root"]
     if ":user/" in caller:
         principals.append(caller)
-    return {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Principal": {"AWS": principals}, "Action": "sts:AssumeRole"}]}
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": principals}, "Action": "sts:AssumeRole"}],
+    }
 
 
 def _code(error: Exception) -> str:
@@ -69,8 +75,10 @@ def _code(error: Exception) -> str:
 
 def _denied(error: Exception, action: str, who: str) -> HelperError | None:
     if _code(error) in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
-        return HelperError(f"{who} may not call {action} (AccessDenied): ask an administrator for {action}, or use "
-                           "a profile that has it")
+        return HelperError(
+            f"{who} may not call {action} (AccessDenied): ask an administrator for {action}, or use "
+            "a profile that has it"
+        )
     return None
 
 
@@ -80,8 +88,9 @@ def _call(what: str, who: str, fn: Any, **kwargs: Any) -> Any:
     try:
         return fn(**kwargs)
     except botocore.exceptions.ClientError as e:
-        raise _denied(e, what, who) or HelperError(f"{what} failed: {_code(e)}: "
-                                                    f"{e.response.get('Error', {}).get('Message', '')}") from None
+        raise _denied(e, what, who) or HelperError(
+            f"{what} failed: {_code(e)}: {e.response.get('Error', {}).get('Message', '')}"
+        ) from None
     except botocore.exceptions.BotoCoreError as e:
         raise HelperError(f"{what} failed: {e}") from None
 
@@ -98,21 +107,37 @@ def ensure_role(iam: Any, account: str, who: str, role_name: str, duration: int,
         role = None
     if role is None:
         max_session = max(DEFAULT_DURATION, duration)
-        created = _call("iam:CreateRole", who, iam.create_role, RoleName=role_name,
-                        AssumeRolePolicyDocument=json.dumps(trust_policy(account, who)), MaxSessionDuration=max_session,
-                        Description="Temporary credentials for installing the DRS failback client")["Role"]
+        created = _call(
+            "iam:CreateRole",
+            who,
+            iam.create_role,
+            RoleName=role_name,
+            AssumeRolePolicyDocument=json.dumps(trust_policy(account, who)),
+            MaxSessionDuration=max_session,
+            Description="Temporary credentials for installing the DRS failback client",
+        )["Role"]
         try:
-            _call("iam:AttachRolePolicy", who, iam.attach_role_policy, RoleName=role_name,
-                  PolicyArn=INSTALLATION_POLICY_ARN)
+            _call(
+                "iam:AttachRolePolicy",
+                who,
+                iam.attach_role_policy,
+                RoleName=role_name,
+                PolicyArn=INSTALLATION_POLICY_ARN,
+            )
         except HelperError:
             iam.delete_role(RoleName=role_name)  # change nothing: no role without its policy
             raise
         return created["Arn"], "created"
-    attached = [p["PolicyArn"] for p in _call("iam:ListAttachedRolePolicies", who, iam.list_attached_role_policies,
-                                               RoleName=role_name)["AttachedPolicies"]]
+    attached = [
+        p["PolicyArn"]
+        for p in _call("iam:ListAttachedRolePolicies", who, iam.list_attached_role_policies, RoleName=role_name)[
+            "AttachedPolicies"
+        ]
+    ]
     inline = _call("iam:ListRolePolicies", who, iam.list_role_policies, RoleName=role_name)["PolicyNames"]
-    others = [a.rsplit("/", 1)[-1] for a in attached if a != INSTALLATION_POLICY_ARN] + [f"{n} (inline)"
-                                                                                        for n in inline]
+    others = [a.rsplit("/", 1)[-1] for a in attached if a != INSTALLATION_POLICY_ARN] + [
+        f"{n} (inline)" for n in inline
+    ]
     missing = INSTALLATION_POLICY_ARN not in attached
     short = int(role.get("MaxSessionDuration", 3600)) < duration
     if not (others or missing or short):
@@ -123,20 +148,23 @@ def ensure_role(iam: Any, account: str, who: str, role_name: str, duration: int,
     if missing:
         problems.append("lacks AWSElasticDisasterRecoveryFailbackInstallationPolicy")
     if short:
-        problems.append(f"allows sessions of at most {role.get('MaxSessionDuration', 3600)} s, not --duration "
-                        f"{duration}")
+        problems.append(
+            f"allows sessions of at most {role.get('MaxSessionDuration', 3600)} s, not --duration {duration}"
+        )
     if not update:
-        raise HelperError(f"role {role_name} exists but {'; '.join(problems)}: --update makes it carry only "
-                          "the installation policy" + (" and allow the duration" if short else "")
-                          + ", or choose another --role-name")
+        raise HelperError(
+            f"role {role_name} exists but {'; '.join(problems)}: --update makes it carry only "
+            "the installation policy" + (" and allow the duration" if short else "") + ", or choose another --role-name"
+        )
     for arn in attached:
         if arn != INSTALLATION_POLICY_ARN:
             _call("iam:DetachRolePolicy", who, iam.detach_role_policy, RoleName=role_name, PolicyArn=arn)
     for name in inline:
         _call("iam:DeleteRolePolicy", who, iam.delete_role_policy, RoleName=role_name, PolicyName=name)
     if missing:
-        _call("iam:AttachRolePolicy", who, iam.attach_role_policy, RoleName=role_name,
-              PolicyArn=INSTALLATION_POLICY_ARN)
+        _call(
+            "iam:AttachRolePolicy", who, iam.attach_role_policy, RoleName=role_name, PolicyArn=INSTALLATION_POLICY_ARN
+        )
     if short:
         _call("iam:UpdateRole", who, iam.update_role, RoleName=role_name, MaxSessionDuration=duration)
     return role["Arn"], "updated: " + "; ".join(problems)
@@ -151,8 +179,14 @@ def issue(session: Any, *, role_name: str, duration: int, update: bool, region: 
     # A role IAM has just created can be refused for some seconds (IAM is eventually consistent).
     for attempt in range(NEW_ROLE_TRIES if done == "created" else 1):
         try:
-            out = _call("sts:AssumeRole", who, sts.assume_role, RoleArn=role_arn, DurationSeconds=duration,
-                        RoleSessionName=session_name)
+            out = _call(
+                "sts:AssumeRole",
+                who,
+                sts.assume_role,
+                RoleArn=role_arn,
+                DurationSeconds=duration,
+                RoleSessionName=session_name,
+            )
             break
         except HelperError:
             if attempt + 1 >= (NEW_ROLE_TRIES if done == "created" else 1):
@@ -160,31 +194,54 @@ def issue(session: Any, *, role_name: str, duration: int, update: bool, region: 
             time.sleep(NEW_ROLE_WAIT_S)
     c = out["Credentials"]
     expiration = c["Expiration"]
-    return Issued(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"],
-                  expiration.isoformat() if hasattr(expiration, "isoformat") else str(expiration), role_arn,
-                  region), done
+    return Issued(
+        c["AccessKeyId"],
+        c["SecretAccessKey"],
+        c["SessionToken"],
+        expiration.isoformat() if hasattr(expiration, "isoformat") else str(expiration),
+        role_arn,
+        region,
+    ), done
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="failback-client credentials", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="failback-client credentials",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[0],
         epilog="Uses the usual AWS configuration (--profile or AWS_PROFILE, ~/.aws). The credentials it prints "
-               "only install the failback client; they carry AWSElasticDisasterRecoveryFailbackInstallationPolicy "
-               "and expire after --duration.")
+        "only install the failback client; they carry AWSElasticDisasterRecoveryFailbackInstallationPolicy "
+        "and expire after --duration.",
+    )
     p.add_argument("--profile", help="AWS profile to use (default: the usual chain)")
     p.add_argument("--region", help="the DRS Region the failback client will use (default: the profile's)")
     p.add_argument("--role-name", default=DEFAULT_ROLE, help=f"IAM role to create or use (default {DEFAULT_ROLE})")
-    p.add_argument("--duration", type=int, default=DEFAULT_DURATION, metavar="SECONDS",
-                   help=f"how long the credentials live, {MIN_DURATION}-{MAX_DURATION} s (default {DEFAULT_DURATION})")
-    p.add_argument("--update", action="store_true",
-                   help="make an existing role carry only the installation policy and allow --duration")
+    p.add_argument(
+        "--duration",
+        type=int,
+        default=DEFAULT_DURATION,
+        metavar="SECONDS",
+        help=f"how long the credentials live, {MIN_DURATION}-{MAX_DURATION} s (default {DEFAULT_DURATION})",
+    )
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="make an existing role carry only the installation policy and allow --duration",
+    )
     p.add_argument("--show", action="store_true", help="print the secret key and session token (hidden otherwise)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--seed-image", type=Path, metavar="PATH",
-                     help="write a seed volume (label FBSEED, mode 0600) holding the values, as `inv seed` does")
-    out.add_argument("--seed-file", type=Path, metavar="PATH",
-                     help="write failback-seed.env (mode 0600), for `inv seed --file` or a seed volume")
+    out.add_argument(
+        "--seed-image",
+        type=Path,
+        metavar="PATH",
+        help="write a seed volume (label FBSEED, mode 0600) holding the values, as `inv seed` does",
+    )
+    out.add_argument(
+        "--seed-file",
+        type=Path,
+        metavar="PATH",
+        help="write failback-seed.env (mode 0600), for `inv seed --file` or a seed volume",
+    )
     p.add_argument("--seed-format", choices=("fat", "iso"), default="fat", help="--seed-image kind (default fat)")
     return p
 
@@ -208,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             try:  # `inv seed`'s writer, in the project's checkout (the workstation that builds the ISO)
                 from image.release.seedimage import build_seed_image
             except ImportError:
-                raise HelperError("--seed-image needs the project's checkout (image/release/seedimage.py): "
-                                  "run from it, or "
-                                  "use --seed-file and `inv seed --file`") from None
+                raise HelperError(
+                    "--seed-image needs the project's checkout (image/release/seedimage.py): "
+                    "run from it, or "
+                    "use --seed-file and `inv seed --file`"
+                ) from None
         import boto3
         import botocore.exceptions
 
@@ -224,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         session = boto3.Session(profile_name=args.profile, region_name=region)
         if session.get_credentials() is None:
             raise HelperError("no AWS credentials found: configure a profile (aws configure) or pass --profile")
-        issued, done = issue(session, role_name=args.role_name, duration=args.duration, update=args.update,
-                             region=region)
+        issued, done = issue(
+            session, role_name=args.role_name, duration=args.duration, update=args.update, region=region
+        )
     except HelperError as e:
         print(f"failback-client credentials: {e}", file=sys.stderr)
         return 1

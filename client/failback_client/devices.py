@@ -129,12 +129,17 @@ def discover(root: str = "/", *, include_loop: bool = False) -> list[LocalDisk]:
         labels |= {_iso_volume_id(root, name)} | {fat_label(root, m) for m in (name, *parts)}
         disk.in_use = uses(root, name, [name, *parts])
         if members & live or BOOT_LABEL in labels:
-            disk.in_use.insert(0, DiskUse("it is the failback client's boot medium",
-                                          "start the client from another medium"))
+            disk.in_use.insert(
+                0, DiskUse("it is the failback client's boot medium", "start the client from another medium")
+            )
         if SEED_LABEL in labels:
-            disk.in_use.insert(0, DiskUse(
-                f"it is the seed volume (label {SEED_LABEL}) the client reads its settings from",
-                "take the seed volume out or relabel it, then start the client again"))
+            disk.in_use.insert(
+                0,
+                DiskUse(
+                    f"it is the seed volume (label {SEED_LABEL}) the client reads its settings from",
+                    "take the seed volume out or relabel it, then start the client again",
+                ),
+            )
         disk.boot_medium = bool(members & live or labels & {BOOT_LABEL, SEED_LABEL})
         disks.append(disk)
     return disks

@@ -29,7 +29,7 @@ def _unescape(field: str) -> str:
 
 
 def _dev_numbers(root: str, disk: str, members: Iterable[str]) -> dict[str, str]:
-    """"major:minor" -> kernel name, for the disk and its partitions (absent in recorded trees: {})."""
+    """ "major:minor" -> kernel name, for the disk and its partitions (absent in recorded trees: {})."""
     numbers = {}
     for name in members:
         path = f"/sys/block/{disk}/dev" if name == disk else f"/sys/block/{disk}/{name}/dev"
@@ -69,19 +69,23 @@ def _holder_use(root: str, member: str, holder: str) -> DiskUse:
     base = _under(root, f"/sys/block/{holder}")
     if holder.startswith("md"):
         level = _read(os.path.join(base, "md", "level")) or "RAID"
-        return DiskUse(f"{member} is a member of the active MD {level} array /dev/{holder}",
-                       f"stop it: mdadm --stop /dev/{holder}")
+        return DiskUse(
+            f"{member} is a member of the active MD {level} array /dev/{holder}", f"stop it: mdadm --stop /dev/{holder}"
+        )
     name = _read(os.path.join(base, "dm", "name")) or holder
     uuid = _read(os.path.join(base, "dm", "uuid"))
     if uuid.startswith("LVM-"):
         vg = name.split("-", 1)[0].replace("--", "-") if "-" in name else name
-        return DiskUse(f"{member} holds the active LVM logical volume {name} (/dev/{holder})",
-                       f"deactivate it: vgchange -an {vg}")
+        return DiskUse(
+            f"{member} holds the active LVM logical volume {name} (/dev/{holder})", f"deactivate it: vgchange -an {vg}"
+        )
     if uuid.startswith("CRYPT-"):
-        return DiskUse(f"{member} is open as the dm-crypt mapping {name} (/dev/{holder})",
-                       f"close it: cryptsetup close {name}")
-    return DiskUse(f"{member} is used by the device-mapper device {name} (/dev/{holder})",
-                   f"remove it: dmsetup remove {name}")
+        return DiskUse(
+            f"{member} is open as the dm-crypt mapping {name} (/dev/{holder})", f"close it: cryptsetup close {name}"
+        )
+    return DiskUse(
+        f"{member} is used by the device-mapper device {name} (/dev/{holder})", f"remove it: dmsetup remove {name}"
+    )
 
 
 def holders(root: str, disk: str, members: Iterable[str]) -> list[DiskUse]:
@@ -108,8 +112,8 @@ def fat_label(root: str, name: str) -> str:
     if len(sector) < 512 or sector[510:512] != b"\x55\xaa":
         return ""
     for label_at, fs_type, type_at in FAT_LABELS:
-        if sector[type_at:type_at + len(fs_type)] == fs_type:
-            return sector[label_at:label_at + 11].decode("ascii", "replace").strip()
+        if sector[type_at : type_at + len(fs_type)] == fs_type:
+            return sector[label_at : label_at + 11].decode("ascii", "replace").strip()
     return ""
 
 
@@ -130,7 +134,7 @@ def uses(root: str, disk: str, members: list[str]) -> list[DiskUse]:
 
 
 def describe(found: list[DiskUse]) -> str:
-    """"sda1 is mounted at /boot; free it first (unmount it: umount /boot)"."""
+    """ "sda1 is mounted at /boot; free it first (unmount it: umount /boot)"."""
     what = "; ".join(dict.fromkeys(u.what for u in found))
     free = "; ".join(dict.fromkeys(u.free for u in found))
     return f"{what}; free it first ({free}) or choose another disk"

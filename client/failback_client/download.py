@@ -89,9 +89,14 @@ def make_s3_client(region: str, endpoint_url: str) -> Any:
     S3-compatible endpoint and VPC endpoint accepts; proxies come from the environment (botocore's default)."""
     import boto3
 
-    config = Config(signature_version=UNSIGNED, region_name=region, connect_timeout=15, read_timeout=60,
-                    retries={"mode": "standard", "total_max_attempts": 5},
-                    s3={"addressing_style": "virtual" if endpoint_url.endswith(".amazonaws.com") else "path"})
+    config = Config(
+        signature_version=UNSIGNED,
+        region_name=region,
+        connect_timeout=15,
+        read_timeout=60,
+        retries={"mode": "standard", "total_max_attempts": 5},
+        s3={"addressing_style": "virtual" if endpoint_url.endswith(".amazonaws.com") else "path"},
+    )
     return boto3.session.Session().client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
 
 
@@ -111,8 +116,10 @@ def _describe(e: Exception, what: str, endpoint: str) -> DownloadError:
     if isinstance(e, botocore.exceptions.ProxyConnectionError):
         return DownloadError(f"The HTTPS proxy refused the connection while downloading {what} from {endpoint}")
     if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return DownloadError(f"Cannot reach the S3 endpoint {endpoint} to download {what}: allow outbound HTTPS to "
-                             "S3 from this server, or set an HTTPS proxy")
+        return DownloadError(
+            f"Cannot reach the S3 endpoint {endpoint} to download {what}: allow outbound HTTPS to "
+            "S3 from this server, or set an HTTPS proxy"
+        )
     if isinstance(e, botocore.exceptions.BotoCoreError):
         return DownloadError(f"Downloading {what} from {endpoint} failed: {e}")
     raise e
@@ -175,8 +182,9 @@ class Downloader:
                 os.fsync(f.fileno())
         except (botocore.exceptions.BotoCoreError, OSError) as e:
             dest.unlink(missing_ok=True)
-            raise DownloadError(f"Downloading s3://{where.bucket}/{where.key} from {self.endpoint} failed after "
-                                f"{size} bytes: {e}") from None
+            raise DownloadError(
+                f"Downloading s3://{where.bucket}/{where.key} from {self.endpoint} failed after {size} bytes: {e}"
+            ) from None
         log.info("downloaded s3://%s/%s: %d bytes", where.bucket, where.key, size)
         return h.hexdigest()
 
@@ -189,8 +197,10 @@ def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] != TOP:
             raise DownloadError(f"the replication software archive holds {m.name!r}, outside {TOP}/: refused")
         if not (m.isfile() or m.isdir()):
-            raise DownloadError(f"the replication software archive holds {m.name!r}, which is not a plain file "
-                                "or directory (links and devices are refused)")
+            raise DownloadError(
+                f"the replication software archive holds {m.name!r}, which is not a plain file "
+                "or directory (links and devices are refused)"
+            )
         members.append(m)
     return members
 
@@ -246,7 +256,8 @@ def download_software(region: str, s3_endpoint: str | None, work_dir: Path, clie
         raise DownloadError(
             f"s3://{where.bucket}/{where.key} is corrupt or was tampered with: its sha512 is {got}, but "
             f"s3://{where.hashes_bucket}/{where.hash_key} says {expected}; nothing was unpacked (try again; if it "
-            "persists, a proxy may be altering downloads)")
+            "persists, a proxy may be altering downloads)"
+        )
     root = unpack(tarball, work_dir)
     tarball.unlink(missing_ok=True)
     return Software(root=root, version=version, sha512=got)

@@ -79,17 +79,27 @@ class _Provider(CredentialProvider):
 class DrsIssuedCredentials:
     """The credentials DRS issues this failback client, refreshed by botocore through `_refresh`."""
 
-    def __init__(self, *, region: str, endpoint_url: str | None, client_id: str, recovery_instance_id: str,
-                 key: Path, notices: Notices, clock: Callable[[], float] = time.monotonic,
-                 client_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        region: str,
+        endpoint_url: str | None,
+        client_id: str,
+        recovery_instance_id: str,
+        key: Path,
+        notices: Notices,
+        clock: Callable[[], float] = time.monotonic,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         from failback_client.drs_model import make_drs_client
 
         self.region, self.endpoint_url = region, endpoint_url
         self.client_id, self.recovery_instance_id, self.key = client_id, recovery_instance_id, key
         self.notices, self.clock = notices, clock
         self.client_options = dict(client_options or {})
-        self._unsigned = make_drs_client(region=region, endpoint_url=endpoint_url, unsigned=True,
-                                         **{"max_attempts": 3, **self.client_options})
+        self._unsigned = make_drs_client(
+            region=region, endpoint_url=endpoint_url, unsigned=True, **{"max_attempts": 3, **self.client_options}
+        )
         self.issued = 0  # successful GetFailbackClientCredentialsForDrs calls (the first + refreshes)
         self.failures = 0  # consecutive failed refreshes
         self._next_try = 0.0
@@ -107,13 +117,21 @@ class DrsIssuedCredentials:
         nonce = secrets.token_urlsafe(24)
         signature = sign(self.key, proof_text(self.client_id, self.recovery_instance_id, signed_at, nonce))
         out = self._unsigned.get_failback_client_credentials_for_drs(
-            failbackClientID=self.client_id, recoveryInstanceID=self.recovery_instance_id, signedAt=signed_at,
-            nonce=nonce, signature=signature)
+            failbackClientID=self.client_id,
+            recoveryInstanceID=self.recovery_instance_id,
+            signedAt=signed_at,
+            nonce=nonce,
+            signature=signature,
+        )
         self.issued += 1
         REDACTOR.add(out["secretAccessKey"], out["sessionToken"])  # never in the log, the console or DRS's copy
         log.info("DRS issued credentials %s, valid until %s", out["accessKeyId"], out["expiration"])
-        return {"access_key": out["accessKeyId"], "secret_key": out["secretAccessKey"], "token": out["sessionToken"],
-                "expiry_time": out["expiration"]}
+        return {
+            "access_key": out["accessKeyId"],
+            "secret_key": out["secretAccessKey"],
+            "token": out["sessionToken"],
+            "expiry_time": out["expiration"],
+        }
 
     def _still_valid(self) -> bool:
         if self._current is None:
@@ -134,11 +152,17 @@ class DrsIssuedCredentials:
                 delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.2)
                 self._next_try = now + delay
                 self._last_error = _describe(e)
-                log.warning("refreshing the DRS-issued credentials failed (attempt %d, next in %.0f s): %s",
-                            self.failures, delay, self._last_error)
+                log.warning(
+                    "refreshing the DRS-issued credentials failed (attempt %d, next in %.0f s): %s",
+                    self.failures,
+                    delay,
+                    self._last_error,
+                )
                 if self.failures in SHOW_FAILURES or self.failures % 20 == 0:
-                    self.notices.warn(f"Could not refresh this client's DRS credentials (attempt {self.failures}; "
-                                      f"replication goes on, retrying in {delay:.0f} s): {self._last_error}")
+                    self.notices.warn(
+                        f"Could not refresh this client's DRS credentials (attempt {self.failures}; "
+                        f"replication goes on, retrying in {delay:.0f} s): {self._last_error}"
+                    )
                 return self._keep_or_fail(self._last_error)
             if self.failures:
                 self.notices.ok(f"DRS credentials refreshed after {self.failures} failed attempt(s)")
@@ -158,31 +182,47 @@ class DrsIssuedCredentials:
         # botocore refreshes 15 min (advisory) / 10 min (mandatory) before expiry: too late for credentials
         # that live less; these refresh at half their life, and must at 1/6 left.
         return RefreshableCredentials.create_from_metadata(
-            self._current, refresh_using=self._refresh, method=METHOD,
-            advisory_timeout=min(15 * 60, lifetime / 2), mandatory_timeout=min(10 * 60, lifetime / 6))
+            self._current,
+            refresh_using=self._refresh,
+            method=METHOD,
+            advisory_timeout=min(15 * 60, lifetime / 2),
+            mandatory_timeout=min(10 * 60, lifetime / 6),
+        )
 
     def client(self) -> Any:
         """A boto3 drs client on these credentials (and nothing else)."""
         from failback_client.drs_model import make_drs_client
 
-        return make_drs_client(region=self.region, endpoint_url=self.endpoint_url,
-                               credential_provider=_Provider(self.credentials()), **self.client_options)
+        return make_drs_client(
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+            credential_provider=_Provider(self.credentials()),
+            **self.client_options,
+        )
 
 
-def switch_to_drs_credentials(api: Any, notices: Notices, client_id: str, recovery_instance_id: str,
-                              key: Path) -> DrsIssuedCredentials:
+def switch_to_drs_credentials(
+    api: Any, notices: Notices, client_id: str, recovery_instance_id: str, key: Path
+) -> DrsIssuedCredentials:
     """Point the workflow's DRS client (api.client, which ReplicationApi uses too) at DRS-issued credentials."""
     from failback_client.api import explain
 
     settings = api.settings
-    issued = DrsIssuedCredentials(region=settings.region or "", endpoint_url=settings.endpoint_url,
-                                  client_id=client_id, recovery_instance_id=recovery_instance_id, key=key,
-                                  notices=notices)
+    issued = DrsIssuedCredentials(
+        region=settings.region or "",
+        endpoint_url=settings.endpoint_url,
+        client_id=client_id,
+        recovery_instance_id=recovery_instance_id,
+        key=key,
+        notices=notices,
+    )
     try:
         api.client = issued.client()
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise explain(e, settings, f"getting this failback client's own credentials ({OPERATION})") from None
     api.installed = True
-    notices.ok("Working on credentials Elastic Disaster Recovery issued this failback client (refreshed before "
-               "they expire): the credentials entered for installation are no longer used")
+    notices.ok(
+        "Working on credentials Elastic Disaster Recovery issued this failback client (refreshed before "
+        "they expire): the credentials entered for installation are no longer used"
+    )
     return issued

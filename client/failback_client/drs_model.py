@@ -190,10 +190,12 @@ def make_drs_client(
         from botocore.credentials import CredentialResolver
 
         # Only this provider (never the environment's or a profile's keys).
-        core.register_component("credential_provider",
-                                CredentialResolver([credential_provider] if credential_provider else []))
+        core.register_component(
+            "credential_provider", CredentialResolver([credential_provider] if credential_provider else [])
+        )
         return boto3.session.Session(botocore_session=core).client(
-            SERVICE_NAME, region_name=region, endpoint_url=endpoint_url or None, config=config)
+            SERVICE_NAME, region_name=region, endpoint_url=endpoint_url or None, config=config
+        )
     session = boto3.session.Session(botocore_session=core)
     return session.client(
         SERVICE_NAME,

@@ -43,17 +43,22 @@ def after_final_sync(targets: list[Path], console: Console, settings: Settings) 
 
     report = convert(targets, console)
     if not report.ok:
-        raise ClientError(f"Conversion failed at step '{report.failed_step}': {report.error}. The disks are as "
-                          "replicated (changed files were put back); fix the cause and start the client again",
-                          exit_status=EXIT_CONVERT)
+        raise ClientError(
+            f"Conversion failed at step '{report.failed_step}': {report.error}. The disks are as "
+            "replicated (changed files were put back); fix the cause and start the client again",
+            exit_status=EXIT_CONVERT,
+        )
 
 
 def report_completion(rapi: ReplicationApi, console: Console) -> str | None:
     """NotifyConsistencyAttainedForDrs(finalSync=True): DRS completes the failback job."""
     state = rapi.consistency_attained(iso(datetime.now(UTC)), final_sync=True)
     if state != "FAILBACK_COMPLETED":
-        raise ClientError(f"DRS did not mark the failback completed after the final sync (failback state {state}); "
-                          "check the recovery instance in the DRS console", exit_status=EXIT_SERVICE)
+        raise ClientError(
+            f"DRS did not mark the failback completed after the final sync (failback state {state}); "
+            "check the recovery instance in the DRS console",
+            exit_status=EXIT_SERVICE,
+        )
     console.ok(f"DRS failback state: {state}")
     return state
 

@@ -69,13 +69,16 @@ def local_identity(root: str = "/") -> LocalIdentity:
     product_uuid = _read(_under(root, "/sys/class/dmi/id/product_uuid")).lower() or None
     hostname = _read(_under(root, "/etc/hostname")) or os.uname().nodename
     asset_tag = _read(_under(root, "/sys/class/dmi/id/board_asset_tag")).lower()
-    return LocalIdentity(macs=list(dict.fromkeys(macs)), system_uuid=product_uuid, hostname=hostname,
-                         ec2_instance_id=asset_tag if EC2_ID_RE.match(asset_tag) else None)
+    return LocalIdentity(
+        macs=list(dict.fromkeys(macs)),
+        system_uuid=product_uuid,
+        hostname=hostname,
+        ec2_instance_id=asset_tag if EC2_ID_RE.match(asset_tag) else None,
+    )
 
 
 def kind_of(hardware_id: str) -> str:
-    return "MAC address" if ":" in hardware_id else "EC2 instance id" if hardware_id.startswith("i-") \
-        else "VMware UUID"
+    return "MAC address" if ":" in hardware_id else "EC2 instance id" if hardware_id.startswith("i-") else "VMware UUID"
 
 
 def recovery_disks(instance: dict[str, Any]) -> list[RecoveryDisk]:
@@ -106,8 +109,9 @@ class Choice:
         return self.instance["recoveryInstanceID"]
 
 
-def by_hardware(api: DrsApi, identity: LocalIdentity,
-                tried: list[str] | None = None) -> tuple[dict[str, Any], str] | None:
+def by_hardware(
+    api: DrsApi, identity: LocalIdentity, tried: list[str] | None = None
+) -> tuple[dict[str, Any], str] | None:
     """The recovery instance of the source server this machine is, with the reason; None when not found.
     `tried` receives one line per hardware id looked up, and why nothing matched."""
     tried = [] if tried is None else tried
@@ -116,8 +120,10 @@ def by_hardware(api: DrsApi, identity: LocalIdentity,
         tried.append("this machine shows no physical NIC MAC address, no DMI system UUID and no EC2 instance id")
     for hwid in identity.hardware_ids():
         servers = api.source_servers_by_hardware_id(hwid)
-        tried.append(f"{kind_of(hwid)} {hwid}: " + (", ".join(s["sourceServerID"] for s in servers) if servers
-                                                     else "no source server"))
+        tried.append(
+            f"{kind_of(hwid)} {hwid}: "
+            + (", ".join(s["sourceServerID"] for s in servers) if servers else "no source server")
+        )
         for server in servers:
             found.setdefault(server["sourceServerID"], (server, f"{kind_of(hwid)} {hwid}"))
     candidates: dict[str, tuple[dict[str, Any], str]] = {}
@@ -129,9 +135,14 @@ def by_hardware(api: DrsApi, identity: LocalIdentity,
         for ri in instances:
             hostname = server.get("sourceProperties", {}).get("identificationHints", {}).get("hostname", "")
             label = f"{server_id} ({hostname})" if hostname else server_id
-            candidates.setdefault(ri["recoveryInstanceID"], (
-                ri, f"this machine's {why} belongs to source server {label}, whose recovery instance is "
-                    f"{ri['recoveryInstanceID']}"))
+            candidates.setdefault(
+                ri["recoveryInstanceID"],
+                (
+                    ri,
+                    f"this machine's {why} belongs to source server {label}, whose recovery instance is "
+                    f"{ri['recoveryInstanceID']}",
+                ),
+            )
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if len(candidates) > 1:
@@ -164,8 +175,15 @@ def seen_servers(api: DrsApi, limit: int = 10) -> str:
     return "; ".join(shown) + more
 
 
-def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[LocalDisk], *,
-           wanted_id: str | None, no_prompt: bool) -> Choice:
+def choose(
+    api: DrsApi,
+    console: Console,
+    identity: LocalIdentity,
+    local: list[LocalDisk],
+    *,
+    wanted_id: str | None,
+    no_prompt: bool,
+) -> Choice:
     """Steps 8-9: --recovery-instance-id, else automatic by hardware id, else pick from a list."""
     if wanted_id:
         if not RECOVERY_INSTANCE_ID_RE.match(wanted_id):
@@ -199,8 +217,9 @@ def choose(api: DrsApi, console: Console, identity: LocalIdentity, local: list[L
         if not no_prompt:
             console.info(f"This machine was not identified as a source server: tried {why}.")
         else:
-            raise missing_error("recovery_instance_id",
-                                f"the recovery instance could not be chosen automatically (tried {why}); it")
+            raise missing_error(
+                "recovery_instance_id", f"the recovery instance could not be chosen automatically (tried {why}); it"
+            )
     if no_prompt:
         raise missing_error("recovery_instance_id", "the recovery instance could not be chosen automatically; it")
     return pick(api, console, local)
@@ -224,8 +243,9 @@ def pick(api: DrsApi, console: Console, local: list[LocalDisk]) -> Choice:
     rows = []
     for n, ri in enumerate(fitting, 1):
         vols = ", ".join(f"{d.name} {human_size(d.size_bytes)}" for d in recovery_disks(ri))
-        rows.append((str(n), ri["recoveryInstanceID"], hostname_of(ri), ri.get("sourceServerID", "-"), vols,
-                     state_of(ri)))
+        rows.append(
+            (str(n), ri["recoveryInstanceID"], hostname_of(ri), ri.get("sourceServerID", "-"), vols, state_of(ri))
+        )
     console.heading("Recovery instances that fit this machine")
     console.table(("#", "Recovery instance", "Hostname", "Source server", "Volumes", "State"), rows)
     if refused:
@@ -245,5 +265,7 @@ def pick(api: DrsApi, console: Console, local: list[LocalDisk]) -> Choice:
         elif not answer:
             console.error("Please enter a number from the list or a full recovery instance ID.")
         else:
-            console.error(f"{answer!r} is neither a number from 1 to {len(fitting)} nor a listed recovery instance "
-                          "ID. Please try again.")
+            console.error(
+                f"{answer!r} is neither a number from 1 to {len(fitting)} nor a listed recovery instance "
+                "ID. Please try again."
+            )

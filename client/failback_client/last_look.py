@@ -62,8 +62,16 @@ def on_disk(device: str) -> str:
     parts = []
     for p in disk.partitions:
         found = _os_release(device, p.start, p.fstype)
-        what = " ".join(x for x in (f"p{p.number}", p.fstype or "no file system",
-                                    f"'{p.label}'" if p.label else "", human_size(p.size)) if x)
+        what = " ".join(
+            x
+            for x in (
+                f"p{p.number}",
+                p.fstype or "no file system",
+                f"'{p.label}'" if p.label else "",
+                human_size(p.size),
+            )
+            if x
+        )
         parts.append(what + (f" [{found}]" if found else ""))
     return f"{disk.table} partition table: " + (", ".join(parts) or "no partitions")
 
@@ -80,9 +88,15 @@ def rows(root: str, volumes: list[MappedVolume]) -> list[tuple[str, ...]]:
     for v in volumes:
         if v.local is None:
             continue
-        result.append((v.local.path, human_size(v.local.size_bytes), _identity(root, v.local),
-                       on_disk(_under(root, v.local.path)),
-                       f"{v.recovery.name} ({human_size(v.recovery.size_bytes)})"))
+        result.append(
+            (
+                v.local.path,
+                human_size(v.local.size_bytes),
+                _identity(root, v.local),
+                on_disk(_under(root, v.local.path)),
+                f"{v.recovery.name} ({human_size(v.recovery.size_bytes)})",
+            )
+        )
     return result
 
 
@@ -94,8 +108,10 @@ def still_free(settings: Settings, volumes: list[MappedVolume]) -> None:
             continue
         disk = now.get(v.local.path)
         if disk is None:
-            raise NotConfirmed(f"{v.local.path}, mapped to {v.recovery.name}, is gone: nothing was written; "
-                               "check the disks and start the client again")
+            raise NotConfirmed(
+                f"{v.local.path}, mapped to {v.recovery.name}, is gone: nothing was written; "
+                "check the disks and start the client again"
+            )
         try:
             refuse_in_use(disk, v.local.path, v.recovery.name)
         except MappingError as e:
@@ -121,13 +137,15 @@ def confirm_overwrite(settings: Settings, console: Console, volumes: list[Mapped
             raise NotConfirmed(
                 f"--no-prompt without an explicit volume mapping: nothing is overwritten without consent. Nothing "
                 f"was written. Give the mapping shown above with --device-mapping (or DEVICE_MAPPING, or the "
-                f"seed) to overwrite {disks}")
+                f"seed) to overwrite {disks}"
+            )
         how = "--no-prompt with the volume mapping" if settings.no_prompt else "The volume mapping"
         console.info(f"{how} from {origin}: taken as consent to overwrite {disks}.")
         return
     console.info(f"Everything now on {disks} will be lost. Anything but {CONFIRM_WORD} stops here, writing nothing.")
     answer = console.ask(f"Type {CONFIRM_WORD} to overwrite {disks}: ").strip()
     if answer.upper() != CONFIRM_WORD:
-        raise NotConfirmed(f"Not confirmed ({answer!r} typed): nothing was written to {disks}. "
-                           "Start the client again to fail back.")
+        raise NotConfirmed(
+            f"Not confirmed ({answer!r} typed): nothing was written to {disks}. Start the client again to fail back."
+        )
     console.ok(f"Confirmed: {disks} will be overwritten")

@@ -42,8 +42,9 @@ class LogBuffer(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level = record.levelname if record.levelname in _LEVELS else "INFO"
-            self.events.append({"timestamp": _iso(record.created), "level": level,
-                                "message": self.format(record)[:MAX_MESSAGE]})
+            self.events.append(
+                {"timestamp": _iso(record.created), "level": level, "message": self.format(record)[:MAX_MESSAGE]}
+            )
         except Exception:  # a log handler must never raise
             self.handleError(record)
 
@@ -52,11 +53,19 @@ def metrics_from_status(status: dict[str, Any]) -> list[dict[str, Any]]:
     """The replication software's status as SendClientMetricsForDrs metrics."""
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     disks = status.get("replicatedDisks") or []
-    out = [{"name": "replicatedBytes", "unit": "Bytes", "value": float(sum(d.get("replicatedStorageBytes", 0)
-                                                                            for d in disks))},
-           {"name": "totalBytes", "unit": "Bytes", "value": float(sum(d.get("totalStorageBytes", 0) for d in disks))},
-           {"name": "backloggedBytes", "unit": "Bytes",
-            "value": float(sum(d.get("backloggedStorageBytes", 0) for d in disks))}]
+    out = [
+        {
+            "name": "replicatedBytes",
+            "unit": "Bytes",
+            "value": float(sum(d.get("replicatedStorageBytes", 0) for d in disks)),
+        },
+        {"name": "totalBytes", "unit": "Bytes", "value": float(sum(d.get("totalStorageBytes", 0) for d in disks))},
+        {
+            "name": "backloggedBytes",
+            "unit": "Bytes",
+            "value": float(sum(d.get("backloggedStorageBytes", 0) for d in disks)),
+        },
+    ]
     if status.get("throughputBytesPerSecond") is not None:
         out.append({"name": "throughput", "unit": "BytesPerSecond", "value": float(status["throughputBytesPerSecond"])})
     if status.get("lagSeconds") is not None:
@@ -69,8 +78,14 @@ def metrics_from_status(status: dict[str, Any]) -> list[dict[str, Any]]:
 class Liveness:
     """Ticked by the replication supervisor's loop: heartbeat and metrics at their periods."""
 
-    def __init__(self, rapi: Any, *, heartbeat_s: float = HEARTBEAT_S, metrics_s: float = METRICS_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rapi: Any,
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        metrics_s: float = METRICS_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rapi, self.heartbeat_s, self.metrics_s, self.clock = rapi, heartbeat_s, metrics_s, clock
         self._next_heartbeat = 0.0
         self._next_metrics = 0.0

@@ -98,8 +98,9 @@ def default_log_file() -> str | None:
 
 def add_log_file_argument(parser: argparse.ArgumentParser) -> None:
     """--log-file, for the client and its subcommands alike (all log through setup_logging)."""
-    parser.add_argument("--log-file", metavar="LOG_FILE",
-                        help=f"log file (created mode 0600; default {DEFAULT_LOG_FILE} when writable)")
+    parser.add_argument(
+        "--log-file", metavar="LOG_FILE", help=f"log file (created mode 0600; default {DEFAULT_LOG_FILE} when writable)"
+    )
 
 
 def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: bool = True) -> str | None:
@@ -131,9 +132,7 @@ def setup_logging(*, log_file: str | None, log_console: bool, use_default_file: 
     return path
 
 
-def redacted_excepthook(
-    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-) -> None:
+def redacted_excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     """Last resort for unexpected errors: a redacted traceback on stderr and in the log."""
     text = REDACTOR("".join(traceback.format_exception(exc_type, exc, tb)))
     try:

@@ -58,8 +58,10 @@ def secure_boot(root: str) -> bool | None:
 def summary_line(boot: str, secure: bool | None, mem_kb: int | None) -> str:
     """The one line the smoke tests (and an admin) look for before the first prompt."""
     memory = "unknown" if mem_kb is None else f"{mem_kb // 1024} MiB"
-    return (f"failback-client {__version__} | boot mode: {boot} | "
-            f"secure boot: {'on' if secure else 'off'} | memory: {memory}")
+    return (
+        f"failback-client {__version__} | boot mode: {boot} | "
+        f"secure boot: {'on' if secure else 'off'} | memory: {memory}"
+    )
 
 
 def summary(root: str = "/") -> str:

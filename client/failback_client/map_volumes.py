@@ -31,15 +31,31 @@ class MappingFailed(ClientError):
 
 
 def show_local_disks(console: Console, local: list[LocalDisk]) -> None:
-    rows = [(d.path, human_size(d.size_bytes), ", ".join(d.by_path) or "-", ", ".join(d.by_id) or "-",
-             d.model or "-", "IN USE: " + "; ".join(u.what for u in d.in_use) if d.in_use else "free")
-            for d in local if not d.boot_medium]
+    rows = [
+        (
+            d.path,
+            human_size(d.size_bytes),
+            ", ".join(d.by_path) or "-",
+            ", ".join(d.by_id) or "-",
+            d.model or "-",
+            "IN USE: " + "; ".join(u.what for u in d.in_use) if d.in_use else "free",
+        )
+        for d in local
+        if not d.boot_medium
+    ]
     console.table(("Local disk", "Size", "by-path", "by-id", "Model", "State"), rows, title="Local disks")
 
 
 def show_mapping(console: Console, volumes: list[MappedVolume]) -> None:
-    rows = [(v.recovery.name, human_size(v.recovery.size_bytes), v.target,
-             human_size(v.local.size_bytes) if v.local else "-") for v in volumes]
+    rows = [
+        (
+            v.recovery.name,
+            human_size(v.recovery.size_bytes),
+            v.target,
+            human_size(v.local.size_bytes) if v.local else "-",
+        )
+        for v in volumes
+    ]
     console.table(("Recovery volume", "Size", "Local disk", "Local size"), rows, title="Volume mapping")
 
 
@@ -48,9 +64,18 @@ def from_text(text: str, recovery: list[RecoveryDisk], local: list[LocalDisk], v
 
 
 def choose_mapping(
-    api: DrsApi, console: Console, *, client_id: str, recovery_instance_id: str, recovery: list[RecoveryDisk],
-    local: list[LocalDisk], local_api: list[dict], original_server: bool, device_mapping: str | None,
-    value_format: str, no_prompt: bool,
+    api: DrsApi,
+    console: Console,
+    *,
+    client_id: str,
+    recovery_instance_id: str,
+    recovery: list[RecoveryDisk],
+    local: list[LocalDisk],
+    local_api: list[dict],
+    original_server: bool,
+    device_mapping: str | None,
+    value_format: str,
+    no_prompt: bool,
 ) -> list[MappedVolume]:
     if device_mapping:
         try:
@@ -67,8 +92,10 @@ def choose_mapping(
         items = suggestion.get("deviceMapping", [])
         try:
             volumes = validate_mapping(from_api(items), recovery, local, "dev-name")
-            console.ok("Volumes mapped automatically (this is the original source server; DRS's suggestion "
-                       "checked against the local disks)")
+            console.ok(
+                "Volumes mapped automatically (this is the original source server; DRS's suggestion "
+                "checked against the local disks)"
+            )
             return volumes
         except MappingError as e:
             why = f"DRS's suggestion {_shown(items)} does not fit this machine: {e}"
@@ -78,13 +105,16 @@ def choose_mapping(
     return prompt_mapping(console, recovery, local, value_format)
 
 
-def prompt_mapping(console: Console, recovery: list[RecoveryDisk], local: list[LocalDisk],
-                   value_format: str) -> list[MappedVolume]:
+def prompt_mapping(
+    console: Console, recovery: list[RecoveryDisk], local: list[LocalDisk], value_format: str
+) -> list[MappedVolume]:
     """Ask per recovery volume; a whole mapping as ALL="…" (CSV or JSON) answers everything at once."""
     show_local_disks(console, local)
-    console.info(f"For each recovery volume enter a local disk ({value_format} names, e.g. "
-                 f"{_example(local, value_format)}), EXCLUDE to leave it out, or "
-                 'ALL="<whole mapping as CSV or JSON>".')
+    console.info(
+        f"For each recovery volume enter a local disk ({value_format} names, e.g. "
+        f"{_example(local, value_format)}), EXCLUDE to leave it out, or "
+        'ALL="<whole mapping as CSV or JSON>".'
+    )
     while True:
         chosen: dict[str, str] = {}
         used: dict[str, str] = {}
@@ -102,7 +132,7 @@ def prompt_mapping(console: Console, recovery: list[RecoveryDisk], local: list[L
                 try:
                     disk = resolve_local(answer, local, value_format, for_device=r.name) if answer else None
                     if not answer:
-                        raise MappingError("please enter a local disk, EXCLUDE or ALL=\"…\"")
+                        raise MappingError('please enter a local disk, EXCLUDE or ALL="…"')
                     if disk is not None:
                         if disk.name in used:
                             raise MappingError(f"{disk.path} is already chosen for {used[disk.name]}")

@@ -130,7 +130,7 @@ def _parse_json(text: str) -> dict[str, str]:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise MappingSyntaxError(
-            f"the device mapping is not valid JSON: {e.msg} at character {e.pos + 1}", text[e.pos: e.pos + 20]
+            f"the device mapping is not valid JSON: {e.msg} at character {e.pos + 1}", text[e.pos : e.pos + 20]
         ) from None
     except RecursionError:
         raise MappingSyntaxError("the device mapping JSON is nested too deeply", text[:20]) from None
@@ -145,8 +145,9 @@ def _parse_json(text: str) -> dict[str, str]:
                 raise MappingSyntaxError(f"{where} must be an object with {' and '.join(API_KEYS)}", str(item))
             unknown = sorted(set(item) - set(API_KEYS))
             if unknown:
-                raise MappingSyntaxError(f"{where} has unknown key {unknown[0]!r}; expected {' and '.join(API_KEYS)}",
-                                         unknown[0])
+                raise MappingSyntaxError(
+                    f"{where} has unknown key {unknown[0]!r}; expected {' and '.join(API_KEYS)}", unknown[0]
+                )
             missing = [k for k in API_KEYS if k not in item]
             if missing:
                 raise MappingSyntaxError(f"{where} lacks {missing[0]!r}", missing[0])
@@ -225,14 +226,16 @@ def fit_problem(recovery: Sequence[RecoveryDisk], local: Sequence[LocalDisk]) ->
     loc_sorted = sorted(targets, key=lambda d: d.size_bytes, reverse=True)
     for r, d in zip(rec_sorted, loc_sorted, strict=False):
         if not fits(r.size_bytes, d.size_bytes):
-            return (f"volume {r.name} ({human_size(r.size_bytes)}) is too large for disk {d.path} "
-                    f"({human_size(d.size_bytes)})")
+            return (
+                f"volume {r.name} ({human_size(r.size_bytes)}) is too large for disk {d.path} "
+                f"({human_size(d.size_bytes)})"
+            )
     return None
 
 
 def _strip_kind_prefix(token: str, kind: str) -> str:
     prefix = f"/dev/disk/{kind}/"
-    return token[len(prefix):] if token.startswith(prefix) else token
+    return token[len(prefix) :] if token.startswith(prefix) else token
 
 
 def matches(token: str, disks: Iterable[LocalDisk], kind: str) -> list[LocalDisk]:
@@ -247,8 +250,9 @@ def matches(token: str, disks: Iterable[LocalDisk], kind: str) -> list[LocalDisk
 def resolve_local(token: str, local: Sequence[LocalDisk], value_format: str, *, for_device: str) -> LocalDisk | None:
     """The local disk `token` names in `value_format` (None for EXCLUDE); the boot medium is refused."""
     if value_format not in VALUE_FORMATS:
-        raise MappingError(f"--dm-value-format must be one of {', '.join(VALUE_FORMATS)}, not {value_format!r}",
-                           value_format)
+        raise MappingError(
+            f"--dm-value-format must be one of {', '.join(VALUE_FORMATS)}, not {value_format!r}", value_format
+        )
     if token.upper() == EXCLUDE:
         return None
     kinds = VALUE_FORMATS[:-1] if value_format == "all-strict" else (value_format,)
@@ -258,14 +262,17 @@ def resolve_local(token: str, local: Sequence[LocalDisk], value_format: str, *, 
             found[disk.name] = disk
     if len(found) > 1:
         raise AmbiguousDeviceError(
-            f"local device {token!r} (for {for_device}) is ambiguous: it names {', '.join(sorted(found))}", token)
+            f"local device {token!r} (for {for_device}) is ambiguous: it names {', '.join(sorted(found))}", token
+        )
     if not found:
         other = [k for k in VALUE_FORMATS[:-1] if k not in kinds and matches(token, local, k)]
         hint = f"; it is a {other[0]} name: use --dm-value-format {other[0]} or all-strict" if other else ""
         known = ", ".join(d.names(kinds[0])[0] if d.names(kinds[0]) else d.path for d in local if not d.boot_medium)
         raise UnknownDeviceError(
             f"local device {token!r} (for {for_device}) is not a disk of this machine in --dm-value-format "
-            f"{value_format}{hint}; local disks: {known or 'none'}", token)
+            f"{value_format}{hint}; local disks: {known or 'none'}",
+            token,
+        )
     disk = next(iter(found.values()))
     refuse_in_use(disk, token, for_device)
     return disk
@@ -279,11 +286,13 @@ def refuse_in_use(disk: LocalDisk, token: str, for_device: str) -> None:
         free = f" (or {use.free})" if use else ""
         raise BootMediumError(
             f"local device {token!r} (for {for_device}) is {disk.path}, {what}: never a target; "
-            f"choose another disk{free}", token)
+            f"choose another disk{free}",
+            token,
+        )
     if disk.in_use:
         raise DiskInUseError(
-            f"local device {token!r} (for {for_device}) is {disk.path}, which is in use: {describe(disk.in_use)}",
-            token)
+            f"local device {token!r} (for {for_device}) is {disk.path}, which is in use: {describe(disk.in_use)}", token
+        )
 
 
 def resolve_recovery(key: str, recovery: Sequence[RecoveryDisk]) -> RecoveryDisk:
@@ -292,14 +301,18 @@ def resolve_recovery(key: str, recovery: Sequence[RecoveryDisk]) -> RecoveryDisk
             return r
     raise UnknownDeviceError(
         f"recovery device {key!r} is not a volume of the recovery instance; its volumes are "
-        f"{', '.join(r.name for r in recovery)}", key)
+        f"{', '.join(r.name for r in recovery)}",
+        key,
+    )
 
 
 def check_size(r: RecoveryDisk, disk: LocalDisk, token: str) -> None:
     if not fits(r.size_bytes, disk.size_bytes):
         raise VolumeTooSmallError(
             f"local device {token!r} = {disk.path} ({human_size(disk.size_bytes)}) is smaller than recovery "
-            f"volume {r.name} ({human_size(r.size_bytes)})", token)
+            f"volume {r.name} ({human_size(r.size_bytes)})",
+            token,
+        )
 
 
 def validate_mapping(
@@ -319,7 +332,9 @@ def validate_mapping(
     if missing:
         raise MissingDeviceError(
             f"recovery device {missing[0]} has no local device: add {missing[0]}=<local device> "
-            f"or {missing[0]}=EXCLUDE", missing[0])
+            f"or {missing[0]}=EXCLUDE",
+            missing[0],
+        )
     used: dict[str, str] = {}
     result: list[MappedVolume] = []
     for r in recovery:
@@ -327,7 +342,8 @@ def validate_mapping(
         if disk is not None:
             if disk.name in used:
                 raise DuplicateDeviceError(
-                    f"local device {disk.path} is chosen for both {used[disk.name]} and {r.name}", token)
+                    f"local device {disk.path} is chosen for both {used[disk.name]} and {r.name}", token
+                )
             used[disk.name] = r.name
             check_size(r, disk, token)
         result.append(MappedVolume(r, disk))

@@ -58,8 +58,9 @@ class Nic:
 def ip_addresses() -> dict[str, list[str]]:
     """Global IPv4 addresses per interface, from `ip -j -4 addr show`."""
     try:
-        proc = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10,
-                              check=False)
+        proc = subprocess.run(
+            ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=False
+        )
         data = json.loads(proc.stdout or "[]")
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         log.warning("cannot list addresses: %s", e)
@@ -86,9 +87,14 @@ def list_nics(sysroot: str = "/", addresses: Callable[[], dict[str, list[str]]] 
         if not os.path.exists(os.path.join(d, "device")) or _read(os.path.join(d, "type")) not in ("", "1"):
             continue
         carrier = _read(os.path.join(d, "carrier"))
-        nics.append(Nic(name, _read(os.path.join(d, "address")),
-                        True if carrier == "1" else False if carrier == "0" else None,
-                        tuple(addrs.get(name, []))))
+        nics.append(
+            Nic(
+                name,
+                _read(os.path.join(d, "address")),
+                True if carrier == "1" else False if carrier == "0" else None,
+                tuple(addrs.get(name, [])),
+            )
+        )
     return nics
 
 
@@ -119,8 +125,10 @@ def parse_ip_arg(cmdline: str) -> tuple[nv.StaticConfig | None, str | None]:
     if len(fields) == 1 or (len(fields) == 2 and fields[1] in ("dhcp", "on", "any")):
         if fields[-1] in ("dhcp", "on", "any", "auto", "off", "none", "dhcp6", "auto6", "link-local", ""):
             return None, text  # DHCP (what happens anyway) or no autoconfiguration
-        raise UsageError(f"kernel argument ip={text}: not a form this LiveCD knows; use ip=dhcp or "
-                         "ip=<address>::<gateway>:<netmask>:<hostname>:<nic>:none:<dns>")
+        raise UsageError(
+            f"kernel argument ip={text}: not a form this LiveCD knows; use ip=dhcp or "
+            "ip=<address>::<gateway>:<netmask>:<hostname>:<nic>:none:<dns>"
+        )
     fields += [""] * (9 - len(fields))
     client, _server, gateway, netmask, hostname, device, autoconf, dns0, dns1 = fields[:9]
     if not client or autoconf in ("dhcp", "on", "any", "dhcp6", "auto6"):
@@ -130,8 +138,10 @@ def parse_ip_arg(cmdline: str) -> tuple[nv.StaticConfig | None, str | None]:
     try:
         cfg = nv.static_config(values)
     except ValueError as e:
-        raise UsageError(f"kernel argument ip={text}: {e} (form: ip=<address>::<gateway>:<netmask>:<hostname>:"
-                         "<nic>:none:<dns0>:<dns1>, or add nameserver=<dns>)") from None
+        raise UsageError(
+            f"kernel argument ip={text}: {e} (form: ip=<address>::<gateway>:<netmask>:<hostname>:"
+            "<nic>:none:<dns0>:<dns1>, or add nameserver=<dns>)"
+        ) from None
     return nv.StaticConfig(cfg.address, cfg.prefix, cfg.gateway, cfg.dns, cfg.nic, hostname or None), text
 
 
@@ -178,8 +188,9 @@ def _run_start_sh(argv: list[str], env: dict[str, str]) -> subprocess.CompletedP
     return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False)
 
 
-def apply_static(cfg: nv.StaticConfig, console: Console, *, proxy: str | None = None,
-                 runner: Runner = _run_start_sh) -> bool:
+def apply_static(
+    cfg: nv.StaticConfig, console: Console, *, proxy: str | None = None, runner: Runner = _run_start_sh
+) -> bool:
     """Configure `cfg` with start.sh (which checks again, writes the networkd file, restarts networkd and
     waits for the address). True when the address came up; the reason is shown otherwise."""
     env = {**cfg.env(), "CONFIG_NETWORK": "1", "RESTART_CLIENT": "0"}
@@ -208,11 +219,17 @@ def apply_proxy(proxy: str | None, origin: str, console: Console) -> None:
     console.info(f"HTTPS proxy {nv.proxy_display(url)} ({origin}) for DRS and S3; {DIRECT_NOTE}.")
 
 
-def wait_for_address(console: Console, timeout: float, *, sysroot: str = "/",
-                     addresses: Callable[[], dict[str, list[str]]] = ip_addresses,
-                     nic: str | None = None, poll: float = 0.5,
-                     clock: Callable[[], float] = time.monotonic,
-                     sleep: Callable[[float], None] = time.sleep) -> Nic | None:
+def wait_for_address(
+    console: Console,
+    timeout: float,
+    *,
+    sysroot: str = "/",
+    addresses: Callable[[], dict[str, list[str]]] = ip_addresses,
+    nic: str | None = None,
+    poll: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Nic | None:
     """Show each NIC and every change of its link or address until one (or `nic`) has a global IPv4
     address, or `timeout` seconds pass."""
     start = clock()
@@ -265,13 +282,12 @@ def prompt_static(console: Console, nics: list[Nic]) -> tuple[nv.StaticConfig, s
         nic = nics[int(answer) - 1].name if answer.isdigit() else answer
     address = _ask(console, "IPv4 address (e.g. 192.168.10.20): ", nv.ipv4_problem)
     netmask = _ask(console, "Subnet mask or prefix length (e.g. 255.255.255.0 or 24): ", nv.netmask_problem)
-    gateway = _ask(console, "Default gateway (e.g. 192.168.10.1): ",
-                   lambda a: nv.gateway_problem(a, address, netmask))
+    gateway = _ask(console, "Default gateway (e.g. 192.168.10.1): ", lambda a: nv.gateway_problem(a, address, netmask))
     dns = _ask(console, "DNS server(s), separated by commas (e.g. 192.168.10.10): ", nv.dns_problem)
-    proxy = _ask(console, "HTTPS proxy (http://host:port; press Enter for none): ",
-                 lambda a: nv.proxy_problem(a), default="")
-    cfg = nv.static_config({"IPADDR": address, "NETMASK": netmask, "GATEWAY": gateway, "DNS": dns,
-                            "NIC": nic or ""})
+    proxy = _ask(
+        console, "HTTPS proxy (http://host:port; press Enter for none): ", lambda a: nv.proxy_problem(a), default=""
+    )
+    cfg = nv.static_config({"IPADDR": address, "NETMASK": netmask, "GATEWAY": gateway, "DNS": dns, "NIC": nic or ""})
     return cfg, (nv.proxy_url(proxy) if proxy else None)
 
 
@@ -290,8 +306,13 @@ def _static_configured(sysroot: str) -> bool:
         return False
 
 
-def prepare_network(settings: Settings, console: Console, *, runner: Runner = _run_start_sh,
-                    addresses: Callable[[], dict[str, list[str]]] = ip_addresses) -> Nic | None:
+def prepare_network(
+    settings: Settings,
+    console: Console,
+    *,
+    runner: Runner = _run_start_sh,
+    addresses: Callable[[], dict[str, list[str]]] = ip_addresses,
+) -> Nic | None:
     """The network step between the summary line and the credentials (see the module's docstring)."""
     cmdline = seedmod.read_cmdline(settings.sysroot)
     p = plan(settings, os.environ, cmdline)
@@ -310,8 +331,10 @@ def prepare_network(settings: Settings, console: Console, *, runner: Runner = _r
         console.claim_or_wait()  # only one console's instance configures the network
         console.info(f"Network: static address from {p.static_origin}")
         if not apply_static(p.static, console, runner=runner):
-            raise ConnectivityError(f"the static address from {p.static_origin} did not come up; check the values "
-                                    "and the cable, or run CONFIG_NETWORK=1 /usr/bin/start.sh from the tty2 shell")
+            raise ConnectivityError(
+                f"the static address from {p.static_origin} did not come up; check the values "
+                "and the cable, or run CONFIG_NETWORK=1 /usr/bin/start.sh from the tty2 shell"
+            )
     else:
         console.info(f"Network: DHCP on every network card with a link (up to {p.dhcp_timeout} s)…")
     ready = wait_for_address(console, p.dhcp_timeout, sysroot=settings.sysroot, addresses=addresses)
@@ -321,7 +344,8 @@ def prepare_network(settings: Settings, console: Console, *, runner: Runner = _r
             raise ConnectivityError(
                 f"no network address after {p.dhcp_timeout} s and --no-prompt forbids asking: give IPADDR, NETMASK, "
                 "GATEWAY and DNS in the seed or the kernel command line (ip=... or failback.IPADDR=...), or run "
-                "IPADDR=... NETMASK=... GATEWAY=... DNS=... CONFIG_NETWORK=1 /usr/bin/start.sh from the tty2 shell")
+                "IPADDR=... NETMASK=... GATEWAY=... DNS=... CONFIG_NETWORK=1 /usr/bin/start.sh from the tty2 shell"
+            )
         console.info("Configure a static IPv4 address:")
         cfg, proxy = prompt_static(console, list_nics(settings.sysroot, addresses))
         if apply_static(cfg, console, proxy=proxy, runner=runner):
@@ -330,15 +354,22 @@ def prepare_network(settings: Settings, console: Console, *, runner: Runner = _r
             ready = wait_for_address(console, 10, sysroot=settings.sysroot, addresses=addresses, nic=cfg.nic)
     console.ok(f"Network ready: {ready.name} {', '.join(ready.addresses)}")
     if not wait_for_resolver(settings.sysroot):
-        console.warn(f"Network: name resolution (systemd-resolved) is not up after {RESOLVER_WAIT_S:.0f} s; "
-                     "host names may not resolve (see `systemctl status systemd-resolved` on tty2)")
+        console.warn(
+            f"Network: name resolution (systemd-resolved) is not up after {RESOLVER_WAIT_S:.0f} s; "
+            "host names may not resolve (see `systemctl status systemd-resolved` on tty2)"
+        )
     apply_proxy(p.proxy, p.proxy_origin, console)
     _fetch_url_seed(settings, console)
     return ready
 
 
-def wait_for_resolver(sysroot: str, timeout: float = RESOLVER_WAIT_S, *,
-                      sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> bool:
+def wait_for_resolver(
+    sysroot: str,
+    timeout: float = RESOLVER_WAIT_S,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
     """The LiveCD's /etc/resolv.conf is systemd-resolved's stub file, which exists once resolved runs. The
     client starts before resolved (its unit does not wait for sysinit.target, so the summary line shows at
     once), so the first name lookup waits for that file. False when it did not appear in time."""

@@ -140,8 +140,7 @@ class StaticConfig:
 
     def env(self) -> dict[str, str]:
         """The variables start.sh / config-network take."""
-        env = {"IPADDR": self.address, "NETMASK": str(self.prefix), "GATEWAY": self.gateway,
-               "DNS": ",".join(self.dns)}
+        env = {"IPADDR": self.address, "NETMASK": str(self.prefix), "GATEWAY": self.gateway, "DNS": ",".join(self.dns)}
         if self.nic:
             env["NIC"] = self.nic
         return env
@@ -168,5 +167,6 @@ def static_config(values: dict[str, str]) -> StaticConfig:
         raise ValueError(f"NIC: {nic_problem(nic)}")
     prefix = prefix_of(values["NETMASK"])
     assert prefix is not None
-    return StaticConfig(values["IPADDR"].strip(), prefix, values["GATEWAY"].strip(),
-                        tuple(dns_servers(values["DNS"])), nic)
+    return StaticConfig(
+        values["IPADDR"].strip(), prefix, values["GATEWAY"].strip(), tuple(dns_servers(values["DNS"])), nic
+    )

@@ -57,9 +57,14 @@ def latest_published(region: str, s3_endpoint: str | None, timeout: float = TIME
     from failback_client.download import s3_endpoint_url
 
     endpoint = s3_endpoint_url(region, s3_endpoint)
-    config = Config(signature_version=UNSIGNED, region_name=region, connect_timeout=timeout, read_timeout=timeout,
-                    retries={"mode": "standard", "total_max_attempts": 1},
-                    s3={"addressing_style": "virtual" if endpoint.endswith(".amazonaws.com") else "path"})
+    config = Config(
+        signature_version=UNSIGNED,
+        region_name=region,
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"mode": "standard", "total_max_attempts": 1},
+        s3={"addressing_style": "virtual" if endpoint.endswith(".amazonaws.com") else "path"},
+    )
     client = boto3.session.Session().client("s3", region_name=region, endpoint_url=endpoint, config=config)
     body = client.get_object(Bucket=release_bucket(region), Key=VERSION_KEY)["Body"].read(MAX_BYTES + 1)
     doc = json.loads(body) if len(body) <= MAX_BYTES else None
@@ -73,8 +78,10 @@ def notice_line(region: str, doc: dict[str, Any] | None, s3_endpoint: str | None
     key = iso.get("key") if isinstance(iso, dict) else None
     if not isinstance(key, str):
         key = "latest/failback_livecd/aws-failback-livecd-64bit.iso"
-    return (f"A newer Failback LiveCD ({doc['version']}) is published for {region}; this one is {__version__}. "
-            f"It is at {iso_url(region, key, s3_endpoint)} (this run goes on)")
+    return (
+        f"A newer Failback LiveCD ({doc['version']}) is published for {region}; this one is {__version__}. "
+        f"It is at {iso_url(region, key, s3_endpoint)} (this run goes on)"
+    )
 
 
 class NewerIsoCheck:

@@ -36,8 +36,9 @@ class TlsPaths:
 
 
 def tls_paths(directory: Path) -> TlsPaths:
-    return TlsPaths(ca=directory / "pairing-ca.pem", cert=directory / "replicator.pem",
-                    key=directory / "replicator.key")
+    return TlsPaths(
+        ca=directory / "pairing-ca.pem", cert=directory / "replicator.pem", key=directory / "replicator.key"
+    )
 
 
 def _openssl(args: list[str], stdin: bytes | None = None) -> bytes:
@@ -85,12 +86,15 @@ def install_certificates(directory: Path, client_id: str, certificate_pem: str, 
         cert_pub = _openssl(["x509", "-noout", "-pubkey", "-in", str(paths.cert)])
         key_pub = _openssl(["pkey", "-pubout", "-in", str(paths.key)])
         if cert_pub.strip() != key_pub.strip():
-            raise PairingError("the certificate DRS issued is not for this replication software's key: refused "
-                               "(start the failback client again to pair afresh)")
+            raise PairingError(
+                "the certificate DRS issued is not for this replication software's key: refused "
+                "(start the failback client again to pair afresh)"
+            )
         cn = _subject_cn(paths.cert)
         if cn != client_id:
-            raise PairingError(f"the certificate DRS issued is for {cn!r}, not this failback client ({client_id}): "
-                               "refused")
+            raise PairingError(
+                f"the certificate DRS issued is for {cn!r}, not this failback client ({client_id}): refused"
+            )
         try:
             _openssl(["verify", "-CAfile", str(paths.ca), "-purpose", "sslclient", str(paths.cert)])
         except PairingError as e:

@@ -59,10 +59,12 @@ class Preflight:
     def memory_warning(self) -> str | None:
         if self.memory_ok:
             return None
-        return (f"Only {self.usable_mib} MiB of memory is available; this failback client needs about {NEEDED_MIB} "
-                f"MiB (itself {CLIENT_PEAK_MIB}, the replication software {REPLICATOR_PEAK_MIB}, the conversion's "
-                f"tools {TOOLS_MIB}): replication or conversion may run out of memory. Add memory or close "
-                "what else runs.")
+        return (
+            f"Only {self.usable_mib} MiB of memory is available; this failback client needs about {NEEDED_MIB} "
+            f"MiB (itself {CLIENT_PEAK_MIB}, the replication software {REPLICATOR_PEAK_MIB}, the conversion's "
+            f"tools {TOOLS_MIB}): replication or conversion may run out of memory. Add memory or close "
+            "what else runs."
+        )
 
     def summary_line(self) -> str:
         return summary_line(self.boot_mode, self.secure_boot, self.memory_kb)
@@ -73,21 +75,43 @@ class Preflight:
         mem = "unknown" if self.memory_mib is None else f"{self.memory_mib} MiB"
         if self.available_kb is not None and self.memory_mib is not None:
             mem += f" ({self.usable_mib} MiB available)"
-        rows.append(("Memory", mem, f"ok (this client needs about {NEEDED_MIB} MiB)" if self.memory_ok else
-                     f"LOW: this client needs about {NEEDED_MIB} MiB; replication may run out of memory"))
-        rows.append(("Boot mode", self.boot_mode,
-                     "ok (Linux servers must boot the client in BIOS mode; Windows: same mode as the source)"))
+        rows.append(
+            (
+                "Memory",
+                mem,
+                f"ok (this client needs about {NEEDED_MIB} MiB)"
+                if self.memory_ok
+                else f"LOW: this client needs about {NEEDED_MIB} MiB; replication may run out of memory",
+            )
+        )
+        rows.append(
+            (
+                "Boot mode",
+                self.boot_mode,
+                "ok (Linux servers must boot the client in BIOS mode; Windows: same mode as the source)",
+            )
+        )
         sb = "unknown" if self.secure_boot is None else ("on" if self.secure_boot else "off")
         rows.append(("Secure Boot", sb, "TURN IT OFF in the firmware settings" if self.secure_boot else "ok"))
         hw = {True: "local time", False: "UTC", None: "unknown"}[self.hwclock_local]
-        rows.append(("Hardware clock", hw, ("set it to UTC: " + self.hwclock_reason) if self.hwclock_local
-                     else self.hwclock_reason or "ok"))
+        rows.append(
+            (
+                "Hardware clock",
+                hw,
+                ("set it to UTC: " + self.hwclock_reason) if self.hwclock_local else self.hwclock_reason or "ok",
+            )
+        )
         targets = [d for d in self.disks if not d.boot_medium]
         disks = ", ".join(f"{d.path} {human_size(d.size_bytes)}" for d in targets) or "none"
         busy = [f"{d.path} IN USE ({d.in_use[0].what})" for d in targets if d.in_use]
         free = len(targets) - len(busy)
-        verdict = "ok" if free and not busy else "NO DISK to fail back to" if not targets else \
-            "; ".join(busy) + (" (never a target)" if free else ": NO FREE DISK to fail back to")
+        verdict = (
+            "ok"
+            if free and not busy
+            else "NO DISK to fail back to"
+            if not targets
+            else "; ".join(busy) + (" (never a target)" if free else ": NO FREE DISK to fail back to")
+        )
         rows.append(("Local disks", disks, verdict))
         return rows
 
@@ -149,9 +173,11 @@ class Skew:
 
     def advice(self) -> str:
         stamp = self.server_time.strftime("%Y-%m-%d %H:%M:%S")
-        return (f"AWS refuses signed requests more than 5 minutes off. Set the clock to UTC, e.g. "
-                f"`date -u -s '{stamp}'` then `hwclock --systohc --utc`, or fix the firmware clock to UTC "
-                "and reboot the failback client")
+        return (
+            f"AWS refuses signed requests more than 5 minutes off. Set the clock to UTC, e.g. "
+            f"`date -u -s '{stamp}'` then `hwclock --systohc --utc`, or fix the firmware clock to UTC "
+            "and reboot the failback client"
+        )
 
 
 def endpoint_date(url: str, *, timeout: float = 10.0, proxies: dict[str, str] | None = None) -> dt.datetime | None:

@@ -64,8 +64,9 @@ def complete_settings(settings: Settings, console: Console) -> None:
                 raise missing_error("session_token", "the AWS Session Token (the key ASIA… is temporary)")
         elif asked_credentials or temporary:
             # Blank is fine for long-term keys (guide step 6); not echoed: it is a credential.
-            token = console.ask("AWS Session Token (leave blank if not using temporary credentials; not shown): ",
-                                secret=True).strip()
+            token = console.ask(
+                "AWS Session Token (leave blank if not using temporary credentials; not shown): ", secret=True
+            ).strip()
             settings.session_token = token or None
             settings.origin["session_token"] = "prompt"
             REDACTOR.add(token)

@@ -118,9 +118,11 @@ class ProgressView:
             left = max(total - done, backlog)
             eta = 0.0 if not left else (left / rate if rate else None)
             rate_text = f"{human_bytes(rate)}/s" if rate is not None else "-- B/s"
-            self.console.line(f"{state}: {name} -> {self.targets.get(name, '?')}: {human_bytes(done)} / "
-                              f"{human_bytes(total)} ({pct:5.1f}%)  {rate_text}  ETA {human_eta(eta)}"
-                              + (f"  backlog {human_bytes(backlog)}" if backlog else ""))
+            self.console.line(
+                f"{state}: {name} -> {self.targets.get(name, '?')}: {human_bytes(done)} / "
+                f"{human_bytes(total)} ({pct:5.1f}%)  {rate_text}  ETA {human_eta(eta)}"
+                + (f"  backlog {human_bytes(backlog)}" if backlog else "")
+            )
             self.lines_shown += 1
         self._last_at = now
 
@@ -170,8 +172,13 @@ class Forwarder:
         error_key = (error["error"], error.get("rawError", "")) if error else None
         if resend and error_key is None:
             update["dataReplicationError"] = {}
-        if resend and state and state == self.state and state != "DISCONNECTED" and (
-                state != "CONTINUOUS" or self.consistent):
+        if (
+            resend
+            and state
+            and state == self.state
+            and state != "DISCONNECTED"
+            and (state != "CONTINUOUS" or self.consistent)
+        ):
             update["dataReplicationState"] = state
         if error_key != self.error or (resend and error_key):
             if error_key is None:
@@ -184,8 +191,12 @@ class Forwarder:
                     update["dataReplicationError"] = {"error": error_key[0], "rawError": error_key[1][:1000]}
         if state and state != self.state:
             if state == "DISCONNECTED":
-                self._safe("the lost link", self.rapi.disconnected, error_key[0] if error_key else None,
-                           error_key[1] if error_key else "the link to the agent was lost")
+                self._safe(
+                    "the lost link",
+                    self.rapi.disconnected,
+                    error_key[0] if error_key else None,
+                    error_key[1] if error_key else "the link to the agent was lost",
+                )
             else:
                 if self.state in (None, "INITIATING", "DISCONNECTED") and state not in ("INITIATING", "STOPPED"):
                     self._safe("the link to the agent", self.rapi.connected, self.software_version)
@@ -210,22 +221,38 @@ class Forwarder:
             if fingerprint != self.last_progress and (due or status.get("consistencyAttained")):
                 eta_s = status.get("etaSeconds")
                 eta = iso(datetime.now(UTC) + timedelta(seconds=float(eta_s))) if eta_s else None
-                ok, _ = self._safe("progress", self.rapi.progress, disks, status.get("lagSeconds"), eta,
-                                   status.get("throughputBytesPerSecond"))
+                ok, _ = self._safe(
+                    "progress",
+                    self.rapi.progress,
+                    disks,
+                    status.get("lagSeconds"),
+                    eta,
+                    status.get("throughputBytesPerSecond"),
+                )
                 if ok:
                     self.last_progress, self.last_progress_at = fingerprint, now
         if status.get("consistencyAttained") and not self.consistent:
             ok, verdict = self._safe("consistency", self.rapi.consistency_attained, iso(datetime.now(UTC)), False)
             if ok:
                 self.consistent = True
-                self.console.ok("Every volume is replicated and verified; replication continues. DRS shows the "
-                                "recovery instance Ready / Healthy: choose Failback in the console when ready "
-                                f"(failback state {verdict})")
+                self.console.ok(
+                    "Every volume is replicated and verified; replication continues. DRS shows the "
+                    "recovery instance Ready / Healthy: choose Failback in the console when ready "
+                    f"(failback state {verdict})"
+                )
 
 
 class Supervisor:
-    def __init__(self, software: Software, setup: ReplicationSetup, config_path: Path, rapi: ReplicationApi,
-                 steps: StepReporter, console: Console, timing: Timing | None = None) -> None:
+    def __init__(
+        self,
+        software: Software,
+        setup: ReplicationSetup,
+        config_path: Path,
+        rapi: ReplicationApi,
+        steps: StepReporter,
+        console: Console,
+        timing: Timing | None = None,
+    ) -> None:
         self.software = software
         self.setup = setup
         self.config_path = config_path
@@ -271,8 +298,10 @@ class Supervisor:
             self.command_reason = answer.get("reason", "")
             self.job_id = answer.get("failbackJobID") or self.job_id
             if command == "FINAL_SYNC":
-                self.console.info(f"Failback launch requested (job {self.job_id}): final sync of the last changes, "
-                                  "then flush and verify every volume")
+                self.console.info(
+                    f"Failback launch requested (job {self.job_id}): final sync of the last changes, "
+                    "then flush and verify every volume"
+                )
             elif command == "STOP":
                 self.console.warn(f"DRS says stop: {self.command_reason or 'failback was stopped'}")
             self.command = command
@@ -285,10 +314,24 @@ class Supervisor:
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # it needs no credentials
             return subprocess.Popen(
-                [str(self.software.launcher), "--config", str(self.config_path), "--status-file", str(self.status_file),
-                 "--command-file", str(self.command_file), "--progress-interval", "60"],
-                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env, cwd=str(self.config_path.parent),
-                start_new_session=True)
+                [
+                    str(self.software.launcher),
+                    "--config",
+                    str(self.config_path),
+                    "--status-file",
+                    str(self.status_file),
+                    "--command-file",
+                    str(self.command_file),
+                    "--progress-interval",
+                    "60",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                env=env,
+                cwd=str(self.config_path.parent),
+                start_new_session=True,
+            )
         finally:
             os.close(fd)
 
@@ -354,11 +397,15 @@ class Supervisor:
         if self.command == "STOP":
             return Outcome.STOPPED
         if self.restarts >= MAX_RESTARTS:
-            raise ReplicationFailedError(f"The replication software ended unexpectedly (status {rc}) "
-                                         f"{self.restarts + 1} times; the log is {self.log_file}")
+            raise ReplicationFailedError(
+                f"The replication software ended unexpectedly (status {rc}) "
+                f"{self.restarts + 1} times; the log is {self.log_file}"
+            )
         self.restarts += 1
-        self.console.warn(f"The replication software ended unexpectedly (status {rc}); restarting it "
-                          f"({self.restarts}/{MAX_RESTARTS}): it resumes from what is verified")
+        self.console.warn(
+            f"The replication software ended unexpectedly (status {rc}); restarting it "
+            f"({self.restarts}/{MAX_RESTARTS}): it resumes from what is verified"
+        )
         self.proc = self._start()
         return None
 

@@ -17,8 +17,9 @@ MAX_MESSAGE = 1000  # rawError / message: keep what DRS shows short
 
 
 class ReplicationApi:
-    def __init__(self, api: DrsApi, client_id: str, recovery_instance_id: str,
-                 bandwidth_mbps: int | None = None) -> None:
+    def __init__(
+        self, api: DrsApi, client_id: str, recovery_instance_id: str, bandwidth_mbps: int | None = None
+    ) -> None:
         self.api = api
         self.ids = {"failbackClientID": client_id, "recoveryInstanceID": recovery_instance_id}
         # From the association (GetFailbackReplicationConfiguration is in neither failback policy).
@@ -40,8 +41,9 @@ class ReplicationApi:
         with self._calling("reporting the replication state to DRS"):
             return self.api.update_replication(**self.ids, **fields).get("failbackState")
 
-    def progress(self, disks: list[dict[str, Any]], lag_seconds: int | None, eta: str | None,
-                 throughput: int | None) -> None:
+    def progress(
+        self, disks: list[dict[str, Any]], lag_seconds: int | None, eta: str | None, throughput: int | None
+    ) -> None:
         fields: dict[str, Any] = {"replicatedDisks": disks}
         if lag_seconds is not None:
             fields["lagSeconds"] = max(0, int(lag_seconds))
@@ -68,7 +70,8 @@ class ReplicationApi:
     def consistency_attained(self, when: str, final_sync: bool) -> str | None:
         with self._calling("telling DRS the volumes are consistent"):
             return self.client.notify_consistency_attained_for_drs(
-                **self.ids, consistencyDateTime=when, finalSync=final_sync).get("failbackState")
+                **self.ids, consistencyDateTime=when, finalSync=final_sync
+            ).get("failbackState")
 
     def seen(self) -> None:
         with self._calling("telling DRS this failback client is alive (UpdateFailbackClientLastSeenForDrs)"):

@@ -38,8 +38,16 @@ CMDLINE_PREFIX = "failback."
 CMDLINE_URL_KEY = "failback.seed"
 
 CLIENT_KEYS: tuple[str, ...] = (
-    "AWS_REGION", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN", "AWS_DRS_ENDPOINT",
-    "RECOVERY_INSTANCE_ID", "DEVICE_MAPPING", "NO_PROMPT", "FAILBACK_S3_ENDPOINT", "FAILBACK_AGENT_PORT",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DRS_ENDPOINT",
+    "RECOVERY_INSTANCE_ID",
+    "DEVICE_MAPPING",
+    "NO_PROMPT",
+    "FAILBACK_S3_ENDPOINT",
+    "FAILBACK_AGENT_PORT",
 )
 NETWORK_KEYS: tuple[str, ...] = ("IPADDR", "NETMASK", "GATEWAY", "DNS", "NIC", "HTTPS_PROXY")
 STATIC_KEYS: tuple[str, ...] = ("IPADDR", "NETMASK", "GATEWAY", "DNS")
@@ -89,8 +97,11 @@ def value_problem(key: str, value: str) -> str | None:
     if key == "FAILBACK_S3_ENDPOINT":
         return _url_problem(v)
     if key == "RECOVERY_INSTANCE_ID":
-        return None if RECOVERY_INSTANCE_ID_RE.match(v) else \
-            f"{v!r} is not a recovery instance ID (i- followed by hex digits, e.g. i-0123456789abcdef0)"
+        return (
+            None
+            if RECOVERY_INSTANCE_ID_RE.match(v)
+            else f"{v!r} is not a recovery instance ID (i- followed by hex digits, e.g. i-0123456789abcdef0)"
+        )
     if key == "DEVICE_MAPPING":
         try:
             parse_device_mapping(v)
@@ -199,8 +210,10 @@ def _check(items: Iterable[tuple[str, str, int | None]], source: str) -> Seed:
     present = [k for k in STATIC_KEYS if k in seed.values]
     if present and len(present) != len(STATIC_KEYS):
         missing = [k for k in STATIC_KEYS if k not in seed.values]
-        raise SeedError(f"seed {source}: {', '.join(present)} given without {', '.join(missing)}: a static "
-                        "address needs IPADDR, NETMASK, GATEWAY and DNS together")
+        raise SeedError(
+            f"seed {source}: {', '.join(present)} given without {', '.join(missing)}: a static "
+            "address needs IPADDR, NETMASK, GATEWAY and DNS together"
+        )
     if len(present) == len(STATIC_KEYS):
         try:
             nv.static_config(seed.env())
@@ -225,7 +238,7 @@ def _env_value(raw: str, where: str) -> str:
                 i += 2
                 continue
             if ch == quote:
-                rest = raw[i + 1:].strip()
+                rest = raw[i + 1 :].strip()
                 if rest and not rest.startswith("#"):
                     raise SeedError(f"{where}: text after the closing quote; put a comment after ' #'")
                 return "".join(out)
@@ -235,7 +248,7 @@ def _env_value(raw: str, where: str) -> str:
     value = raw.partition(" #")[0]
     value = value.split("\t#")[0].rstrip()
     if any(c.isspace() for c in value):
-        raise SeedError(f"{where}: the value has spaces; quote it, e.g. KEY=\"a b\"")
+        raise SeedError(f'{where}: the value has spaces; quote it, e.g. KEY="a b"')
     if value.startswith("#"):
         return ""
     return value
@@ -336,11 +349,13 @@ def parse_cmdline(text: str) -> Seed:
         name, eq, value = word.partition("=")
         if name.lower() == CMDLINE_URL_KEY:
             if not re.match(r"^https?://[^\s]+$", value):
-                raise SeedError(f"seed {source}: {CMDLINE_URL_KEY}: give an http:// or https:// URL, "
-                                f"e.g. {CMDLINE_URL_KEY}=http://10.0.0.5/seeds/server1.env")
+                raise SeedError(
+                    f"seed {source}: {CMDLINE_URL_KEY}: give an http:// or https:// URL, "
+                    f"e.g. {CMDLINE_URL_KEY}=http://10.0.0.5/seeds/server1.env"
+                )
             url = value
             continue
-        key = name[len(CMDLINE_PREFIX):].upper()
+        key = name[len(CMDLINE_PREFIX) :].upper()
         if not eq:
             raise SeedError(f"seed {source}: {name}: give a value, e.g. {name}=...")
         if key not in KEYS:
@@ -381,8 +396,10 @@ def find_volume(sysroot: str = "/", runner: Runner = _run) -> str | None:
 def _read_dir(directory: str, source_prefix: str) -> Seed:
     present = [name for name in SEED_FILES if os.path.isfile(os.path.join(directory, name))]
     if not present:
-        raise SeedError(f"seed {source_prefix}: the volume holds none of {', '.join(SEED_FILES)}; put the settings "
-                        "in failback-seed.env (see `inv seed`)")
+        raise SeedError(
+            f"seed {source_prefix}: the volume holds none of {', '.join(SEED_FILES)}; put the settings "
+            "in failback-seed.env (see `inv seed`)"
+        )
     name = present[0]
     source = f"{source_prefix}:{name}"
     with open(os.path.join(directory, name), "rb") as f:
@@ -405,8 +422,10 @@ def read_volume(device: str, runner: Runner = _run, mount_base: str = "/run") ->
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
             why = detail[0].strip() if detail else "mount failed"
-            raise SeedError(f"seed {source}: cannot mount {device} read-only ({why}); check the volume "
-                            f"(mkfs.vfat -n {SEED_LABEL}, or `inv seed`)")
+            raise SeedError(
+                f"seed {source}: cannot mount {device} read-only ({why}); check the volume "
+                f"(mkfs.vfat -n {SEED_LABEL}, or `inv seed`)"
+            )
         try:
             return _read_dir(target, source)
         finally:
@@ -428,8 +447,9 @@ def fetch_url(url: str, *, proxy: str | None = None, timeout: float = URL_TIMEOU
     proxies = {"https": nv.proxy_url(proxy)} if proxy else {}
     opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
     try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "failback-client-seed"}),
-                         timeout=timeout) as response:
+        with opener.open(
+            urllib.request.Request(url, headers={"User-Agent": "failback-client-seed"}), timeout=timeout
+        ) as response:
             data = response.read(MAX_SEED_BYTES + 1)
             ctype = response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
@@ -437,8 +457,9 @@ def fetch_url(url: str, *, proxy: str | None = None, timeout: float = URL_TIMEOU
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         via = f" through the HTTPS proxy {nv.proxy_display(proxy)}" if proxy and url.startswith("https:") else ""
-        raise SeedError(f"seed {source}: cannot fetch it{via}: {reason}; check the URL, the network and the proxy") \
-            from None
+        raise SeedError(
+            f"seed {source}: cannot fetch it{via}: {reason}; check the URL, the network and the proxy"
+        ) from None
     path = urllib.parse.urlsplit(url).path
     yaml_format = path.endswith((".yaml", ".yml")) or "yaml" in ctype
     seed = parse(_decode(data, source), source, yaml_format=yaml_format)

@@ -239,14 +239,23 @@ def _seed_origins(s: Settings, seed: Any, env: Mapping[str, str]) -> None:
         origin = s.origin.get(name, "")
         for var in variables:
             if origin.startswith(f"variable {var}") and var not in env and var in seed:
-                s.origin[name] = seed.values[var].origin + origin[len(f"variable {var}"):]
+                s.origin[name] = seed.values[var].origin + origin[len(f"variable {var}") :]
 
 
 def fill_from_seed(s: Settings, seed: Any) -> list[str]:
     """Fill the settings still unset (no argument, variable or earlier seed gave them) from a later seed
     (the URL's, fetched once the network is up). Returns the names it filled."""
-    later = from_arguments(argparse.Namespace(default_endpoint=False, endpoint=None, dm_value_format=None,
-                                              no_prompt=False, log_console=False, log_file=None), seed.env())
+    later = from_arguments(
+        argparse.Namespace(
+            default_endpoint=False,
+            endpoint=None,
+            dm_value_format=None,
+            no_prompt=False,
+            log_console=False,
+            log_file=None,
+        ),
+        seed.env(),
+    )
     _seed_origins(later, seed, {})
     filled = []
     for name in SOURCES:

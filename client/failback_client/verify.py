@@ -69,32 +69,58 @@ def replication_target(endpoint: dict[str, Any], instance: dict[str, Any], port_
     use_private = bool(endpoint.get("usePrivateIP"))
     host = endpoint.get("privateIP") if use_private else endpoint.get("publicIP")
     if not host:
-        ips = [ip for nic in instance.get("recoveryInstanceProperties", {}).get("networkInterfaces", [])
-               for ip in nic.get("ips", [])]
+        ips = [
+            ip
+            for nic in instance.get("recoveryInstanceProperties", {}).get("networkInterfaces", [])
+            for ip in nic.get("ips", [])
+        ]
         host = next((ip for ip in ips if _is_private(ip) == use_private), None)
     if not host:
         kind = "private" if use_private else "public"
         raise ClientError(
             f"Recovery instance {instance.get('recoveryInstanceID')} has no {kind} IP address: "
-            + ("assign it a public IP or Elastic IP, or set usePrivateIP in its failback replication settings "
-               "when a VPN/Direct Connect route exists" if not use_private else "check its network interface"),
-            exit_status=6)
+            + (
+                "assign it a public IP or Elastic IP, or set usePrivateIP in its failback replication settings "
+                "when a VPN/Direct Connect route exists"
+                if not use_private
+                else "check its network interface"
+            ),
+            exit_status=6,
+        )
     kind = "private" if use_private else "public"
     port = port_override or int(endpoint.get("port") or REPLICATION_PORT)
     return Target(
         what=f"the recovery instance {instance.get('recoveryInstanceID')} ({kind} IP) on TCP {port}",
-        host=host, port=port,
-        fix=(f"Allow inbound TCP {port} in the recovery instance's security group" +
-             (" and check the VPN/Direct Connect route to its private IP" if use_private
-              else f" and outbound TCP {port} from this network") + "; TLS-inspecting proxies break pairing"),
+        host=host,
+        port=port,
+        fix=(
+            f"Allow inbound TCP {port} in the recovery instance's security group"
+            + (
+                " and check the VPN/Direct Connect route to its private IP"
+                if use_private
+                else f" and outbound TCP {port} from this network"
+            )
+            + "; TLS-inspecting proxies break pairing"
+        ),
     )
 
 
 # Addresses reachable only over a private route (VPN/Direct Connect). Not ipaddress's is_private: that also
 # counts documentation ranges (203.0.113.0/24...) which DRS examples use as public addresses.
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "fc00::/7", "fe80::/10", "::1/128"))
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+        "::1/128",
+    )
+)
 
 
 def _is_private(ip: str) -> bool:
@@ -105,23 +131,36 @@ def _is_private(ip: str) -> bool:
     return any(address.version == net.version and address in net for net in PRIVATE_NETWORKS)
 
 
-def service_targets(drs_endpoint: str, region: str, s3_endpoint: str | None,
-                    env: dict[str, str] | None = None) -> list[Target]:
+def service_targets(
+    drs_endpoint: str, region: str, s3_endpoint: str | None, env: dict[str, str] | None = None
+) -> list[Target]:
     """The DRS endpoint and the regional S3 endpoint (through the HTTPS proxy when one is set)."""
     proxy = https_proxy(env)
     s3_url = s3_endpoint or f"https://s3.{region}.amazonaws.com"
     result = []
     for what, url, fix in (
-        ("the DRS endpoint", drs_endpoint,
-         "Allow outbound HTTPS (TCP 443) to it, check DNS and the default route, or set an HTTPS proxy"),
-        ("the regional S3 endpoint", s3_url,
-         "Allow outbound HTTPS (TCP 443) to S3 (needed to download the replication software), or use a proxy"),
+        (
+            "the DRS endpoint",
+            drs_endpoint,
+            "Allow outbound HTTPS (TCP 443) to it, check DNS and the default route, or set an HTTPS proxy",
+        ),
+        (
+            "the regional S3 endpoint",
+            s3_url,
+            "Allow outbound HTTPS (TCP 443) to S3 (needed to download the replication software), or use a proxy",
+        ),
     ):
         host, port = _url_target(url)
         if proxy:
-            result.append(Target(f"{what} {host}", proxy[0], proxy[1],
-                                 "Check the proxy address (https_proxy) and that it allows CONNECT to " + host,
-                                 via_proxy=True))
+            result.append(
+                Target(
+                    f"{what} {host}",
+                    proxy[0],
+                    proxy[1],
+                    "Check the proxy address (https_proxy) and that it allows CONNECT to " + host,
+                    via_proxy=True,
+                )
+            )
         else:
             result.append(Target(what, host, port, fix))
     return result

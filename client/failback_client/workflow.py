@@ -39,8 +39,10 @@ from failback_client.verify import StepReporter, Target, replication_target, ser
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-STOP_MESSAGE = ("--check-only: every check passed; the failback client stops here without downloading the "
-                "replication software or writing to any disk.")
+STOP_MESSAGE = (
+    "--check-only: every check passed; the failback client stops here without downloading the "
+    "replication software or writing to any disk."
+)
 DEFAULT_WORK_DIR = "/var/lib/failback"  # on the LiveCD: the RAM-backed root (nothing of it survives a reboot)
 
 
@@ -55,8 +57,10 @@ def run_preflight(settings: Settings, console: Console) -> Preflight:
     if pre.secure_boot:
         console.warn("Secure Boot is on: turn it off in the firmware settings before failing back.")
     if pre.hwclock_local:
-        console.warn(f"The hardware clock keeps local time ({pre.hwclock_reason}); set it to UTC in the firmware "
-                     "or run `hwclock --systohc --utc` once the system clock is right.")
+        console.warn(
+            f"The hardware clock keeps local time ({pre.hwclock_reason}); set it to UTC in the firmware "
+            "or run `hwclock --systohc --utc` once the system clock is right."
+        )
     return pre
 
 
@@ -78,8 +82,11 @@ def check_clock(settings: Settings, console: Console) -> None:
 
 
 def local_disks_for_api(local: list[LocalDisk]) -> list[dict[str, Any]]:
-    return [{"deviceName": d.path, "bytes": d.size_bytes, "persistentNames": [*d.by_path, *d.by_id, *d.by_uuid][:32]}
-            for d in local if not d.boot_medium]
+    return [
+        {"deviceName": d.path, "bytes": d.size_bytes, "persistentNames": [*d.by_path, *d.by_id, *d.by_uuid][:32]}
+        for d in local
+        if not d.boot_medium
+    ]
 
 
 PROMPTED_FIELDS = ("access_key_id", "secret_access_key", "session_token", "region", "endpoint")
@@ -126,8 +133,9 @@ def run(settings: Settings, console: Console) -> int:
 
     identity = local_identity(settings.sysroot)
     log.info("local identity: macs=%s uuid=%s", identity.macs, identity.system_uuid)
-    choice = choose(api, console, identity, pre.disks, wanted_id=settings.recovery_instance_id,
-                    no_prompt=settings.no_prompt)
+    choice = choose(
+        api, console, identity, pre.disks, wanted_id=settings.recovery_instance_id, no_prompt=settings.no_prompt
+    )
     console.ok(f"Recovery instance {choice.id}: {choice.reason}")
     if newer_iso is not None:
         newer_iso.report(console)
@@ -151,11 +159,18 @@ def run(settings: Settings, console: Console) -> int:
     steps.set("COMPLETE_VOLUME_MAPPING", "IN_PROGRESS")
     try:
         volumes = choose_mapping(
-            api, console, client_id=client_id, recovery_instance_id=choice.id,
-            recovery=recovery_disks(choice.instance), local=pre.disks, local_api=local_api,
+            api,
+            console,
+            client_id=client_id,
+            recovery_instance_id=choice.id,
+            recovery=recovery_disks(choice.instance),
+            local=pre.disks,
+            local_api=local_api,
             original_server=choice.original_server or bool(link.get("failbackToOriginalServer")),
-            device_mapping=settings.device_mapping, value_format=settings.dm_value_format,
-            no_prompt=settings.no_prompt)
+            device_mapping=settings.device_mapping,
+            value_format=settings.dm_value_format,
+            no_prompt=settings.no_prompt,
+        )
         show_mapping(console, volumes)
         api.update_mapping(client_id, choice.id, to_api(volumes))
     except BaseException:
@@ -174,8 +189,7 @@ def run(settings: Settings, console: Console) -> int:
         note = direct_note()
         console.ok(f"Reached {replication.what} at {replication.address}" + (f" ({note})" if note else ""))
         steps.set("ESTABLISH_RECOVERY_INSTANCE_COMMUNICATION", "SUCCEEDED")
-    for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint,
-                                  dict(os.environ)):
+    for target in service_targets(settings.endpoint_url, settings.region or "", settings.s3_endpoint, dict(os.environ)):
         problem = tcp_problem(target)
         if problem:
             problems.append(problem)
@@ -210,33 +224,58 @@ def _step(steps: StepReporter, rapi: ReplicationApi, name: str, error: str, acti
     return result
 
 
-def replicate(settings: Settings, console: Console, api: DrsApi, rapi: ReplicationApi, steps: StepReporter,
-              volumes: list[MappedVolume], agent: Target, original_server: bool) -> int:
+def replicate(
+    settings: Settings,
+    console: Console,
+    api: DrsApi,
+    rapi: ReplicationApi,
+    steps: StepReporter,
+    volumes: list[MappedVolume],
+    agent: Target,
+    original_server: bool,
+) -> int:
     """Steps 13-19: download, configure, pair, replicate until Failback (or StopFailback), finish."""
     work = Path(settings.work_dir or DEFAULT_WORK_DIR)
     run_dir, tls_dir = work / "run", work / "tls"
 
     console.info(f"Downloading the replication software for {settings.region}...")
-    software = _step(steps, rapi, "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
-                     "FAILED_TO_DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
-                     lambda: download_software(settings.region or "", settings.s3_endpoint, work / "software"))
+    software = _step(
+        steps,
+        rapi,
+        "DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+        "FAILED_TO_DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT",
+        lambda: download_software(settings.region or "", settings.s3_endpoint, work / "software"),
+    )
     steps.set("DOWNLOAD_REPLICATION_SOFTWARE_TO_FAILBACK_CLIENT", "SUCCEEDED")
     console.ok(f"Replication software {software.version} downloaded, sha512 verified ({software.sha512[:16]}...)")
 
     def configure() -> ReplicationSetup:
         bandwidth = rapi.bandwidth_mbps
         setup = ReplicationSetup(
-            recovery_instance_id=rapi.ids["recoveryInstanceID"], client_id=rapi.ids["failbackClientID"],
-            agent_host=agent.host, agent_port=agent.port, volumes=mapped_volumes(volumes), rescan=original_server,
-            bandwidth_mbps=bandwidth or None, state_dir=work / "state", tls=tls_paths(tls_dir))
+            recovery_instance_id=rapi.ids["recoveryInstanceID"],
+            client_id=rapi.ids["failbackClientID"],
+            agent_host=agent.host,
+            agent_port=agent.port,
+            volumes=mapped_volumes(volumes),
+            rescan=original_server,
+            bandwidth_mbps=bandwidth or None,
+            state_dir=work / "state",
+            tls=tls_paths(tls_dir),
+        )
         check_config(software, write_config(setup, run_dir / "replicator.json"))
         return setup
 
     setup = _step(steps, rapi, "CONFIGURE_REPLICATION_SOFTWARE", "FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE", configure)
     steps.set("CONFIGURE_REPLICATION_SOFTWARE", "SUCCEEDED")
-    console.info("Replication: " + ("rescan (original server: only blocks that differ are sent)" if setup.rescan
-                                    else "full sync (another server: every block is sent)")
-                 + (f", bandwidth limited to {setup.bandwidth_mbps} Mbps" if setup.bandwidth_mbps else ""))
+    console.info(
+        "Replication: "
+        + (
+            "rescan (original server: only blocks that differ are sent)"
+            if setup.rescan
+            else "full sync (another server: every block is sent)"
+        )
+        + (f", bandwidth limited to {setup.bandwidth_mbps} Mbps" if setup.bandwidth_mbps else "")
+    )
 
     def pair() -> None:
         csr = create_key_and_csr(tls_dir, setup.client_id)
@@ -246,8 +285,9 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
         switch_to_drs_credentials(api, console, setup.client_id, setup.recovery_instance_id, tls_paths(tls_dir).key)
         setup.agent_identity = issued["agentCommonName"]
         check_config(software, write_config(setup, run_dir / "replicator.json"))
-        console.ok(f"Certificate issued for {setup.client_id}; pairing with agent {setup.agent_identity} at "
-                   f"{agent.address}")
+        console.ok(
+            f"Certificate issued for {setup.client_id}; pairing with agent {setup.agent_identity} at {agent.address}"
+        )
 
     _step(steps, rapi, "PAIR_AGENT_WITH_REPLICATION_SOFTWARE", "FAILED_TO_PAIR_AGENT_WITH_REPLICATION_SOFTWARE", pair)
     # PAIR_AGENT_WITH_REPLICATION_SOFTWARE succeeds when the replication software's TLS handshake does.
@@ -257,8 +297,10 @@ def replicate(settings: Settings, console: Console, api: DrsApi, rapi: Replicati
     try:
         outcome = supervisor.run()
         if outcome is Outcome.STOPPED:
-            console.info("Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
-                         "and nothing more is written. Start the failback client again to fail back later.")
+            console.info(
+                "Failback was stopped in Elastic Disaster Recovery (StopFailback): replication has stopped "
+                "and nothing more is written. Start the failback client again to fail back later."
+            )
             return EXIT_OK
         targets = [Path(target) for _, target in setup.volumes]
         after_final_sync(targets, console, settings)

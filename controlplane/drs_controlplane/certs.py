@@ -47,17 +47,35 @@ def _ca(store: Store, now: datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.C
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DRS control plane failback CA")])
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=3650))
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
-    store.put("ca_key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()).decode())
+    store.put(
+        "ca_key",
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    )
     store.put("ca_cert", cert.public_bytes(serialization.Encoding.PEM).decode())
     return key, cert
 
@@ -67,8 +85,9 @@ def ca_certificate_pem(store: Store, now: datetime) -> str:
         return _ca(store, now)[1].public_bytes(serialization.Encoding.PEM).decode()
 
 
-def sign_csr(store: Store, csr_pem: str, *, expected_cn: str, now: datetime, server: bool,
-             ip_addresses: tuple[str, ...] = ()) -> IssuedCertificate:
+def sign_csr(
+    store: Store, csr_pem: str, *, expected_cn: str, now: datetime, server: bool, ip_addresses: tuple[str, ...] = ()
+) -> IssuedCertificate:
     """Check the CSR (parses, self-signature valid, CN as expected, strong key) and sign it.
 
     `server=True` issues a TLS server certificate (the agent side, with IP SANs); otherwise a client one.
@@ -86,8 +105,9 @@ def sign_csr(store: Store, csr_pem: str, *, expected_cn: str, now: datetime, ser
     public_key = csr.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
-            raise CsrError(f"certificateSigningRequest's RSA key has {public_key.key_size} bits, at least "
-                           f"{MIN_RSA_BITS} needed")
+            raise CsrError(
+                f"certificateSigningRequest's RSA key has {public_key.key_size} bits, at least {MIN_RSA_BITS} needed"
+            )
     elif not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise CsrError("certificateSigningRequest's key must be RSA (2048 bits or more) or EC")
     with store.transaction():
@@ -96,21 +116,38 @@ def sign_csr(store: Store, csr_pem: str, *, expected_cn: str, now: datetime, ser
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, expected_cn)]))
-        .issuer_name(ca_cert.subject).public_key(public_key)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(not_after)
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                                     content_commitment=False, data_encipherment=False, key_agreement=False,
-                                     key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
     )
     if server:
         sans: list[x509.GeneralName] = [x509.DNSName(expected_cn)]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM).decode(),
-                             ca_cert.public_bytes(serialization.Encoding.PEM).decode(), not_after)
+    return IssuedCertificate(
+        cert.public_bytes(serialization.Encoding.PEM).decode(),
+        ca_cert.public_bytes(serialization.Encoding.PEM).decode(),
+        not_after,
+    )

@@ -48,8 +48,14 @@ def _denied(message: str) -> errors.ApiError:
 class ClientCredentialIssuer:
     """Checks the proof and mints credentials into `register` (the plane's credential table)."""
 
-    def __init__(self, store: Store, region: str, clock: Callable[[], datetime], ttl: timedelta,
-                 register: Callable[[Credential], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        region: str,
+        clock: Callable[[], datetime],
+        ttl: timedelta,
+        register: Callable[[Credential], None],
+    ) -> None:
         self.store, self.region, self.clock, self.ttl, self.register = store, region, clock, ttl, register
         self.policy = managed("failback")
         self._nonces: dict[str, datetime] = {}
@@ -72,23 +78,29 @@ class ClientCredentialIssuer:
         if record is None:
             raise errors.not_found("RECOVERY_INSTANCE", instance_id, "Recovery instance")
         if record.internal.get("failbackClientID") != client_id:
-            raise _denied(f"Failback client {client_id} is not associated with recovery instance {instance_id}: "
-                          "no credentials are issued to it")
+            raise _denied(
+                f"Failback client {client_id} is not associated with recovery instance {instance_id}: "
+                "no credentials are issued to it"
+            )
         cert_pem = record.internal.get("clientCertificate")
         if not cert_pem:
-            raise _denied(f"No certificate was issued to failback client {client_id} (IssueAgentCertificateForDrs "
-                          "comes first)")
+            raise _denied(
+                f"No certificate was issued to failback client {client_id} (IssueAgentCertificateForDrs comes first)"
+            )
         try:
             signed_at = datetime.fromisoformat(p["signedAt"].replace("Z", "+00:00"))
         except ValueError:
-            raise errors.validation(f"signedAt is not a date: {p['signedAt']!r}", [("signedAt", "not ISO 8601")]) \
-                from None
+            raise errors.validation(
+                f"signedAt is not a date: {p['signedAt']!r}", [("signedAt", "not ISO 8601")]
+            ) from None
         if abs(now - signed_at) > MAX_SKEW:
             raise ApiErrorSkew(p["signedAt"], now)
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
         if now >= cert.not_valid_after_utc:
-            raise _denied(f"The certificate issued to {client_id} expired at {iso(cert.not_valid_after_utc)}: "
-                          "pair again (start the failback client again)")
+            raise _denied(
+                f"The certificate issued to {client_id} expired at {iso(cert.not_valid_after_utc)}: "
+                "pair again (start the failback client again)"
+            )
         try:
             signature = base64.b64decode(p["signature"], validate=True)
         except (binascii.Error, ValueError):
@@ -103,8 +115,9 @@ class ClientCredentialIssuer:
             else:
                 raise InvalidSignature
         except InvalidSignature:
-            raise _denied(f"The signature does not verify against the certificate issued to failback client "
-                          f"{client_id}") from None
+            raise _denied(
+                f"The signature does not verify against the certificate issued to failback client {client_id}"
+            ) from None
         if not self._fresh_nonce(p["nonce"], now):
             raise _denied("This request was already used (nonce seen before): sign a new one")
         account = self.store.get("account") or "123456789012"
@@ -112,15 +125,26 @@ class ClientCredentialIssuer:
             access_key="ASIA" + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(16)),
             secret_key="".join(secrets.choice(_SECRET_ALPHABET) for _ in range(40)),
             session_token=base64.b64encode(secrets.token_bytes(96)).decode(),
-            expires_at=now + self.ttl, policy=self.policy, scope_instance=instance_id, issued_to=client_id,
-            principal=f"arn:aws:sts::{account}:assumed-role/{ROLE_NAME}/{client_id}")
+            expires_at=now + self.ttl,
+            policy=self.policy,
+            scope_instance=instance_id,
+            issued_to=client_id,
+            principal=f"arn:aws:sts::{account}:assumed-role/{ROLE_NAME}/{client_id}",
+        )
         self.register(credential)
         assert credential.session_token is not None and credential.expires_at is not None
-        return {"accessKeyId": credential.access_key, "secretAccessKey": credential.secret_key,
-                "sessionToken": credential.session_token, "expiration": iso(credential.expires_at)}
+        return {
+            "accessKeyId": credential.access_key,
+            "secretAccessKey": credential.secret_key,
+            "sessionToken": credential.session_token,
+            "expiration": iso(credential.expires_at),
+        }
 
 
 def ApiErrorSkew(signed_at: str, now: datetime) -> errors.ApiError:
-    return errors.ApiError(403, "InvalidSignatureException",
-                           f"Signature expired: signedAt {signed_at} is more than 5 minutes from {iso(now)}: set this "
-                           "machine's clock to UTC")
+    return errors.ApiError(
+        403,
+        "InvalidSignatureException",
+        f"Signature expired: signedAt {signed_at} is more than 5 minutes from {iso(now)}: set this "
+        "machine's clock to UTC",
+    )

@@ -1,13 +1,13 @@
 """`drs-controlplane serve --credentials FILE`: the keys the plane accepts and what IAM attaches to each.
 
-    credentials:
-      - access_key: ASIAEXAMPLEINSTALL01
-        secret_key: ...                # or secret_key_file: path (relative to this file)
-        session_token: ...             # optional (STS credentials have one)
-        policy: installation           # installation | failback | operator | admin
-        lifetime: 3600                 # optional: seconds from `serve` start, then ExpiredTokenException
-        principal: arn:aws:sts::123456789012:assumed-role/FailbackInstaller/admin   # optional
-        recovery_instance: i-...       # optional: only calls about this recovery instance
+credentials:
+  - access_key: ASIAEXAMPLEINSTALL01
+    secret_key: ...                # or secret_key_file: path (relative to this file)
+    session_token: ...             # optional (STS credentials have one)
+    policy: installation           # installation | failback | operator | admin
+    lifetime: 3600                 # optional: seconds from `serve` start, then ExpiredTokenException
+    principal: arn:aws:sts::123456789012:assumed-role/FailbackInstaller/admin   # optional
+    recovery_instance: i-...       # optional: only calls about this recovery instance
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from drs_controlplane.policies import POLICY_NAMES, policy_named
 from drs_controlplane.seed import read_yaml
 from drs_controlplane.sigv4 import Credential
 
-KEYS = {"access_key", "secret_key", "secret_key_file", "session_token", "policy", "lifetime", "principal",
-        "recovery_instance"}
+KEYS = {
+    "access_key",
+    "secret_key",
+    "secret_key_file",
+    "session_token",
+    "policy",
+    "lifetime",
+    "principal",
+    "recovery_instance",
+}
 DEFAULT_PRINCIPAL = "arn:aws:iam::123456789012:user/{name}"
 
 
@@ -51,19 +59,24 @@ def _entry(raw: Any, where: str, base: Path, model: ServiceModel, now: datetime)
         raise CredentialsFileError(f"{where} ({access}): secret_key (or secret_key_file) is missing")
     policy = raw.get("policy")
     if policy not in POLICY_NAMES:
-        raise CredentialsFileError(f"{where} ({access}): policy must be one of {', '.join(POLICY_NAMES)}, "
-                                   f"not {policy!r}")
+        raise CredentialsFileError(
+            f"{where} ({access}): policy must be one of {', '.join(POLICY_NAMES)}, not {policy!r}"
+        )
     lifetime = raw.get("lifetime")
     if lifetime is not None and (isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0):
         raise CredentialsFileError(f"{where} ({access}): lifetime must be a number of seconds above 0")
     token = raw.get("session_token")
     if token is not None and (not isinstance(token, str) or not token):
         raise CredentialsFileError(f"{where} ({access}): session_token must be a non-empty string")
-    return Credential(access_key=access, secret_key=secret, session_token=token,
-                      expires_at=now + timedelta(seconds=lifetime) if lifetime else None,
-                      policy=policy_named(policy, model),
-                      principal=str(raw.get("principal") or DEFAULT_PRINCIPAL.format(name=f"{policy}-{access[-4:]}")),
-                      scope_instance=raw.get("recovery_instance"))
+    return Credential(
+        access_key=access,
+        secret_key=secret,
+        session_token=token,
+        expires_at=now + timedelta(seconds=lifetime) if lifetime else None,
+        policy=policy_named(policy, model),
+        principal=str(raw.get("principal") or DEFAULT_PRINCIPAL.format(name=f"{policy}-{access[-4:]}")),
+        scope_instance=raw.get("recovery_instance"),
+    )
 
 
 def load_credentials(path: Path, model: ServiceModel, now: datetime) -> list[Credential]:

@@ -25,8 +25,9 @@ def _hints(hostname: str, fqdn: str | None, vmware_uuid: str | None, aws_id: str
     return {k: v for k, v in hints.items() if v}
 
 
-def source_server_document(server: SeedSourceServer, account: str, region: str, now: datetime,
-                           recovery_instance_id: str | None) -> dict[str, Any]:
+def source_server_document(
+    server: SeedSourceServer, account: str, region: str, now: datetime, recovery_instance_id: str | None
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "sourceServerID": server.id,
         "arn": f"arn:aws:drs:{region}:{account}:source-server/{server.id}",
@@ -36,8 +37,9 @@ def source_server_document(server: SeedSourceServer, account: str, region: str, 
         "sourceProperties": {
             "lastUpdatedDateTime": iso(now),
             "identificationHints": _hints(server.hostname, server.fqdn, server.vmware_uuid, server.aws_instance_id),
-            "networkInterfaces": [{"macAddress": n.mac, "ips": list(n.ips), "isPrimary": n.primary}
-                                  for n in server.nics],
+            "networkInterfaces": [
+                {"macAddress": n.mac, "ips": list(n.ips), "isPrimary": n.primary} for n in server.nics
+            ],
             "disks": [{"deviceName": d.device, "bytes": d.bytes} for d in server.disks],
             "cpus": [{"cores": server.cpus, "modelName": "Intel(R) Xeon(R) CPU"}],
             "ramBytes": server.ram_bytes,
@@ -50,8 +52,9 @@ def source_server_document(server: SeedSourceServer, account: str, region: str, 
     return doc
 
 
-def recovery_instance_record(instance: SeedRecoveryInstance, server: SeedSourceServer, account: str, region: str,
-                             now: datetime) -> RecoveryInstanceRecord:
+def recovery_instance_record(
+    instance: SeedRecoveryInstance, server: SeedSourceServer, account: str, region: str, now: datetime
+) -> RecoveryInstanceRecord:
     if instance.disks:
         disks = list(instance.disks)
         source_devices = [d.source_device for d in disks]
@@ -77,9 +80,10 @@ def recovery_instance_record(instance: SeedRecoveryInstance, server: SeedSourceS
             "lastUpdatedDateTime": iso(now),
             "identificationHints": _hints(server.hostname, server.fqdn, None, instance.id),
             "networkInterfaces": [{"macAddress": instance.mac.lower(), "ips": ips, "isPrimary": True}],
-            "disks": [{"internalDeviceName": d.device, "bytes": d.bytes,
-                       "ebsVolumeID": _volume_id(instance.id, d.device)}
-                      for i, d in enumerate(disks)],
+            "disks": [
+                {"internalDeviceName": d.device, "bytes": d.bytes, "ebsVolumeID": _volume_id(instance.id, d.device)}
+                for i, d in enumerate(disks)
+            ],
             "cpus": [{"cores": server.cpus, "modelName": "Intel(R) Xeon(R) Platinum"}],
             "ramBytes": server.ram_bytes,
             "os": {"fullString": server.os},
@@ -89,8 +93,12 @@ def recovery_instance_record(instance: SeedRecoveryInstance, server: SeedSourceS
         "privateIP": instance.private_ip,
         "publicIP": instance.public_ip,
         "sourceDevices": {d.device: src for d, src in zip(disks, source_devices, strict=True) if src},
-        "replicationConfiguration": {"name": "", "bandwidthThrottling": instance.bandwidth_mbps,
-                                     "usePrivateIP": instance.use_private_ip, "internetProtocol": "IPV4"},
+        "replicationConfiguration": {
+            "name": "",
+            "bandwidthThrottling": instance.bandwidth_mbps,
+            "usePrivateIP": instance.use_private_ip,
+            "internetProtocol": "IPV4",
+        },
         "failbackClientID": None,
         "launchRequested": False,
         "stopped": False,
@@ -112,11 +120,13 @@ def apply_seed(store: Store, seed: Seed, region: str, now: datetime) -> None:
         servers = {s.id: s for s in seed.source_servers}
         by_server = {r.source_server: r.id for r in seed.recovery_instances}
         for server in seed.source_servers:
-            store.save_source_server(source_server_document(server, seed.account, region, now,
-                                                            by_server.get(server.id)))
+            store.save_source_server(
+                source_server_document(server, seed.account, region, now, by_server.get(server.id))
+            )
         for instance in seed.recovery_instances:
-            store.save_recovery_instance(recovery_instance_record(instance, servers[instance.source_server],
-                                                                  seed.account, region, now))
+            store.save_recovery_instance(
+                recovery_instance_record(instance, servers[instance.source_server], seed.account, region, now)
+            )
         store.put("account", seed.account)
         store.put("region", region)
         store.put("seeded", iso(now))

@@ -30,8 +30,9 @@ class ApiError(Exception):
         return {"message": self.message, **self.fields}
 
 
-def validation(message: str, field_list: list[tuple[str, str]] | None = None, reason: str = "fieldValidationFailed"
-               ) -> ApiError:
+def validation(
+    message: str, field_list: list[tuple[str, str]] | None = None, reason: str = "fieldValidationFailed"
+) -> ApiError:
     fields: dict[str, Any] = {"reason": reason}
     if field_list:
         fields["fieldList"] = [{"name": name, "message": text} for name, text in field_list]
@@ -39,8 +40,12 @@ def validation(message: str, field_list: list[tuple[str, str]] | None = None, re
 
 
 def not_found(resource_type: str, resource_id: str, what: str) -> ApiError:
-    return ApiError(404, "ResourceNotFoundException", f"{what} {resource_id} not found",
-                    {"resourceId": resource_id, "resourceType": resource_type})
+    return ApiError(
+        404,
+        "ResourceNotFoundException",
+        f"{what} {resource_id} not found",
+        {"resourceId": resource_id, "resourceType": resource_type},
+    )
 
 
 def conflict(resource_type: str, resource_id: str, message: str) -> ApiError:

@@ -53,8 +53,11 @@ def _managed_data() -> dict[str, Any]:
 def managed(kind: str) -> Policy:
     """`installation` or `failback`: the AWS managed policy, from the data file."""
     data = _managed_data()[kind]
-    return Policy(name=data["name"], source=data["source"],
-                  statements=tuple(Statement(frozenset(s["actions"]), s["resource"]) for s in data["statements"]))
+    return Policy(
+        name=data["name"],
+        source=data["source"],
+        statements=tuple(Statement(frozenset(s["actions"]), s["resource"]) for s in data["statements"]),
+    )
 
 
 def public_operations(model: ServiceModel) -> frozenset[str]:
@@ -67,8 +70,10 @@ def policy_named(kind: str, model: ServiceModel) -> Policy:
         return managed(kind)
     if kind == "operator":
         installation = managed("installation")
-        return Policy(name="operator (console actions + installation)",
-                      statements=(Statement(public_operations(model), "*"), *installation.statements))
+        return Policy(
+            name="operator (console actions + installation)",
+            statements=(Statement(public_operations(model), "*"), *installation.statements),
+        )
     if kind == "admin":
         return Policy(name="admin (drs:*)", statements=(Statement(frozenset({"*"}), "*"),))
     raise ValueError(f"unknown policy {kind!r}: one of {', '.join(POLICY_NAMES)}")

@@ -111,8 +111,11 @@ def _nic(where: str, raw: Any) -> SeedNic:
     n = _fields(where, raw, {"mac", "ips", "primary"}, {"mac"})
     if not MAC_RE.match(str(n["mac"])):
         raise SeedError(f"{where}.mac: {n['mac']!r} is not a MAC address like 52:54:00:12:34:56")
-    return SeedNic(str(n["mac"]).lower().replace("-", ":"), tuple(str(ip) for ip in n.get("ips", ())),
-                   bool(n.get("primary", False)))
+    return SeedNic(
+        str(n["mac"]).lower().replace("-", ":"),
+        tuple(str(ip) for ip in n.get("ips", ())),
+        bool(n.get("primary", False)),
+    )
 
 
 def parse_seed(data: Any, origin: str = "seed") -> Seed:
@@ -120,28 +123,55 @@ def parse_seed(data: Any, origin: str = "seed") -> Seed:
     servers: list[SeedSourceServer] = []
     for i, raw in enumerate(top.get("source_servers") or []):
         where = f"{origin}: source_servers[{i}]"
-        s = _fields(where, raw, {"id", "hostname", "fqdn", "vmware_uuid", "aws_instance_id", "os", "ram_bytes",
-                                 "cpus", "nics", "disks"}, {"id", "hostname"})
+        s = _fields(
+            where,
+            raw,
+            {"id", "hostname", "fqdn", "vmware_uuid", "aws_instance_id", "os", "ram_bytes", "cpus", "nics", "disks"},
+            {"id", "hostname"},
+        )
         if not SOURCE_SERVER_RE.match(str(s["id"])):
             raise SeedError(f"{where}.id: {s['id']!r} must look like s- followed by 17 letters/digits")
         nics = [_nic(f"{where}.nics[{j}]", n) for j, n in enumerate(s.get("nics") or [])]
         if nics and not any(n.primary for n in nics):
             nics[0] = SeedNic(nics[0].mac, nics[0].ips, True)
-        servers.append(SeedSourceServer(
-            id=s["id"], hostname=str(s["hostname"]), fqdn=s.get("fqdn"), vmware_uuid=s.get("vmware_uuid"),
-            aws_instance_id=s.get("aws_instance_id"), os=str(s.get("os", "Linux")),
-            ram_bytes=int(s.get("ram_bytes", 4 * 1024**3)), cpus=int(s.get("cpus", 2)), nics=tuple(nics),
-            disks=tuple(_disk(f"{where}.disks[{j}]", d) for j, d in enumerate(s.get("disks") or [])),
-        ))
+        servers.append(
+            SeedSourceServer(
+                id=s["id"],
+                hostname=str(s["hostname"]),
+                fqdn=s.get("fqdn"),
+                vmware_uuid=s.get("vmware_uuid"),
+                aws_instance_id=s.get("aws_instance_id"),
+                os=str(s.get("os", "Linux")),
+                ram_bytes=int(s.get("ram_bytes", 4 * 1024**3)),
+                cpus=int(s.get("cpus", 2)),
+                nics=tuple(nics),
+                disks=tuple(_disk(f"{where}.disks[{j}]", d) for j, d in enumerate(s.get("disks") or [])),
+            )
+        )
     known = {s.id for s in servers}
     if len(known) != len(servers):
         raise SeedError(f"{origin}: source server ids must be unique")
     instances: list[SeedRecoveryInstance] = []
     for i, raw in enumerate(top.get("recovery_instances") or []):
         where = f"{origin}: recovery_instances[{i}]"
-        r = _fields(where, raw, {"id", "source_server", "ec2_state", "private_ip", "public_ip", "mac", "is_drill",
-                                 "origin_environment", "disks", "use_private_ip", "bandwidth_mbps"},
-                    {"id", "source_server"})
+        r = _fields(
+            where,
+            raw,
+            {
+                "id",
+                "source_server",
+                "ec2_state",
+                "private_ip",
+                "public_ip",
+                "mac",
+                "is_drill",
+                "origin_environment",
+                "disks",
+                "use_private_ip",
+                "bandwidth_mbps",
+            },
+            {"id", "source_server"},
+        )
         if not INSTANCE_RE.match(str(r["id"])):
             raise SeedError(f"{where}.id: {r['id']!r} must look like i- followed by 8 to 17 hex digits")
         if r["source_server"] not in known:
@@ -149,18 +179,28 @@ def parse_seed(data: Any, origin: str = "seed") -> Seed:
         state = str(r.get("ec2_state", "RUNNING"))
         if state not in EC2_STATES:
             raise SeedError(f"{where}.ec2_state: {state!r} is not one of {', '.join(EC2_STATES)}")
-        instances.append(SeedRecoveryInstance(
-            id=r["id"], source_server=r["source_server"], ec2_state=state,
-            private_ip=str(r.get("private_ip", "10.0.0.10")), public_ip=r.get("public_ip"),
-            mac=str(r.get("mac", f"02:00:00:00:{i // 256:02x}:{i % 256:02x}")), is_drill=bool(r.get("is_drill")),
-            origin_environment=str(r.get("origin_environment", "ON_PREMISES")),
-            disks=tuple(_disk(f"{where}.disks[{j}]", d) for j, d in enumerate(r.get("disks") or [])),
-            use_private_ip=bool(r.get("use_private_ip", False)), bandwidth_mbps=int(r.get("bandwidth_mbps", 0)),
-        ))
+        instances.append(
+            SeedRecoveryInstance(
+                id=r["id"],
+                source_server=r["source_server"],
+                ec2_state=state,
+                private_ip=str(r.get("private_ip", "10.0.0.10")),
+                public_ip=r.get("public_ip"),
+                mac=str(r.get("mac", f"02:00:00:00:{i // 256:02x}:{i % 256:02x}")),
+                is_drill=bool(r.get("is_drill")),
+                origin_environment=str(r.get("origin_environment", "ON_PREMISES")),
+                disks=tuple(_disk(f"{where}.disks[{j}]", d) for j, d in enumerate(r.get("disks") or [])),
+                use_private_ip=bool(r.get("use_private_ip", False)),
+                bandwidth_mbps=int(r.get("bandwidth_mbps", 0)),
+            )
+        )
     if len({r.id for r in instances}) != len(instances):
         raise SeedError(f"{origin}: recovery instance ids must be unique")
-    return Seed(account=str(top.get("account", "123456789012")), source_servers=tuple(servers),
-                recovery_instances=tuple(instances))
+    return Seed(
+        account=str(top.get("account", "123456789012")),
+        source_servers=tuple(servers),
+        recovery_instances=tuple(instances),
+    )
 
 
 def read_yaml(path: Path, what: str, error: type[ValueError]) -> Any:

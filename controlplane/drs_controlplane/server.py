@@ -60,17 +60,26 @@ def validate_response(model: ServiceModel, operation: str, body: dict[str, Any])
         return
     problems = modelcheck.check_shape(op.output_shape, body)
     if problems:
-        raise ResponseShapeError(f"{operation} response does not fit {op.output_shape.name}: "
-                                 + modelcheck.summary(problems))
+        raise ResponseShapeError(
+            f"{operation} response does not fit {op.output_shape.name}: " + modelcheck.summary(problems)
+        )
 
 
 class ControlPlane:
     """A running (or startable) control plane. Thread-safe knobs for tests: throttle_next(), clock_offset."""
 
-    def __init__(self, *, state_path: Path | str, credentials: Iterable[Credential], region: str = "us-east-1",
-                 seed: Seed | None = None, host: str = "127.0.0.1", port: int = 0,
-                 client_credentials_ttl: timedelta = DEFAULT_TTL, client_not_seen_after: timedelta | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        *,
+        state_path: Path | str,
+        credentials: Iterable[Credential],
+        region: str = "us-east-1",
+        seed: Seed | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        client_credentials_ttl: timedelta = DEFAULT_TTL,
+        client_not_seen_after: timedelta | None = None,
+    ) -> None:
         self.model = drs_service_model()
         self.region = region
         self.store = Store(state_path)
@@ -124,9 +133,12 @@ class ControlPlane:
         """The request record in figures: issued client credentials, refreshes, denials, expired tokens."""
         issued = sum(1 for r in self.requests if r.operation == self.issuer_operation and r.status == 200)
         clients = {r.principal for r in self.requests if r.operation == self.issuer_operation and r.status == 200}
-        return {"credentials issued": issued, "credential refreshes": max(0, issued - len(clients)),
-                "access denied": sum(1 for r in self.requests if r.error_code == "AccessDeniedException"),
-                "expired token": sum(1 for r in self.requests if r.error_code == "ExpiredTokenException")}
+        return {
+            "credentials issued": issued,
+            "credential refreshes": max(0, issued - len(clients)),
+            "access denied": sum(1 for r in self.requests if r.error_code == "AccessDeniedException"),
+            "expired token": sum(1 for r in self.requests if r.error_code == "ExpiredTokenException"),
+        }
 
     def _authorize(self, credential: Credential, operation: str, params: dict[str, Any]) -> None:
         """IAM's decision: the credential's policy must allow the action on every resource of the request,
@@ -137,11 +149,14 @@ class ControlPlane:
             if allowed and credential.scope_instance and resource != "*":
                 allowed = resource.endswith(f":recovery-instance/{credential.scope_instance}")
             if not allowed:
-                raise errors.access_denied(f"User: {credential.principal} is not authorized to perform: "
-                                           f"drs:{operation} on resource: {resource}")
+                raise errors.access_denied(
+                    f"User: {credential.principal} is not authorized to perform: "
+                    f"drs:{operation} on resource: {resource}"
+                )
 
-    def issue_agent_certificate(self, recovery_instance_id: str, csr_pem: str,
-                                extra_ips: tuple[str, ...] = ("127.0.0.1",)) -> IssuedCertificate:
+    def issue_agent_certificate(
+        self, recovery_instance_id: str, csr_pem: str, extra_ips: tuple[str, ...] = ("127.0.0.1",)
+    ) -> IssuedCertificate:
         """Sign the agent's CSR (CN = agent_common_name(id)) as a TLS server certificate for TCP 1500.
 
         The agent on a real recovery instance gets it through the service with its instance profile; here
@@ -152,8 +167,14 @@ class ControlPlane:
         if record is None:
             raise KeyError(f"no recovery instance {recovery_instance_id}")
         ips = tuple(ip for ip in (record.internal.get("privateIP"), record.internal.get("publicIP")) if ip)
-        return sign_csr(self.store, csr_pem, expected_cn=agent_common_name(recovery_instance_id), now=self.now(),
-                        server=True, ip_addresses=tuple(dict.fromkeys(ips + extra_ips)))
+        return sign_csr(
+            self.store,
+            csr_pem,
+            expected_cn=agent_common_name(recovery_instance_id),
+            now=self.now(),
+            server=True,
+            ip_addresses=tuple(dict.fromkeys(ips + extra_ips)),
+        )
 
     def _take_throttle(self) -> int | None:
         with self._knob_lock:
@@ -176,8 +197,7 @@ class ControlPlane:
             handler = type("Handler", (_Handler,), {"plane": self})
             self._httpd = ThreadingHTTPServer((self._host, self._port), handler)
             self._httpd.daemon_threads = True
-            log.info("DRS control plane listening on %s (region %s, state %s)", self.url, self.region,
-                     self.store.path)
+            log.info("DRS control plane listening on %s (region %s, state %s)", self.url, self.region, self.store.path)
         return self.url
 
     def start(self) -> ControlPlane:
@@ -185,8 +205,9 @@ class ControlPlane:
         self.bind()
         assert self._httpd is not None
         # A short poll interval makes stop() quick (tests start and stop many planes).
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="drs-controlplane",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="drs-controlplane", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -213,8 +234,9 @@ class ControlPlane:
         self.stop()
 
     # request handling -------------------------------------------------------------------------
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes, host_url: str
-               ) -> tuple[int, dict[str, str], dict[str, Any], str | None, str | None, str | None]:
+    def handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, host_url: str
+    ) -> tuple[int, dict[str, str], dict[str, Any], str | None, str | None, str | None]:
         """Process one request → (status, headers, JSON body, operation, access key, principal)."""
         operation: str | None = None
         access_key: str | None = None
@@ -223,8 +245,16 @@ class ControlPlane:
             unsigned = path.split("?", 1)[0] == f"/{self.issuer_operation}"
             credential = None
             if not unsigned:
-                credential = verify(method=method, host_url=host_url, path_and_query=path, headers=headers,
-                                    body=body, region=self.region, credentials=self.credentials, now=self.now())
+                credential = verify(
+                    method=method,
+                    host_url=host_url,
+                    path_and_query=path,
+                    headers=headers,
+                    body=body,
+                    region=self.region,
+                    credentials=self.credentials,
+                    now=self.now(),
+                )
                 access_key, principal = credential.access_key, credential.principal
             retry_after = self._take_throttle()
             if retry_after is not None:
@@ -256,8 +286,14 @@ class ControlPlane:
                 exc = errors.internal()
             if exc.code == "AccessDeniedException":
                 log.warning("denied: %s", exc.message)
-            return (exc.status, {"x-amzn-ErrorType": exc.code, **exc.headers}, exc.body(), operation, access_key,
-                    principal)
+            return (
+                exc.status,
+                {"x-amzn-ErrorType": exc.code, **exc.headers},
+                exc.body(),
+                operation,
+                access_key,
+                principal,
+            )
         except Exception:
             log.exception("control plane bug while handling %s", operation or path)
             bug = errors.internal()
@@ -321,20 +357,28 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             self.close_connection = True  # the unread body would be taken for the next request
-            self._respond(413, {"x-amzn-ErrorType": "RequestEntityTooLargeException"},
-                          {"message": "Request body too large"})
+            self._respond(
+                413, {"x-amzn-ErrorType": "RequestEntityTooLargeException"}, {"message": "Request body too large"}
+            )
             return
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         host_url = "http://" + headers.get("host", "")
-        status, extra, payload, operation, key, principal = self.plane.handle(self.command, self.path, headers, body,
-                                                                              host_url)
+        status, extra, payload, operation, key, principal = self.plane.handle(
+            self.command, self.path, headers, body, host_url
+        )
         code = extra.get("x-amzn-ErrorType")
         # Recorded before the answer goes out: a client that has its answer finds the request in the log.
         self.plane.requests.append(RequestRecord(operation, status, code, key, principal))
         self._respond(status, extra, payload)
-        log.info("%s %s -> %s%s (%.1f ms)", self.command, operation or self.path, status,
-                 f" {code}" if code else "", (time.monotonic() - started) * 1000)
+        log.info(
+            "%s %s -> %s%s (%.1f ms)",
+            self.command,
+            operation or self.path,
+            status,
+            f" {code}" if code else "",
+            (time.monotonic() - started) * 1000,
+        )
 
     def do_POST(self) -> None:
         self._handle()

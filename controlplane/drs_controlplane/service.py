@@ -87,8 +87,12 @@ class DrsService:
         linked = record.internal.get("failbackClientID")
         if linked != p["failbackClientID"]:
             why = "no failback client is linked to it" if not linked else "it is linked to another failback client"
-            raise errors.conflict(RI_TYPE, record.id, f"Failback client {p['failbackClientID']} is not associated "
-                                  f"with recovery instance {record.id}: {why}. Associate again.")
+            raise errors.conflict(
+                RI_TYPE,
+                record.id,
+                f"Failback client {p['failbackClientID']} is not associated "
+                f"with recovery instance {record.id}: {why}. Associate again.",
+            )
         self._seen(record)
         return record
 
@@ -102,15 +106,23 @@ class DrsService:
         """FAILBACK_CLIENT_NOT_SEEN for a linked, running failback client silent too long; True if it changed."""
         internal, info = record.internal, record.doc["dataReplicationInfo"]
         seen = record.doc.get("failback", {}).get("failbackClientLastSeenByServiceDateTime")
-        if (not internal.get("failbackClientID") or internal.get("stopped") or internal.get("completed") or not seen
-                or info.get("dataReplicationError")):
+        if (
+            not internal.get("failbackClientID")
+            or internal.get("stopped")
+            or internal.get("completed")
+            or not seen
+            or info.get("dataReplicationError")
+        ):
             return False
         silent = self.clock() - datetime.fromisoformat(seen.replace("Z", "+00:00"))
         if silent <= self.client_not_seen_after:
             return False
-        info["dataReplicationError"] = {"error": NOT_SEEN, "rawError": f"The failback client "
-                                        f"{internal['failbackClientID']} was last seen {int(silent.total_seconds())} "
-                                        "s ago"}
+        info["dataReplicationError"] = {
+            "error": NOT_SEEN,
+            "rawError": f"The failback client "
+            f"{internal['failbackClientID']} was last seen {int(silent.total_seconds())} "
+            "s ago",
+        }
         self._save(record)
         return True
 
@@ -128,13 +140,15 @@ class DrsService:
                 if token["operation"] != operation or start < 0:
                     raise ValueError
             except (ValueError, KeyError, TypeError, binascii.Error):
-                raise errors.validation("Invalid nextToken", [("nextToken", "not a token this API returned")],
-                                        "other") from None
+                raise errors.validation(
+                    "Invalid nextToken", [("nextToken", "not a token this API returned")], "other"
+                ) from None
         size = p.get("maxResults") or DEFAULT_PAGE
-        out: dict[str, Any] = {"items": items[start:start + size]}
+        out: dict[str, Any] = {"items": items[start : start + size]}
         if start + size < len(items):
             out["nextToken"] = base64.urlsafe_b64encode(
-                json.dumps({"operation": operation, "offset": start + size}).encode()).decode()
+                json.dumps({"operation": operation, "offset": start + size}).encode()
+            ).decode()
         return out
 
     def _refresh_state(self, record: RecoveryInstanceRecord) -> str:
@@ -164,9 +178,13 @@ class DrsService:
         server = self.store.source_server(record.doc["sourceServerID"])
         if server is None:
             return False
-        return record.doc["sourceServerID"] in {s["sourceServerID"] for s in self._hardware_matches(
-            [server], [*ident.get("macAddresses", []), ident.get("vmWareUuid") or "", ident.get("awsInstanceID") or ""]
-        )}
+        return record.doc["sourceServerID"] in {
+            s["sourceServerID"]
+            for s in self._hardware_matches(
+                [server],
+                [*ident.get("macAddresses", []), ident.get("vmWareUuid") or "", ident.get("awsInstanceID") or ""],
+            )
+        }
 
     @staticmethod
     def _hardware_matches(servers: list[dict[str, Any]], hardware_ids: list[str]) -> list[dict[str, Any]]:
@@ -175,8 +193,11 @@ class DrsService:
         for server in servers:
             props = server.get("sourceProperties", {})
             hints = props.get("identificationHints", {})
-            have = {normalize_hardware_id(n["macAddress"]) for n in props.get("networkInterfaces", [])
-                    if n.get("macAddress")}
+            have = {
+                normalize_hardware_id(n["macAddress"])
+                for n in props.get("networkInterfaces", [])
+                if n.get("macAddress")
+            }
             have |= {normalize_hardware_id(hints[k]) for k in ("vmWareUuid", "awsInstanceID") if hints.get(k)}
             if wanted & have:
                 found.append(server)
@@ -187,8 +208,11 @@ class DrsService:
         self.check_all_seen()
         f = p.get("filters") or {}
         ids, servers = set(f.get("recoveryInstanceIDs") or []), set(f.get("sourceServerIDs") or [])
-        items = [r.doc for r in self.store.recovery_instances()
-                 if (not ids or r.id in ids) and (not servers or r.doc["sourceServerID"] in servers)]
+        items = [
+            r.doc
+            for r in self.store.recovery_instances()
+            if (not ids or r.id in ids) and (not servers or r.doc["sourceServerID"] in servers)
+        ]
         return self._page(items, p, "DescribeRecoveryInstances")
 
     def describe_source_servers(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -203,10 +227,13 @@ class DrsService:
         f = p.get("filters") or {}
         ids = set(f.get("jobIDs") or [])
         # ISO8601DatetimeString values of one format compare correctly as text.
-        items = [j for j in sorted(self.store.jobs(), key=lambda j: j.get("creationDateTime", ""))
-                 if (not ids or j["jobID"] in ids)
-                 and (not f.get("fromDate") or j.get("creationDateTime", "") >= f["fromDate"])
-                 and (not f.get("toDate") or j.get("creationDateTime", "") <= f["toDate"])]
+        items = [
+            j
+            for j in sorted(self.store.jobs(), key=lambda j: j.get("creationDateTime", ""))
+            if (not ids or j["jobID"] in ids)
+            and (not f.get("fromDate") or j.get("creationDateTime", "") >= f["fromDate"])
+            and (not f.get("toDate") or j.get("creationDateTime", "") <= f["toDate"])
+        ]
         return self._page(items, p, "DescribeJobs")
 
     def start_failback_launch(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -214,12 +241,18 @@ class DrsService:
         for instance_id in p["recoveryInstanceIDs"]:
             record = self.store.recovery_instance(instance_id)
             if record is None:
-                raise errors.validation(f"Recovery instance {instance_id} not found",
-                                        [("recoveryInstanceIDs", f"{instance_id} does not exist")], "other")
+                raise errors.validation(
+                    f"Recovery instance {instance_id} not found",
+                    [("recoveryInstanceIDs", f"{instance_id} does not exist")],
+                    "other",
+                )
             state = record.doc["failback"]["state"]
             if state != "FAILBACK_READY_FOR_LAUNCH" or record.internal.get("launchRequested"):
-                raise errors.conflict(RI_TYPE, instance_id, f"Recovery instance {instance_id} is not ready for "
-                                      f"failback launch (failback state {state}).")
+                raise errors.conflict(
+                    RI_TYPE,
+                    instance_id,
+                    f"Recovery instance {instance_id} is not ready for failback launch (failback state {state}).",
+                )
             records.append(record)
         now = self._now()
         job = {
@@ -228,8 +261,10 @@ class DrsService:
             "initiatedBy": "FAILBACK",
             "creationDateTime": now,
             "status": "STARTED",
-            "participatingServers": [{"sourceServerID": r.doc["sourceServerID"], "recoveryInstanceID": r.id,
-                                      "launchStatus": "PENDING"} for r in records],
+            "participatingServers": [
+                {"sourceServerID": r.doc["sourceServerID"], "recoveryInstanceID": r.id, "launchStatus": "PENDING"}
+                for r in records
+            ],
             "tags": p.get("tags") or {},
         }
         job["arn"] = f"arn:aws:drs:{self.region}:{self.store.get('account')}:job/{job['jobID']}"
@@ -281,41 +316,62 @@ class DrsService:
         record = self._instance(p["recoveryInstanceID"])
         ec2_state = record.doc["ec2InstanceState"]
         if ec2_state != "RUNNING":
-            raise errors.conflict(RI_TYPE, record.id, f"Recovery instance {record.id} is not running (EC2 state "
-                                  f"{ec2_state}); start it before failing back.")
+            raise errors.conflict(
+                RI_TYPE,
+                record.id,
+                f"Recovery instance {record.id} is not running (EC2 state {ec2_state}); start it before failing back.",
+            )
         if record.internal.get("launchRequested") and not record.internal.get("completed"):
             raise errors.conflict(RI_TYPE, record.id, f"A failback launch of {record.id} is in progress.")
         now = self._now()
         client_id = _random_id("fbc-")
         original = self._matches_source(record, p.get("identification") or {})
         record.internal.update(
-            failbackClientID=client_id, stopped=False, launchRequested=False, completed=False, deviceMapping=None,
-            identification=p.get("identification") or {}, localDisks=p.get("localDisks") or [],
-            failbackClientVersion=p.get("failbackClientVersion"), lagSeconds=None,
+            failbackClientID=client_id,
+            stopped=False,
+            launchRequested=False,
+            completed=False,
+            deviceMapping=None,
+            identification=p.get("identification") or {},
+            localDisks=p.get("localDisks") or [],
+            failbackClientVersion=p.get("failbackClientVersion"),
+            lagSeconds=None,
         )
         record.doc["failback"] = {
-            "failbackClientID": client_id, "failbackInitiationTime": now, "state": "FAILBACK_IN_PROGRESS",
-            "failbackToOriginalServer": original, "failbackClientLastSeenByServiceDateTime": now,
+            "failbackClientID": client_id,
+            "failbackInitiationTime": now,
+            "state": "FAILBACK_IN_PROGRESS",
+            "failbackToOriginalServer": original,
+            "failbackClientLastSeenByServiceDateTime": now,
         }
         record.doc["dataReplicationInfo"] = {
             "dataReplicationState": "INITIATING",
             "replicatedDisks": [],
             "dataReplicationInitiation": {
                 "startDateTime": now,
-                "steps": [{"name": name, "status": "IN_PROGRESS" if i == 0 else "NOT_STARTED"}
-                          for i, name in enumerate(FAILBACK_STEPS)],
+                "steps": [
+                    {"name": name, "status": "IN_PROGRESS" if i == 0 else "NOT_STARTED"}
+                    for i, name in enumerate(FAILBACK_STEPS)
+                ],
             },
         }
         self._save(record)
         config = record.internal["replicationConfiguration"]
-        endpoint: dict[str, Any] = {"port": AGENT_PORT, "usePrivateIP": config["usePrivateIP"],
-                                    "internetProtocol": config["internetProtocol"],
-                                    "privateIP": record.internal["privateIP"]}
+        endpoint: dict[str, Any] = {
+            "port": AGENT_PORT,
+            "usePrivateIP": config["usePrivateIP"],
+            "internetProtocol": config["internetProtocol"],
+            "privateIP": record.internal["privateIP"],
+        }
         if record.internal.get("publicIP"):
             endpoint["publicIP"] = record.internal["publicIP"]
-        return {"failbackClientID": client_id, "failbackToOriginalServer": original,
-                "sourceServerID": record.doc["sourceServerID"], "replicationEndpoint": endpoint,
-                "bandwidthThrottling": config["bandwidthThrottling"]}
+        return {
+            "failbackClientID": client_id,
+            "failbackToOriginalServer": original,
+            "sourceServerID": record.doc["sourceServerID"],
+            "replicationEndpoint": endpoint,
+            "bandwidthThrottling": config["bandwidthThrottling"],
+        }
 
     def suggest_mapping(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._linked(p)
@@ -330,8 +386,12 @@ class DrsService:
                 source_device = record.internal["sourceDevices"].get(disk["internalDeviceName"])
                 target = local.get(source_device) if source_device else None
                 if target and target["bytes"] >= disk["bytes"]:
-                    mapping.append({"recoveryInstanceDeviceName": disk["internalDeviceName"],
-                                    "failbackClientDeviceName": target["deviceName"]})
+                    mapping.append(
+                        {
+                            "recoveryInstanceDeviceName": disk["internalDeviceName"],
+                            "failbackClientDeviceName": target["deviceName"],
+                        }
+                    )
         self._save(record)
         return {"deviceMapping": mapping, "failbackToOriginalServer": original}
 
@@ -349,8 +409,12 @@ class DrsService:
             ri_dev, fb_dev = entry["recoveryInstanceDeviceName"], entry["failbackClientDeviceName"]
             where = f"deviceMapping.{i}"
             if ri_dev not in disks:
-                problems.append((f"{where}.recoveryInstanceDeviceName",
-                                 f"{ri_dev} is not a volume of {record.id} ({', '.join(disks)})"))
+                problems.append(
+                    (
+                        f"{where}.recoveryInstanceDeviceName",
+                        f"{ri_dev} is not a volume of {record.id} ({', '.join(disks)})",
+                    )
+                )
                 continue
             if ri_dev in seen_ri:
                 problems.append((f"{where}.recoveryInstanceDeviceName", f"{ri_dev} is mapped twice"))
@@ -360,15 +424,21 @@ class DrsService:
             target = local.get(fb_dev)
             key = target["deviceName"] if target else fb_dev
             if key in used_local:
-                problems.append((f"{where}.failbackClientDeviceName",
-                                 f"{fb_dev} is already the target of {used_local[key]}"))
+                problems.append(
+                    (f"{where}.failbackClientDeviceName", f"{fb_dev} is already the target of {used_local[key]}")
+                )
             used_local[key] = ri_dev
             if local and target is None:
-                problems.append((f"{where}.failbackClientDeviceName",
-                                 f"{fb_dev} is not a disk the failback client reported"))
+                problems.append(
+                    (f"{where}.failbackClientDeviceName", f"{fb_dev} is not a disk the failback client reported")
+                )
             elif target and target["bytes"] <= disks[ri_dev]["bytes"] - GIB:
-                problems.append((f"{where}.failbackClientDeviceName", f"{fb_dev} ({target['bytes']} bytes) is "
-                                 f"smaller than {ri_dev} ({disks[ri_dev]['bytes']} bytes)"))
+                problems.append(
+                    (
+                        f"{where}.failbackClientDeviceName",
+                        f"{fb_dev} ({target['bytes']} bytes) is smaller than {ri_dev} ({disks[ri_dev]['bytes']} bytes)",
+                    )
+                )
         for name in disks:
             if name not in seen_ri:
                 problems.append(("deviceMapping", f"{name} has no target: map it to a local disk or EXCLUDE"))
@@ -377,10 +447,17 @@ class DrsService:
         if problems:
             raise errors.validation("Invalid device mapping: " + "; ".join(m for _, m in problems), problems)
         record.internal["deviceMapping"] = p["deviceMapping"]
-        replicated = [{"deviceName": e["recoveryInstanceDeviceName"],
-                       "totalStorageBytes": disks[e["recoveryInstanceDeviceName"]]["bytes"],
-                       "replicatedStorageBytes": 0, "rescannedStorageBytes": 0, "backloggedStorageBytes": 0}
-                      for e in p["deviceMapping"] if e["failbackClientDeviceName"] != "EXCLUDE"]
+        replicated = [
+            {
+                "deviceName": e["recoveryInstanceDeviceName"],
+                "totalStorageBytes": disks[e["recoveryInstanceDeviceName"]]["bytes"],
+                "replicatedStorageBytes": 0,
+                "rescannedStorageBytes": 0,
+                "backloggedStorageBytes": 0,
+            }
+            for e in p["deviceMapping"]
+            if e["failbackClientDeviceName"] != "EXCLUDE"
+        ]
         record.doc["dataReplicationInfo"]["replicatedDisks"] = replicated
         self._save(record)
         return {"deviceMapping": p["deviceMapping"], "replicatedDisks": replicated}
@@ -388,15 +465,24 @@ class DrsService:
     def issue_agent_certificate(self, p: dict[str, Any]) -> dict[str, Any]:
         record = self._linked(p)
         try:
-            issued = sign_csr(self.store, p["certificateSigningRequest"], expected_cn=p["failbackClientID"],
-                              now=self.clock(), server=False)
+            issued = sign_csr(
+                self.store,
+                p["certificateSigningRequest"],
+                expected_cn=p["failbackClientID"],
+                now=self.clock(),
+                server=False,
+            )
         except CsrError as exc:
             raise errors.validation(str(exc), [("certificateSigningRequest", str(exc))]) from None
         # Kept: GetFailbackClientCredentialsForDrs checks the client's proof of identity against it.
         record.internal["clientCertificate"] = issued.certificate_pem
         self._save(record)
-        return {"certificate": issued.certificate_pem, "caCertificate": issued.ca_certificate_pem,
-                "agentCommonName": agent_common_name(record.id), "expirationDateTime": iso(issued.not_after)}
+        return {
+            "certificate": issued.certificate_pem,
+            "caCertificate": issued.ca_certificate_pem,
+            "agentCommonName": agent_common_name(record.id),
+            "expirationDateTime": iso(issued.not_after),
+        }
 
     def _replicated_disks(self, record: RecoveryInstanceRecord, disks: list[dict[str, Any]]) -> None:
         current = {d["deviceName"]: d for d in record.doc["dataReplicationInfo"].get("replicatedDisks", [])}
@@ -404,7 +490,8 @@ class DrsService:
             if disk.get("deviceName") not in current:
                 raise errors.validation(
                     f"{disk.get('deviceName')} is not a replicated volume of {record.id}",
-                    [(f"replicatedDisks.{i}.deviceName", f"not one of: {', '.join(current) or 'none mapped yet'}")])
+                    [(f"replicatedDisks.{i}.deviceName", f"not one of: {', '.join(current) or 'none mapped yet'}")],
+                )
             current[disk["deviceName"]].update(disk)
         info = record.doc["dataReplicationInfo"]
         info["replicatedDisks"] = list(current.values())
@@ -457,8 +544,12 @@ class DrsService:
         if internal.get("completed"):
             return {**out, "command": "COMPLETE", "failbackJobID": job_id}
         if internal.get("launchRequested"):
-            return {**out, "command": "FINAL_SYNC", "failbackJobID": job_id,
-                    "reason": "failback launch requested: finish the last sync, then report consistency"}
+            return {
+                **out,
+                "command": "FINAL_SYNC",
+                "failbackJobID": job_id,
+                "reason": "failback launch requested: finish the last sync, then report consistency",
+            }
         return {**out, "command": "CONTINUE"}
 
     def get_failback_launch_requested(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -485,8 +576,10 @@ class DrsService:
             record.internal["stateBeforeDisconnect"] = info.get("dataReplicationState")
         info["dataReplicationState"] = "DISCONNECTED"
         if p.get("error"):
-            info["dataReplicationError"] = {"error": p["error"], **({"rawError": p["message"]}
-                                                                    if p.get("message") else {})}
+            info["dataReplicationError"] = {
+                "error": p["error"],
+                **({"rawError": p["message"]} if p.get("message") else {}),
+            }
         self._save(record)
         return {}
 
@@ -512,8 +605,9 @@ class DrsService:
         info["dataReplicationState"] = "CONTINUOUS"
         info.pop("etaDateTime", None)
         for disk in info.get("replicatedDisks", []):
-            disk.update(replicatedStorageBytes=disk["totalStorageBytes"], backloggedStorageBytes=0,
-                        rescannedStorageBytes=0)
+            disk.update(
+                replicatedStorageBytes=disk["totalStorageBytes"], backloggedStorageBytes=0, rescannedStorageBytes=0
+            )
         record.internal["lagSeconds"] = 0
         if p.get("finalSync") and record.internal.get("launchRequested"):
             self._complete_launch(record)

@@ -79,8 +79,7 @@ def verify(
     match = _AUTH_RE.match(authorization)
     if not match:
         raise _incomplete(
-            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' parameters "
-            "(AWS4-HMAC-SHA256)."
+            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' parameters (AWS4-HMAC-SHA256)."
         )
     scope = match["credential"].split("/")
     if len(scope) != 5 or scope[4] != "aws4_request":
@@ -115,8 +114,10 @@ def verify(
             f"{(now + MAX_SKEW).strftime(AMZ_DATE_FORMAT)} ({now_text} + 5 min.)"
         )
     if scope_date != amz_date[:8]:
-        raise _invalid_signature(f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
-                                 f"from HTTP: '{scope_date}' != '{amz_date[:8]}', from '{amz_date}'.")
+        raise _invalid_signature(
+            f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
+            f"from HTTP: '{scope_date}' != '{amz_date[:8]}', from '{amz_date}'."
+        )
     if scope_service != SERVICE:
         raise _invalid_signature(f"Credential should be scoped to correct service: '{SERVICE}'. ")
     if scope_region != region:
@@ -129,8 +130,9 @@ def verify(
     if missing:
         raise _invalid_signature(SIGNATURE_MISMATCH)
     # Recompute over exactly the headers the client signed, with botocore's canonicalization.
-    request = AWSRequest(method=method, url=host_url + path_and_query,
-                         headers={name: headers[name] for name in signed_names}, data=body)
+    request = AWSRequest(
+        method=method, url=host_url + path_and_query, headers={name: headers[name] for name in signed_names}, data=body
+    )
     request.context["timestamp"] = amz_date
     signer = SigV4Auth(Credentials(access_key, credential.secret_key, token), scope_service, scope_region)
     canonical = signer.canonical_request(request)

@@ -93,8 +93,9 @@ class Store:
         return json.loads(row[0]) if row else None
 
     def save_source_server(self, doc: dict[str, Any]) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO source_servers (id, doc) VALUES (?, ?)",
-                           (doc["sourceServerID"], json.dumps(doc)))
+        self._conn.execute(
+            "INSERT OR REPLACE INTO source_servers (id, doc) VALUES (?, ?)", (doc["sourceServerID"], json.dumps(doc))
+        )
 
     # recovery instances
     def recovery_instances(self) -> list[RecoveryInstanceRecord]:
@@ -102,13 +103,14 @@ class Store:
         return [RecoveryInstanceRecord(json.loads(d), json.loads(i)) for d, i in rows]
 
     def recovery_instance(self, instance_id: str) -> RecoveryInstanceRecord | None:
-        row = self._conn.execute("SELECT doc, internal FROM recovery_instances WHERE id = ?",
-                                 (instance_id,)).fetchone()
+        row = self._conn.execute("SELECT doc, internal FROM recovery_instances WHERE id = ?", (instance_id,)).fetchone()
         return RecoveryInstanceRecord(json.loads(row[0]), json.loads(row[1])) if row else None
 
     def save_recovery_instance(self, record: RecoveryInstanceRecord) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO recovery_instances (id, doc, internal) VALUES (?, ?, ?)",
-                           (record.id, json.dumps(record.doc), json.dumps(record.internal)))
+        self._conn.execute(
+            "INSERT OR REPLACE INTO recovery_instances (id, doc, internal) VALUES (?, ?, ?)",
+            (record.id, json.dumps(record.doc), json.dumps(record.internal)),
+        )
 
     # jobs
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -126,11 +128,13 @@ class Store:
         self._conn.executemany(
             "INSERT INTO client_logs (failback_client_id, recovery_instance_id, timestamp, level, message) "
             "VALUES (?, ?, ?, ?, ?)",
-            [(client_id, instance_id, e["timestamp"], e["level"], e["message"]) for e in events])
+            [(client_id, instance_id, e["timestamp"], e["level"], e["message"]) for e in events],
+        )
 
     def logs(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT failback_client_id, recovery_instance_id, timestamp, level, message "
-                                  "FROM client_logs ORDER BY seq")
+        rows = self._conn.execute(
+            "SELECT failback_client_id, recovery_instance_id, timestamp, level, message FROM client_logs ORDER BY seq"
+        )
         keys = ("failbackClientID", "recoveryInstanceID", "timestamp", "level", "message")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
@@ -138,10 +142,13 @@ class Store:
         self._conn.executemany(
             "INSERT INTO client_metrics (failback_client_id, recovery_instance_id, name, value, unit, timestamp) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [(client_id, instance_id, m["name"], m["value"], m.get("unit"), m.get("timestamp")) for m in metrics])
+            [(client_id, instance_id, m["name"], m["value"], m.get("unit"), m.get("timestamp")) for m in metrics],
+        )
 
     def metrics(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT failback_client_id, recovery_instance_id, name, value, unit, timestamp "
-                                  "FROM client_metrics ORDER BY seq")
+        rows = self._conn.execute(
+            "SELECT failback_client_id, recovery_instance_id, name, value, unit, timestamp "
+            "FROM client_metrics ORDER BY seq"
+        )
         keys = ("failbackClientID", "recoveryInstanceID", "name", "value", "unit", "timestamp")
         return [dict(zip(keys, r, strict=True)) for r in rows]

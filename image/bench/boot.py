@@ -75,19 +75,25 @@ class BenchReport:
         secs("warm rebuild after changing a client file", self.warm_rebuild_s, WARM_REBUILD_TARGET_S)
         if self.iso_bytes is not None:
             mib = self.iso_bytes / MIB
-            out.append(f"{'ISO size':<44} {mib:8.1f} MiB target <= {ISO_TARGET_MIB:.0f} MiB: "
-                       f"{'met' if mib <= ISO_TARGET_MIB else 'MISSED'}")
+            out.append(
+                f"{'ISO size':<44} {mib:8.1f} MiB target <= {ISO_TARGET_MIB:.0f} MiB: "
+                f"{'met' if mib <= ISO_TARGET_MIB else 'MISSED'}"
+            )
         for name, size in self.layers.items():
             out.append(f"  {name:<42} {size / MIB:8.1f} MiB")
         out.append("")
-        out.append(f"boot: seconds from QEMU start (TCG, 1 GiB, {self.cpus} vCPU) to the line; 'chain' = the same way "
-                   "booting the")
+        out.append(
+            f"boot: seconds from QEMU start (TCG, 1 GiB, {self.cpus} vCPU) to the line; 'chain' = the same way "
+            "booting the"
+        )
         out.append("ISO stage's boot chain around the same kernel with a probe initramfs (no live system)")
         if self.way_baselines:
             out.append("  ratio = seconds / the bare-kernel boot measured right before that way ('base')")
         if self.baseline_s is not None:
-            out.append(f"  {'bare kernel (baseline)':<24} {self.baseline_s:8.1f} s   1.00x"
-                       + ("  (median of the runs before each way)" if len(self.way_baselines) > 1 else ""))
+            out.append(
+                f"  {'bare kernel (baseline)':<24} {self.baseline_s:8.1f} s   1.00x"
+                + ("  (median of the runs before each way)" if len(self.way_baselines) > 1 else "")
+            )
         else:
             out.append(f"  bare kernel baseline: not measured {self.baseline_detail or '(boots not asked for)'}")
         probes = {r.way.name: r for r in self.probe_boots}
@@ -100,8 +106,11 @@ class BenchReport:
                 extra += f"   chain {probe.seconds:5.1f} s" if probe.passed else f"   chain FAILED ({probe.detail})"
             other = others.get(r.way.name)
             if other is not None:
-                extra += (f"   against {other.seconds:5.1f} s" + (f" {other.seconds / base:5.2f}x" if base else "")
-                          if other.passed else f"   against FAILED ({other.detail})")
+                extra += (
+                    f"   against {other.seconds:5.1f} s" + (f" {other.seconds / base:5.2f}x" if base else "")
+                    if other.passed
+                    else f"   against FAILED ({other.detail})"
+                )
             if not r.passed:
                 out.append(f"  {r.way.name:<24} FAILED after {r.seconds:.1f} s: {r.detail}{extra}")
                 continue
@@ -114,8 +123,10 @@ class BenchReport:
             fw_base = self.firmware_baselines.get(r.way.name)
             if fw_base:
                 met = r.seconds / fw_base <= BOOT_RATIO_TARGET
-                out.append(f"  {'':<24} same firmware: bare kernel {fw_base:4.1f} s, {r.seconds / fw_base:5.2f}x"
-                           f"  (target <= {BOOT_RATIO_TARGET:.0f}x against it: {'met' if met else 'MISSED'})")
+                out.append(
+                    f"  {'':<24} same firmware: bare kernel {fw_base:4.1f} s, {r.seconds / fw_base:5.2f}x"
+                    f"  (target <= {BOOT_RATIO_TARGET:.0f}x against it: {'met' if met else 'MISSED'})"
+                )
             cpu = _cpu(r)
             if cpu is not None and r.way.name in self.way_baseline_cpu:
                 line = f"  {'':<24} QEMU CPU {cpu:6.1f} s  base {self.way_baseline_cpu[r.way.name]:4.1f} s"
@@ -128,8 +139,10 @@ class BenchReport:
             out.append("  booted right before it: what that machine costs before any ISO can act ('base' boots it")
             out.append("  with SeaBIOS)")
         if self.way_baseline_cpu:
-            out.append("  QEMU CPU = host CPU seconds of the guest: on an idle machine about the seconds (TCG, and "
-                       "boot loaders busy-wait), on a loaded one much steadier than them")
+            out.append(
+                "  QEMU CPU = host CPU seconds of the guest: on an idle machine about the seconds (TCG, and "
+                "boot loaders busy-wait), on a loaded one much steadier than them"
+            )
         if self.against is not None:
             out.append(f"  against = {self.against}, booted right after each way")
         return "\n".join(out)
@@ -226,15 +239,16 @@ def run_bench(
                 report.baseline_s = base.seconds
             else:
                 report.baseline_detail = f"({base.outcome}: {base.match}; see {base.serial_log})"
-            report.boots = smoke.run_matrix(iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout,
-                                            cpus=cpus)
+            report.boots = smoke.run_matrix(
+                iso, workdir / "boots", ways=ways, parallel=parallel, timeout=timeout, cpus=cpus
+            )
             if against is not None:
-                report.against_boots = smoke.run_matrix(against, workdir / "against", ways=ways, parallel=parallel,
-                                                        timeout=timeout, cpus=cpus)
+                report.against_boots = smoke.run_matrix(
+                    against, workdir / "against", ways=ways, parallel=parallel, timeout=timeout, cpus=cpus
+                )
         else:
             for way in ways:
-                base = qemu.boot_bare_kernel(kernel, workdir / "baseline" / way.name, append=BASELINE_APPEND,
-                                             cpus=cpus)
+                base = qemu.boot_bare_kernel(kernel, workdir / "baseline" / way.name, append=BASELINE_APPEND, cpus=cpus)
                 if base.outcome == "matched":
                     report.way_baselines[way.name] = base.seconds
                     if base.cpu_seconds is not None:
@@ -253,12 +267,14 @@ def run_bench(
                                     fw_base.outcome, fw_base.serial_log)  # fmt: skip
                 report.boots += smoke.run_matrix(iso, workdir / "boots", ways=[way], timeout=timeout, cpus=cpus)
                 if against is not None:
-                    report.against_boots += smoke.run_matrix(against, workdir / "against", ways=[way],
-                                                             timeout=timeout, cpus=cpus)
+                    report.against_boots += smoke.run_matrix(
+                        against, workdir / "against", ways=[way], timeout=timeout, cpus=cpus
+                    )
             if report.way_baselines:
                 report.baseline_s = statistics.median(report.way_baselines.values())
         if probe:
             probe_iso = smoke.make_probe_iso(kernel, workdir / "probe")
-            report.probe_boots = smoke.run_matrix(probe_iso, workdir / "probe", ways=ways, parallel=parallel,
-                                                  timeout=timeout, cpus=cpus)
+            report.probe_boots = smoke.run_matrix(
+                probe_iso, workdir / "probe", ways=ways, parallel=parallel, timeout=timeout, cpus=cpus
+            )
     return report

@@ -97,16 +97,25 @@ def moto_storage(name: str, size_mib: int, regions: int) -> MotoStorage:
     need = objects + 1024 * MiB  # + moto itself
     avail = _mem_available()
     if avail < need * 5 // 4:  # keep a quarter spare for the rest of the host (QEMU, builds)
-        return MotoStorage("disk", {}, note=f"memory asked but {need / 2**30:.1f} GiB needed and only "
-                           f"{avail / 2**30:.1f} GiB available: stayed on disk")
-    return MotoStorage("memory", {
-        "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str((size_mib + 1) * MiB),
-        # One arena, no mmap for big blocks, no trimming: a freed 200 MiB buffer is reused by the
-        # next copy (moto's werkzeug threads would otherwise each get new zero-filled pages).
-        "MALLOC_ARENA_MAX": "1",
-        "MALLOC_MMAP_MAX_": "0",
-        "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
-    }, note=f"~{need / 2**30:.1f} GiB of RAM for {2 * regions + 1} objects", prefault=objects)
+        return MotoStorage(
+            "disk",
+            {},
+            note=f"memory asked but {need / 2**30:.1f} GiB needed and only "
+            f"{avail / 2**30:.1f} GiB available: stayed on disk",
+        )
+    return MotoStorage(
+        "memory",
+        {
+            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str((size_mib + 1) * MiB),
+            # One arena, no mmap for big blocks, no trimming: a freed 200 MiB buffer is reused by the
+            # next copy (moto's werkzeug threads would otherwise each get new zero-filled pages).
+            "MALLOC_ARENA_MAX": "1",
+            "MALLOC_MMAP_MAX_": "0",
+            "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+        },
+        note=f"~{need / 2**30:.1f} GiB of RAM for {2 * regions + 1} objects",
+        prefault=objects,
+    )
 
 
 def _prefault(total: int, block: int = 64 * MiB) -> None:
@@ -199,8 +208,15 @@ class BenchRun:
 
 
 def _mean(a: BenchRun, b: BenchRun) -> BenchRun:
-    return BenchRun(a.regions, (a.seconds + b.seconds) / 2, (a.client_cpu + b.client_cpu) / 2,
-                    (a.server_cpu + b.server_cpu) / 2, a.sent_mib, a.copied_mib, a.ok and b.ok)
+    return BenchRun(
+        a.regions,
+        (a.seconds + b.seconds) / 2,
+        (a.client_cpu + b.client_cpu) / 2,
+        (a.server_cpu + b.server_cpu) / 2,
+        a.sent_mib,
+        a.copied_mib,
+        a.ok and b.ok,
+    )
 
 
 @dataclass
@@ -236,8 +252,12 @@ class BenchResult:
             row("publish: wall (s)", self.one.seconds, self.many.seconds)
             + f"   (1 region: {self.baseline_runs[0]:.2f} s before, {self.baseline_runs[1]:.2f} s after)",
             row("raw floor: wall (s)", self.floor_one.seconds, self.floor_many.seconds),
-            row("publish / raw floor, wall", self.one.seconds / self.floor_one.seconds,
-                self.many.seconds / self.floor_many.seconds, ratio=False),
+            row(
+                "publish / raw floor, wall",
+                self.one.seconds / self.floor_one.seconds,
+                self.many.seconds / self.floor_many.seconds,
+                ratio=False,
+            ),
             row("client CPU, publish (s)", self.one.client_cpu, self.many.client_cpu),
             row("client CPU, raw floor (s)", self.floor_one.client_cpu, self.floor_many.client_cpu),
             row("S3 server CPU, publish (s)", self.one.server_cpu, self.many.server_cpu),
@@ -264,8 +284,12 @@ def write_artifact(path: Path, size_mib: int) -> None:
 
 
 def _client(url: str, region: str = "us-east-1") -> Any:
-    return boto3.client("s3", region_name=region, endpoint_url=url,
-                        config=Config(s3={"addressing_style": "path"}, max_pool_connections=64))
+    return boto3.client(
+        "s3",
+        region_name=region,
+        endpoint_url=url,
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=64),
+    )
 
 
 def _make_buckets(url: str, regions: list[str]) -> None:
@@ -290,8 +314,15 @@ def _measured(server: MotoProcess, regions: list[str], work: Callable[[], BenchR
 
 
 def _publish(server: MotoProcess, regions: list[str], artifact: Path, workdir: Path, jobs: int) -> BenchRun:
-    opts = PublishOptions(regions=regions, version=VERSION, iso=artifact, endpoint_url=server.url,
-                          release_dir=workdir / "release", progress="none", jobs=jobs)
+    opts = PublishOptions(
+        regions=regions,
+        version=VERSION,
+        iso=artifact,
+        endpoint_url=server.url,
+        release_dir=workdir / "release",
+        progress="none",
+        jobs=jobs,
+    )
 
     def work() -> BenchRun:
         report = publish_release(opts, io.StringIO())
@@ -328,8 +359,13 @@ def _raw_floor(server: MotoProcess, regions: list[str], artifact: Path, jobs: in
     return _measured(server, regions, work)
 
 
-def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None = None, jobs: int = 30,
-                  storage: MotoStorage | None = None) -> BenchResult:
+def run_benchmark(
+    size_mib: int = 200,
+    regions: int = 28,
+    workdir: Path | None = None,
+    jobs: int = 30,
+    storage: MotoStorage | None = None,
+) -> BenchResult:
     storage = storage or moto_storage("memory", size_mib, regions)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # moto accepts any credentials
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -351,9 +387,18 @@ def run_benchmark(size_mib: int = 200, regions: int = 28, workdir: Path | None =
             server.reset()
             peak_rss = server.usage()[1] / 1024
             described = server.storage.describe(server.key_buffer)
-    return BenchResult(size_mib, _mean(before, after), many_run, floor_one, floor_many,
-                       (before.seconds, after.seconds), peak_rss, os.cpu_count() or 1, described,
-                       server.storage.name)
+    return BenchResult(
+        size_mib,
+        _mean(before, after),
+        many_run,
+        floor_one,
+        floor_many,
+        (before.seconds, after.seconds),
+        peak_rss,
+        os.cpu_count() or 1,
+        described,
+        server.storage.name,
+    )
 
 
 def render_comparison(disk: BenchResult, memory: BenchResult) -> str:
@@ -363,19 +408,22 @@ def render_comparison(disk: BenchResult, memory: BenchResult) -> str:
     def per_copy(r: BenchResult) -> float:
         return r.floor_many.server_cpu / (2 * n - 1)  # ~ the floor's server CPU per copy
 
-    return "\n".join([
-        f"moto storage, same run:{disk.storage_name:>15}{memory.storage_name:>10}",
-        f"{'publish 1 region (s)':<23}{disk.one.seconds:>15.2f}{memory.one.seconds:>10.2f}",
-        f"{f'publish {n} regions (s)':<23}{disk.many.seconds:>15.2f}{memory.many.seconds:>10.2f}",
-        f"{'ratio':<23}{disk.ratio:>14.2f}x{memory.ratio:>9.2f}x",
-        f"{'floor N regions (s)':<23}{disk.floor_many.seconds:>15.2f}{memory.floor_many.seconds:>10.2f}",
-        f"{'server CPU, publish N':<23}{disk.many.server_cpu:>15.1f}{memory.many.server_cpu:>10.1f}",
-        f"{'server CPU-s per copy':<23}{per_copy(disk):>15.2f}{per_copy(memory):>10.2f}",
-    ])
+    return "\n".join(
+        [
+            f"moto storage, same run:{disk.storage_name:>15}{memory.storage_name:>10}",
+            f"{'publish 1 region (s)':<23}{disk.one.seconds:>15.2f}{memory.one.seconds:>10.2f}",
+            f"{f'publish {n} regions (s)':<23}{disk.many.seconds:>15.2f}{memory.many.seconds:>10.2f}",
+            f"{'ratio':<23}{disk.ratio:>14.2f}x{memory.ratio:>9.2f}x",
+            f"{'floor N regions (s)':<23}{disk.floor_many.seconds:>15.2f}{memory.floor_many.seconds:>10.2f}",
+            f"{'server CPU, publish N':<23}{disk.many.server_cpu:>15.1f}{memory.many.server_cpu:>10.1f}",
+            f"{'server CPU-s per copy':<23}{per_copy(disk):>15.2f}{per_copy(memory):>10.2f}",
+        ]
+    )
 
 
-def main(size_mib: int = 200, regions: int = 28, jobs: int = 30, moto_buffer: str = "memory",
-         out: TextIO = sys.stdout) -> int:
+def main(
+    size_mib: int = 200, regions: int = 28, jobs: int = 30, moto_buffer: str = "memory", out: TextIO = sys.stdout
+) -> int:
     """Print the benchmark; `moto_buffer` is memory, disk or both (both: the two, then a comparison)."""
     if moto_buffer not in {"memory", "disk", "both"}:
         print(f"bench-publish: bad --moto-buffer {moto_buffer!r}: use memory, disk or both", file=sys.stderr)

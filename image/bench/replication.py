@@ -278,8 +278,9 @@ FS_SOURCES = (Path("/usr/bin"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/li
 VOLUMES = ("random", "filesystem")
 
 
-def filesystem_image(path: Path, size: int, staging: Path, fill: float = 0.5,
-                     sources: tuple[Path, ...] = FS_SOURCES) -> tuple[Path, int]:
+def filesystem_image(
+    path: Path, size: int, staging: Path, fill: float = 0.5, sources: tuple[Path, ...] = FS_SOURCES
+) -> tuple[Path, int]:
     """An ext4 volume of `size` bytes about `fill` full of real files (copied from `sources` in a
     fixed order until the budget is spent), the rest free: how a server's disk looks, unlike random
     bytes (the worst case: nothing to skip, nothing compresses). Returns the image and the bytes of
@@ -313,8 +314,9 @@ def filesystem_image(path: Path, size: int, staging: Path, fill: float = 0.5,
     return path, used
 
 
-def run_benchmark(size: int = 256 * MiB, workdir: Path | None = None, link_mbps: int | None = 200,
-                  volume: str = "random") -> BenchResult:
+def run_benchmark(
+    size: int = 256 * MiB, workdir: Path | None = None, link_mbps: int | None = 200, volume: str = "random"
+) -> BenchResult:
     from drs_agent.testing import (
         CuttingProxy,
         Pki,
@@ -481,8 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="work directory (default: /dev/shm)")
     p.add_argument("--link-mbps", type=int, default=200, help="also compare full and delta on such a link (0: skip)")
     p.add_argument("--repeat", type=int, default=1, help="run N times and print the spread of the ratios")
-    p.add_argument("--volume", choices=[*VOLUMES, "both"], default="both",
-                   help="random bytes (the worst case), an ext4 filesystem half full of files, or both (default)")
+    p.add_argument(
+        "--volume",
+        choices=[*VOLUMES, "both"],
+        default="both",
+        help="random bytes (the worst case), an ext4 filesystem half full of files, or both (default)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     volumes = VOLUMES if args.volume == "both" else (args.volume,)

@@ -99,7 +99,8 @@ def require_no_mounts(tree: Path, action: str, *, itself: bool = False) -> None:
             f"{tree}: refusing to {action}: something is still mounted below it (a chroot's mount that a tool "
             f"failed to unmount?):\n{listed}\nfree it with `umount -R {names}` (if it says 'target is busy', "
             f"find the processes still using it with `fuser -vm {names}`, or detach it with `umount -R -l`), "
-            f"then retry")
+            f"then retry"
+        )
 
 
 def _tops(found: list[Mount]) -> list[Path]:
@@ -132,6 +133,8 @@ def clear_leftovers(work: Path) -> None:
     require_no_mounts(work, "remove it", itself=True)
     left = loop_devices_under(work)
     if left:
-        raise RuntimeError(f"{work}: loop devices still attached to images below it: "
-                           f"{', '.join(d.device for d in left)}; detach them (`losetup -d DEV`), then retry")
+        raise RuntimeError(
+            f"{work}: loop devices still attached to images below it: "
+            f"{', '.join(d.device for d in left)}; detach them (`losetup -d DEV`), then retry"
+        )
     shutil.rmtree(work)

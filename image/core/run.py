@@ -50,18 +50,24 @@ class ToolWarningError(CommandError):
     def __init__(self, cmd: Sequence[str], returncode: int, warnings: list[str], output: str = "") -> None:
         super().__init__(cmd, returncode, output)
         self.warnings = warnings
-        self.args = (f"command printed a warning not known to be harmless (exit status {returncode}): "
-                     f"{shlex.join(self.cmd)}\n" + "\n".join(f"  {w}" for w in warnings)
-                     + "\nfind its cause; only once it is known to change nothing, list it in "
-                       "image/core/tool_warnings.py with why" + _tail(output),)
+        self.args = (
+            f"command printed a warning not known to be harmless (exit status {returncode}): "
+            f"{shlex.join(self.cmd)}\n"
+            + "\n".join(f"  {w}" for w in warnings)
+            + "\nfind its cause; only once it is known to change nothing, list it in "
+            "image/core/tool_warnings.py with why" + _tail(output),
+        )
 
     def summary(self) -> str:
-        return (f"{self.cmd[0]} printed a warning not known to be harmless: {'; '.join(self.warnings)} "
-                "(find its cause; list it in image/core/tool_warnings.py only once it is known to change nothing)")
+        return (
+            f"{self.cmd[0]} printed a warning not known to be harmless: {'; '.join(self.warnings)} "
+            "(find its cause; list it in image/core/tool_warnings.py only once it is known to change nothing)"
+        )
 
 
 def _tee_stderr(proc: subprocess.Popen[bytes], copy: list[bytes]) -> threading.Thread:
     """Pass the command's stderr on to ours line by line (long steps stay visible) and keep a copy."""
+
     def pump() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -152,10 +158,17 @@ def run(
     return result
 
 
-def _run_teeing(argv: list[str], cwd: Path | None, env: Mapping[str, str] | None, input: bytes | None,
-                timeout: float | None, teed: list[bytes]) -> subprocess.CompletedProcess[bytes]:
-    with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if input is not None else None,
-                          stderr=subprocess.PIPE) as proc:
+def _run_teeing(
+    argv: list[str],
+    cwd: Path | None,
+    env: Mapping[str, str] | None,
+    input: bytes | None,
+    timeout: float | None,
+    teed: list[bytes],
+) -> subprocess.CompletedProcess[bytes]:
+    with subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.PIPE if input is not None else None, stderr=subprocess.PIPE
+    ) as proc:
         pump = _tee_stderr(proc, teed)
         try:
             if input is not None:

@@ -34,13 +34,21 @@ class WarningRule:
 # make it exit non-zero anyway). None showed in this project's builds so far; every one mmdebstrap 1.3.5 can
 # print is in its source (`warning(` in /usr/bin/mmdebstrap): a mount it could not undo, a device node it
 # skipped, a path given via --include missing, ... each of which may change the tree it made.
-MMDEBSTRAP = WarningRule("mmdebstrap", re.compile(r"^W: "), harmless=(
-    Harmless(re.compile(r"^W: Download is performed unsandboxed as root as file .* couldn't be accessed by "
-                        r"user '_apt'"),
-             "apt downloads as root instead of as _apt when _apt cannot read the .deb cache: only the "
-             "privilege separation of the download differs, the packages are checked against the signed "
-             "Release file all the same"),
-))
+MMDEBSTRAP = WarningRule(
+    "mmdebstrap",
+    re.compile(r"^W: "),
+    harmless=(
+        Harmless(
+            re.compile(
+                r"^W: Download is performed unsandboxed as root as file .* couldn't be accessed by "
+                r"user '_apt'"
+            ),
+            "apt downloads as root instead of as _apt when _apt cannot read the .deb cache: only the "
+            "privilege separation of the download differs, the packages are checked against the signed "
+            "Release file all the same",
+        ),
+    ),
+)
 
 RULES = {r.tool: r for r in (MMDEBSTRAP,)}
 

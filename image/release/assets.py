@@ -61,6 +61,7 @@ _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 class AssetsError(ImageError, RuntimeError):
     """The bundle cannot be built as pinned (a wheel missing, unfetchable or not matching its hash)."""
 
+
 LAUNCHER = """#!/bin/sh
 # Starts the failback replication software from wherever the bundle was unpacked.
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -92,7 +93,7 @@ def package_version(package_dir: Path = PACKAGE_DIR) -> str:
     text = (package_dir / "failback_replicator" / "__init__.py").read_text()
     m = re.search(r'^__version__ = "([^"]+)"', text, re.M)
     if not m:
-        raise ConfigError(f"{package_dir}/failback_replicator/__init__.py has no __version__ = \"...\" line")
+        raise ConfigError(f'{package_dir}/failback_replicator/__init__.py has no __version__ = "..." line')
     return m.group(1)
 
 
@@ -161,8 +162,24 @@ def fetch_wheels(lock: Path | None = None, cache: Path | None = None) -> list[Pa
         partial.mkdir(parents=True)
         log.info("assets: downloading %s into %s", ", ".join(sorted(pins)), house)
         try:
-            run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet", "--no-deps",
-                 "--only-binary=:all:", "--require-hashes", *WHEEL_TARGET, "-r", str(lock), "-d", str(partial)])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--disable-pip-version-check",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--require-hashes",
+                    *WHEEL_TARGET,
+                    "-r",
+                    str(lock),
+                    "-d",
+                    str(partial),
+                ]
+            )
         except CommandError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise AssetsError(

@@ -144,8 +144,9 @@ BUILD_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_MKNOD")
 BUILD_VOLUME = "/src/build"  # the Dockerfile's VOLUME
 
 
-def build_inside(store: ContainerStore, image: str, build_dir: Path, ca_bundle: Path | None = None,
-                 task: Sequence[str] = ("build",)) -> str:
+def build_inside(
+    store: ContainerStore, image: str, build_dir: Path, ca_bundle: Path | None = None, task: Sequence[str] = ("build",)
+) -> str:
     """Run `inv <task>` (the image's default command) in a working container of `image`, with the
     host's `build_dir` as the image's /src/build volume, as `docker run --privileged -v ...` would.
     Returns the task's output; the products land in `build_dir`."""
@@ -160,7 +161,9 @@ def build_inside(store: ContainerStore, image: str, build_dir: Path, ca_bundle: 
 
 
 def build(
-    tag: str = DEFAULT_TAG, engine: str | None = None, store: ContainerStore | None = None,
+    tag: str = DEFAULT_TAG,
+    engine: str | None = None,
+    store: ContainerStore | None = None,
     ca_bundle: Path | None = None,
 ) -> str:
     """Build the Dockerfile with `engine` ("docker" or "buildah"; default: docker when installed).

@@ -98,8 +98,9 @@ def collect(seed_file: Path | None, sets: Iterable[str]) -> dict[str, str]:
         seen.add(key)
         values[key] = value
     if not values:
-        raise SeedImageError("the seed is empty: give --file F and/or --set KEY=VALUE (keys: "
-                             + ", ".join(seedmod.KEYS) + ")")
+        raise SeedImageError(
+            "the seed is empty: give --file F and/or --set KEY=VALUE (keys: " + ", ".join(seedmod.KEYS) + ")"
+        )
     text = seed_text(values)
     try:
         seedmod.parse_env(text, "to write")  # the client's own checks, on exactly what is written
@@ -127,8 +128,11 @@ def write_fat(out: Path, text: str) -> None:
         _private_file(src)
         src.write_text(text)
         # -D o: overwrite silently; MTOOLS_SKIP_CHECK: image files have no partition table to check.
-        run(["mcopy", "-i", str(tmp), "-D", "o", str(src), f"::/{SEED_NAME}"], env={"MTOOLS_SKIP_CHECK": "1"},
-            capture=True)
+        run(
+            ["mcopy", "-i", str(tmp), "-D", "o", str(src), f"::/{SEED_NAME}"],
+            env={"MTOOLS_SKIP_CHECK": "1"},
+            capture=True,
+        )
     tmp.replace(out)
 
 
@@ -139,8 +143,7 @@ def write_iso(out: Path, text: str) -> None:
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=seedmod.SEED_LABEL)
     try:
-        iso.add_fp(io.BytesIO(data), len(data), "/FAILBACK_SEED.ENV;1", rr_name=SEED_NAME,
-                   joliet_path=f"/{SEED_NAME}")
+        iso.add_fp(io.BytesIO(data), len(data), "/FAILBACK_SEED.ENV;1", rr_name=SEED_NAME, joliet_path=f"/{SEED_NAME}")
         tmp = out.with_name(out.name + ".tmp")
         _private_file(tmp)
         with tmp.open("r+b") as f:
@@ -150,8 +153,9 @@ def write_iso(out: Path, text: str) -> None:
     tmp.replace(out)
 
 
-def build_seed_image(out: Path, *, seed_file: Path | None = None, sets: Iterable[str] = (),
-                     kind: Kind = "fat") -> SeedImage:
+def build_seed_image(
+    out: Path, *, seed_file: Path | None = None, sets: Iterable[str] = (), kind: Kind = "fat"
+) -> SeedImage:
     """Check the values and write the seed volume image to `out` (mode 0600)."""
     if kind not in ("fat", "iso"):
         raise SeedImageError(f"--format {kind!r}: use fat (USB stick / disk) or iso (CD)")

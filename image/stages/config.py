@@ -83,7 +83,10 @@ INITRAMFS_POLICIES = ("most", "dep", "list", "netboot")
 # Compressors of initramfs-tools the Debian kernel unpacks: level range, and the package whose
 # program compresses (gzip is essential; the others must be in the package list).
 INITRAMFS_COMPRESSORS: dict[str, tuple[tuple[int, int], str | None]] = {
-    "zstd": ((1, 19), "zstd"), "lz4": ((1, 12), "lz4"), "xz": ((0, 9), "xz-utils"), "gzip": ((1, 9), None),
+    "zstd": ((1, 19), "zstd"),
+    "lz4": ((1, 12), "lz4"),
+    "xz": ((0, 9), "xz-utils"),
+    "gzip": ((1, 9), None),
 }
 
 
@@ -177,8 +180,9 @@ class _Validator:
             raise self.fail(prefix + missing[0], "is required but missing")
         return value
 
-    def string(self, value: Any, key: str, *, pattern: re.Pattern[str] | None = None, hint: str = "",
-               empty_ok: bool = False) -> str:
+    def string(
+        self, value: Any, key: str, *, pattern: re.Pattern[str] | None = None, hint: str = "", empty_ok: bool = False
+    ) -> str:
         if not isinstance(value, str):
             raise self.fail(key, f"must be a string, got {_kind(value)}")
         if not empty_ok and not value.strip():
@@ -200,8 +204,9 @@ class _Validator:
             raise self.fail(key, f"must be true or false, got {_kind(value)}")
         return value
 
-    def string_list(self, value: Any, key: str, *, pattern: re.Pattern[str] | None = None, hint: str = "",
-                    non_empty: bool = True) -> tuple[str, ...]:
+    def string_list(
+        self, value: Any, key: str, *, pattern: re.Pattern[str] | None = None, hint: str = "", non_empty: bool = True
+    ) -> tuple[str, ...]:
         if not isinstance(value, list):
             raise self.fail(key, f"must be a list, got {_kind(value)}")
         if non_empty and not value:
@@ -218,8 +223,14 @@ class _Validator:
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
 
 
 def _url(v: _Validator, value: Any, key: str, *, empty_ok: bool = False) -> str:
@@ -238,9 +249,20 @@ def _glob_path(v: _Validator, items: tuple[str, ...], key: str) -> tuple[str, ..
 
 def _parse(data: Any, v: _Validator) -> ImageConfig:
     top = v.mapping(
-        data, "",
-        {"debian", "packages", "kernel_cmdline", "boot", "iso", "source_date_epoch", "squashfs", "network",
-         "client", "hostname"},
+        data,
+        "",
+        {
+            "debian",
+            "packages",
+            "kernel_cmdline",
+            "boot",
+            "iso",
+            "source_date_epoch",
+            "squashfs",
+            "network",
+            "client",
+            "hostname",
+        },
         {"exclude_paths", "include_paths", "initramfs", "mask_units", "mask_generators"},
     )
 
@@ -249,10 +271,15 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         suite=v.string(d["suite"], "debian.suite", pattern=_SUITE_RE, hint="a Debian suite such as bookworm"),
         mirror=_url(v, d["mirror"], "debian.mirror"),
         security_mirror=_url(v, d.get("security_mirror", ""), "debian.security_mirror", empty_ok=True),
-        components=v.string_list(d["components"], "debian.components", pattern=re.compile(r"^[a-z][a-z0-9-]*$"),
-                                 hint="e.g. main, non-free-firmware"),
-        architecture=v.string(d["architecture"], "debian.architecture", pattern=re.compile(r"^amd64$"),
-                              hint="only amd64 is supported"),
+        components=v.string_list(
+            d["components"],
+            "debian.components",
+            pattern=re.compile(r"^[a-z][a-z0-9-]*$"),
+            hint="e.g. main, non-free-firmware",
+        ),
+        architecture=v.string(
+            d["architecture"], "debian.architecture", pattern=re.compile(r"^amd64$"), hint="only amd64 is supported"
+        ),
     )
 
     packages = v.string_list(top["packages"], "packages", pattern=_PKG_RE, hint="a Debian package name")
@@ -265,23 +292,31 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         if p.startswith(("shim", "grub")):
             raise v.fail(f"packages[{i}]", f"{p!r} does not belong in the rootfs (the ISO stage fetches boot loaders)")
 
-    exclude = _glob_path(v, v.string_list(top.get("exclude_paths", []), "exclude_paths", non_empty=False),
-                         "exclude_paths")
-    include = _glob_path(v, v.string_list(top.get("include_paths", []), "include_paths", non_empty=False),
-                         "include_paths")
+    exclude = _glob_path(
+        v, v.string_list(top.get("exclude_paths", []), "exclude_paths", non_empty=False), "exclude_paths"
+    )
+    include = _glob_path(
+        v, v.string_list(top.get("include_paths", []), "include_paths", non_empty=False), "include_paths"
+    )
 
     kernel_cmdline = v.string(top["kernel_cmdline"], "kernel_cmdline")
     # initramfs-tools runs /scripts/<boot=>: the LiveCD's own script (image/stages/templates/initramfs-boot.j2),
     # or live-boot's, which does the same job in ~3 s more under emulation.
     boot = [a.removeprefix("boot=") for a in kernel_cmdline.split() if a.startswith("boot=")]
     if boot not in (["failback"], ["live"]):
-        raise v.fail("kernel_cmdline", f"must contain one boot=failback (the LiveCD's initramfs script) or boot=live "
-                                       f"(live-boot), got {' '.join('boot=' + b for b in boot) or 'none'}")
+        raise v.fail(
+            "kernel_cmdline",
+            f"must contain one boot=failback (the LiveCD's initramfs script) or boot=live "
+            f"(live-boot), got {' '.join('boot=' + b for b in boot) or 'none'}",
+        )
     if boot == ["live"] and "live-boot" not in packages:
         raise v.fail("packages", "must include 'live-boot' for boot=live in kernel_cmdline")
     if boot == ["failback"] and "busybox" not in packages:
-        raise v.fail("packages", "must include 'busybox' for boot=failback in kernel_cmdline "
-                                 "(its initramfs script uses busybox's mount -o loop)")
+        raise v.fail(
+            "packages",
+            "must include 'busybox' for boot=failback in kernel_cmdline "
+            "(its initramfs script uses busybox's mount -o loop)",
+        )
 
     b = v.mapping(top["boot"], "boot", {"timeout", "default", "entries"}, set())
     raw_entries = b["entries"]
@@ -310,21 +345,22 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
         raise v.fail("boot.default", f"{default!r} is not the id of an entry (ids: {ids})")
     if next(e for e in entries if e.id == default).local_disk:
         raise v.fail("boot.default", f"{default!r} boots the local disk; the default must start the live system")
-    boot_config = BootConfig(timeout=v.integer(b["timeout"], "boot.timeout", minimum=0, maximum=600),
-                      default=default, entries=tuple(entries))
+    boot_config = BootConfig(
+        timeout=v.integer(b["timeout"], "boot.timeout", minimum=0, maximum=600), default=default, entries=tuple(entries)
+    )
 
     s = v.mapping(top["iso"], "iso", {"volume_label", "artifact"}, set())
     iso = IsoConfig(
-        volume_label=v.string(s["volume_label"], "iso.volume_label", pattern=_VOLUME_RE,
-                              hint="ISO 9660: at most 32 of A-Z, 0-9 and _"),
-        artifact=v.string(s["artifact"], "iso.artifact", pattern=_ARTIFACT_RE,
-                          hint="a plain file name ending in .iso"),
+        volume_label=v.string(
+            s["volume_label"], "iso.volume_label", pattern=_VOLUME_RE, hint="ISO 9660: at most 32 of A-Z, 0-9 and _"
+        ),
+        artifact=v.string(s["artifact"], "iso.artifact", pattern=_ARTIFACT_RE, hint="a plain file name ending in .iso"),
     )
 
     sde = top["source_date_epoch"]
     if isinstance(sde, str):
         if sde != "git":
-            raise v.fail("source_date_epoch", f"must be \"git\" or an integer (Unix time), got {sde!r}")
+            raise v.fail("source_date_epoch", f'must be "git" or an integer (Unix time), got {sde!r}')
     else:
         sde = v.integer(sde, "source_date_epoch", minimum=0, maximum=2**32 - 1)
 
@@ -340,29 +376,57 @@ def _parse(data: Any, v: _Validator) -> ImageConfig:
     squashfs = SquashfsConfig(compression=compression, level=level)
 
     n = v.mapping(top["network"], "network", {"dhcp_timeout"}, set())
-    network = NetworkConfig(dhcp_timeout=v.integer(n["dhcp_timeout"], "network.dhcp_timeout", minimum=1,
-                                                   maximum=3600))
+    network = NetworkConfig(dhcp_timeout=v.integer(n["dhcp_timeout"], "network.dhcp_timeout", minimum=1, maximum=3600))
 
     c = v.mapping(top["client"], "client", {"venv"}, set())
     venv = v.string(c["venv"], "client.venv")
     if not venv.startswith("/") or venv.rstrip("/") in ("", "/usr", "/etc", "/bin", "/lib", "/opt") or ".." in venv:
-        raise v.fail("client.venv", f"must be an absolute directory of its own such as /opt/failback-client, "
-                                    f"got {venv!r}")
+        raise v.fail(
+            "client.venv", f"must be an absolute directory of its own such as /opt/failback-client, got {venv!r}"
+        )
     client = ClientConfig(venv=venv.rstrip("/"))
 
-    hostname = v.string(top["hostname"], "hostname", pattern=_HOSTNAME_RE,
-                        hint="letters, digits and '-', at most 63, not starting or ending with '-'")
+    hostname = v.string(
+        top["hostname"],
+        "hostname",
+        pattern=_HOSTNAME_RE,
+        hint="letters, digits and '-', at most 63, not starting or ending with '-'",
+    )
 
     initramfs = _initramfs(v, top["initramfs"], packages) if "initramfs" in top else DEFAULT_INITRAMFS
-    mask_units = v.string_list(top.get("mask_units", []), "mask_units", pattern=_UNIT_RE, non_empty=False,
-                               hint="a systemd unit file name such as systemd-pstore.service")
-    mask_generators = v.string_list(top.get("mask_generators", []), "mask_generators", pattern=_GENERATOR_RE,
-                                    non_empty=False, hint="a systemd generator such as systemd-gpt-auto-generator")
+    mask_units = v.string_list(
+        top.get("mask_units", []),
+        "mask_units",
+        pattern=_UNIT_RE,
+        non_empty=False,
+        hint="a systemd unit file name such as systemd-pstore.service",
+    )
+    mask_generators = v.string_list(
+        top.get("mask_generators", []),
+        "mask_generators",
+        pattern=_GENERATOR_RE,
+        non_empty=False,
+        hint="a systemd generator such as systemd-gpt-auto-generator",
+    )
 
-    return ImageConfig(debian=debian, packages=packages, exclude_paths=exclude, include_paths=include,
-                       kernel_cmdline=kernel_cmdline, boot=boot_config, iso=iso, source_date_epoch=sde,
-                       squashfs=squashfs, network=network, client=client, hostname=hostname, path=v.path,
-                       initramfs=initramfs, mask_units=mask_units, mask_generators=mask_generators)
+    return ImageConfig(
+        debian=debian,
+        packages=packages,
+        exclude_paths=exclude,
+        include_paths=include,
+        kernel_cmdline=kernel_cmdline,
+        boot=boot_config,
+        iso=iso,
+        source_date_epoch=sde,
+        squashfs=squashfs,
+        network=network,
+        client=client,
+        hostname=hostname,
+        path=v.path,
+        initramfs=initramfs,
+        mask_units=mask_units,
+        mask_generators=mask_generators,
+    )
 
 
 _GENERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*-generator$")
@@ -372,20 +436,30 @@ _RELATIVE_GLOB_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9_.*?/\[\]-]
 
 
 def _initramfs(v: _Validator, value: Any, packages: tuple[str, ...]) -> InitramfsConfig:
-    i = v.mapping(value, "initramfs", set(), {"policy", "modules", "drop", "compression", "level",
-                                                         "keep_code"})
+    i = v.mapping(value, "initramfs", set(), {"policy", "modules", "drop", "compression", "level", "keep_code"})
     d = DEFAULT_INITRAMFS
     policy = v.string(i.get("policy", d.policy), "initramfs.policy")
     if policy not in INITRAMFS_POLICIES:
-        raise v.fail("initramfs.policy", f"must be one of {', '.join(INITRAMFS_POLICIES)} (initramfs-tools MODULES=), "
-                                         f"got {policy!r}")
-    modules = v.string_list(i.get("modules", []), "initramfs.modules", pattern=_MODULE_RE,
-                            hint="a kernel module name such as sr_mod", non_empty=False)
+        raise v.fail(
+            "initramfs.policy",
+            f"must be one of {', '.join(INITRAMFS_POLICIES)} (initramfs-tools MODULES=), got {policy!r}",
+        )
+    modules = v.string_list(
+        i.get("modules", []),
+        "initramfs.modules",
+        pattern=_MODULE_RE,
+        hint="a kernel module name such as sr_mod",
+        non_empty=False,
+    )
     if policy == "list" and not modules:
         raise v.fail("initramfs.modules", "must list the modules that find the live medium when policy is list")
-    drop = v.string_list(i.get("drop", []), "initramfs.drop", pattern=_RELATIVE_GLOB_RE,
-                         hint="a glob relative to the initramfs root such as usr/lib/firmware, without '..'",
-                         non_empty=False)
+    drop = v.string_list(
+        i.get("drop", []),
+        "initramfs.drop",
+        pattern=_RELATIVE_GLOB_RE,
+        hint="a glob relative to the initramfs root such as usr/lib/firmware, without '..'",
+        non_empty=False,
+    )
     compression = v.string(i.get("compression", d.compression), "initramfs.compression")
     if compression not in INITRAMFS_COMPRESSORS:
         raise v.fail("initramfs.compression", f"must be one of {', '.join(INITRAMFS_COMPRESSORS)}, got {compression!r}")
@@ -396,8 +470,9 @@ def _initramfs(v: _Validator, value: Any, packages: tuple[str, ...]) -> Initramf
     if level is not None:
         level = v.integer(level, "initramfs.level", minimum=lo, maximum=hi)
     keep_code = v.boolean(i.get("keep_code", d.keep_code), "initramfs.keep_code")
-    return InitramfsConfig(policy=policy, modules=modules, drop=drop, compression=compression, level=level,
-                           keep_code=keep_code)
+    return InitramfsConfig(
+        policy=policy, modules=modules, drop=drop, compression=compression, level=level, keep_code=keep_code
+    )
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> ImageConfig:
@@ -438,13 +513,17 @@ def git_epoch(repo: Path, *paths: str) -> int:
     try:
         out = run(cmd, capture=True).stdout.strip()
     except CommandError as exc:
-        raise ConfigError(f"source_date_epoch: git: cannot read the commit date in {repo} "
-                          f"(set an integer source_date_epoch in the image definition instead): {exc}") from None
+        raise ConfigError(
+            f"source_date_epoch: git: cannot read the commit date in {repo} "
+            f"(set an integer source_date_epoch in the image definition instead): {exc}"
+        ) from None
     if not out:
         if paths:  # the file was never committed: fall back to the last commit of the repository
             return git_epoch(repo)
-        raise ConfigError(f"source_date_epoch: git: {repo} has no commits "
-                          f"(set an integer source_date_epoch in the image definition instead)")
+        raise ConfigError(
+            f"source_date_epoch: git: {repo} has no commits "
+            f"(set an integer source_date_epoch in the image definition instead)"
+        )
     return int(out)
 
 

@@ -64,8 +64,9 @@ def _mib(path: Path) -> str:
 class Pipeline:
     """One build directory's stages. Keys are computed lazily and at most once per instance."""
 
-    def __init__(self, cfg: ImageConfig, paths: BuildPaths, repo: Path = REPO,
-                 epochs: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, cfg: ImageConfig, paths: BuildPaths, repo: Path = REPO, epochs: tuple[int, int] | None = None
+    ) -> None:
         """`epochs` = (base, other) pins the SOURCE_DATE_EPOCHs instead of asking git, so two builds
         compared with each other cannot disagree because a commit landed in between."""
         self.cfg = cfg
@@ -100,8 +101,13 @@ class Pipeline:
 
     @cached_property
     def client_key(self) -> str:
-        return clientenv.client_key(self.rootfs_key, self.cfg.client.venv, self.epoch,
-                                    lock=self.repo / "client" / "requirements.lock", src=self.repo / "client")
+        return clientenv.client_key(
+            self.rootfs_key,
+            self.cfg.client.venv,
+            self.epoch,
+            lock=self.repo / "client" / "requirements.lock",
+            src=self.repo / "client",
+        )
 
     @cached_property
     def _mksquashfs_version(self) -> str:
@@ -121,15 +127,28 @@ class Pipeline:
 
     @cached_property
     def overlay_layer_key(self) -> str:
-        return squashfs.overlay_layer_key(self.overlay_key, self.client_key, self.cfg.squashfs, self.epoch,
-                                          self._mksquashfs_version)
+        return squashfs.overlay_layer_key(
+            self.overlay_key, self.client_key, self.cfg.squashfs, self.epoch, self._mksquashfs_version
+        )
 
     @cached_property
     def iso_key(self) -> str:
-        code = [tree_digest(self.repo / p, exclude=("__pycache__",)) if (self.repo / p).is_dir() else
-                (sha512_file(self.repo / p) if (self.repo / p).exists() else "") for p in _ISO_CODE]
-        return digest("iso", self.base_layer_key, self.deps_layer_key, self.overlay_layer_key, self.rootfs_key,
-                      self.epoch, self.cfg.template_vars(), code)
+        code = [
+            tree_digest(self.repo / p, exclude=("__pycache__",))
+            if (self.repo / p).is_dir()
+            else (sha512_file(self.repo / p) if (self.repo / p).exists() else "")
+            for p in _ISO_CODE
+        ]
+        return digest(
+            "iso",
+            self.base_layer_key,
+            self.deps_layer_key,
+            self.overlay_layer_key,
+            self.rootfs_key,
+            self.epoch,
+            self.cfg.template_vars(),
+            code,
+        )
 
     @property
     def artifact(self) -> Path:
@@ -137,8 +156,9 @@ class Pipeline:
 
     # --- running stages ---------------------------------------------------------------------
 
-    def _stage(self, name: str, key: str, products: list[Path], work: Callable[[], str | None],
-               force: bool = False) -> None:
+    def _stage(
+        self, name: str, key: str, products: list[Path], work: Callable[[], str | None], force: bool = False
+    ) -> None:
         if name in self._done:
             return
         self._done.add(name)
@@ -179,9 +199,15 @@ class Pipeline:
         venv = self.cfg.client.venv.lstrip("/")
 
         def work() -> str:
-            n = clientenv.build_client(p, self.rootfs_key, self.cfg.client.venv, self.epoch,
-                                       deps_epoch=self.base_epoch, lock=self.repo / "client" / "requirements.lock",
-                                       src=self.repo / "client")
+            n = clientenv.build_client(
+                p,
+                self.rootfs_key,
+                self.cfg.client.venv,
+                self.epoch,
+                deps_epoch=self.base_epoch,
+                lock=self.repo / "client" / "requirements.lock",
+                src=self.repo / "client",
+            )
             return f"{n} client files"
 
         self._stage("client", self.client_key, [p.client / venv, p.client_deps / venv], work, force)
@@ -231,7 +257,9 @@ class Pipeline:
             except ImportError as exc:
                 raise BuildError(f"iso: image/stages/boot/iso.py (the ISO stage) is not usable yet: {exc}") from None
             inputs = IsoInputs(
-                kernel=p.kernel, initrd=p.initrd, layers=self.layers,
+                kernel=p.kernel,
+                initrd=p.initrd,
+                layers=self.layers,
                 extra_files={"/live/filesystem.module": p.module_file, "/live/filesystem.packages": p.manifest},
                 source_date_epoch=self.epoch,
             )
@@ -256,8 +284,12 @@ class Pipeline:
     def build(self, until: str = "hashes", force: str | None = None) -> BuildReport:
         """Bring every stage up to `until` up to date; `force` rebuilds that one stage."""
         runners: dict[str, Callable[..., None]] = {
-            "rootfs": self.run_rootfs, "overlay": self.run_overlay, "client": self.run_client,
-            "squashfs": self.run_squashfs, "iso": self.run_iso, "hashes": self.run_hashes,
+            "rootfs": self.run_rootfs,
+            "overlay": self.run_overlay,
+            "client": self.run_client,
+            "squashfs": self.run_squashfs,
+            "iso": self.run_iso,
+            "hashes": self.run_hashes,
         }
         if until not in runners:
             raise BuildError(f"unknown stage {until!r} (stages: {', '.join(STAGES)})")
@@ -273,6 +305,7 @@ class Pipeline:
 
 
 # --- reproducibility -------------------------------------------------------------------------
+
 
 class ReproducibilityError(ImageError, RuntimeError):
     """Two builds from the same inputs differ; the message names the differing files."""

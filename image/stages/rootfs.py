@@ -27,13 +27,22 @@ log = logging.getLogger("image.stages.rootfs")
 # Bump when the recipe below changes in a way that changes the rootfs.
 RECIPE_VERSION = 5
 BASE_HOSTNAME = "localhost"
-BASE_FILES_HOOK = (f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
-                   f' && echo {BASE_HOSTNAME} > "$1"/etc/hostname && chmod 0644 "$1"/etc/hostname')
+BASE_FILES_HOOK = (
+    f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
+    f' && echo {BASE_HOSTNAME} > "$1"/etc/hostname && chmod 0644 "$1"/etc/hostname'
+)
 MEDIUM_WAIT_S = 60  # boot=failback looks this long for the medium (failback.wait= overrides it)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
-BOOTSTRAP_ONLY = ("usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl", "perl",
-                  "perl-modules-5.36", "libperl5.36")
+BOOTSTRAP_ONLY = (
+    "usrmerge",
+    "libfile-find-rule-perl",
+    "libnumber-compare-perl",
+    "libtext-glob-perl",
+    "perl",
+    "perl-modules-5.36",
+    "libperl5.36",
+)
 
 
 def mmdebstrap_version() -> str:
@@ -53,29 +62,64 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
     """initramfs-tools settings from the image definition's `initramfs` section. They must exist
     before linux-image-* is installed, so the one initrd its postinst generates is already the
     small one. None of them is a conffile of initramfs-tools (dpkg would ask about those)."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    values = {"source": f"image/{cfg.path.name}", "initramfs": cfg.initramfs, "label": cfg.iso.volume_label,
-              "wait": MEDIUM_WAIT_S}
-    files = [SetupFile("/etc/initramfs-tools/conf.d/failback.conf",
-                       env.get_template("initramfs-failback.conf.j2").render(values), 0o644)]
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    values = {
+        "source": f"image/{cfg.path.name}",
+        "initramfs": cfg.initramfs,
+        "label": cfg.iso.volume_label,
+        "wait": MEDIUM_WAIT_S,
+    }
+    files = [
+        SetupFile(
+            "/etc/initramfs-tools/conf.d/failback.conf",
+            env.get_template("initramfs-failback.conf.j2").render(values),
+            0o644,
+        )
+    ]
     if cfg.initramfs.modules or cfg.initramfs.drop:
-        files.append(SetupFile("/etc/initramfs-tools/hooks/failback",
-                               env.get_template("initramfs-hook.j2").render(values), 0o755))
+        files.append(
+            SetupFile(
+                "/etc/initramfs-tools/hooks/failback", env.get_template("initramfs-hook.j2").render(values), 0o755
+            )
+        )
     # The boot script for boot=failback in the kernel command line: finds the medium, stacks the layers.
-    files.append(SetupFile("/etc/initramfs-tools/scripts/failback",
-                           env.get_template("initramfs-boot.j2").render(values), 0o644))
+    files.append(
+        SetupFile("/etc/initramfs-tools/scripts/failback", env.get_template("initramfs-boot.j2").render(values), 0o644)
+    )
     if cfg.initramfs.keep_code:
         # initramfs-tools copies /etc/initramfs-tools/scripts/* into every initrd it builds.
-        files.append(SetupFile("/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
-                               env.get_template("initramfs-keep-code.j2").render(values), 0o755))
+        files.append(
+            SetupFile(
+                "/etc/initramfs-tools/scripts/init-bottom/failback-keep-code",
+                env.get_template("initramfs-keep-code.j2").render(values),
+                0o755,
+            )
+        )
     return tuple(files)
 
 
 def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str) -> str:
     """Cache key of the base: changes whenever any input of mmdebstrap changes."""
-    return digest("rootfs", RECIPE_VERSION, cfg.debian, cfg.packages, cfg.exclude_paths, cfg.include_paths,
-                  initramfs_setup_files(cfg), cfg.mask_units, cfg.mask_generators, epoch, tool_version)
+    return digest(
+        "rootfs",
+        RECIPE_VERSION,
+        cfg.debian,
+        cfg.packages,
+        cfg.exclude_paths,
+        cfg.include_paths,
+        initramfs_setup_files(cfg),
+        cfg.mask_units,
+        cfg.mask_generators,
+        epoch,
+        tool_version,
+    )
 
 
 def write_setup_files(files: tuple[SetupFile, ...], staging: Path) -> list[tuple[Path, SetupFile]]:
@@ -113,25 +157,31 @@ def mask_hooks(units: Sequence[str], generators: Sequence[str] = ()) -> list[str
     for directory, names in (("system", units), ("system-generators", generators)):
         if names:
             links = " ".join(f'"$1"/etc/systemd/{directory}/{shlex.quote(n)}' for n in names)
-            hooks.append(f"--customize-hook=mkdir -p \"$1\"/etc/systemd/{directory} && for l in " + links
-                         + "; do ln -sfn /dev/null \"$l\"; done")
+            hooks.append(
+                f'--customize-hook=mkdir -p "$1"/etc/systemd/{directory} && for l in '
+                + links
+                + '; do ln -sfn /dev/null "$l"; done'
+            )
     return hooks
 
 
-def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
-                       staged: Sequence[tuple[Path, SetupFile]] = ()) -> list[str]:
+def mmdebstrap_command(
+    cfg: ImageConfig, target: Path, apt_cache: Path, staged: Sequence[tuple[Path, SetupFile]] = ()
+) -> list[str]:
     d = cfg.debian
     cmd = [
-        "mmdebstrap", "--variant=minbase", f"--architectures={d.architecture}",
+        "mmdebstrap",
+        "--variant=minbase",
+        f"--architectures={d.architecture}",
         f"--components={','.join(d.components)}",
         # usr-is-merged stands in for usrmerge (purged below) in init-system-helpers' dependency.
         f"--include={','.join((*cfg.packages, 'usr-is-merged'))}",
-        "--aptopt=APT::Install-Recommends \"false\"",
-        "--aptopt=Acquire::Retries \"3\"",
+        '--aptopt=APT::Install-Recommends "false"',
+        '--aptopt=Acquire::Retries "3"',
     ]
     if "snapshot.debian.org" in d.mirror or "snapshot.debian.org" in d.security_mirror:
         # Snapshot Release files are old on purpose.
-        cmd.append("--aptopt=Acquire::Check-Valid-Until \"false\"")
+        cmd.append('--aptopt=Acquire::Check-Valid-Until "false"')
     # Excludes first, then the includes that re-include exceptions (dpkg: last match wins).
     cmd += [f"--dpkgopt=path-exclude={p}" for p in cfg.exclude_paths]
     cmd += [f"--dpkgopt=path-include={p}" for p in cfg.include_paths]
@@ -139,22 +189,25 @@ def mmdebstrap_command(cfg: ImageConfig, target: Path, apt_cache: Path,
     cmd += [
         # Reuse and refill the .deb cache: keep the downloads in the chroot until the end,
         # copy them out, then delete them from the rootfs.
-        "--skip=download/empty", "--skip=essential/unlink",
-        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        "--skip=download/empty",
+        "--skip=essential/unlink",
+        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
         f"--setup-hook=sync-in {q} /var/cache/apt/archives/",
         *setup_hooks(staged),
         f"--customize-hook=sync-out /var/cache/apt/archives {q}",
-        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
-        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download "
+        '--customize-hook=rm -f "$1"/var/cache/apt/archives/*.deb',
+        '--customize-hook=chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get purge -q -y --no-download '
         "--autoremove " + " ".join(BOOTSTRAP_ONLY),
         # An empty machine-id: systemd makes a transient one at each boot (no two servers share it).
-        "--customize-hook=rm -f \"$1\"/var/lib/dbus/machine-id; : > \"$1\"/etc/machine-id",
+        '--customize-hook=rm -f "$1"/var/lib/dbus/machine-id; : > "$1"/etc/machine-id',
         # mmdebstrap copies the build machine's /etc/hostname in (its content AND mode), and
         # systemd-resolved's postinst keeps a backup of the build machine's resolv.conf: the base would
         # differ from one build host (or container) to the next. The overlay sets the image's hostname.
         f"--customize-hook={BASE_FILES_HOOK}",
         *mask_hooks(cfg.mask_units, cfg.mask_generators),
-        d.suite, str(target), *apt_sources(cfg),
+        d.suite,
+        str(target),
+        *apt_sources(cfg),
     ]
     return cmd
 
@@ -181,8 +234,15 @@ def build_rootfs(cfg: ImageConfig, paths: BuildPaths, epoch: int) -> None:
 
 def write_manifest(rootfs: Path, dest: Path) -> None:
     """Exact versions of every installed package, one `name<TAB>version<TAB>arch` a line, sorted."""
-    out = run(["dpkg-query", f"--admindir={rootfs / 'var/lib/dpkg'}", "-W",
-               "-f=${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"], capture=True).stdout
+    out = run(
+        [
+            "dpkg-query",
+            f"--admindir={rootfs / 'var/lib/dpkg'}",
+            "-W",
+            "-f=${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n",
+        ],
+        capture=True,
+    ).stdout
     lines = sorted(line.split("\t", 1)[1] for line in out.splitlines() if line.startswith("ii "))
     if not lines:
         raise RuntimeError(f"rootfs: no installed packages found in {rootfs}")
@@ -194,8 +254,10 @@ def extract_boot_files(rootfs: Path, kernel: Path, initrd: Path) -> None:
     """Copy the (single) kernel and its initrd out of rootfs/boot for the ISO."""
     kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
-        raise RuntimeError(f"rootfs: expected exactly one kernel in {rootfs / 'boot'}, found "
-                           f"{[k.name for k in kernels]}; list one linux-image package in the image definition")
+        raise RuntimeError(
+            f"rootfs: expected exactly one kernel in {rootfs / 'boot'}, found "
+            f"{[k.name for k in kernels]}; list one linux-image package in the image definition"
+        )
     version = kernels[0].name.removeprefix("vmlinuz-")
     init = rootfs / "boot" / f"initrd.img-{version}"
     if not init.is_file():

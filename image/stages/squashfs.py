@@ -39,8 +39,9 @@ def compression_args(sq: SquashfsConfig) -> list[str]:
     raise ValueError(f"squashfs.compression: unsupported {sq.compression!r} (zstd or xz)")
 
 
-def mksquashfs(src: Path, dest: Path, sq: SquashfsConfig, epoch: int, *, excludes: tuple[str, ...] = (),
-               all_root: bool = False) -> float:
+def mksquashfs(
+    src: Path, dest: Path, sq: SquashfsConfig, epoch: int, *, excludes: tuple[str, ...] = (), all_root: bool = False
+) -> float:
     """Make `dest` from `src` reproducibly: every timestamp is `epoch`. Returns the seconds taken."""
     if not src.is_dir():
         raise FileNotFoundError(f"squashfs: source tree {src} does not exist (run the earlier stages)")
@@ -49,8 +50,22 @@ def mksquashfs(src: Path, dest: Path, sq: SquashfsConfig, epoch: int, *, exclude
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.unlink(missing_ok=True)
     # mksquashfs refuses SOURCE_DATE_EPOCH together with -all-time; the flags say it all.
-    cmd = ["env", "-u", "SOURCE_DATE_EPOCH", "mksquashfs", str(src), str(tmp), "-noappend", "-no-progress",
-           "-quiet", *compression_args(sq), "-all-time", str(epoch), "-mkfs-time", str(epoch)]
+    cmd = [
+        "env",
+        "-u",
+        "SOURCE_DATE_EPOCH",
+        "mksquashfs",
+        str(src),
+        str(tmp),
+        "-noappend",
+        "-no-progress",
+        "-quiet",
+        *compression_args(sq),
+        "-all-time",
+        str(epoch),
+        "-mkfs-time",
+        str(epoch),
+    ]
     if all_root:
         cmd.append("-all-root")
     if excludes:

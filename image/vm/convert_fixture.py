@@ -56,8 +56,19 @@ NO_ADDRESS_MARKER = "FAILBACK-BOOT-NO-ADDRESS"
 ROOT_PASSWORD = "failback"  # a throw-away test image: lets a human log in on the serial console
 
 PACKAGES = (
-    "linux-image-amd64", "initramfs-tools", "zstd", "systemd-sysv", "udev", "kmod", "dbus",
-    "grub-pc", "grub-efi-amd64-bin", "e2fsprogs", "dosfstools", "iproute2", "usr-is-merged",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "zstd",
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "dbus",
+    "grub-pc",
+    "grub-efi-amd64-bin",
+    "e2fsprogs",
+    "dosfstools",
+    "iproute2",
+    "usr-is-merged",
 )
 
 # sgdisk layout (Debian cloud images): BIOS boot p14, ESP p15, root p1 filling the rest.
@@ -160,8 +171,21 @@ class Fixture:
 
 def fixture_key() -> str:
     cfg = load_config()
-    parts = (RECIPE_VERSION, PACKAGES, PARTITIONS, DISK_MIB, FSTAB, GRUB_DEFAULT, CLOUD_NETWORK, CLOUD_LINK,
-             STAND_IN_UNIT, MARKER_SCRIPT, MARKER_UNIT, CHROOT_SETUP, cfg.debian)
+    parts = (
+        RECIPE_VERSION,
+        PACKAGES,
+        PARTITIONS,
+        DISK_MIB,
+        FSTAB,
+        GRUB_DEFAULT,
+        CLOUD_NETWORK,
+        CLOUD_LINK,
+        STAND_IN_UNIT,
+        MARKER_SCRIPT,
+        MARKER_UNIT,
+        CHROOT_SETUP,
+        cfg.debian,
+    )
     return digest("convert-fixture", *parts)[:16]
 
 
@@ -264,13 +288,16 @@ def _build_in(work: Path, dest: Path, apt_cache: Path) -> None:
     tree = work / "tree"
     log.info("convert fixture: mmdebstrap (a few minutes)...")
     _mmdebstrap(tree, apt_cache)
-    for rel, text in (("/etc/fstab", FSTAB), ("/etc/default/grub", GRUB_DEFAULT),
-                      ("/etc/systemd/network/10-cloud-init-ens5.network", CLOUD_NETWORK),
-                      ("/etc/systemd/network/10-cloud-init-ens5.link", CLOUD_LINK),
-                      ("/lib/systemd/system/cloud-init.service", STAND_IN_UNIT.format(name="cloud-init")),
-                      ("/lib/systemd/system/amazon-ssm-agent.service", STAND_IN_UNIT.format(name="amazon-ssm-agent")),
-                      ("/etc/systemd/system/failback-boot-marker.service", MARKER_UNIT),
-                      ("/etc/hostname", "recovery-instance\n")):
+    for rel, text in (
+        ("/etc/fstab", FSTAB),
+        ("/etc/default/grub", GRUB_DEFAULT),
+        ("/etc/systemd/network/10-cloud-init-ens5.network", CLOUD_NETWORK),
+        ("/etc/systemd/network/10-cloud-init-ens5.link", CLOUD_LINK),
+        ("/lib/systemd/system/cloud-init.service", STAND_IN_UNIT.format(name="cloud-init")),
+        ("/lib/systemd/system/amazon-ssm-agent.service", STAND_IN_UNIT.format(name="amazon-ssm-agent")),
+        ("/etc/systemd/system/failback-boot-marker.service", MARKER_UNIT),
+        ("/etc/hostname", "recovery-instance\n"),
+    ):
         _write(tree, rel, text)
     _write(tree, "/usr/local/sbin/failback-boot-marker", MARKER_SCRIPT, 0o755)
 
@@ -311,8 +338,9 @@ def _chroot_mounts(root: Path) -> Iterator[None]:
             run(["umount", "-R", str(where)], check=False)
 
 
-def convert_image(image: Path, work_dir: Path, console: Console | None = None,
-                  **options: Any) -> tuple[ConversionReport, float]:
+def convert_image(
+    image: Path, work_dir: Path, console: Console | None = None, **options: Any
+) -> tuple[ConversionReport, float]:
     """Run the client's conversion on a disk image file (attached to a loop device); (report, seconds).
     `options` are ConversionOptions fields (boot_mode defaults to bios: what boot_disk's SeaBIOS machine uses)."""
     console = console or Console(stdin=io.StringIO(""), plain=True)
@@ -345,8 +373,9 @@ BOOT_FAILURES = (
 )
 
 
-def disk_boot_argv(image: Path, controller: str, *, serial_log: Path, qmp_socket: Path,
-                   memory_mib: int = 1024) -> list[str]:
+def disk_boot_argv(
+    image: Path, controller: str, *, serial_log: Path, qmp_socket: Path, memory_mib: int = 1024
+) -> list[str]:
     """SeaBIOS on q35 with the disk on `controller` and a virtio NIC on QEMU's user network (DHCP server)."""
     if controller not in CONTROLLERS:
         raise ValueError(f"unknown controller {controller!r}; known: {', '.join(CONTROLLERS)}")
@@ -367,7 +396,8 @@ def boot_disk(image: Path, controller: str, workdir: Path, *, timeout: float) ->
     qmp = qemu.short_socket_path(f"{image.stem}-{controller}"[:40])
     try:
         argv = disk_boot_argv(image, controller, serial_log=serial_log, qmp_socket=qmp)
-        return qemu.watch_boot(argv, serial_log=serial_log, qmp_socket=qmp, pattern=BOOT_OK, timeout=timeout,
-                               failures=BOOT_FAILURES)
+        return qemu.watch_boot(
+            argv, serial_log=serial_log, qmp_socket=qmp, pattern=BOOT_OK, timeout=timeout, failures=BOOT_FAILURES
+        )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)

@@ -104,10 +104,14 @@ class E2EResult:
     @property
     def ok(self) -> bool:
         converted = self.converted_boot == "matched" or bool(self.windows_hive)
-        return (self.source_sha512 == self.target_sha512 and self.job_status == "COMPLETED"
-                and self.credential_counts.get("access denied", 0) == 0
-                and self.failback_state == "FAILBACK_COMPLETED" and self.boot_outcome == "matched"
-                and (not self.converted or converted))
+        return (
+            self.source_sha512 == self.target_sha512
+            and self.job_status == "COMPLETED"
+            and self.credential_counts.get("access denied", 0) == 0
+            and self.failback_state == "FAILBACK_COMPLETED"
+            and self.boot_outcome == "matched"
+            and (not self.converted or converted)
+        )
 
 
 def _random_credential(policy: str, prefix: str = "AKIA", **kwargs: Any) -> Any:
@@ -116,9 +120,12 @@ def _random_credential(policy: str, prefix: str = "AKIA", **kwargs: Any) -> Any:
     from failback_client.drs_model import drs_service_model
 
     alphabet = string.ascii_uppercase + string.digits
-    return Credential(access_key=prefix + "".join(secrets.choice(alphabet) for _ in range(16)),
-                      secret_key="".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40)),
-                      policy=policy_named(policy, drs_service_model()), **kwargs)
+    return Credential(
+        access_key=prefix + "".join(secrets.choice(alphabet) for _ in range(16)),
+        secret_key="".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40)),
+        policy=policy_named(policy, drs_service_model()),
+        **kwargs,
+    )
 
 
 def make_source(path: Path, size_mib: int, fill_mib: int) -> Path:
@@ -144,12 +151,26 @@ def publish_assets(url: str, out: Path) -> str:
 
     assets = build_assets(out)
     s3 = boto3.Session(aws_access_key_id="e2e", aws_secret_access_key="e2e-secret").client(
-        "s3", region_name=REGION, endpoint_url=url, config=Config(s3={"addressing_style": "path"}))
+        "s3", region_name=REGION, endpoint_url=url, config=Config(s3={"addressing_style": "path"})
+    )
     for bucket in (f"aws-elastic-disaster-recovery-{REGION}", f"aws-elastic-disaster-recovery-hashes-{REGION}"):
         s3.create_bucket(Bucket=bucket)
-        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                                                    "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+        s3.put_bucket_policy(
+            Bucket=bucket,
+            Policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": "*",
+                            "Action": "s3:GetObject",
+                            "Resource": f"arn:aws:s3:::{bucket}/*",
+                        }
+                    ],
+                }
+            ),
+        )
     for bucket, key, path in assets.bucket_objects(REGION):
         s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
     return assets.version
@@ -161,8 +182,19 @@ def agent_certificate(plane: Any, directory: Path) -> tuple[Path, Path, Path]:
     key, csr = directory / "agent.key", directory / "agent.csr"
     run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)])
     key.chmod(0o600)
-    run(["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj",
-         f"/CN=agent.{RECOVERY_INSTANCE}.drs.local"])
+    run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-key",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN=agent.{RECOVERY_INSTANCE}.drs.local",
+        ]
+    )
     issued = plane.issue_agent_certificate(RECOVERY_INSTANCE, csr.read_text(), extra_ips=("127.0.0.1", GUEST_HOST))
     (directory / "agent.pem").write_text(issued.certificate_pem)
     (directory / "ca.pem").write_text(issued.ca_certificate_pem)
@@ -191,11 +223,16 @@ def _paired(plane: Any) -> bool:
 
 def credential_lines(res: E2EResult) -> list[str]:
     counts = res.credential_counts
-    lines = [f"credential refreshes: {counts.get('credential refreshes', 0)}",
-             f"access denied: {counts.get('access denied', 0)}", f"expired token: {counts.get('expired token', 0)}"]
+    lines = [
+        f"credential refreshes: {counts.get('credential refreshes', 0)}",
+        f"access denied: {counts.get('access denied', 0)}",
+        f"expired token: {counts.get('expired token', 0)}",
+    ]
     if res.installation_expired_before_completion_s is not None:
-        lines.append(f"failback completed {res.installation_expired_before_completion_s:.0f} s after the "
-                     "installation credentials expired")
+        lines.append(
+            f"failback completed {res.installation_expired_before_completion_s:.0f} s after the "
+            "installation credentials expired"
+        )
     return lines
 
 
@@ -229,8 +266,14 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         from image.vm.windows_fixture import e2e_windows_volume
 
         win_source = e2e_windows_volume(work / "windows-source.img")
-        volumes = {"/dev/nvme0n1": (win_source, "/dev/vda", blank_disk(work / "windows-target.img",
-                                                                        win_source.stat().st_size)), **volumes}
+        volumes = {
+            "/dev/nvme0n1": (
+                win_source,
+                "/dev/vda",
+                blank_disk(work / "windows-target.img", win_source.stat().st_size),
+            ),
+            **volumes,
+        }
     elif opts.convert:
         from image.vm.convert_fixture import cloud_fixture, copy_image
 
@@ -243,47 +286,93 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
     moto.start()
     moto_port = moto.get_host_and_port()[1]
     # The admin's STS credentials (installation policy only) for the guest; an operator key for the console.
-    credential = _random_credential("installation", "ASIA", session_token=secrets.token_urlsafe(64),
-                                    principal="arn:aws:sts::123456789012:assumed-role/FailbackInstaller/e2e")
+    credential = _random_credential(
+        "installation",
+        "ASIA",
+        session_token=secrets.token_urlsafe(64),
+        principal="arn:aws:sts::123456789012:assumed-role/FailbackInstaller/e2e",
+    )
     operator = _random_credential("operator", principal="arn:aws:iam::123456789012:user/e2e-operator")
-    seed = parse_seed({
-        "source_servers": [{"id": SOURCE_SERVER, "hostname": "e2e01", "nics": [{"mac": OTHER_MAC}],
-                            **({"os": "Microsoft Windows Server 2022 Datacenter"} if opts.windows else {}),
-                            "disks": [{"device": f"/dev/sd{chr(97 + i)}", "bytes": v[0].stat().st_size}
-                                      for i, v in enumerate(volumes.values())]}],
-        "recovery_instances": [{"id": RECOVERY_INSTANCE, "source_server": SOURCE_SERVER, "private_ip": GUEST_HOST,
-                                "use_private_ip": True,
-                                "disks": [{"device": name, "bytes": v[0].stat().st_size,
-                                           "source_device": f"/dev/sd{chr(97 + i)}"}
-                                          for i, (name, v) in enumerate(volumes.items())]}],
-    })
+    seed = parse_seed(
+        {
+            "source_servers": [
+                {
+                    "id": SOURCE_SERVER,
+                    "hostname": "e2e01",
+                    "nics": [{"mac": OTHER_MAC}],
+                    **({"os": "Microsoft Windows Server 2022 Datacenter"} if opts.windows else {}),
+                    "disks": [
+                        {"device": f"/dev/sd{chr(97 + i)}", "bytes": v[0].stat().st_size}
+                        for i, v in enumerate(volumes.values())
+                    ],
+                }
+            ],
+            "recovery_instances": [
+                {
+                    "id": RECOVERY_INSTANCE,
+                    "source_server": SOURCE_SERVER,
+                    "private_ip": GUEST_HOST,
+                    "use_private_ip": True,
+                    "disks": [
+                        {"device": name, "bytes": v[0].stat().st_size, "source_device": f"/dev/sd{chr(97 + i)}"}
+                        for i, (name, v) in enumerate(volumes.items())
+                    ],
+                }
+            ],
+        }
+    )
     state = work / "controlplane.db"
     state.unlink(missing_ok=True)
     # The guest reaches 10.0.2.2:<port>, which QEMU forwards to 127.0.0.1:<port>.
-    plane = ControlPlane(state_path=state, credentials=[credential, operator], region=REGION, seed=seed,
-                         client_credentials_ttl=timedelta(seconds=opts.client_credentials_ttl)).start()
+    plane = ControlPlane(
+        state_path=state,
+        credentials=[credential, operator],
+        region=REGION,
+        seed=seed,
+        client_credentials_ttl=timedelta(seconds=opts.client_credentials_ttl),
+    ).start()
     agent = None
     try:
         version = publish_assets(f"http://127.0.0.1:{moto_port}", work / "assets")
         ca, cert, key = agent_certificate(plane, work / "agent-tls")
-        agent = AgentServer(AgentConfig(recovery_instance_id=RECOVERY_INSTANCE,
-                                        volumes=[VolumeSpec(name, v[0]) for name, v in volumes.items()],
-                                        tls=TlsFiles(ca=ca, cert=cert, key=key), paired_clients=LinkedClient(plane),
-                                        port=0, watch_interval=1.0)).start()
+        agent = AgentServer(
+            AgentConfig(
+                recovery_instance_id=RECOVERY_INSTANCE,
+                volumes=[VolumeSpec(name, v[0]) for name, v in volumes.items()],
+                tls=TlsFiles(ca=ca, cert=cert, key=key),
+                paired_clients=LinkedClient(plane),
+                port=0,
+                watch_interval=1.0,
+            )
+        ).start()
         plane_port = int(plane.url.rsplit(":", 1)[1])
         seed_img = work / "seed.img"
         seed_img.unlink(missing_ok=True)
-        build_seed_image(seed_img, kind="fat", sets=[
-            f"AWS_REGION={REGION}", f"AWS_ACCESS_KEY={credential.access_key}",
-            f"AWS_SECRET_KEY={credential.secret_key}", f"AWS_SESSION_TOKEN={credential.session_token}",
-            f"AWS_DRS_ENDPOINT=http://{GUEST_HOST}:{plane_port}",
-            f"RECOVERY_INSTANCE_ID={RECOVERY_INSTANCE}",
-            "DEVICE_MAPPING=" + ",".join(f"{name}={v[1]}" for name, v in volumes.items()), "NO_PROMPT=1",
-            f"FAILBACK_S3_ENDPOINT=http://{GUEST_HOST}:{moto_port}", f"FAILBACK_AGENT_PORT={agent.port}",
-            "REBOOT=1"])
-        log.info("e2e: replication software %s in S3 at :%d, control plane %s, agent :%d, volumes %s",
-                 version, moto_port, plane.url, agent.port,
-                 ", ".join(f"{n} ({v[0].stat().st_size} bytes) -> {v[1]}" for n, v in volumes.items()))
+        build_seed_image(
+            seed_img,
+            kind="fat",
+            sets=[
+                f"AWS_REGION={REGION}",
+                f"AWS_ACCESS_KEY={credential.access_key}",
+                f"AWS_SECRET_KEY={credential.secret_key}",
+                f"AWS_SESSION_TOKEN={credential.session_token}",
+                f"AWS_DRS_ENDPOINT=http://{GUEST_HOST}:{plane_port}",
+                f"RECOVERY_INSTANCE_ID={RECOVERY_INSTANCE}",
+                "DEVICE_MAPPING=" + ",".join(f"{name}={v[1]}" for name, v in volumes.items()),
+                "NO_PROMPT=1",
+                f"FAILBACK_S3_ENDPOINT=http://{GUEST_HOST}:{moto_port}",
+                f"FAILBACK_AGENT_PORT={agent.port}",
+                "REBOOT=1",
+            ],
+        )
+        log.info(
+            "e2e: replication software %s in S3 at :%d, control plane %s, agent :%d, volumes %s",
+            version,
+            moto_port,
+            plane.url,
+            agent.port,
+            ", ".join(f"{n} ({v[0].stat().st_size} bytes) -> {v[1]}" for n, v in volumes.items()),
+        )
 
         way = qemu.boot_way(opts.way)
         serial = work / "serial.log"
@@ -291,17 +380,25 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         argv = qemu.iso_argv(way, image=opts.iso, serial_log=serial, qmp_socket=qmp, memory_mib=opts.memory_mib)
         # The empty disks the recovery volumes land on (virtio, in order: /dev/vda, /dev/vdb), then the seed.
         for i, (_source, _device, tgt) in enumerate(sorted(volumes.values(), key=lambda v: v[1])):
-            argv += ["-drive", f"if=none,id=target{i},file={tgt},format=raw",
-                     "-device", f"virtio-blk-pci,drive=target{i}" + (",bootindex=1" if i == 0 else "")]
-        argv += ["-drive", f"if=none,id=seed,file={seed_img},format=raw,readonly=on",
-                 "-device", "virtio-blk-pci,drive=seed"]
+            argv += [
+                "-drive",
+                f"if=none,id=target{i},file={tgt},format=raw",
+                "-device",
+                f"virtio-blk-pci,drive=target{i}" + (",bootindex=1" if i == 0 else ""),
+            ]
+        argv += [
+            "-drive",
+            f"if=none,id=seed,file={seed_img},format=raw,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=seed",
+        ]
         boot: dict[str, Any] = {}
 
         def boot_thread() -> None:
             try:
-                boot["result"] = qemu.watch_boot(argv, serial_log=serial, qmp_socket=qmp,
-                                                 pattern=REBOOT_LINE,
-                                                 timeout=opts.timeout)
+                boot["result"] = qemu.watch_boot(
+                    argv, serial_log=serial, qmp_socket=qmp, pattern=REBOOT_LINE, timeout=opts.timeout
+                )
             except Exception as exc:  # reported by the main thread
                 boot["error"] = exc
 
@@ -325,18 +422,28 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
                 log.info("e2e: paired; the installation credentials expire in %.0f s", opts.installation_ttl)
             fb_state = doc["failback"]["state"]
             if fb_state != last_state:
-                log.info("e2e: failback state %s (replication %s)", fb_state,
-                         doc["dataReplicationInfo"].get("dataReplicationState"))
+                log.info(
+                    "e2e: failback state %s (replication %s)",
+                    fb_state,
+                    doc["dataReplicationInfo"].get("dataReplicationState"),
+                )
                 last_state = fb_state
             if ready_at is None and fb_state == "FAILBACK_READY_FOR_LAUNCH":
                 ready_at = time.monotonic() - started
             # Failback is pressed once the admin's credentials have expired: the rest runs without them.
-            if job is None and fb_state == "FAILBACK_READY_FOR_LAUNCH" and (
-                    installation_expires is None or time.monotonic() >= installation_expires):
+            if (
+                job is None
+                and fb_state == "FAILBACK_READY_FOR_LAUNCH"
+                and (installation_expires is None or time.monotonic() >= installation_expires)
+            ):
                 client = plane_client(plane, operator)
                 job = client.start_failback_launch(recoveryInstanceIDs=[RECOVERY_INSTANCE])["job"]
-                log.info("e2e: ready after %.0f s; Failback pressed (job %s) after %.0f s", ready_at, job["jobID"],
-                         time.monotonic() - started)
+                log.info(
+                    "e2e: ready after %.0f s; Failback pressed (job %s) after %.0f s",
+                    ready_at,
+                    job["jobID"],
+                    time.monotonic() - started,
+                )
             if fb_state == "FAILBACK_COMPLETED" and completed_at is None:
                 completed_at = time.monotonic()
             if completed_at is not None and time.monotonic() - completed_at > REBOOT_GRACE_S:
@@ -366,11 +473,18 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
         src_digest = sha512_file(source, size)
         tgt_digest = sha512_file(target, size)
         outcome = result.outcome if result is not None else "no result"
-        res = E2EResult(source_sha512=src_digest, target_sha512=tgt_digest, job_status=job_status,
-                        failback_state=doc["failback"]["state"], seconds_to_ready=ready_at or -1.0,
-                        seconds_total=time.monotonic() - started, boot_outcome=outcome, serial_log=serial,
-                        credential_counts=plane.counts(),
-                        client_log=[e["message"] for e in plane.store.logs()])
+        res = E2EResult(
+            source_sha512=src_digest,
+            target_sha512=tgt_digest,
+            job_status=job_status,
+            failback_state=doc["failback"]["state"],
+            seconds_to_ready=ready_at or -1.0,
+            seconds_total=time.monotonic() - started,
+            boot_outcome=outcome,
+            serial_log=serial,
+            credential_counts=plane.counts(),
+            client_log=[e["message"] for e in plane.store.logs()],
+        )
         res.installation_expired_before_completion_s = completed_after_expiry
         if result is not None and not res.ok:
             res.notes.append("serial console tail:\n" + result.tail(40))
@@ -383,8 +497,7 @@ def run_e2e(opts: E2EOptions) -> E2EResult:
             res.converted = True
             from image.vm.convert_fixture import boot_disk
 
-            converted = boot_disk(volumes["/dev/nvme0n1"][2], "virtio-blk", work,
-                                  timeout=opts.converted_boot_timeout)
+            converted = boot_disk(volumes["/dev/nvme0n1"][2], "virtio-blk", work, timeout=opts.converted_boot_timeout)
             res.converted_boot, res.converted_boot_seconds = converted.outcome, converted.seconds
             res.converted_boot_line = converted.match or ""
             if converted.outcome != "matched":
@@ -410,8 +523,9 @@ def blank_disk(path: Path, size: int) -> Path:
 def plane_client(plane: Any, credential: Any) -> Any:
     from failback_client.drs_model import make_drs_client
 
-    return make_drs_client(region=REGION, endpoint_url=plane.url, access_key=credential.access_key,
-                           secret_key=credential.secret_key)
+    return make_drs_client(
+        region=REGION, endpoint_url=plane.url, access_key=credential.access_key, secret_key=credential.secret_key
+    )
 
 
 def default_iso() -> Path:
@@ -426,25 +540,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iso", type=Path, default=None, help="ISO to boot (default build/out/...iso, made by `inv build`)")
     p.add_argument("--work", type=Path, default=DEFAULT_BUILD / "e2e" / "run", help="scratch directory")
     p.add_argument("--timeout", type=float, default=2400.0)
-    p.add_argument("--no-convert", action="store_true",
-                   help="only the data volume: skip the cloud-like OS volume, its conversion and its boot")
-    p.add_argument("--windows", action="store_true",
-                   help="the OS volume is Windows-like (NTFS, SYSTEM hive): converted by the guest, hive checked")
-    p.add_argument("--installation-ttl", type=float, default=60.0,
-                   help="the admin's credentials expire this many seconds after pairing (0: never; default 60)")
-    p.add_argument("--client-credentials-ttl", type=float, default=30.0,
-                   help="lifetime of the credentials DRS issues the installed client (default 30)")
+    p.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="only the data volume: skip the cloud-like OS volume, its conversion and its boot",
+    )
+    p.add_argument(
+        "--windows",
+        action="store_true",
+        help="the OS volume is Windows-like (NTFS, SYSTEM hive): converted by the guest, hive checked",
+    )
+    p.add_argument(
+        "--installation-ttl",
+        type=float,
+        default=60.0,
+        help="the admin's credentials expire this many seconds after pairing (0: never; default 60)",
+    )
+    p.add_argument(
+        "--client-credentials-ttl",
+        type=float,
+        default=30.0,
+        help="lifetime of the credentials DRS issues the installed client (default 30)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    res = run_e2e(E2EOptions(iso=args.iso or default_iso(), work=args.work, timeout=args.timeout,
-                             convert=not args.no_convert, windows=args.windows,
-                             installation_ttl=args.installation_ttl or None,
-                             client_credentials_ttl=args.client_credentials_ttl))
-    print(f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
-          f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}")
+    res = run_e2e(
+        E2EOptions(
+            iso=args.iso or default_iso(),
+            work=args.work,
+            timeout=args.timeout,
+            convert=not args.no_convert,
+            windows=args.windows,
+            installation_ttl=args.installation_ttl or None,
+            client_credentials_ttl=args.client_credentials_ttl,
+        )
+    )
+    print(
+        f"job {res.job_status}, failback state {res.failback_state}, QEMU {res.boot_outcome}, ready after "
+        f"{res.seconds_to_ready:.0f} s, total {res.seconds_total:.0f} s; serial console: {res.serial_log}"
+    )
     if res.converted:
-        print(f"converted OS volume booted on virtio-blk: {res.converted_boot} after "
-              f"{res.converted_boot_seconds:.0f} s ({res.converted_boot_line or 'no marker line'})")
+        print(
+            f"converted OS volume booted on virtio-blk: {res.converted_boot} after "
+            f"{res.converted_boot_seconds:.0f} s ({res.converted_boot_line or 'no marker line'})"
+        )
     for note in res.notes:
         print(note)
     for line in credential_lines(res):

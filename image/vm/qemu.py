@@ -131,9 +131,7 @@ def load_firmware_descriptors(dirs: Sequence[Path] = FIRMWARE_DIRS, arch: str = 
     return found
 
 
-def select_uefi_firmware(
-    descriptors: Iterable[Firmware], *, secure_boot: bool, machine: str = MACHINE
-) -> Firmware:
+def select_uefi_firmware(descriptors: Iterable[Firmware], *, secure_boot: bool, machine: str = MACHINE) -> Firmware:
     """The first descriptor (by priority) for `machine` with Secure Boot enforced (Microsoft keys
     enrolled) when `secure_boot`, else the first without Secure Boot."""
     descriptors = list(descriptors)
@@ -447,8 +445,7 @@ def watch_boot(
         )
     if timed_out:
         return BootResult("timeout", end, None, serial_log, qemu_output)
-    return BootResult("exited", end, f"QEMU exited with status {exit_status}", serial_log, qemu_output,
-                      cpu_seconds=cpu)
+    return BootResult("exited", end, f"QEMU exited with status {exit_status}", serial_log, qemu_output, cpu_seconds=cpu)
 
 
 def _children_cpu() -> float:
@@ -541,8 +538,13 @@ def write_probe_initramfs(dest: Path) -> Path:
 
 
 def boot_bare_kernel(
-    kernel: Path, workdir: Path, *, timeout: float = 120, append: str = "console=tty0 console=ttyS0,115200n8",
-    cpus: int = 1, firmware: Firmware | None = None,
+    kernel: Path,
+    workdir: Path,
+    *,
+    timeout: float = 120,
+    append: str = "console=tty0 console=ttyS0,115200n8",
+    cpus: int = 1,
+    firmware: Firmware | None = None,
 ) -> BootResult:
     """Boot `kernel` with the marker initramfs on the BIOS machine (or, with `firmware`, the same
     machine with that UEFI firmware loading the kernel directly); seconds until the marker."""
@@ -552,11 +554,18 @@ def boot_bare_kernel(
     qmp = short_socket_path("bare")
     try:
         argv = kernel_argv(
-            kernel=kernel, initrd=initrd, append=f"{append} panic=-1", serial_log=serial_log, qmp_socket=qmp,
-            cpus=cpus, firmware=firmware, vars_file=vars_file,
+            kernel=kernel,
+            initrd=initrd,
+            append=f"{append} panic=-1",
+            serial_log=serial_log,
+            qmp_socket=qmp,
+            cpus=cpus,
+            firmware=firmware,
+            vars_file=vars_file,
         )
-        return watch_boot(argv, serial_log=serial_log, qmp_socket=qmp,
-                          pattern=re.compile(re.escape(BARE_MARKER)), timeout=timeout)
+        return watch_boot(
+            argv, serial_log=serial_log, qmp_socket=qmp, pattern=re.compile(re.escape(BARE_MARKER)), timeout=timeout
+        )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)
 

@@ -119,7 +119,12 @@ def plan_way(
             raise qemu.QemuError(f"{way.name}: needs the El Torito-less disk copy of the ISO")
         image = disk_image
     argv = qemu.iso_argv(
-        way, image=image, serial_log=serial_log, qmp_socket=qmp_socket, firmware=firmware, vars_file=vars_file,
+        way,
+        image=image,
+        serial_log=serial_log,
+        qmp_socket=qmp_socket,
+        firmware=firmware,
+        vars_file=vars_file,
         cpus=cpus,
     )
     return argv, serial_log, qmp_socket

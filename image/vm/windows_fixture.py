@@ -25,9 +25,28 @@ from image.vm.convert_fixture import loop_device
 MIB = 1024 * 1024
 SYSTEM_CLASS = "{4d36e97d-e325-11ce-bfc1-08002be10318}"
 # Every inbox (and virtio/VMware) storage service the conversion knows, as a Windows hive has them.
-STORAGE_SERVICES = ("storahci", "msahci", "iaStorAVC", "iaStorV", "stornvme", "intelide", "pciide", "atapi",
-                    "LSI_SAS", "LSI_SCSI", "LSI_SAS2i", "LSI_SAS3i", "megasas", "megasas2i", "megasas35i",
-                    "pvscsi", "storvsc", "vmbus", "viostor", "vioscsi")
+STORAGE_SERVICES = (
+    "storahci",
+    "msahci",
+    "iaStorAVC",
+    "iaStorV",
+    "stornvme",
+    "intelide",
+    "pciide",
+    "atapi",
+    "LSI_SAS",
+    "LSI_SCSI",
+    "LSI_SAS2i",
+    "LSI_SAS3i",
+    "megasas",
+    "megasas2i",
+    "megasas35i",
+    "pvscsi",
+    "storvsc",
+    "vmbus",
+    "viostor",
+    "vioscsi",
+)
 CLOUD_DRIVERS = ("ena", "xenvbd", "xenbus", "xenfilt")
 CLOUD_AGENTS = ("AmazonSSMAgent", "EC2Launch")
 DRIVER_PATH = "System32\\drivers\\{0}.sys"
@@ -37,9 +56,10 @@ AGENT_PATH = '"C:\\Program Files\\Amazon\\{0}\\{0}.exe"'
 def minimal_hive(name: str = "SYSTEM") -> bytes:
     """An empty hive (base block + one hbin holding the root key and its security cell): hivex cannot make
     one from nothing, and hivexregedit --merge needs a hive to merge into."""
+
     def sid(auth: int, *subs: int) -> bytes:
-        return struct.pack("<BB", 1, len(subs)) + auth.to_bytes(6, "big") + b"".join(struct.pack("<I", s)
-                                                                                      for s in subs)
+        return struct.pack("<BB", 1, len(subs)) + auth.to_bytes(6, "big") + b"".join(struct.pack("<I", s) for s in subs)
+
     owner, group, everyone = sid(5, 32, 544), sid(5, 18), sid(1, 0)
     ace = struct.pack("<BBHI", 0, 3, 8 + len(everyone), 0xF003F) + everyone
     acl = struct.pack("<BBHHH", 2, 0, 8 + len(ace), 1, 0) + ace
@@ -49,9 +69,33 @@ def minimal_hive(name: str = "SYSTEM") -> bytes:
     nk_len += (-nk_len) % 8
     nk_off = 0x20
     sk_off = nk_off + nk_len
-    nk = struct.pack("<i", -nk_len) + b"nk" + struct.pack("<H", 0x2C) + b"\0" * 8 + struct.pack(
-        "<IIIIIIIIIIIIIIIHH", 0, 0xFFFFFFFF, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0, 0xFFFFFFFF, sk_off, 0xFFFFFFFF,
-        0, 0, 0, 0, 0, len(root_name), 0) + root_name
+    nk = (
+        struct.pack("<i", -nk_len)
+        + b"nk"
+        + struct.pack("<H", 0x2C)
+        + b"\0" * 8
+        + struct.pack(
+            "<IIIIIIIIIIIIIIIHH",
+            0,
+            0xFFFFFFFF,
+            0,
+            0,
+            0xFFFFFFFF,
+            0xFFFFFFFF,
+            0,
+            0xFFFFFFFF,
+            sk_off,
+            0xFFFFFFFF,
+            0,
+            0,
+            0,
+            0,
+            0,
+            len(root_name),
+            0,
+        )
+        + root_name
+    )
     sk_len = 4 + 20 + len(sd)
     sk_len += (-sk_len) % 8
     sk = struct.pack("<i", -sk_len) + b"sk" + struct.pack("<HIIII", 0, sk_off, sk_off, 1, len(sd)) + sd
@@ -64,7 +108,7 @@ def minimal_hive(name: str = "SYSTEM") -> bytes:
     struct.pack_into("<IIIIIIIII", base, 4, 1, 1, 0, 0, 1, 3, 0, 1, nk_off)
     struct.pack_into("<II", base, 40, 4096, 1)
     fname = name.encode("utf-16-le")[:64]
-    base[48:48 + len(fname)] = fname
+    base[48 : 48 + len(fname)] = fname
     set_checksum(base)
     return bytes(base) + hbin
 
@@ -84,32 +128,68 @@ def _multi_sz(items: Iterable[str]) -> str:
     return "hex(7):" + ",".join(f"{b:02x}" for b in ("".join(i + "\0" for i in items) + "\0").encode("utf-16-le"))
 
 
-def system_reg(storage: Iterable[str] = STORAGE_SERVICES, *, current: int = 1,
-               overrides: Iterable[str] = ("storahci", "stornvme"), cloud: bool = True) -> str:
+def system_reg(
+    storage: Iterable[str] = STORAGE_SERVICES,
+    *,
+    current: int = 1,
+    overrides: Iterable[str] = ("storahci", "stornvme"),
+    cloud: bool = True,
+) -> str:
     """.reg text of a SYSTEM hive: Select, ControlSet00N\\Services\\<driver> (Type, Start, ErrorControl, Group,
     ImagePath, StartOverride), the cloud drivers and agents, and the System class's UpperFilters."""
     cs = f"HKEY_LOCAL_MACHINE\\SYSTEM\\ControlSet{current:03d}"
-    out = ["Windows Registry Editor Version 5.00", "",
-           "[HKEY_LOCAL_MACHINE\\SYSTEM\\Select]", f'"Current"=dword:{current:08x}',
-           f'"Default"=dword:{current:08x}', '"Failed"=dword:00000000', f'"LastKnownGood"=dword:{current:08x}', "",
-           f"[{cs}]", "", f"[{cs}\\Control]", "", f"[{cs}\\Control\\Class]", "",
-           f"[{cs}\\Control\\Class\\{SYSTEM_CLASS}]", '"Class"="System"',
-           f'"UpperFilters"={_multi_sz(["xenfilt"] if cloud else [])}', "",
-           f"[{cs}\\Services]", ""]
+    out = [
+        "Windows Registry Editor Version 5.00",
+        "",
+        "[HKEY_LOCAL_MACHINE\\SYSTEM\\Select]",
+        f'"Current"=dword:{current:08x}',
+        f'"Default"=dword:{current:08x}',
+        '"Failed"=dword:00000000',
+        f'"LastKnownGood"=dword:{current:08x}',
+        "",
+        f"[{cs}]",
+        "",
+        f"[{cs}\\Control]",
+        "",
+        f"[{cs}\\Control\\Class]",
+        "",
+        f"[{cs}\\Control\\Class\\{SYSTEM_CLASS}]",
+        '"Class"="System"',
+        f'"UpperFilters"={_multi_sz(["xenfilt"] if cloud else [])}',
+        "",
+        f"[{cs}\\Services]",
+        "",
+    ]
     for svc in storage:
-        out += [f"[{cs}\\Services\\{svc}]", '"Type"=dword:00000001', '"Start"=dword:00000003',
-                '"ErrorControl"=dword:00000001', '"Group"="SCSI miniport"',
-                f'"ImagePath"={_expand_sz(DRIVER_PATH.format(svc))}', ""]
+        out += [
+            f"[{cs}\\Services\\{svc}]",
+            '"Type"=dword:00000001',
+            '"Start"=dword:00000003',
+            '"ErrorControl"=dword:00000001',
+            '"Group"="SCSI miniport"',
+            f'"ImagePath"={_expand_sz(DRIVER_PATH.format(svc))}',
+            "",
+        ]
         if svc in overrides:
             out += [f"[{cs}\\Services\\{svc}\\StartOverride]", '"0"=dword:00000003', ""]
     if cloud:
         for svc in CLOUD_DRIVERS:
             start = 0 if svc in ("xenvbd", "xenbus", "xenfilt") else 3
-            out += [f"[{cs}\\Services\\{svc}]", '"Type"=dword:00000001', f'"Start"=dword:{start:08x}',
-                    f'"ImagePath"={_expand_sz(DRIVER_PATH.format(svc))}', ""]
+            out += [
+                f"[{cs}\\Services\\{svc}]",
+                '"Type"=dword:00000001',
+                f'"Start"=dword:{start:08x}',
+                f'"ImagePath"={_expand_sz(DRIVER_PATH.format(svc))}',
+                "",
+            ]
         for svc in CLOUD_AGENTS:
-            out += [f"[{cs}\\Services\\{svc}]", '"Type"=dword:00000010', '"Start"=dword:00000002',
-                    f'"ImagePath"={_expand_sz(AGENT_PATH.format(svc))}', ""]
+            out += [
+                f"[{cs}\\Services\\{svc}]",
+                '"Type"=dword:00000010',
+                '"Start"=dword:00000002',
+                f'"ImagePath"={_expand_sz(AGENT_PATH.format(svc))}',
+                "",
+            ]
     return "\r\n".join(out) + "\r\n"
 
 
@@ -152,8 +232,9 @@ def _ntfs_mounted(node: str, where: Path) -> Iterator[Path]:
         run(["umount", str(where)])
 
 
-def windows_files(root: Path, hive: bytes, *, drivers: Iterable[str], logs: bool = False,
-                  hiberfil: bool = False) -> None:
+def windows_files(
+    root: Path, hive: bytes, *, drivers: Iterable[str], logs: bool = False, hiberfil: bool = False
+) -> None:
     """C: as Windows has it: Windows/System32/config/SYSTEM (+ logs), drivers/*.sys, optionally hiberfil.sys."""
     config = root / "Windows" / "System32" / "config"
     config.mkdir(parents=True)
@@ -169,24 +250,37 @@ def windows_files(root: Path, hive: bytes, *, drivers: Iterable[str], logs: bool
         (root / "hiberfil.sys").write_bytes(b"HIBR" + b"\0" * 4092)
 
 
-def make_windows_disk(img: Path, layout: str, hive: bytes, *, drivers: Iterable[str] = STORAGE_SERVICES + CLOUD_DRIVERS,
-                      logs: bool = False, hiberfil: bool = False, size_mib: int = 160) -> Path:
+def make_windows_disk(
+    img: Path,
+    layout: str,
+    hive: bytes,
+    *,
+    drivers: Iterable[str] = STORAGE_SERVICES + CLOUD_DRIVERS,
+    logs: bool = False,
+    hiberfil: bool = False,
+    size_mib: int = 160,
+) -> Path:
     """A Windows disk image in the given layout ("bios" or "uefi") with `hive` as its SYSTEM hive."""
     with img.open("wb") as f:
         f.truncate(size_mib * MIB)
     if layout == "bios":
         table = "label: dos\nsize=40M, type=7, bootable\ntype=7\n"
     elif layout == "uefi":
-        table = ("label: gpt\nsize=40M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI system partition\"\n"
-                 "size=16M, type=E3C9E316-0B5C-4DB8-817D-F92DF00215AE, name=\"Microsoft reserved partition\"\n"
-                 "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=\"Basic data partition\"\n")
+        table = (
+            'label: gpt\nsize=40M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI system partition"\n'
+            'size=16M, type=E3C9E316-0B5C-4DB8-817D-F92DF00215AE, name="Microsoft reserved partition"\n'
+            'type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name="Basic data partition"\n'
+        )
     else:
         raise ValueError(f"unknown layout {layout!r}")
     subprocess.run(["sfdisk", "-q", str(img)], check=True, text=True, capture_output=True, input=table)
     mnt = img.parent / f"{img.stem}-mnt"
-    starts = [p["start"] for p in json.loads(subprocess.run(["sfdisk", "--json", str(img)], check=True,
-                                                            capture_output=True, text=True).stdout)
-              ["partitiontable"]["partitions"]]
+    starts = [
+        p["start"]
+        for p in json.loads(
+            subprocess.run(["sfdisk", "--json", str(img)], check=True, capture_output=True, text=True).stdout
+        )["partitiontable"]["partitions"]
+    ]
 
     def mkntfs(node: str, number: int, label: str) -> None:
         # The geometry Windows' boot code wants (a loop device reports none; mkntfs warns without it).
@@ -234,10 +328,20 @@ def mounted_windows(img: Path, layout: str) -> Iterator[Path]:
 
 def esp_files(img: Path) -> list[str]:
     """Every file path on the UEFI layout's ESP (partition 1), via mtools."""
-    start = int(subprocess.run(["sfdisk", "--json", str(img)], check=True, capture_output=True,
-                               text=True).stdout.split('"start":', 1)[1].split(",", 1)[0]) * 512
-    out = subprocess.run(["mdir", "-/", "-b", "-i", f"{img}@@{start}", "::/"], capture_output=True, text=True,
-                         env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
+    start = (
+        int(
+            subprocess.run(["sfdisk", "--json", str(img)], check=True, capture_output=True, text=True)
+            .stdout.split('"start":', 1)[1]
+            .split(",", 1)[0]
+        )
+        * 512
+    )
+    out = subprocess.run(
+        ["mdir", "-/", "-b", "-i", f"{img}@@{start}", "::/"],
+        capture_output=True,
+        text=True,
+        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout
     return sorted(line.strip().removeprefix("::") for line in out.splitlines() if line.strip())
 
 

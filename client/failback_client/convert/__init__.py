@@ -100,18 +100,33 @@ def _convert(targets: list[Path], console: Console, options: ConversionOptions, 
         report.warnings.append("no operating system found on the target disks: nothing converted")
         return
     if options.dry_run and report.linux:
-        report.warnings += [f"--dry-run: Linux on {s.root.node} is not previewed (its conversion runs tools in its "
-                            "chroot); run without --dry-run to convert it" for s in report.linux]
+        report.warnings += [
+            f"--dry-run: Linux on {s.root.node} is not previewed (its conversion runs tools in its "
+            "chroot); run without --dry-run to convert it"
+            for s in report.linux
+        ]
     for i, system in enumerate([] if options.dry_run else report.linux):
-        conversion = LinuxConversion(system, report.disks, found, hw, mode, options, report,
-                                     progress=_announcer(console, f"{system.name}: "))
+        conversion = LinuxConversion(
+            system, report.disks, found, hw, mode, options, report, progress=_announcer(console, f"{system.name}: ")
+        )
         conversion.run(i)
     if report.windows:
         controllers = storage_controllers(options.sys_root)
-        kinds = list(dict.fromkeys([c.kind for c in controllers if c.kind in WINDOWS_DRIVERS]
-                                   + list(options.windows_controllers)))
+        kinds = list(
+            dict.fromkeys(
+                [c.kind for c in controllers if c.kind in WINDOWS_DRIVERS] + list(options.windows_controllers)
+            )
+        )
         console.info("Windows: controllers to make bootable: " + (", ".join(kinds) or "none found"))
         for i, win in enumerate(report.windows):
             disk = next(d for d in report.disks if d.path == win.disk)
-            WindowsConversion(win, disk, mode, options, report, controllers, kinds,
-                              progress=_announcer(console, f"Windows on {win.disk}: ")).run(i)
+            WindowsConversion(
+                win,
+                disk,
+                mode,
+                options,
+                report,
+                controllers,
+                kinds,
+                progress=_announcer(console, f"Windows on {win.disk}: "),
+            ).run(i)

@@ -22,6 +22,7 @@ MIB = 1024 * 1024
 
 def grub_tools(root: Path) -> tuple[str, str, list[str]]:
     """(grub-install command, grub.cfg path, command regenerating grub.cfg) of the target."""
+
     def has(name: str) -> bool:
         return any((root / d / name).exists() for d in ("usr/sbin", "usr/bin", "sbin", "bin"))
 
@@ -81,12 +82,18 @@ def install_bios(tx: Transaction, disk: Disk) -> None:
     install, _cfg, _mk = grub_tools(tx.root)
     platform = "i386-pc"
     if not any((tx.root / d / platform).is_dir() for d in ("usr/lib/grub", "usr/lib/grub2")):
-        raise ConversionError(STEP_INSTALL, f"this machine boots BIOS but the target has no GRUB {platform} modules "
-                                            "(install grub-pc-bin / grub2-pc-modules in it, or boot this machine UEFI)")
+        raise ConversionError(
+            STEP_INSTALL,
+            f"this machine boots BIOS but the target has no GRUB {platform} modules "
+            "(install grub-pc-bin / grub2-pc-modules in it, or boot this machine UEFI)",
+        )
     bios_part = next((p for p in disk.partitions if p.is_bios_boot), None)
     if disk.table == "gpt" and bios_part is None:
-        raise ConversionError(STEP_INSTALL, f"{disk.path} has a GPT partition table without a BIOS boot partition: "
-                                            "GRUB cannot be installed for BIOS booting on it")
+        raise ConversionError(
+            STEP_INSTALL,
+            f"{disk.path} has a GPT partition table without a BIOS boot partition: "
+            "GRUB cannot be installed for BIOS booting on it",
+        )
     # What grub-install overwrites: the boot code before the partition table, the gap after the MBR (MBR
     # disks) and the BIOS boot partition (GPT). Kept to put back if this step fails.
     _save_region(tx, disk.path, 0, MIB, f"{disk.path} first MiB")
@@ -111,11 +118,17 @@ def _esp_files(esp: Path) -> dict[str, bytes]:
 def install_uefi(tx: Transaction, esp_mountpoint: str | None, bootloader_id: str, *, removable: bool) -> None:
     install, _cfg, _mk = grub_tools(tx.root)
     if esp_mountpoint is None:
-        raise ConversionError(STEP_INSTALL, "this machine boots UEFI but no EFI system partition is mounted from the "
-                                            "target's fstab (/boot/efi or /efi)")
+        raise ConversionError(
+            STEP_INSTALL,
+            "this machine boots UEFI but no EFI system partition is mounted from the "
+            "target's fstab (/boot/efi or /efi)",
+        )
     if not any((tx.root / d / "x86_64-efi").is_dir() for d in ("usr/lib/grub", "usr/lib/grub2")):
-        raise ConversionError(STEP_INSTALL, "this machine boots UEFI but the target has no GRUB x86_64-efi modules "
-                                            "(install grub-efi-amd64-bin in it, or boot this machine BIOS)")
+        raise ConversionError(
+            STEP_INSTALL,
+            "this machine boots UEFI but the target has no GRUB x86_64-efi modules "
+            "(install grub-efi-amd64-bin in it, or boot this machine BIOS)",
+        )
     esp = tx.host(esp_mountpoint)
     before = _esp_files(esp)
     for path in before:
@@ -132,5 +145,9 @@ def install_uefi(tx: Transaction, esp_mountpoint: str | None, bootloader_id: str
     for path, data in sorted(after.items()):
         if before.get(path) != data:
             rel = "/" + os.path.relpath(path, tx.root)
-            tx.record(rel, "installed", "GRUB x86_64-efi" + (" (firmware boot entry added)" if nvram else ""),
-                      rel + BACKUP_SUFFIX if path in before else "")
+            tx.record(
+                rel,
+                "installed",
+                "GRUB x86_64-efi" + (" (firmware boot entry added)" if nvram else ""),
+                rel + BACKUP_SUFFIX if path in before else "",
+            )

@@ -58,8 +58,13 @@ def describe_linux_root(mountpoint: Path, volume: Volume) -> LinuxSystem | None:
     if rel is None or fstab is None:
         return None
     info = parse_os_release(rel)
-    system = LinuxSystem(root=volume, name=info.get("PRETTY_NAME", info.get("NAME", "Linux")),
-                         os_id=info.get("ID", ""), version=info.get("VERSION_ID", ""), fstab=fstab)
+    system = LinuxSystem(
+        root=volume,
+        name=info.get("PRETTY_NAME", info.get("NAME", "Linux")),
+        os_id=info.get("ID", ""),
+        version=info.get("VERSION_ID", ""),
+        fstab=fstab,
+    )
     if (mountpoint / "usr/sbin/update-initramfs").exists() and (mountpoint / "etc/initramfs-tools").is_dir():
         system.initramfs_tool = "initramfs-tools"
     elif any((mountpoint / p / "dracut").exists() for p in ("usr/bin", "usr/sbin", "sbin")):
@@ -95,8 +100,10 @@ def find_linux(volumes: list[Volume], work: Path, notes: list[str] | None = None
             except CommandFailed as exc:
                 log.warning("cannot mount %s (%s) to look at it: %s", vol.node, vol.fstype, exc)
                 if notes is not None:
-                    notes.append(f"{vol.node} ({vol.fstype}) could not be mounted to look for a system on it: "
-                                 f"{str(exc).splitlines()[0]}")
+                    notes.append(
+                        f"{vol.node} ({vol.fstype}) could not be mounted to look for a system on it: "
+                        f"{str(exc).splitlines()[0]}"
+                    )
                 continue
             system = describe_linux_root(where, vol)
             if system is None and vol.fstype == "btrfs" and (where / "@").is_dir():
@@ -123,8 +130,7 @@ def has_ntfs_signature(disk: str, offset: int) -> bool:
 
 def fat_has(disk: str, offset: int, path: str) -> bool:
     """Whether the FAT filesystem at byte `offset` of `disk` holds `path` (mtools: no mount, no root)."""
-    proc = run(["mdir", "-b", "-i", f"{disk}@@{offset}", f"::{path}"], check=False,
-               env={"MTOOLS_SKIP_CHECK": "1"})
+    proc = run(["mdir", "-b", "-i", f"{disk}@@{offset}", f"::{path}"], check=False, env={"MTOOLS_SKIP_CHECK": "1"})
     return proc.returncode == 0
 
 

@@ -63,8 +63,13 @@ class DeviceResolver:
                     return v
             return None
         taken = set(self.old_disks.values())
-        candidates = [v for v in self.volumes if v.disk not in taken and v.partition == number
-                      and (not fstype or fstype in ("auto", "none") or _same_type(fstype, v.fstype))]
+        candidates = [
+            v
+            for v in self.volumes
+            if v.disk not in taken
+            and v.partition == number
+            and (not fstype or fstype in ("auto", "none") or _same_type(fstype, v.fstype))
+        ]
         if len({v.disk for v in candidates}) == 1:
             self.old_disks[old_disk] = candidates[0].disk
             return candidates[0]
@@ -96,8 +101,9 @@ def root_reference(fstab: str) -> str | None:
     return None
 
 
-def rewrite_table(text: str, resolver: DeviceResolver, *, source_field: int, type_field: int | None,
-                  name: str) -> tuple[str, list[Replacement], list[str]]:
+def rewrite_table(
+    text: str, resolver: DeviceResolver, *, source_field: int, type_field: int | None, name: str
+) -> tuple[str, list[Replacement], list[str]]:
     """fstab (source field 0) or crypttab (source field 1): kernel names in the source field replaced.
     Comments and spacing are kept. Returns (text, replacements, unresolved names)."""
     out, done, unresolved = [], [], []

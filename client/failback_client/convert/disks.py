@@ -57,8 +57,12 @@ def parse_sfdisk(data: dict) -> tuple[str, list[Partition]]:
     sector = int(table.get("sectorsize", SECTOR))
     parts = [
         Partition(
-            number=partition_number(p["node"]), node=p["node"], start=int(p["start"]) * sector,
-            size=int(p["size"]) * sector, type_code=str(p.get("type", "")), partuuid=str(p.get("uuid", "")),
+            number=partition_number(p["node"]),
+            node=p["node"],
+            start=int(p["start"]) * sector,
+            size=int(p["size"]) * sector,
+            type_code=str(p.get("type", "")),
+            partuuid=str(p.get("uuid", "")),
         )
         for p in table.get("partitions", [])
     ]

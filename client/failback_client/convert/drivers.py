@@ -71,9 +71,27 @@ def local_hardware(sys_root: Path = Path("/")) -> LocalHardware:
         hw.nics.append(nic.name)
         hw.network |= _drivers_up(nic / "device", stop)
     # The disks' drivers sit next to the SCSI/ATA layers: sd_mod is what makes SCSI/SATA disks appear.
-    if any(d.startswith(("ahci", "ata_", "pata_", "sata_", "mpt", "megaraid", "hpsa", "smartpqi", "aacraid",
-                         "virtio_scsi", "vmw_pvscsi", "hv_storvsc", "uas", "usb_storage"))
-           for d in hw.storage):
+    if any(
+        d.startswith(
+            (
+                "ahci",
+                "ata_",
+                "pata_",
+                "sata_",
+                "mpt",
+                "megaraid",
+                "hpsa",
+                "smartpqi",
+                "aacraid",
+                "virtio_scsi",
+                "vmw_pvscsi",
+                "hv_storvsc",
+                "uas",
+                "usb_storage",
+            )
+        )
+        for d in hw.storage
+    ):
         hw.storage.add("sd_mod")
     return hw
 
@@ -94,7 +112,10 @@ def kernel_modules(target: Path) -> dict[str, tuple[set[str], set[str]]]:
             continue
         loadable = {norm(m.group("name")) for m in _DEP_RE.finditer(dep.read_text(errors="replace"))}
         builtin_file = kdir / "modules.builtin"
-        builtin = ({norm(m.group("name")) for m in _BUILTIN_RE.finditer(builtin_file.read_text(errors="replace"))}
-                   if builtin_file.is_file() else set())
+        builtin = (
+            {norm(m.group("name")) for m in _BUILTIN_RE.finditer(builtin_file.read_text(errors="replace"))}
+            if builtin_file.is_file()
+            else set()
+        )
         out[kdir.name] = (loadable, builtin)
     return out

@@ -40,8 +40,10 @@ def load_hivex(dist: Path = DIST_PACKAGES) -> ModuleType:
     ext = sorted(dist.glob(f"libhivexmod.cpython-{sys.version_info[0]}{sys.version_info[1]}-*.so"))
     pkg = dist / "hivex" / "__init__.py"
     if not ext or not pkg.is_file():
-        raise HivexMissing(f"python3-hivex is not installed ({dist}/hivex and libhivexmod for Python "
-                           f"{sys.version_info[0]}.{sys.version_info[1]} not found): apt-get install python3-hivex")
+        raise HivexMissing(
+            f"python3-hivex is not installed ({dist}/hivex and libhivexmod for Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]} not found): apt-get install python3-hivex"
+        )
     for name, path, search in (("libhivexmod", ext[0], None), ("hivex", pkg, [str(pkg.parent)])):
         spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
         if spec is None or spec.loader is None:
@@ -57,6 +59,7 @@ def load_hivex(dist: Path = DIST_PACKAGES) -> ModuleType:
 
 
 # ---- the base block (first 4 KiB) ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HiveHeader:
@@ -128,12 +131,15 @@ def dirty_reason(hive: Path) -> str:
     logs = pending_logs(hive)
     seq = f"sequence numbers {header.primary_seq} and {header.secondary_seq} differ"
     if logs:
-        return (f"{hive.name} has pending transaction logs ({', '.join(p.name for p in logs)}; header {seq}): "
-                "Windows did not finish writing it")
+        return (
+            f"{hive.name} has pending transaction logs ({', '.join(p.name for p in logs)}; header {seq}): "
+            "Windows did not finish writing it"
+        )
     return f"{hive.name} was being written when it was copied (header {seq}) and has no log to finish it"
 
 
 # ---- reading and writing ------------------------------------------------------------------------------------
+
 
 class Hive:
     """A hive opened with hivex. Node paths are lists of key names (matched case-insensitively by hivex)."""

@@ -25,7 +25,7 @@ def with_block(text: str, modules: list[str]) -> str:
     if BEGIN in lines:
         start = lines.index(BEGIN)
         end = lines.index(END, start) if END in lines[start:] else len(lines) - 1
-        lines = lines[:start] + lines[end + 1:]
+        lines = lines[:start] + lines[end + 1 :]
     listed = {line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")}
     wanted = [m for m in modules if m not in listed]
     while lines and not lines[-1].strip():
@@ -36,14 +36,16 @@ def with_block(text: str, modules: list[str]) -> str:
 
 
 def dracut_conf(modules: list[str]) -> str:
-    return ("# Written by failback conversion: drivers this machine needs.\n"
-            f'add_drivers+=" {" ".join(modules)} "\n')
+    return f'# Written by failback conversion: drivers this machine needs.\nadd_drivers+=" {" ".join(modules)} "\n'
 
 
 def _initrd_images(root: Path, tool: str) -> list[str]:
     pattern = "initrd.img-*" if tool == "initramfs-tools" else "initramfs-*.img"
-    return sorted(f"/boot/{p.name}" for p in (root / "boot").glob(pattern)
-                  if not p.name.endswith((".failback-bak", ".dpkg-bak", ".old-dkms")) and p.is_file())
+    return sorted(
+        f"/boot/{p.name}"
+        for p in (root / "boot").glob(pattern)
+        if not p.name.endswith((".failback-bak", ".dpkg-bak", ".old-dkms")) and p.is_file()
+    )
 
 
 def regenerate(tx: Transaction, tool: str, modules: list[str]) -> None:
@@ -52,15 +54,19 @@ def regenerate(tx: Transaction, tool: str, modules: list[str]) -> None:
     if not images:
         raise ConversionError(STEP, "no initramfs found in /boot of the target (is /boot mounted?)")
     if tool == "initramfs-tools":
-        tx.write(MODULES_FILE, with_block(tx.read(MODULES_FILE) or "", modules),
-                 f"initramfs drivers: {' '.join(modules)}")
+        tx.write(
+            MODULES_FILE, with_block(tx.read(MODULES_FILE) or "", modules), f"initramfs drivers: {' '.join(modules)}"
+        )
         cmd = ["update-initramfs", "-u", "-k", "all"]
     elif tool == "dracut":
         tx.write(DRACUT_CONF, dracut_conf(modules), f"initramfs drivers: {' '.join(modules)}")
         cmd = ["dracut", "-f", "--regenerate-all"]
     else:
-        raise ConversionError(STEP, f"the target's initramfs tool ({tool or 'none found'}) is not supported: "
-                                    "regenerate its initramfs with the drivers listed in the report by hand")
+        raise ConversionError(
+            STEP,
+            f"the target's initramfs tool ({tool or 'none found'}) is not supported: "
+            "regenerate its initramfs with the drivers listed in the report by hand",
+        )
     backups = {img: tx.backup_binary(img) for img in images}
     try:
         chroot(root, *cmd)

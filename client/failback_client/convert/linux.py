@@ -46,11 +46,16 @@ STEP_AGENTS = "cloud agents"
 
 def find_volume(spec: str, fstype: str, volumes: list[Volume], resolver: DeviceResolver) -> Volume | None:
     """The volume an fstab source names (UUID=, LABEL=, PARTUUID=, /dev/disk/by-*, LVM paths, kernel names)."""
-    for prefix, attr in (("UUID=", "uuid"), ("LABEL=", "label"), ("PARTUUID=", "partuuid"),
-                         ("/dev/disk/by-uuid/", "uuid"), ("/dev/disk/by-label/", "label"),
-                         ("/dev/disk/by-partuuid/", "partuuid")):
+    for prefix, attr in (
+        ("UUID=", "uuid"),
+        ("LABEL=", "label"),
+        ("PARTUUID=", "partuuid"),
+        ("/dev/disk/by-uuid/", "uuid"),
+        ("/dev/disk/by-label/", "label"),
+        ("/dev/disk/by-partuuid/", "partuuid"),
+    ):
         if spec.startswith(prefix):
-            value = spec[len(prefix):].strip("\"'").lower()
+            value = spec[len(prefix) :].strip("\"'").lower()
             return next((v for v in volumes if getattr(v, attr).lower() == value and value), None)
     if split_kernel_name(spec):
         return resolver.resolve(spec, fstype)
@@ -60,8 +65,9 @@ def find_volume(spec: str, fstype: str, volumes: list[Volume], resolver: DeviceR
     return None
 
 
-def wanted_modules(hw: LocalHardware, system_fs: set[str], options: ConversionOptions, target: Path,
-                   report: ConversionReport) -> list[str]:
+def wanted_modules(
+    hw: LocalHardware, system_fs: set[str], options: ConversionOptions, target: Path, report: ConversionReport
+) -> list[str]:
     """Drivers for the initramfs: this machine's controllers and NICs, the basics, the root's filesystem;
     only those that a target kernel has as a module (built-in ones need no listing)."""
     found = hw.storage | hw.network | set(options.extra_drivers)
@@ -76,15 +82,25 @@ def wanted_modules(hw: LocalHardware, system_fs: set[str], options: ConversionOp
         if loadable:
             out.append(mod)
         elif not builtin and mod in found:
-            report.warnings.append(f"driver {mod} (used by this machine) is in none of the target's kernels "
-                                   f"({', '.join(sorted(kernels))}): the system may not see that device")
+            report.warnings.append(
+                f"driver {mod} (used by this machine) is in none of the target's kernels "
+                f"({', '.join(sorted(kernels))}): the system may not see that device"
+            )
     return out
 
 
 class LinuxConversion:
-    def __init__(self, system: LinuxSystem, disks: list[Disk], volumes: list[Volume], hw: LocalHardware,
-                 mode: BootMode, options: ConversionOptions, report: ConversionReport,
-                 progress: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        system: LinuxSystem,
+        disks: list[Disk],
+        volumes: list[Volume],
+        hw: LocalHardware,
+        mode: BootMode,
+        options: ConversionOptions,
+        report: ConversionReport,
+        progress: Callable[[str], None],
+    ) -> None:
         self.system, self.disks, self.volumes, self.hw = system, disks, volumes, hw
         self.mode, self.options, self.report, self.progress = mode, options, report, progress
         self.resolver = DeviceResolver(volumes, system.root)
@@ -100,8 +116,12 @@ class LinuxConversion:
             tx = Transaction(root, self.report)
             try:
                 self._step(STEP_DEVREFS, lambda: self._devrefs(tx))
-                self._step(STEP_NETWORK, lambda: self.report.warnings.extend(network.convert_network(
-                    tx, static=self.options.static_network, nics=self.hw.nics)))
+                self._step(
+                    STEP_NETWORK,
+                    lambda: self.report.warnings.extend(
+                        network.convert_network(tx, static=self.options.static_network, nics=self.hw.nics)
+                    ),
+                )
                 self._step(STEP_AGENTS, lambda: self._agents(tx))
                 self._step(initramfs.STEP, lambda: self._initramfs(tx))
                 self._step(bootloader.STEP_CONFIG, lambda: bootloader.regenerate_config(tx))
@@ -118,8 +138,11 @@ class LinuxConversion:
         sysm = self.system
         mounts.mount(sysm.root.node, root, fstype=sysm.root.fstype)
         # How the instance named its root tells which old disk name is the root's disk.
-        for ref in [root_reference(sysm.fstab) or "", *kernel_arg_roots(_read(root / "etc/default/grub")),
-                    *kernel_arg_roots(_read(root / "boot/grub/grub.cfg"))]:
+        for ref in [
+            root_reference(sysm.fstab) or "",
+            *kernel_arg_roots(_read(root / "etc/default/grub")),
+            *kernel_arg_roots(_read(root / "boot/grub/grub.cfg")),
+        ]:
             self.resolver.learn_root(ref)
         for fields in fstab_entries(sysm.fstab):
             if len(fields) < 3 or fields[1] not in NEEDED_MOUNTS:
@@ -137,8 +160,10 @@ class LinuxConversion:
                 mounts.mount(vol.node, root / where.lstrip("/"), fstype=vol.fstype)
             except CommandFailed as exc:
                 if is_esp and self.mode == "bios":
-                    self.report.warnings.append(f"{where} ({vol.node}) could not be mounted; not needed to boot "
-                                                f"BIOS: {str(exc).splitlines()[0]}")
+                    self.report.warnings.append(
+                        f"{where} ({vol.node}) could not be mounted; not needed to boot "
+                        f"BIOS: {str(exc).splitlines()[0]}"
+                    )
                     continue
                 raise
             if is_esp:
@@ -157,8 +182,7 @@ class LinuxConversion:
             text = tx.read(rel)
             if text is None:
                 continue
-            new, done, missing = rewrite_table(text, self.resolver, source_field=field, type_field=type_field,
-                                               name=rel)
+            new, done, missing = rewrite_table(text, self.resolver, source_field=field, type_field=type_field, name=rel)
             unresolved += missing
             if done:
                 tx.write(rel, new, "; ".join(f"{r.old} -> {r.new} ({r.where.split(' in ')[0]})" for r in done))
@@ -179,15 +203,18 @@ class LinuxConversion:
 
     def _install(self, tx: Transaction) -> None:
         if self.mode == "uefi":
-            bootloader.install_uefi(tx, self.esp_mountpoint, self.system.os_id or "linux",
-                                    removable=self.options.efi_removable)
+            bootloader.install_uefi(
+                tx, self.esp_mountpoint, self.system.os_id or "linux", removable=self.options.efi_removable
+            )
             return
         disk = next((d for d in self.disks if d.path == self.system.root.disk), None)
         boot_vol = self.system.root
         for fields in fstab_entries(self.system.fstab):
             if len(fields) >= 2 and fields[1] == "/boot":
-                boot_vol = find_volume(fields[0], fields[2] if len(fields) > 2 else "", self.volumes,
-                                       self.resolver) or boot_vol
+                boot_vol = (
+                    find_volume(fields[0], fields[2] if len(fields) > 2 else "", self.volumes, self.resolver)
+                    or boot_vol
+                )
         disk = next((d for d in self.disks if d.path == boot_vol.disk), disk)
         if disk is None:
             raise ConversionError(bootloader.STEP_INSTALL, "cannot tell which target disk holds /boot")

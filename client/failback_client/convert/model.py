@@ -10,11 +10,19 @@ from typing import Literal
 
 # Units of cloud-only agents that fail (or wait for a metadata service) off the cloud: masked on the target.
 DEFAULT_CLOUD_AGENTS: tuple[str, ...] = (
-    "cloud-init-local.service", "cloud-init.service", "cloud-config.service", "cloud-final.service",
-    "amazon-ssm-agent.service", "snap.amazon-ssm-agent.amazon-ssm-agent.service",
-    "ec2-instance-connect.service", "ec2-instance-connect-harvest-hostkeys.service",
-    "amazon-cloudwatch-agent.service", "aws-kinesis-agent.service", "hibinit-agent.service",
-    "google-guest-agent.service", "walinuxagent.service",
+    "cloud-init-local.service",
+    "cloud-init.service",
+    "cloud-config.service",
+    "cloud-final.service",
+    "amazon-ssm-agent.service",
+    "snap.amazon-ssm-agent.amazon-ssm-agent.service",
+    "ec2-instance-connect.service",
+    "ec2-instance-connect-harvest-hostkeys.service",
+    "amazon-cloudwatch-agent.service",
+    "aws-kinesis-agent.service",
+    "hibinit-agent.service",
+    "google-guest-agent.service",
+    "walinuxagent.service",
 )
 
 # Windows drivers and services that only work on AWS (they fail, wait or look for the Xen/ENA devices off the
@@ -22,17 +30,29 @@ DEFAULT_CLOUD_AGENTS: tuple[str, ...] = (
 # filters among them (xenfilt) are left alone: disabling a filter stops its whole device class.
 DEFAULT_WINDOWS_CLOUD_SERVICES: tuple[tuple[str, str], ...] = (
     ("ena", "AWS ENA network driver"),
-    ("xenvbd", "AWS PV storage driver"), ("xennet", "AWS PV network driver"),
-    ("xenvif", "AWS PV network interface driver"), ("xeniface", "AWS PV interface driver"),
-    ("xenbus", "AWS PV bus driver"), ("xenfilt", "AWS PV filter driver"),
+    ("xenvbd", "AWS PV storage driver"),
+    ("xennet", "AWS PV network driver"),
+    ("xenvif", "AWS PV network interface driver"),
+    ("xeniface", "AWS PV interface driver"),
+    ("xenbus", "AWS PV bus driver"),
+    ("xenfilt", "AWS PV filter driver"),
     ("AWSLiteAgent", "AWS Lite Guest Agent (PV drivers)"),
-    ("AmazonSSMAgent", "SSM Agent"), ("EC2Launch", "EC2Launch v2 agent"), ("Ec2Config", "EC2Config agent"),
+    ("AmazonSSMAgent", "SSM Agent"),
+    ("EC2Launch", "EC2Launch v2 agent"),
+    ("Ec2Config", "EC2Config agent"),
     ("AmazonCloudWatchAgent", "CloudWatch agent"),
 )
 
 # Drivers an initramfs carries whatever this machine has: the common virtual and standard controllers.
 BASE_DRIVERS: tuple[str, ...] = (
-    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "ahci", "nvme", "sd_mod", "sr_mod",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_net",
+    "ahci",
+    "nvme",
+    "sd_mod",
+    "sr_mod",
 )
 
 BootMode = Literal["bios", "uefi"]
@@ -46,8 +66,13 @@ class ConversionError(Exception):
         self.step = step
 
 
-def run_step(report: ConversionReport, progress: Callable[[str], None], name: str, fn: Callable[[], object],
-             errors: tuple[type[BaseException], ...]) -> None:
+def run_step(
+    report: ConversionReport,
+    progress: Callable[[str], None],
+    name: str,
+    fn: Callable[[], object],
+    errors: tuple[type[BaseException], ...],
+) -> None:
     """One named step of a conversion: shown, run, recorded as done; `errors` become ConversionError(name)."""
     progress(name)
     try:
@@ -73,8 +98,10 @@ class StaticNetwork:
             if "/" not in self.address:
                 raise ValueError("no prefix length")
         except ValueError as exc:
-            raise ValueError(f"static network address {self.address!r} must be an address with a prefix length "
-                             f"such as 192.0.2.10/24 ({exc})") from None
+            raise ValueError(
+                f"static network address {self.address!r} must be an address with a prefix length "
+                f"such as 192.0.2.10/24 ({exc})"
+            ) from None
         for name, value in (("gateway", self.gateway), *(("dns", d) for d in self.dns)):
             if value is not None:
                 try:

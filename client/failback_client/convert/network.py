@@ -28,13 +28,18 @@ _MAC_KEYS = ("macaddress", "permanentmacaddress")
 
 # ---- netplan -------------------------------------------------------------------------------------------------
 
+
 def netplan_unpin(text: str) -> tuple[str | None, list[str]]:
     """Drop ethernets entries matched by MAC address. (new text or None if unchanged, dropped ids)."""
     data = yaml.safe_load(text) or {}
     eths = (data.get("network") or {}).get("ethernets") or {}
-    dropped = [name for name, conf in eths.items()
-               if isinstance(conf, dict) and isinstance(conf.get("match"), dict)
-               and any(k in conf["match"] for k in ("macaddress", "permanent-macaddress"))]
+    dropped = [
+        name
+        for name, conf in eths.items()
+        if isinstance(conf, dict)
+        and isinstance(conf.get("match"), dict)
+        and any(k in conf["match"] for k in ("macaddress", "permanent-macaddress"))
+    ]
     if not dropped:
         return None, []
     for name in dropped:
@@ -61,6 +66,7 @@ def netplan_wired(static: StaticNetwork | None, nic: str | None) -> str:
 
 
 # ---- systemd-networkd / .link / udev rules -------------------------------------------------------------------
+
 
 def ini_match_keys(text: str) -> dict[str, list[str]]:
     """Keys of the [Match] sections of a systemd .network/.link file (lower-case key -> values)."""
@@ -102,8 +108,12 @@ _UDEV_NAME_RE = re.compile(r"\bNAME\s*:?=\s*\"([^\"]+)\"")
 
 def udev_mac_names(text: str) -> list[str] | None:
     """Interface names a udev rules file gives by MAC address; None when it has no such rule."""
-    names = [m.group(1) for line in text.splitlines() if _UDEV_MAC_RE.search(line) and not line.lstrip().startswith("#")
-             for m in _UDEV_NAME_RE.finditer(line)]
+    names = [
+        m.group(1)
+        for line in text.splitlines()
+        if _UDEV_MAC_RE.search(line) and not line.lstrip().startswith("#")
+        for m in _UDEV_NAME_RE.finditer(line)
+    ]
     return names or None
 
 
@@ -182,6 +192,7 @@ def ifupdown_wired(static: StaticNetwork | None, nics: list[str]) -> str:
 
 # ---- ifcfg (Red Hat) and NetworkManager keyfiles --------------------------------------------------------------
 
+
 def drop_keys(text: str, pattern: re.Pattern[str]) -> tuple[str, int]:
     kept, dropped = [], 0
     for line in text.splitlines(keepends=True):
@@ -198,13 +209,16 @@ _NM_MAC = re.compile(r"^mac-address=", re.I)
 
 # ---- the step ------------------------------------------------------------------------------------------------
 
+
 def _files(tx: Transaction, directory: str, pattern: str) -> list[str]:
     d = tx.host(directory)
     if not d.is_dir():
         return []
-    return sorted(f"{directory}/{p.name}" for p in d.iterdir()
-                  if fnmatch.fnmatch(p.name, pattern) and not p.name.endswith(BACKUP_SUFFIX)
-                  and (p.is_file() or p.is_symlink()))
+    return sorted(
+        f"{directory}/{p.name}"
+        for p in d.iterdir()
+        if fnmatch.fnmatch(p.name, pattern) and not p.name.endswith(BACKUP_SUFFIX) and (p.is_file() or p.is_symlink())
+    )
 
 
 def _enabled(root: Path, unit: str) -> bool:
@@ -220,8 +234,9 @@ def convert_network(tx: Transaction, *, static: StaticNetwork | None, nics: list
     for rel in _files(tx, "/etc/systemd/network", "*.link"):
         text = tx.read(rel) or ""
         if is_mac_pinned_unit(text):
-            renamed |= {line.split("=", 1)[1].strip() for line in text.splitlines()
-                        if line.strip().lower().startswith("name=")}
+            renamed |= {
+                line.split("=", 1)[1].strip() for line in text.splitlines() if line.strip().lower().startswith("name=")
+            }
             tx.remove(rel, "interface naming pinned to the cloud NIC's MAC address")
     for rel in _files(tx, "/etc/udev/rules.d", "*.rules"):
         names = udev_mac_names(tx.read(rel) or "")
@@ -240,12 +255,18 @@ def convert_network(tx: Transaction, *, static: StaticNetwork | None, nics: list
             continue
         if new is not None:
             tx.write(rel, new, f"dropped ethernets {', '.join(dropped)} matched by the cloud NIC's MAC address")
-    if_files = [f for f in ["/etc/network/interfaces", *_files(tx, "/etc/network/interfaces.d", "*")]
-                if f != OUR_IFUPDOWN and tx.read(f) is not None]
+    if_files = [
+        f
+        for f in ["/etc/network/interfaces", *_files(tx, "/etc/network/interfaces.d", "*")]
+        if f != OUR_IFUPDOWN and tx.read(f) is not None
+    ]
     for rel in if_files:
         text = tx.read(rel) or ""
-        cloud = rel.endswith("50-cloud-init") or rel.endswith("50-cloud-init.cfg") or any(
-            m in text[:500] for m in CLOUD_INIT_MARKERS)
+        cloud = (
+            rel.endswith("50-cloud-init")
+            or rel.endswith("50-cloud-init.cfg")
+            or any(m in text[:500] for m in CLOUD_INIT_MARKERS)
+        )
         result = ifupdown_unpin(text, renamed, whole_file_is_cloud=cloud)
         if result.disabled:
             tx.write(rel, result.text, f"commented out cloud NIC stanzas: {', '.join(result.disabled)}")
@@ -258,8 +279,12 @@ def convert_network(tx: Transaction, *, static: StaticNetwork | None, nics: list
         if n:
             tx.write(rel, new, "dropped mac-address of the cloud NIC")
     if (root / "etc/cloud").is_dir():
-        tx.write(CLOUD_INIT_NET_OFF, "# Written by failback conversion: keep cloud-init from writing a MAC-pinned "
-                 "network configuration again.\nnetwork: {config: disabled}\n", "cloud-init network config off")
+        tx.write(
+            CLOUD_INIT_NET_OFF,
+            "# Written by failback conversion: keep cloud-init from writing a MAC-pinned "
+            "network configuration again.\nnetwork: {config: disabled}\n",
+            "cloud-init network config off",
+        )
 
     # The local configuration, in the stack the target uses.
     nic = nics[0] if nics else None
@@ -275,13 +300,18 @@ def convert_network(tx: Transaction, *, static: StaticNetwork | None, nics: list
         else:
             main = tx.read("/etc/network/interfaces") or ""
             if not re.search(r"^\s*source(-directory)?\s+/etc/network/interfaces\.d", main, re.M):
-                tx.write("/etc/network/interfaces", main.rstrip("\n") + "\n\nsource /etc/network/interfaces.d/*\n",
-                         "include interfaces.d")
+                tx.write(
+                    "/etc/network/interfaces",
+                    main.rstrip("\n") + "\n\nsource /etc/network/interfaces.d/*\n",
+                    "include interfaces.d",
+                )
             tx.write(OUR_IFUPDOWN, ifupdown_wired(static, nics), f"ifupdown: {what} ({', '.join(nics)})")
     elif any((root / p).exists() for p in ("usr/sbin/NetworkManager", "usr/bin/NetworkManager")):
         if static:
-            notes.append("NetworkManager: set the static address after the first boot (it uses DHCP on wired NICs "
-                         "without a connection profile)")
+            notes.append(
+                "NetworkManager: set the static address after the first boot (it uses DHCP on wired NICs "
+                "without a connection profile)"
+            )
     else:
         notes.append("no known network configuration system found on the target: network left as it is")
     return notes

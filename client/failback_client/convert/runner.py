@@ -45,7 +45,12 @@ def run(
     log.info("$ %s", shown)
     try:
         proc = subprocess.run(
-            argv, input=input, capture_output=True, text=True, errors="replace", timeout=timeout,
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
             env={**os.environ, **env} if env else None,
         )
     except FileNotFoundError as exc:
@@ -62,11 +67,21 @@ def run(
     return proc
 
 
-def chroot(root: os.PathLike[str] | str, *cmd: str, check: bool = True,
-           timeout: float | None = 1800) -> subprocess.CompletedProcess[str]:
+def chroot(
+    root: os.PathLike[str] | str, *cmd: str, check: bool = True, timeout: float | None = 1800
+) -> subprocess.CompletedProcess[str]:
     """`cmd` run inside the target with its own tools (a clean PATH and no interactive frontends)."""
     return run(
-        ["chroot", os.fspath(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-         "DEBIAN_FRONTEND=noninteractive", *cmd],
-        check=check, timeout=timeout,
+        [
+            "chroot",
+            os.fspath(root),
+            "/usr/bin/env",
+            "-i",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG=C.UTF-8",
+            "DEBIAN_FRONTEND=noninteractive",
+            *cmd,
+        ],
+        check=check,
+        timeout=timeout,
     )

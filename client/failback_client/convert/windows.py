@@ -94,7 +94,7 @@ def _service_file(hive: Hive, node: int, service: str, windows: Path) -> tuple[s
     low = rel.lower()
     for prefix in ("\\systemroot\\", "%systemroot%\\", "systemroot\\"):
         if low.startswith(prefix):
-            rel = rel[len(prefix):]
+            rel = rel[len(prefix) :]
             break
     else:
         if low.startswith("\\??\\") and len(rel) > 7 and rel[5] == ":":
@@ -115,8 +115,14 @@ def class_filters(hive: Hive, control_set: str) -> dict[str, str]:
     return out
 
 
-def plan_hive(hive: Hive, windows: Path, kinds: list[str], controllers: list[Controller],
-              cloud_services: tuple[tuple[str, str], ...], notes: list[str]) -> tuple[str, list[Edit]]:
+def plan_hive(
+    hive: Hive,
+    windows: Path,
+    kinds: list[str],
+    controllers: list[Controller],
+    cloud_services: tuple[tuple[str, str], ...],
+    notes: list[str],
+) -> tuple[str, list[Edit]]:
     """(control set in use, the edits that make the controllers boot and disable the cloud-only services).
     What cannot be done goes to `notes`."""
     select = hive.node("Select")
@@ -148,8 +154,13 @@ def plan_hive(hive: Hive, windows: Path, kinds: list[str], controllers: list[Con
         override = hive.node(control_set, "Services", service, "StartOverride")
         if override is not None:
             held = ", ".join(f"{k}={int.from_bytes(v[1][:4], 'little')}" for k, v in hive.values(override).items())
-            edits.append(Edit(service, None, f"{control_set}\\Services\\{service}\\StartOverride removed "
-                                             f"({held or 'empty'}) for {why}"))
+            edits.append(
+                Edit(
+                    service,
+                    None,
+                    f"{control_set}\\Services\\{service}\\StartOverride removed ({held or 'empty'}) for {why}",
+                )
+            )
         return True
 
     for kind in kinds:
@@ -158,16 +169,20 @@ def plan_hive(hive: Hive, windows: Path, kinds: list[str], controllers: list[Con
         entry = WINDOWS_DRIVERS[kind]
         present = [s for s in entry.services if boot_start(s, where)]
         if not present:
-            notes.append(f"{where}: needs the vendor's driver (none of the Windows drivers "
-                         f"{', '.join(entry.services)} is installed in this Windows)")
+            notes.append(
+                f"{where}: needs the vendor's driver (none of the Windows drivers "
+                f"{', '.join(entry.services)} is installed in this Windows)"
+            )
             continue
         for need in entry.needs:
             if not boot_start(need, f"{where} (needed by {present[0]})"):
                 notes.append(f"{where}: {present[0]} needs {need}, which is not installed in this Windows")
     for c in controllers:
         if c.kind not in WINDOWS_DRIVERS:
-            notes.append(f"{c.describe()}: needs the vendor's driver (no inbox Windows driver is known for "
-                         f"{'Linux driver ' + c.kind if c.kind else 'it'})")
+            notes.append(
+                f"{c.describe()}: needs the vendor's driver (no inbox Windows driver is known for "
+                f"{'Linux driver ' + c.kind if c.kind else 'it'})"
+            )
 
     filters = class_filters(hive, control_set)
     # The AWS PV drivers work as one set: when one of them is a class filter (left enabled), the others it may
@@ -185,13 +200,21 @@ def plan_hive(hive: Hive, windows: Path, kinds: list[str], controllers: list[Con
         if start == DISABLED:
             continue
         if service.casefold() in filters:
-            notes.append(f"{what} ({service}) left as it is: it is a device-class filter "
-                         f"({filters[service.casefold()]}); remove the AWS drivers after the first boot")
+            notes.append(
+                f"{what} ({service}) left as it is: it is a device-class filter "
+                f"({filters[service.casefold()]}); remove the AWS drivers after the first boot"
+            )
             continue
         old = "none" if start is None else f"{start} ({START_NAMES.get(start, '?')})"
         undo = START_NAMES.get(start if start is not None else 3, "demand")
-        edits.append(Edit(service, DISABLED, f"{control_set}\\Services\\{service}: Start {old} -> 4 (disabled): "
-                                             f"cloud-only {what} (undo: sc.exe config {service} start= {undo})"))
+        edits.append(
+            Edit(
+                service,
+                DISABLED,
+                f"{control_set}\\Services\\{service}: Start {old} -> 4 (disabled): "
+                f"cloud-only {what} (undo: sc.exe config {service} start= {undo})",
+            )
+        )
     return control_set, edits
 
 
@@ -225,9 +248,17 @@ def _read_only(where: Path) -> bool:
 
 
 class WindowsConversion:
-    def __init__(self, system: WindowsSystem, disk: Disk, mode: BootMode, options: ConversionOptions,
-                 report: ConversionReport, controllers: list[Controller], kinds: list[str],
-                 progress: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        system: WindowsSystem,
+        disk: Disk,
+        mode: BootMode,
+        options: ConversionOptions,
+        report: ConversionReport,
+        controllers: list[Controller],
+        kinds: list[str],
+        progress: Callable[[str], None],
+    ) -> None:
         self.system, self.disk, self.mode, self.options, self.report = system, disk, mode, options, report
         self.controllers, self.kinds, self.progress = controllers, kinds, progress
         self.notes: list[str] = []
@@ -240,8 +271,9 @@ class WindowsConversion:
         found: list[WindowsVolume] = []
         self._step(STEP_LOOK, lambda: found.extend(self._look(index)))
         if not found:
-            self.report.warnings.append(f"Windows on {self.disk.path}: no {HIVE_PATH} on its NTFS volumes; "
-                                        "not converted")
+            self.report.warnings.append(
+                f"Windows on {self.disk.path}: no {HIVE_PATH} on its NTFS volumes; not converted"
+            )
             return
         self._flush_notes()  # what cannot be done is worth knowing even when a refusal follows
         self._step(STEP_BOOT_MODE, self._check_boot_mode)
@@ -253,8 +285,13 @@ class WindowsConversion:
                 for e in vol.edits or []:
                     self.report.changes.append(Change(vol.label, "would edit", e.detail))
             if esp is not None:
-                self.report.changes.append(Change(f"{esp.node}:{ESP_FALLBACK_LOADER}", "would create",
-                                                  f"copy of {ESP_WINDOWS_LOADER} (firmware fallback path)"))
+                self.report.changes.append(
+                    Change(
+                        f"{esp.node}:{ESP_FALLBACK_LOADER}",
+                        "would create",
+                        f"copy of {ESP_WINDOWS_LOADER} (firmware fallback path)",
+                    )
+                )
             return
         for i, vol in enumerate(found):
             if vol.edits:
@@ -296,8 +333,9 @@ class WindowsConversion:
                             raise
                         raise ValueError(f"hivex cannot read {vol.label}: {exc}") from None
                     windows = hive.parent.parent.parent
-                    vol.control_set, vol.edits = plan_hive(reader, windows, self.kinds, self.controllers,
-                                                           self.options.windows_cloud_services, self.notes)
+                    vol.control_set, vol.edits = plan_hive(
+                        reader, windows, self.kinds, self.controllers, self.options.windows_cloud_services, self.notes
+                    )
                     reader.close()
                 out.append(vol)
             _rmdir(where)
@@ -309,26 +347,35 @@ class WindowsConversion:
         if instance in ("bios", "uefi") and instance != self.mode:
             raise ConversionError(STEP_BOOT_MODE, boot_mode_advice(self.disk.path, instance, self.mode))
         if self.mode == "bios":
-            self.report.warnings.append(f"Windows on {self.disk.path} boots BIOS: its MBR and active partition are "
-                                        "left as replicated")
+            self.report.warnings.append(
+                f"Windows on {self.disk.path} boots BIOS: its MBR and active partition are left as replicated"
+            )
 
     def _refuse(self, found: list[WindowsVolume]) -> None:
         for vol in found:
             if vol.dirty:
-                raise ConversionError(STEP_REFUSE, f"{vol.label}: {vol.dirty}. Nothing was written. Fix: shut "
-                                      "Windows down cleanly on the recovery instance (Shut down, not hibernate) "
-                                      "and let replication catch up, or boot it once here so Windows replays its "
-                                      "logs, then run `failback-client convert` again")
+                raise ConversionError(
+                    STEP_REFUSE,
+                    f"{vol.label}: {vol.dirty}. Nothing was written. Fix: shut "
+                    "Windows down cleanly on the recovery instance (Shut down, not hibernate) "
+                    "and let replication catch up, or boot it once here so Windows replays its "
+                    "logs, then run `failback-client convert` again",
+                )
             if vol.hibernated and not vol.edits and not self.options.remove_hiberfile:
-                self.notes.append(f"{vol.partition.node} is hibernated or has Fast Startup on (hiberfil.sys); "
-                                  "nothing to change on it, so it was not written")
+                self.notes.append(
+                    f"{vol.partition.node} is hibernated or has Fast Startup on (hiberfil.sys); "
+                    "nothing to change on it, so it was not written"
+                )
             elif vol.hibernated and not self.options.remove_hiberfile:
-                raise ConversionError(STEP_REFUSE, f"{vol.partition.node}: Windows left this volume hibernated or "
-                                      "with Fast Startup (hiberfil.sys), so it can only be mounted read-only. "
-                                      "Nothing was written. Fix: on the recovery instance turn Fast Startup off "
-                                      "(powercfg /h off) and shut down fully, then replicate again; or run "
-                                      "`failback-client convert --remove-hiberfile DISK` to discard the "
-                                      "hibernated session")
+                raise ConversionError(
+                    STEP_REFUSE,
+                    f"{vol.partition.node}: Windows left this volume hibernated or "
+                    "with Fast Startup (hiberfil.sys), so it can only be mounted read-only. "
+                    "Nothing was written. Fix: on the recovery instance turn Fast Startup off "
+                    "(powercfg /h off) and shut down fully, then replicate again; or run "
+                    "`failback-client convert --remove-hiberfile DISK` to discard the "
+                    "hibernated session",
+                )
 
     def _esp_to_fix(self) -> Partition | None:
         if self.mode != "uefi":
@@ -336,8 +383,10 @@ class WindowsConversion:
         esps = [p for p in self.disk.partitions if p.is_esp and p.fstype == "vfat"]
         with_windows = [p for p in esps if fat_has(self.disk.path, p.start, ESP_WINDOWS_LOADER)]
         if not with_windows:
-            self.notes.append(f"no EFI System partition holds {ESP_WINDOWS_LOADER}: the firmware may not find "
-                              "Windows (run `bcdboot C:\\Windows /f UEFI` from recovery media)")
+            self.notes.append(
+                f"no EFI System partition holds {ESP_WINDOWS_LOADER}: the firmware may not find "
+                "Windows (run `bcdboot C:\\Windows /f UEFI` from recovery media)"
+            )
             return None
         esp = with_windows[0]
         return None if fat_has(self.disk.path, esp.start, ESP_FALLBACK_LOADER) else esp
@@ -348,13 +397,18 @@ class WindowsConversion:
         where = self.options.work_dir / f"windows-{index}-p{vol.partition.number}"
         with MountStack() as mounts:
             opts = "remove_hiberfile" if vol.hibernated and self.options.remove_hiberfile else ""
-            self._step("mount Windows read-write",
-                       lambda: mounts.mount(vol.partition.node, where, fstype="ntfs-3g", options=opts))
+            self._step(
+                "mount Windows read-write",
+                lambda: mounts.mount(vol.partition.node, where, fstype="ntfs-3g", options=opts),
+            )
             if _read_only(where):
-                raise ConversionError(STEP_REFUSE, f"{vol.partition.node}: ntfs-3g mounted it read-only (Windows "
-                                      "left it hibernated, with Fast Startup or not cleanly unmounted). Nothing "
-                                      "was written. Fix: shut Windows down fully (no Fast Startup) and replicate "
-                                      "again, or run `failback-client convert --remove-hiberfile DISK`")
+                raise ConversionError(
+                    STEP_REFUSE,
+                    f"{vol.partition.node}: ntfs-3g mounted it read-only (Windows "
+                    "left it hibernated, with Fast Startup or not cleanly unmounted). Nothing "
+                    "was written. Fix: shut Windows down fully (no Fast Startup) and replicate "
+                    "again, or run `failback-client convert --remove-hiberfile DISK`",
+                )
             tx = Transaction(where, self.report)
             try:
                 self._step(STEP_HIVE, lambda: self._edit_hive(tx, vol))
@@ -379,8 +433,14 @@ class WindowsConversion:
             log.info("conversion change: %s: %s", vol.label, edit.detail)
         # Read back with a fresh handle: a second run must find nothing to do.
         check = Hive(tx.host(rel))
-        _cs, left = plan_hive(check, tx.host(rel).parent.parent.parent, self.kinds, self.controllers,
-                              self.options.windows_cloud_services, [])
+        _cs, left = plan_hive(
+            check,
+            tx.host(rel).parent.parent.parent,
+            self.kinds,
+            self.controllers,
+            self.options.windows_cloud_services,
+            [],
+        )
         check.close()
         if left:
             raise ValueError(f"{vol.label}: after the commit, still to do: {'; '.join(e.detail for e in left)}")
@@ -401,13 +461,20 @@ class WindowsConversion:
 
             tx.on_rollback(f"{esp.node}:{ESP_FALLBACK_LOADER}", undo)
             run(["mcopy", "-n", "-i", image, os.fspath(loader), f"::{ESP_FALLBACK_LOADER}"], env=MTOOLS_ENV)
-        self.report.changes.append(Change(f"{esp.node}:{ESP_FALLBACK_LOADER}", "created",
-                                          f"copy of {ESP_WINDOWS_LOADER}: the firmware finds Windows without an "
-                                          "NVRAM boot entry (undo: delete it)"))
+        self.report.changes.append(
+            Change(
+                f"{esp.node}:{ESP_FALLBACK_LOADER}",
+                "created",
+                f"copy of {ESP_WINDOWS_LOADER}: the firmware finds Windows without an "
+                "NVRAM boot entry (undo: delete it)",
+            )
+        )
 
 
 def boot_mode_advice(disk: str, instance: str, this: str) -> str:
-    return (f"the Windows system on {disk} was made to boot {instance.upper()} but this machine booted the "
-            f"failback client in {this.upper()} mode; Windows only boots in the mode it was installed for. "
-            f"Nothing was written. Fix: reboot this ISO in {instance.upper()} mode (firmware boot menu or "
-            "setup), then fail back again")
+    return (
+        f"the Windows system on {disk} was made to boot {instance.upper()} but this machine booted the "
+        f"failback client in {this.upper()} mode; Windows only boots in the mode it was installed for. "
+        f"Nothing was written. Fix: reboot this ISO in {instance.upper()} mode (firmware boot menu or "
+        "setup), then fail back again"
+    )

@@ -112,6 +112,7 @@ def parse_controllers(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip().replace("-", "_") for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in WINDOWS_DRIVERS]
     if unknown:
-        raise ValueError(f"unknown controller driver(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(sorted(WINDOWS_DRIVERS))}")
+        raise ValueError(
+            f"unknown controller driver(s) {', '.join(unknown)}; known: {', '.join(sorted(WINDOWS_DRIVERS))}"
+        )
     return names

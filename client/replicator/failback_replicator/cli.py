@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-file", type=Path, default=None)
     p.add_argument("--log-file", type=Path, default=None)
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between plain progress lines")
-    p.add_argument("--check-config", action="store_true",
-                   help="only check the configuration file (exit 0 if usable, 2 if not) and exit")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only check the configuration file (exit 0 if usable, 2 if not) and exit",
+    )
     args = p.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

@@ -239,9 +239,7 @@ class Link:
             raise AgentRefused(f"agent picked block digest {algorithm!r}, we offered {offered}")
         self.hash = block_hasher(algorithm)
         self.stats.protocol_version, self.stats.digest_algorithm = version, algorithm
-        log.info(
-            "agent: protocol version %d, block digest %s, codec %s", version, algorithm, reply.get("codec")
-        )
+        log.info("agent: protocol version %d, block digest %s, codec %s", version, algorithm, reply.get("codec"))
         if reply.get("recovery_instance") != self.cfg.recovery_instance_id:
             raise AgentRefused(
                 f"agent serves recovery instance {reply.get('recovery_instance')!r}, "

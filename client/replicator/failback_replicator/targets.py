@@ -71,8 +71,7 @@ def bind_targets(cfg: ReplicatorConfig, targets: list[Target], volumes: list[dic
         if name not in by_name:
             raise ReplicationFailed(
                 ReplicationError.FAILED_TO_CONFIGURE_REPLICATION_SOFTWARE,
-                f"the agent has no volume {name!r} (it serves: {', '.join(sorted(by_name))}); "
-                "fix the device mapping",
+                f"the agent has no volume {name!r} (it serves: {', '.join(sorted(by_name))}); fix the device mapping",
             )
         index, size = by_name[name]
         local_size = device_size(t.fd)

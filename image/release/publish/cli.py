@@ -163,8 +163,11 @@ def sign_sums(sums: str, key: str, out_dir: Path, homedir: Path | None = None) -
     env = {"GNUPGHOME": str(homedir)} if homedir else None
     gpg = ["gpg", *([] if sys.stdin.isatty() else ["--batch"])]
     reusable = (
-        sums_path.is_file() and sums_path.read_text() == sums and sig_path.is_file()
-        and key_path.is_file() and key_path.read_text() == key
+        sums_path.is_file()
+        and sums_path.read_text() == sums
+        and sig_path.is_file()
+        and key_path.is_file()
+        and key_path.read_text() == key
     )
     if reusable:
         try:
@@ -174,8 +177,11 @@ def sign_sums(sums: str, key: str, out_dir: Path, homedir: Path | None = None) -
             log.info("old signature of %s does not verify: signing again", sums_path)
     sums_path.write_text(sums)
     try:
-        run([*gpg, "--yes", "--local-user", key, "--armor", "--detach-sign", "--output", sig_path, sums_path],
-            env=env, capture=True)
+        run(
+            [*gpg, "--yes", "--local-user", key, "--armor", "--detach-sign", "--output", sig_path, sums_path],
+            env=env,
+            capture=True,
+        )
     except CommandError as exc:
         raise PublishError(
             f"gpg could not sign {sums_path} with key {key!r} (is the secret key in the keyring"
@@ -238,8 +244,9 @@ def publish_release(opts: PublishOptions, out: TextIO = sys.stdout) -> PublishRe
             report.results = [futures[rp.region].result() for rp in plan.regions]
     finally:
         reporter.close()
-    render_table(report.results, rich_output=opts.progress == "rich" or (opts.progress == "auto" and out.isatty()),
-                 out=out)
+    render_table(
+        report.results, rich_output=opts.progress == "rich" or (opts.progress == "auto" and out.isatty()), out=out
+    )
     for r in report.results:
         for note in r.notes:
             print(f"note [{r.region}]: {note}", file=out)
@@ -302,8 +309,9 @@ def publish_command(
         return 0
     failed = [r.region for r in report.results if not r.ok]
     if failed:
-        print(f"publish: FAILED in {len(failed)} of {len(report.results)} region(s): {', '.join(failed)}",
-              file=sys.stderr)
+        print(
+            f"publish: FAILED in {len(failed)} of {len(report.results)} region(s): {', '.join(failed)}", file=sys.stderr
+        )
         return 1
     print(f"publish: {opts.version} verified in {len(report.results)} region(s)", file=out)
     return 0

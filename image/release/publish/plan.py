@@ -214,9 +214,16 @@ def version_bytes(version: str, artifacts: Sequence[LocalArtifact]) -> bytes | N
     if not isos:
         return None
     iso = isos[0]
-    body = {"version": version, "iso": {"name": iso.name, "key": f"latest/{LIVECD_FOLDER}/{iso.name}",
-                                        "versionKey": f"{version}/{LIVECD_FOLDER}/{iso.name}", "size": iso.size,
-                                        "sha512": iso.sha512}}
+    body = {
+        "version": version,
+        "iso": {
+            "name": iso.name,
+            "key": f"latest/{LIVECD_FOLDER}/{iso.name}",
+            "versionKey": f"{version}/{LIVECD_FOLDER}/{iso.name}",
+            "size": iso.size,
+            "sha512": iso.sha512,
+        },
+    }
     return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -238,8 +245,17 @@ def plan_region(
     objs = rp.objects
     for a in artifacts:
         objs.append(
-            PlannedObject("artifact", release, f"{version}/{a.folder}/{a.name}", a.size, a.sha512,
-                          a.content_type, a.s3, artifact=a, immutable=True)
+            PlannedObject(
+                "artifact",
+                release,
+                f"{version}/{a.folder}/{a.name}",
+                a.size,
+                a.sha512,
+                a.content_type,
+                a.s3,
+                artifact=a,
+                immutable=True,
+            )
         )
     for a in artifacts:
         h = _small("hash", hashes, f"{version}/{a.folder}/{a.name}.sha512", a.sha512.encode(), "text/plain")
@@ -249,12 +265,22 @@ def plan_region(
         objs.append(_small("hash", hashes, f"{version}/SHA512SUMS.asc", signature, "application/pgp-signature"))
     for a in artifacts:
         objs.append(
-            PlannedObject("latest", release, f"latest/{a.folder}/{a.name}", a.size, a.sha512, a.content_type,
-                          a.s3, artifact=a, copy_from=f"{version}/{a.folder}/{a.name}")
+            PlannedObject(
+                "latest",
+                release,
+                f"latest/{a.folder}/{a.name}",
+                a.size,
+                a.sha512,
+                a.content_type,
+                a.s3,
+                artifact=a,
+                copy_from=f"{version}/{a.folder}/{a.name}",
+            )
         )
     for a in artifacts:
-        objs.append(_small("latest-hash", hashes, f"latest/{a.folder}/{a.name}.sha512", a.sha512.encode(),
-                           "text/plain"))
+        objs.append(
+            _small("latest-hash", hashes, f"latest/{a.folder}/{a.name}.sha512", a.sha512.encode(), "text/plain")
+        )
     if signature is None:
         # An old signature must not sit next to a SHA512SUMS it does not sign.
         rp.deletions.append(("latest-hash", hashes, "latest/SHA512SUMS.asc"))
@@ -263,8 +289,9 @@ def plan_region(
         objs.append(_small("latest-hash", hashes, "latest/SHA512SUMS.asc", signature, "application/pgp-signature"))
     # The manifest names {installerVersion}/failback_assets/: only written when those assets exist.
     if any(a.folder == ASSETS_FOLDER for a in artifacts):
-        objs.append(_small("manifest", release, "latest/manifest.json", manifest_bytes(version, artifacts),
-                           "application/json"))
+        objs.append(
+            _small("manifest", release, "latest/manifest.json", manifest_bytes(version, artifacts), "application/json")
+        )
     version_doc = version_bytes(version, artifacts)
     if version_doc is not None:  # last: it names the latest ISO only once that ISO and its hash are in place
         objs.append(_small("manifest", release, VERSION_KEY, version_doc, "application/json"))
@@ -320,9 +347,7 @@ def render_plan(plan: ReleasePlan, seed_copy: bool = True) -> str:
                     how = f"copy from {seeds[rp.partition]}"
                 else:
                     how = "upload" if o.artifact else "put"
-                lines.append(
-                    f"  {phase:<11} {how:<18} s3://{o.bucket}/{o.key}  {o.size} bytes  sha512 {o.sha512}"
-                )
+                lines.append(f"  {phase:<11} {how:<18} s3://{o.bucket}/{o.key}  {o.size} bytes  sha512 {o.sha512}")
     total = sum(rp.transfer_bytes for rp in plan.regions)
     lines.append(f"total: {sum(len(rp.objects) for rp in plan.regions)} objects, {human_size(total)}")
     return "\n".join(lines)

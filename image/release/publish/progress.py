@@ -75,8 +75,9 @@ class PlainReporter(SilentReporter):
 
     def region_finished(self, result: RegionResult) -> None:
         state = "done" if result.ok else f"FAILED: {result.error}"
-        self._say(f"[{result.region}] {state} ({result.written} written, {human_size(result.bytes)}, "
-                  f"{result.seconds:.1f} s)")
+        self._say(
+            f"[{result.region}] {state} ({result.written} written, {human_size(result.bytes)}, {result.seconds:.1f} s)"
+        )
 
 
 class RichReporter(SilentReporter):

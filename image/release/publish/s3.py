@@ -105,8 +105,9 @@ def describe_error(exc: BaseException, what: str, region: str) -> str:
         if code == "NoSuchBucket" or (code == "404" and is_bucket):
             return f"{what}: no such bucket (create it in {region}, or check --bucket-prefix)"
         if code in {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            return (f"{what}: access denied ({code}); check the credentials' policy, the bucket policy "
-                    "and --expected-owner")
+            return (
+                f"{what}: access denied ({code}); check the credentials' policy, the bucket policy and --expected-owner"
+            )
         if code in {"PermanentRedirect", "301", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}:
             actual = headers.get("x-amz-bucket-region") or err.get("Region") or "another region"
             return f"{what}: wrong region, the bucket is in {actual}, not {region}"
@@ -210,12 +211,14 @@ class RegionPublisher:
         """Multipart uploads left by a killed run are invisible but billed: abort ours."""
         keys = {o.key for o in self.plan.objects if o.is_large}
         bucket = self.plan.release_bucket
-        resp = self._call(f"s3://{bucket}", self._client.list_multipart_uploads,
-                          **self._owner({"Bucket": bucket}))
+        resp = self._call(f"s3://{bucket}", self._client.list_multipart_uploads, **self._owner({"Bucket": bucket}))
         for up in resp.get("Uploads", []) or []:
             if up.get("Key") in keys:
-                self._call(f"s3://{bucket}/{up['Key']}", self._client.abort_multipart_upload,
-                           **self._owner({"Bucket": bucket, "Key": up["Key"], "UploadId": up["UploadId"]}))
+                self._call(
+                    f"s3://{bucket}/{up['Key']}",
+                    self._client.abort_multipart_upload,
+                    **self._owner({"Bucket": bucket, "Key": up["Key"], "UploadId": up["UploadId"]}),
+                )
                 self.result.notes.append(f"aborted a stale multipart upload of {up['Key']}")
 
     def _extra_args(self, obj: PlannedObject) -> dict[str, Any]:
@@ -250,25 +253,44 @@ class RegionPublisher:
             if self.settings.expected_owner:
                 extra["ExpectedSourceBucketOwner"] = self.settings.expected_owner
             # One CopyObject: atomic in S3, no HEAD of the source, no transfer threads.
-            self._call(what, self._client.copy_object, Bucket=obj.bucket, Key=obj.key,
-                       CopySource={"Bucket": source.bucket, "Key": source.key}, **extra)
+            self._call(
+                what,
+                self._client.copy_object,
+                Bucket=obj.bucket,
+                Key=obj.key,
+                CopySource={"Bucket": source.bucket, "Key": source.key},
+                **extra,
+            )
             self._progress(obj.size)
             return
         # Over 5 GiB S3 copies only by parts: s3transfer's managed copy (it takes no
         # ExpectedSourceBucketOwner; the source was HEADed with the owner check).
         t = self.settings.transfer
-        config = TransferConfig(multipart_threshold=COPY_SINGLE_LIMIT, multipart_chunksize=t.multipart_chunksize,
-                                max_concurrency=t.max_request_concurrency, use_threads=True)
-        self._call(what, self._client.copy, CopySource={"Bucket": source.bucket, "Key": source.key},
-                   Bucket=obj.bucket, Key=obj.key, ExtraArgs=extra, Callback=self._progress,
-                   SourceClient=make_client(self.settings, source.region), Config=config)
+        config = TransferConfig(
+            multipart_threshold=COPY_SINGLE_LIMIT,
+            multipart_chunksize=t.multipart_chunksize,
+            max_concurrency=t.max_request_concurrency,
+            use_threads=True,
+        )
+        self._call(
+            what,
+            self._client.copy,
+            CopySource={"Bucket": source.bucket, "Key": source.key},
+            Bucket=obj.bucket,
+            Key=obj.key,
+            ExtraArgs=extra,
+            Callback=self._progress,
+            SourceClient=make_client(self.settings, source.region),
+            Config=config,
+        )
 
     def _write(self, obj: PlannedObject) -> str:
         """Write one object; returns the action done (for the progress lines)."""
         what = f"s3://{obj.bucket}/{obj.key}"
         if obj.data is not None:
-            self._call(what, self._client.put_object, Bucket=obj.bucket, Key=obj.key, Body=obj.data,
-                       **self._extra_args(obj))
+            self._call(
+                what, self._client.put_object, Bucket=obj.bucket, Key=obj.key, Body=obj.data, **self._extra_args(obj)
+            )
             self._sent(obj.size)
             return "put"
         if obj.copy_from is not None:
@@ -287,9 +309,16 @@ class RegionPublisher:
                 # e.g. no read access to the seed bucket: uploading ourselves still works.
                 self.result.notes.append(f"seed copy failed, uploaded instead: {exc}")
         with self.settings.budget:
-            self._call(what, self._client.upload_file, Filename=str(obj.artifact.path), Bucket=obj.bucket,
-                       Key=obj.key, ExtraArgs=self._extra_args(obj), Callback=self._sent,
-                       Config=self.settings.transfer)
+            self._call(
+                what,
+                self._client.upload_file,
+                Filename=str(obj.artifact.path),
+                Bucket=obj.bucket,
+                Key=obj.key,
+                ExtraArgs=self._extra_args(obj),
+                Callback=self._sent,
+                Config=self.settings.transfer,
+            )
         return "uploaded"
 
     def _seed_for(self, obj: PlannedObject) -> SeedObject | None:
@@ -301,8 +330,11 @@ class RegionPublisher:
 
     def _ensure(self, obj: PlannedObject) -> None:
         head = self._head(obj.bucket, obj.key)
-        if (obj.immutable and head is not None
-                and (head.get("Metadata", {}).get("sha512") != obj.sha512 or head.get("ContentLength") != obj.size)):
+        if (
+            obj.immutable
+            and head is not None
+            and (head.get("Metadata", {}).get("sha512") != obj.sha512 or head.get("ContentLength") != obj.size)
+        ):
             raise RegionFailure(
                 f"s3://{obj.bucket}/{obj.key} already holds a different file (sha512 "
                 f"{head.get('Metadata', {}).get('sha512', 'unknown')[:16]}…): a published version is never "
@@ -326,8 +358,9 @@ class RegionPublisher:
 
     def _delete_stale(self, bucket: str, key: str) -> None:
         if self._head(bucket, key) is not None:
-            self._call(f"s3://{bucket}/{key}", self._client.delete_object,
-                       **self._owner({"Bucket": bucket, "Key": key}))
+            self._call(
+                f"s3://{bucket}/{key}", self._client.delete_object, **self._owner({"Bucket": bucket, "Key": key})
+            )
             self.reporter.object_done(self.plan.region, "deleted", bucket, key, 0)
 
     def _seed_objects_done(self) -> dict[str, SeedObject]:

@@ -86,8 +86,10 @@ def _entries(cfg: ImageConfig) -> list[MenuEntry]:
             raise BootMenuError(f"{key}.label: must be a non-empty single line")
         if not e.label.isascii():
             odd = next(c for c in e.label if not c.isascii())
-            raise BootMenuError(f"{key}.label: {e.label!r} must be plain ASCII ({odd!r} is not): serial consoles "
-                                "and GRUB's font show other characters as stray bytes or boxes")
+            raise BootMenuError(
+                f"{key}.label: {e.label!r} must be plain ASCII ({odd!r} is not): serial consoles "
+                "and GRUB's font show other characters as stray bytes or boxes"
+            )
         if any(c in e.cmdline for c in "\r\n"):
             raise BootMenuError(f"{key}.cmdline: must be a single line")
         full = "" if e.local_disk else " ".join(f"{cfg.kernel_cmdline} {e.cmdline}".split())

@@ -96,8 +96,10 @@ class AptSources:
         from image.stages.config import apt_sources  # the same sources the rootfs is built from
 
         if cfg.debian.architecture != "amd64":
-            raise EfiError(f"{cfg.path}: debian.architecture: {cfg.debian.architecture!r} is not supported by the "
-                           "ISO's UEFI boot (shimx64/grubx64 are amd64 only)")
+            raise EfiError(
+                f"{cfg.path}: debian.architecture: {cfg.debian.architecture!r} is not supported by the "
+                "ISO's UEFI boot (shimx64/grubx64 are amd64 only)"
+            )
         return cls(tuple(apt_sources(cfg)), cfg.debian.architecture)
 
     @property
@@ -231,9 +233,7 @@ def fetch_package(
     return version, tree
 
 
-def fetch_efi_files(
-    cache_dir: Path, sources: AptSources | None = None
-) -> tuple[dict[str, str], dict[str, Path]]:
+def fetch_efi_files(cache_dir: Path, sources: AptSources | None = None) -> tuple[dict[str, str], dict[str, Path]]:
     """Fetch the signed boot binaries. Returns ({package: version}, {FAT path: host file})."""
     versions: dict[str, str] = {}
     files: dict[str, Path] = {}
@@ -275,8 +275,11 @@ def make_fat_image(files: dict[str, Path | bytes], output: Path, source_date_epo
         # Keep a user's ~/.mtoolsrc (drive letters, name mangling) out of the build.
         "MTOOLSRC": os.devnull,
     }
-    run(["mkfs.vfat", "--invariant", "-i", FAT_VOLUME_ID, "-n", FAT_LABEL, "-C", output, str(size_kib)],
-        env=env, capture=True)
+    run(
+        ["mkfs.vfat", "--invariant", "-i", FAT_VOLUME_ID, "-n", FAT_LABEL, "-C", output, str(size_kib)],
+        env=env,
+        capture=True,
+    )
     made: set[str] = set()
     for fat_path in sorted(files):
         parts = fat_path.split("/")[:-1]
@@ -307,11 +310,20 @@ def build_efi_image(
     versions, binaries = fetch_efi_files(cache_dir, sources)
     files: dict[str, Path | bytes] = {**binaries, BRIDGE_CFG_PATH: BRIDGE_CFG.encode()}
     # The image is a pure function of these: reuse it when they have not changed.
-    key = hashlib.sha256(json.dumps({
-        "versions": versions, "epoch": source_date_epoch, "bridge": BRIDGE_CFG, "label": FAT_LABEL,
-        "volume_id": FAT_VOLUME_ID, "layout": {k: str(v) for k, v in EFI_PACKAGES.items()},
-        "tools": _tool_versions(),
-    }, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "versions": versions,
+                "epoch": source_date_epoch,
+                "bridge": BRIDGE_CFG,
+                "label": FAT_LABEL,
+                "volume_id": FAT_VOLUME_ID,
+                "layout": {k: str(v) for k, v in EFI_PACKAGES.items()},
+                "tools": _tool_versions(),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     stamp = output.with_name(output.name + ".key")
     if output.is_file() and stamp.is_file() and stamp.read_text() == key:
         log.info("EFI image %s is up to date", output)
@@ -319,6 +331,10 @@ def build_efi_image(
         stamp.unlink(missing_ok=True)
         make_fat_image(files, output, source_date_epoch)
         stamp.write_text(key)
-    log.info("EFI image %s: %d KiB, %s", output, output.stat().st_size // 1024,
-             ", ".join(f"{p} {v}" for p, v in versions.items()))
+    log.info(
+        "EFI image %s: %d KiB, %s",
+        output,
+        output.stat().st_size // 1024,
+        ", ".join(f"{p} {v}" for p, v in versions.items()),
+    )
     return EfiImage(path=output, versions=versions, files=files)

@@ -170,8 +170,10 @@ def normalise_gpt(path: Path, seed: str) -> None:
         head = bytearray(f.read(64 * SECTOR))
         primary = _read_header(head, 1)
         if primary.backup_lba * SECTOR + SECTOR != size:
-            raise GptError(f"{path}: primary GPT puts the backup header at LBA {primary.backup_lba}, "
-                           f"but the image has {size // SECTOR} sectors")
+            raise GptError(
+                f"{path}: primary GPT puts the backup header at LBA {primary.backup_lba}, "
+                f"but the image has {size // SECTOR} sectors"
+            )
         backup_area_lba = primary.backup_lba - primary.entries_bytes // SECTOR
         f.seek(backup_area_lba * SECTOR)
         tail = bytearray(f.read(size - backup_area_lba * SECTOR))
@@ -179,8 +181,10 @@ def normalise_gpt(path: Path, seed: str) -> None:
         tail_view = bytearray(backup_area_lba * SECTOR) + tail
         backup = _read_header(tail_view, primary.backup_lba)
         if backup.entries_lba != backup_area_lba or backup.num_entries != primary.num_entries:
-            raise GptError(f"{path}: backup GPT entries at LBA {backup.entries_lba} ({backup.num_entries}), "
-                           f"expected LBA {backup_area_lba} ({primary.num_entries})")
+            raise GptError(
+                f"{path}: backup GPT entries at LBA {backup.entries_lba} ({backup.num_entries}), "
+                f"expected LBA {backup_area_lba} ({primary.num_entries})"
+            )
 
         disk_guid = derive_guid(seed, "disk")
         for buf, hdr in ((head, primary), (tail_view, backup)):
@@ -230,8 +234,10 @@ def check_gpt(path: Path) -> list[str]:
     entries = read_entries(head, primary)
     for e in entries:
         if not primary.first_usable_lba <= e.first_lba <= e.last_lba <= primary.last_usable_lba:
-            problems.append(f"partition {e.index} ({e.first_lba}-{e.last_lba}) lies outside the usable LBAs "
-                            f"{primary.first_usable_lba}-{primary.last_usable_lba}")
+            problems.append(
+                f"partition {e.index} ({e.first_lba}-{e.last_lba}) lies outside the usable LBAs "
+                f"{primary.first_usable_lba}-{primary.last_usable_lba}"
+            )
     for a in entries:
         for b in entries:
             if a.index < b.index and a.first_lba <= b.last_lba and b.first_lba <= a.last_lba:

@@ -203,8 +203,9 @@ def _input_files(inputs: IsoInputs) -> dict[str, Path]:
         tree[dest] = layer
     for iso_path, host in sorted(inputs.extra_files.items()):
         if not _ISO_PATH_RE.match(iso_path) or any(part in {".", ".."} for part in iso_path.split("/")):
-            raise IsoError(f"extra_files[{iso_path!r}]: must be an absolute path of letters, digits, "
-                           "'.', '_', '+' and '-'")
+            raise IsoError(
+                f"extra_files[{iso_path!r}]: must be an absolute path of letters, digits, '.', '_', '+' and '-'"
+            )
         if iso_path in tree or iso_path in _RESERVED or iso_path.startswith(_RESERVED_DIRS):
             raise IsoError(f"extra_files[{iso_path!r}]: the ISO stage writes that path itself; choose another")
         _need_file(Path(host), f"extra_files[{iso_path!r}]")
@@ -233,8 +234,9 @@ def _collect_tree(
     tree["/.disk/boot-packages"] = "".join(f"{p} {v}\n" for p, v in sorted(boot_packages.items())).encode()
     for p in (ISOLINUX_BIN, ISOHDPFX_BIN, *(SYSLINUX_MODULES / m for m in ISOLINUX_MODULES)):
         if not p.is_file():
-            raise IsoError(f"{p} is missing on the build host (packages isolinux, syslinux-common): "
-                           "run ./install-deps.sh")
+            raise IsoError(
+                f"{p} is missing on the build host (packages isolinux, syslinux-common): run ./install-deps.sh"
+            )
     return tree
 
 
@@ -291,8 +293,14 @@ def _leave_room_for_backup_gpt(iso: pycdlib.PyCdlib) -> int:
     needed = gpt_room_filler(iso.pvd.space_size * iso.logical_block_size)
     if needed:
         filler = b"\0" * needed
-        iso.add_fp(io.BytesIO(filler), len(filler), _iso_path(PurePosixPath(GPT_ROOM_PATH), is_dir=False),
-                   rr_name=PurePosixPath(GPT_ROOM_PATH).name, joliet_path=GPT_ROOM_PATH, file_mode=_FILE_MODE)
+        iso.add_fp(
+            io.BytesIO(filler),
+            len(filler),
+            _iso_path(PurePosixPath(GPT_ROOM_PATH), is_dir=False),
+            rr_name=PurePosixPath(GPT_ROOM_PATH).name,
+            joliet_path=GPT_ROOM_PATH,
+            file_mode=_FILE_MODE,
+        )
         if gpt_room_filler(iso.pvd.space_size * iso.logical_block_size):
             raise IsoError("could not leave room for the backup GPT at the end of the image")
     return needed
@@ -369,8 +377,13 @@ def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: P
     files = {p: (len(s) if isinstance(s, bytes) else s.stat().st_size) for p, s in tree.items()}
     if filler:
         files[GPT_ROOM_PATH] = filler
-    log.info("ISO %s: %.1f MiB written in %.2f s (EFI image %d KiB)", output, size / 2**20, elapsed,
-             efi_img.path.stat().st_size // 1024)
+    log.info(
+        "ISO %s: %.1f MiB written in %.2f s (EFI image %d KiB)",
+        output,
+        size / 2**20,
+        elapsed,
+        efi_img.path.stat().st_size // 1024,
+    )
     return IsoResult(
         path=output,
         size=size,

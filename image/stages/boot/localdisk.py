@@ -41,8 +41,9 @@ class LocalDiskError(ImageError, ValueError):
 def boot_sector(own_mbr_id: int) -> bytes:
     """localdisk.bs for an ISO whose MBR disk id is `own_mbr_id` (the disk it must skip)."""
     if not 0 < own_mbr_id < 2**32:
-        raise LocalDiskError(f"MBR disk id {own_mbr_id:#x} must be a non-zero 32-bit number "
-                             "(a zero id would match disks that have none)")
+        raise LocalDiskError(
+            f"MBR disk id {own_mbr_id:#x} must be a non-zero 32-bit number (a zero id would match disks that have none)"
+        )
     code = bytearray(CODE)
     struct.pack_into("<I", code, OWN_ID_OFFSET, own_mbr_id)
     return bytes(code)
