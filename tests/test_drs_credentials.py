@@ -64,6 +64,17 @@ def _installed(cp, installer, tmp_path: Path) -> tuple[str, Path]:  # type: igno
     return client_id, tls_paths(tls).key
 
 
+def _installer_settings(cp, installer) -> Settings:  # type: ignore[no-untyped-def]
+    """The client's settings as the admin typed them in: the installation credentials."""
+    return Settings(
+        region=cp.region,
+        endpoint=cp.url,
+        access_key_id=installer.access_key,
+        secret_access_key=installer.secret_key,
+        session_token=installer.session_token,
+    )
+
+
 def _source(cp, client_id: str, key: Path, notices: Notices | None = None) -> DrsIssuedCredentials:  # type: ignore[no-untyped-def]
     return DrsIssuedCredentials(
         region=cp.region,
@@ -175,13 +186,7 @@ def test_a_client_cut_off_longer_than_its_credentials_live_recovers_without_the_
     monkeypatch.setattr(drs_credentials, "BACKOFF_MAX_S", 1.0)
     cp = drs_controlplane_factory(extra_credentials=(installer,), client_credentials_ttl=4)
     client_id, key = _installed(cp, installer, tmp_path)
-    settings = Settings(
-        region=cp.region,
-        endpoint=cp.url,
-        access_key_id=installer.access_key,
-        secret_access_key=installer.secret_key,
-        session_token=installer.session_token,
-    )
+    settings = _installer_settings(cp, installer)
     api = DrsApi(settings)
     rapi = ReplicationApi(api, client_id, WEB01)
     notices = Notices()
@@ -230,13 +235,7 @@ def test_a_post_install_call_on_the_installation_credentials_is_denied(drs_contr
     """Mutant of the switch: the installed client still on the admin's credentials gets AccessDenied."""
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     client_id, _key = _installed(cp, installer, tmp_path)
-    settings = Settings(
-        region=cp.region,
-        endpoint=cp.url,
-        access_key_id=installer.access_key,
-        secret_access_key=installer.secret_key,
-        session_token=installer.session_token,
-    )
+    settings = _installer_settings(cp, installer)
     api = DrsApi(settings)
     api.installed = True  # as after the switch, but the client kept the installation credentials
     rapi = ReplicationApi(api, client_id, WEB01)
@@ -250,13 +249,7 @@ def test_access_denied_after_the_switch_blames_the_issued_credentials(drs_contro
     """After the switch a refusal is about what DRS issued: no advice about the installation policy or STS."""
     cp = drs_controlplane_factory(extra_credentials=(installer,))
     client_id, key = _installed(cp, installer, tmp_path)
-    settings = Settings(
-        region=cp.region,
-        endpoint=cp.url,
-        access_key_id=installer.access_key,
-        secret_access_key=installer.secret_key,
-        session_token=installer.session_token,
-    )
+    settings = _installer_settings(cp, installer)
     api = DrsApi(settings)
     switch_to_drs_credentials(api, Notices(), client_id, WEB01, key)
     rapi = ReplicationApi(api, client_id, DB01)  # another instance: outside what DRS issued this client
