@@ -5,7 +5,6 @@ where it is; an older or equal one, a bucket without the object and an unreachab
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 from urllib.request import Request, urlopen
@@ -16,6 +15,7 @@ from failback_client.console import Console
 from failback_client.newer_iso import NewerIsoCheck, is_newer, latest_published, parse_version
 
 from image.release.publish.cli import publish_command
+from image.release.publish.s3 import public_read_policy
 from tests.controlplane_fixture import ControlPlaneHandle
 from tests.test_client_helpers import SEED, agent_listener, client_env, closed_port, run_in_process
 from tests.test_client_replication_helpers import BUCKET, HASH_BUCKET, REGION, admin_s3
@@ -33,19 +33,7 @@ def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
         client.create_bucket(Bucket=bucket)
         client.put_bucket_policy(
             Bucket=bucket,
-            Policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": "*",
-                            "Action": "s3:GetObject",
-                            "Resource": f"arn:aws:s3:::{bucket}/*",
-                        }
-                    ],
-                }
-            ),
+            Policy=public_read_policy(bucket),
         )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # the publisher's credentials (moto takes any)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")

@@ -6,7 +6,6 @@ real agent serving ext4 images with a certificate issued by that control plane.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ import boto3
 from botocore.config import Config
 
 from image.release.assets import Assets, build_assets
+from image.release.publish.s3 import public_read_policy
 
 REGION = "us-east-1"
 BUCKET = f"aws-elastic-disaster-recovery-{REGION}"
@@ -57,19 +57,7 @@ def publish_assets(url: str, assets: Assets, *, tarball_bytes: bytes | None = No
             s3.create_bucket(Bucket=bucket)
         s3.put_bucket_policy(
             Bucket=bucket,
-            Policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": "*",
-                            "Action": "s3:GetObject",
-                            "Resource": f"arn:aws:s3:::{bucket}/*",
-                        }
-                    ],
-                }
-            ),
+            Policy=public_read_policy(bucket),
         )
     for bucket, key, path in assets.bucket_objects(REGION):
         body = tarball_bytes if (tarball_bytes is not None and key.endswith(".tar.gz")) else path.read_bytes()

@@ -33,6 +33,7 @@ from moto.server import ThreadedMotoServer
 from image.release.publish.cli import PublishOptions, default_transfer_jobs, publish_command, publish_release
 from image.release.publish.plan import VERSION_KEY, bytes_digests, s3_digests_of_file
 from image.release.publish.regions import ALL_REGIONS, RegionError, parse_regions
+from image.release.publish.s3 import public_read_policy
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -94,19 +95,7 @@ def make_buckets(s3: Any, regions: list[str], skip: set[str] = frozenset(), loca
             s3.create_bucket(Bucket=bucket, **kwargs)
             s3.put_bucket_policy(
                 Bucket=bucket,
-                Policy=json.dumps(
-                    {
-                        "Version": "2012-10-17",
-                        "Statement": [
-                            {
-                                "Effect": "Allow",
-                                "Principal": "*",
-                                "Action": "s3:GetObject",
-                                "Resource": f"arn:aws:s3:::{bucket}/*",
-                            }
-                        ],
-                    }
-                ),
+                Policy=public_read_policy(bucket),
             )
 
 

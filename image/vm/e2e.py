@@ -27,7 +27,6 @@ the control plane's request record.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import re
@@ -45,6 +44,7 @@ from image.core.errors import ImageError
 from image.core.mounts import require_no_mounts
 from image.core.paths import DEFAULT_BUILD
 from image.core.run import run
+from image.release.publish.s3 import public_read_policy
 from image.stages.hashes import sha512_file
 
 log = logging.getLogger("image.vm.e2e")
@@ -157,19 +157,7 @@ def publish_assets(url: str, out: Path) -> str:
         s3.create_bucket(Bucket=bucket)
         s3.put_bucket_policy(
             Bucket=bucket,
-            Policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": "*",
-                            "Action": "s3:GetObject",
-                            "Resource": f"arn:aws:s3:::{bucket}/*",
-                        }
-                    ],
-                }
-            ),
+            Policy=public_read_policy(bucket),
         )
     for bucket, key, path in assets.bucket_objects(REGION):
         s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())

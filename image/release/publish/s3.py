@@ -10,6 +10,7 @@ and a re-run continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,12 @@ class SeedBoard:
     def wait(self, partition: str) -> dict[str, SeedObject]:
         self._event(partition).wait()
         return self._objects.get(partition, {})
+
+
+def public_read_policy(bucket: str) -> str:
+    """The bucket policy of DRS's regional buckets: anyone may read an object (the LiveCD downloads unsigned)."""
+    statement = {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
+    return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
 
 
 def make_client(settings: S3Settings, region: str) -> Any:
