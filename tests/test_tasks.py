@@ -42,3 +42,27 @@ def test_namespaces_and_their_aliases() -> None:
     assert tasks.ns["bench-publish"] is tasks.ns["bench.publish"]
     assert tasks.ns[""] is tasks.ns["build"]  # the default task
     assert not resolves("bench.nothing")  # the check can fail
+
+
+def test_publish_task_passes_every_option_of_publish_command_with_its_default() -> None:
+    """invoke reads a task's options from its signature, so `inv publish` must spell publish_command's
+    parameters again; this keeps the two in step (a new option, a changed default)."""
+    import inspect
+
+    from image.release.publish.cli import publish_command
+
+    task_params = dict(inspect.signature(tasks.publish.body).parameters)
+    task_params.pop("c")
+    internal = {"release_dir", "out"}  # set by the tests and the e2e, not by a release engineer
+    command_params = {n: p for n, p in inspect.signature(publish_command).parameters.items() if n not in internal}
+    assert list(task_params) == list(command_params)
+    differing = {
+        n: (p.default, command_params[n].default)
+        for n, p in task_params.items()
+        if p.default != command_params[n].default
+    }
+    assert not differing, f"inv publish defaults differ from publish_command's (task, command): {differing}"
+    # The task hands every one of them on (a parameter the body forgot would silently use the default).
+    source = inspect.getsource(tasks.publish.body)
+    forgotten = [n for n in command_params if f"{n}={n}" not in source and n not in ("regions", "version")]
+    assert not forgotten, f"inv publish does not pass {forgotten} to publish_command"

@@ -64,11 +64,12 @@ def default_endpoint(region: str) -> str:
 BUCKET_PREFIX = "aws-elastic-disaster-recovery"
 
 
-def release_bucket(region: str) -> str:
-    """The region's public bucket: replication software, manifests and the published LiveCD."""
-    return f"{BUCKET_PREFIX}-{region}"
+def release_bucket(region: str, prefix: str = BUCKET_PREFIX) -> str:
+    """The region's public bucket: replication software, manifests and the published LiveCD. `prefix` is
+    DRS's own unless a release goes to test buckets (`inv publish --bucket-prefix`)."""
+    return f"{prefix}-{region}"
 
 
-def hashes_bucket(region: str) -> str:
+def hashes_bucket(region: str, prefix: str = BUCKET_PREFIX) -> str:
     """The region's bucket of sha512 digests for what release_bucket holds."""
-    return f"{BUCKET_PREFIX}-hashes-{region}"
+    return f"{prefix}-hashes-{region}"

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from failback_client.regions import hashes_bucket, release_bucket
+
 from image.core.errors import ImageError
 from image.core.paths import DEFAULT_BUILD, REPO
 from image.core.run import CommandError, run
@@ -79,8 +81,7 @@ class Assets:
 
     def bucket_objects(self, region: str) -> list[tuple[str, str, Path]]:
         """(bucket, key, local file) for publishing to one region, as the real buckets lay them out."""
-        regional = f"aws-elastic-disaster-recovery-{region}"
-        hashes = f"aws-elastic-disaster-recovery-hashes-{region}"
+        regional, hashes = release_bucket(region), hashes_bucket(region)
         prefix = f"{self.version}/failback_assets"
         return [
             (regional, f"{prefix}/{TARBALL}", self.tarball),

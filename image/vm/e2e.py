@@ -40,6 +40,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from failback_client.regions import hashes_bucket, release_bucket
+
 from image.core.errors import ImageError
 from image.core.mounts import require_no_mounts
 from image.core.paths import DEFAULT_BUILD
@@ -153,7 +155,7 @@ def publish_assets(url: str, out: Path) -> str:
     s3 = boto3.Session(aws_access_key_id="e2e", aws_secret_access_key="e2e-secret").client(
         "s3", region_name=REGION, endpoint_url=url, config=Config(s3={"addressing_style": "path"})
     )
-    for bucket in (f"aws-elastic-disaster-recovery-{REGION}", f"aws-elastic-disaster-recovery-hashes-{REGION}"):
+    for bucket in (release_bucket(REGION), hashes_bucket(REGION)):
         s3.create_bucket(Bucket=bucket)
         s3.put_bucket_policy(
             Bucket=bucket,

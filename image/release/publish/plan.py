@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from failback_client.regions import hashes_bucket, release_bucket
+
 from image.core.errors import ImageError
 from image.release.publish.regions import partition_of
 
@@ -177,7 +179,7 @@ def check_version(version: str) -> str:
 
 def bucket_names(prefix: str, region: str) -> tuple[str, str]:
     """(release bucket, hashes bucket) for a region, e.g. aws-elastic-disaster-recovery-us-east-1."""
-    release, hashes = f"{prefix}-{region}", f"{prefix}-hashes-{region}"
+    release, hashes = release_bucket(region, prefix), hashes_bucket(region, prefix)
     for name in (release, hashes):
         if not _BUCKET_RE.match(name) or ".." in name:
             raise PlanError(
