@@ -6,7 +6,7 @@ skips itself when its inputs have not changed since its last successful run.
 Errors: an expected failure (any image.core.errors.ImageError, e.g. a command that failed, timed out or is
 not installed, a bad image definition, a missing input file) prints ONE line on stderr, "<task>: what
 failed; how to fix it" (a failed command's captured output tail above it), and exits 1. A traceback is
-shown only in debug mode: `FAILBACK_DEBUG=1 inv <task>`.
+shown only in debug mode: `inv --debug <task>` or `FAILBACK_DEBUG=1 inv <task>`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,29 @@ FORCE_HELP = "rebuild this stage even if its inputs did not change"
 DEBUG_ENV = "FAILBACK_DEBUG"
 
 
-def debug_mode() -> bool:
-    """FAILBACK_DEBUG=1 (an env var, not invoke's --debug: that one only shows where a root logger is
-    at DEBUG, which a library or a test may also set)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+def debug_mode(argv: list[str] | None = None) -> bool:
+    """FAILBACK_DEBUG=1, or invoke's own `--debug`/`-d` before the task names (`inv --debug build`).
+    Read from the command line, not from a logger's level: a library or a test may set the root logger
+    to DEBUG too."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).name not in ("inv", "invoke"):
+        return False
+    for arg in argv[1:]:
+        if arg in ("-d", "--debug"):
+            return True
+        if not arg.startswith("-") and _is_task(arg):  # the core options end at the first task
+            return False
+    return False
+
+
+def _is_task(name: str) -> bool:
+    try:
+        ns[name]
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 @contextmanager

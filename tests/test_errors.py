@@ -1,5 +1,5 @@
 """One error family (image/core/errors.py) and one handler (tasks.failures): an expected failure is one line
-on stderr and exit status 1; a traceback only with FAILBACK_DEBUG=1."""
+on stderr and exit status 1; a traceback only with `inv --debug` or FAILBACK_DEBUG=1."""
 
 from __future__ import annotations
 
@@ -127,6 +127,17 @@ def test_inv_prints_one_line_and_exits_1(tmp_path: Path) -> None:
     assert res.stderr.startswith("rootfs: ")
     debug = _inv("rootfs", "--config", str(bad), "--build-dir", str(tmp_path / "build"), env={tasks.DEBUG_ENV: "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+    flag = _inv("--debug", "rootfs", "--config", str(bad), "--build-dir", str(tmp_path / "build"))
+    assert flag.returncode == 1 and "Traceback" in flag.stderr, flag.stderr
+
+
+def test_debug_flag_is_invokes_core_option_only() -> None:
+    assert tasks.debug_mode(["/x/.venv/bin/inv", "--debug", "build"])
+    assert tasks.debug_mode(["inv", "-d", "bench.boot", "--way", "seabios-cd"])
+    # After the task name, -d belongs to the task; under pytest (or any other program) it is not ours.
+    assert not tasks.debug_mode(["inv", "seed", "-d", "x"])
+    assert not tasks.debug_mode(["inv", "build"])
+    assert not tasks.debug_mode(["pytest", "-d", "tests"])
 
 
 if __name__ == "__main__":
