@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tarfile
 import zipfile
 from collections.abc import Sequence
@@ -42,7 +41,8 @@ from failback_client.regions import hashes_bucket, release_bucket
 
 from image.core.errors import ImageError
 from image.core.paths import DEFAULT_BUILD, REPO
-from image.core.run import CommandError, run
+from image.core.run import CommandError
+from image.stages.clientenv import download_wheels
 from image.stages.config import ConfigError, git_epoch
 from image.stages.hashes import write_hashes
 
@@ -163,24 +163,7 @@ def fetch_wheels(lock: Path | None = None, cache: Path | None = None) -> list[Pa
         partial.mkdir(parents=True)
         log.info("assets: downloading %s into %s", ", ".join(sorted(pins)), house)
         try:
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--disable-pip-version-check",
-                    "--quiet",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--require-hashes",
-                    *WHEEL_TARGET,
-                    "-r",
-                    str(lock),
-                    "-d",
-                    str(partial),
-                ]
-            )
+            download_wheels(lock, partial, WHEEL_TARGET)
         except CommandError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise AssetsError(

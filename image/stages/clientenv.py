@@ -118,14 +118,9 @@ def generate_lock(dest: Path = LOCK, requirements: tuple[str, ...] = RUNTIME_REQ
     log.info("client: wrote %s (%d packages)", dest, len(data["install"]))
 
 
-def ensure_wheelhouse(paths: BuildPaths, lock: Path = LOCK) -> Path:
-    """Download the locked wheels once (hash-checked by pip) into build/cache/wheels/<lock hash>."""
-    house = paths.wheels / lock_digest(lock)[:16]
-    done = house / ".complete"
-    if done.exists():
-        return house
-    house.mkdir(parents=True, exist_ok=True)
-    log.info("client: downloading the locked wheels into %s", house)
+def download_wheels(lock: Path, dest: Path, target: tuple[str, ...] = ()) -> None:
+    """pip download of exactly the wheels `lock` pins (hash-checked, no sdists, no dependencies of
+    their own) into `dest`; `target` = pip's --platform/--python-version options for another Python."""
     run(
         [
             sys.executable,
@@ -137,12 +132,24 @@ def ensure_wheelhouse(paths: BuildPaths, lock: Path = LOCK) -> Path:
             "--no-deps",
             "--only-binary=:all:",
             "--require-hashes",
+            *target,
             "-r",
             str(lock),
             "-d",
-            str(house),
+            str(dest),
         ]
     )
+
+
+def ensure_wheelhouse(paths: BuildPaths, lock: Path = LOCK) -> Path:
+    """Download the locked wheels once (hash-checked by pip) into build/cache/wheels/<lock hash>."""
+    house = paths.wheels / lock_digest(lock)[:16]
+    done = house / ".complete"
+    if done.exists():
+        return house
+    house.mkdir(parents=True, exist_ok=True)
+    log.info("client: downloading the locked wheels into %s", house)
+    download_wheels(lock, house)
     shutil.copyfile(lock, house / "requirements.lock")
     done.touch()
     return house
