@@ -19,7 +19,7 @@ import pytest
 from image.stages.boot import efi
 from image.stages.boot.iso import IsoInputs, assemble_iso
 from image.stages.config import BootConfig, BootEntry, load_config
-from image.vm import qemu
+from image.vm import media, qemu
 from tests import marker_disk
 
 pytestmark = pytest.mark.boot
@@ -62,7 +62,7 @@ def local_disk(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def boot_with_local_disk(way: qemu.BootWay, iso: Path, disk: Path, workdir: Path) -> tuple[qemu.BootResult, bytes]:
     """Boot `iso` the way `way` with `disk` attached after it in boot order, until the disk's marker."""
-    image = qemu.disk_copy(iso, workdir / "usb.img") if way.medium == "disk" else iso
+    image = media.disk_copy(iso, workdir / "usb.img") if way.medium == "disk" else iso
     firmware = vars_file = None
     if way.firmware == "uefi":
         firmware = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(), secure_boot=way.secure_boot)

@@ -377,10 +377,10 @@ def _kernel(cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from image.vm import qemu
+    from image.vm import initramfs
 
     d = tmp_path_factory.mktemp("boot-iso")
-    initrd = qemu.write_marker_initramfs(d / "initrd.img")
+    initrd = initramfs.write_marker_initramfs(d / "initrd.img")
     layer = _write(d / "00-base.squashfs", 100_000, 5)
     base = load_config()
     # Not `quiet`: the kernel's own "Secure boot enabled" line is part of the check.
@@ -402,10 +402,10 @@ def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     "way_name", ["seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk", "ovmf-secureboot-cd", "ovmf-secureboot-disk"]
 )
 def test_boots_to_the_kernel(way_name: str, boot_iso: Path, tmp_path: Path) -> None:
-    from image.vm import qemu
+    from image.vm import initramfs, media, qemu
 
     way = qemu.boot_way(way_name)
-    image = qemu.disk_copy(boot_iso, tmp_path / "disk.img") if way.medium == "disk" else boot_iso
+    image = media.disk_copy(boot_iso, tmp_path / "disk.img") if way.medium == "disk" else boot_iso
     firmware = vars_file = None
     if way.firmware == "uefi":
         firmware = qemu.select_uefi_firmware(qemu.load_firmware_descriptors(), secure_boot=way.secure_boot)
@@ -417,7 +417,7 @@ def test_boots_to_the_kernel(way_name: str, boot_iso: Path, tmp_path: Path) -> N
             way, image=image, serial_log=serial, qmp_socket=qmp, firmware=firmware, vars_file=vars_file
         )
         result = qemu.watch_boot(
-            argv, serial_log=serial, qmp_socket=qmp, pattern=re.compile(re.escape(qemu.BARE_MARKER)), timeout=300
+            argv, serial_log=serial, qmp_socket=qmp, pattern=re.compile(re.escape(initramfs.BARE_MARKER)), timeout=300
         )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from image.release.seedimage import build_seed_image
-from image.vm import qemu
+from image.vm import media, qemu
 from tests.controlplane_fixture import drs_controlplane, drs_controlplane_factory  # noqa: F401
 
 pytestmark = pytest.mark.boot
@@ -59,8 +59,8 @@ def live_iso(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     if not iso.is_file():
         pytest.skip(f"no ISO at {iso} (inv build, or FAILBACK_ISO=...)")
     work = tmp_path_factory.mktemp("netboot")
-    kernel = qemu.extract_from_iso(iso, r"^/live/vmlinuz", work / "vmlinuz")
-    initrd = qemu.extract_from_iso(iso, r"^/live/initrd", work / "initrd.img")
+    kernel = media.extract_from_iso(iso, r"^/live/vmlinuz", work / "vmlinuz")
+    initrd = media.extract_from_iso(iso, r"^/live/initrd", work / "initrd.img")
     return iso, kernel, initrd
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from image.vm import qemu, smoke
+from image.vm import initramfs, media, qemu, smoke
 from image.vm.qemu import BOOT_WAYS, Firmware, QemuError, boot_way
 
 REAL_DIRS = (Path("/usr/share/qemu/firmware"),)
@@ -252,32 +252,32 @@ def fake_iso(path: Path) -> Path:
 
 def test_disk_copy_breaks_only_el_torito(tmp_path: Path) -> None:
     iso = fake_iso(tmp_path / "x.iso")
-    copy = qemu.disk_copy(iso, tmp_path / "out/disk.img")
+    copy = media.disk_copy(iso, tmp_path / "out/disk.img")
     a, b = iso.read_bytes(), copy.read_bytes()
     diff = [i for i in range(len(a)) if a[i] != b[i]]
-    assert diff and min(diff) >= qemu.ELTORITO_OFFSET and max(diff) < qemu.ELTORITO_OFFSET + 9
+    assert diff and min(diff) >= media.ELTORITO_OFFSET and max(diff) < media.ELTORITO_OFFSET + 9
     assert b"EL TORITO" not in b
     # Reused while the ISO is unchanged; redone when it changes.
     mtime = copy.stat().st_mtime_ns
-    assert qemu.disk_copy(iso, copy).stat().st_mtime_ns == mtime
+    assert media.disk_copy(iso, copy).stat().st_mtime_ns == mtime
     os.utime(iso, ns=(1, 1))
-    qemu.disk_copy(iso, copy)
+    media.disk_copy(iso, copy)
     assert b"EL TORITO" not in copy.read_bytes() and copy.stat().st_mtime_ns != mtime
 
 
 def test_disk_copy_refuses_a_non_eltorito_image(tmp_path: Path) -> None:
     img = tmp_path / "plain.img"
     img.write_bytes(bytes(20 * 2048))
-    with pytest.raises(QemuError, match="not an El Torito boot record"):
-        qemu.disable_eltorito(img)
+    with pytest.raises(media.MediaError, match="not an El Torito boot record"):
+        media.disable_eltorito(img)
 
 
 # --- the marker initramfs and console handling ----------------------------------------------------------------
 
 
 def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None:
-    a = qemu.write_marker_initramfs(tmp_path / "a.gz")
-    b = qemu.write_marker_initramfs(tmp_path / "b.gz")
+    a = initramfs.write_marker_initramfs(tmp_path / "a.gz")
+    b = initramfs.write_marker_initramfs(tmp_path / "b.gz")
     assert a.read_bytes() == b.read_bytes()
     listing = subprocess.run(
         ["cpio", "-t", "-v"], input=gzip.decompress(a.read_bytes()), capture_output=True, check=True
@@ -293,7 +293,7 @@ def test_marker_initramfs_is_a_reproducible_newc_archive(tmp_path: Path) -> None
         capture_output=True,
         check=True,
     )
-    assert qemu.BARE_MARKER in (extract / "init").read_text()
+    assert initramfs.BARE_MARKER in (extract / "init").read_text()
 
 
 def test_console_text_loses_escape_sequences() -> None:
@@ -355,7 +355,7 @@ def test_bare_kernel_boots_with_each_firmware(
 
 @pytest.mark.boot
 def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: Path, qmp_socket: Path) -> None:
-    initrd = qemu.write_marker_initramfs(tmp_path / "initrd.gz")
+    initrd = initramfs.write_marker_initramfs(tmp_path / "initrd.gz")
     log, sock = tmp_path / "serial.log", qmp_socket
     argv = qemu.kernel_argv(
         kernel=bare_kernel, initrd=initrd, append="console=ttyS0 panic=-1", serial_log=log, qmp_socket=sock
@@ -372,7 +372,7 @@ def test_watch_boot_reports_qemu_exit_and_timeout(bare_kernel: Path, tmp_path: P
 def test_failure_line_stops_the_boot_early(bare_kernel: Path, tmp_path: Path, qmp_socket: Path) -> None:
     """No init at all: the kernel panics, and the watcher stops QEMU instead of waiting out the timeout."""
     empty = tmp_path / "empty.gz"
-    empty.write_bytes(gzip.compress(qemu._newc_entry("TRAILER!!!", 0), mtime=0))
+    empty.write_bytes(gzip.compress(initramfs._newc_entry("TRAILER!!!", 0), mtime=0))
     log, sock = tmp_path / "serial.log", qmp_socket
     argv = qemu.kernel_argv(
         kernel=bare_kernel, initrd=empty, append="console=ttyS0 panic=0", serial_log=log, qmp_socket=sock
@@ -408,11 +408,11 @@ def test_kernel_and_layers_are_read_from_the_iso(tmp_path: Path) -> None:
         pc.add_fp(io.BytesIO(data), len(data), f"/LIVE/{iso_name}", rr_name=name, joliet_path=f"/live/{name}")
     pc.write(str(iso))
     pc.close()
-    kernel = qemu.extract_from_iso(iso, r"/vmlinuz[^/]*$", tmp_path / "out/vmlinuz")
+    kernel = media.extract_from_iso(iso, r"/vmlinuz[^/]*$", tmp_path / "out/vmlinuz")
     assert kernel.read_bytes() == b"kernel-bytes"
     assert bench.iso_layers(iso) == {"/live/00-base.squashfs": 5000, "/live/10-overlay.squashfs": 700}
-    with pytest.raises(QemuError, match="no file matching 'initrd'"):
-        qemu.extract_from_iso(iso, "initrd", tmp_path / "x")
+    with pytest.raises(media.MediaError, match="no file matching 'initrd'"):
+        media.extract_from_iso(iso, "initrd", tmp_path / "x")
 
 
 def test_match_is_reported_to_the_end_of_its_line() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from image.vm import qemu, smoke
+from image.vm import media, qemu, smoke
 from image.vm.qemu import BOOT_WAYS, BootResult, boot_way
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def fake_iso(path: Path) -> Path:
 @pytest.mark.parametrize("way", BOOT_WAYS, ids=lambda w: w.name)
 def test_plan_per_way(tmp_path: Path, way: qemu.BootWay) -> None:
     iso = fake_iso(tmp_path / "live.iso")
-    disk = qemu.disk_copy(iso, tmp_path / "work/disk.img")
+    disk = media.disk_copy(iso, tmp_path / "work/disk.img")
     fws = qemu.load_firmware_descriptors()
     argv, log, sock = smoke.plan_way(way, iso, tmp_path / "work", fws, disk)
     shutil.rmtree(sock.parent)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from image.core import mounts
 from image.core.run import run
-from image.vm import qemu, smoke
+from image.vm import media, qemu, smoke
 from image.vm.qemu import BOOT_WAYS, BootWay
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ BASELINE_APPEND = "console=tty0 console=ttyS0,115200n8 quiet"
 
 def baseline_kernel(iso: Path, workdir: Path) -> Path:
     """The ISO's own kernel, so the baseline runs exactly the kernel the ISO boots."""
-    return qemu.extract_from_iso(iso, r"/vmlinuz[^/]*$", workdir / "vmlinuz")
+    return media.extract_from_iso(iso, r"/vmlinuz[^/]*$", workdir / "vmlinuz")
 
 
 def run_bench(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import gzip
-import io
 import json
 import logging
 import os
@@ -24,7 +22,6 @@ import re
 import resource
 import shutil
 import socket
-import stat
 import tempfile
 import threading
 import time
@@ -35,6 +32,7 @@ from typing import Literal, cast
 
 from image.core.errors import ImageError
 from image.core.run import CommandTimeout, run
+from image.vm.initramfs import BARE_MARKER, write_marker_initramfs
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +44,6 @@ _MACHINE_PREFIX = {"q35": "pc-q35-", "pc": "pc-i440fx-"}
 
 MEMORY_MIB = 1024
 MACHINE = "q35"
-
-# Where the El Torito boot record's identifier sits: volume descriptor 17, after type, "CD001", version.
-ELTORITO_OFFSET = 17 * 2048 + 7
-ELTORITO_ID = b"EL TORITO"
 
 # Lines that mean the boot is over and failed: stop waiting at once.
 FAILURE_PATTERNS: tuple[re.Pattern[str], ...] = (
@@ -288,36 +282,6 @@ def kernel_argv(
     return [*argv, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
 
 
-def disable_eltorito(image: Path) -> None:
-    """Make the El Torito boot record unrecognisable in place, so firmware can only boot `image` as
-    a disk through its MBR/GPT (OVMF would otherwise boot El Torito from a hard disk too)."""
-    with image.open("r+b") as f:
-        f.seek(ELTORITO_OFFSET - 7)
-        head = f.read(7 + len(ELTORITO_ID))
-        if head[1:6] != b"CD001" or head[0] != 0:
-            raise QemuError(f"{image}: sector 17 is not an El Torito boot record volume descriptor")
-        if head[7:] != ELTORITO_ID:
-            raise QemuError(f"{image}: no {ELTORITO_ID.decode()} identifier at byte {ELTORITO_OFFSET}")
-        f.seek(ELTORITO_OFFSET)
-        f.write(b"NO TORITO")
-
-
-def disk_copy(iso: Path, dest: Path) -> Path:
-    """A copy of `iso` without El Torito (reused while the ISO is unchanged)."""
-    st = iso.stat()
-    stamp = dest.with_name(dest.name + ".source")
-    key = f"{iso.resolve()} {st.st_size} {st.st_mtime_ns}"
-    if dest.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(iso, tmp)
-    disable_eltorito(tmp)
-    tmp.replace(dest)
-    stamp.write_text(key)
-    return dest
-
-
 # --- running a boot and watching the serial console -----------------------------------------------------------
 
 
@@ -466,75 +430,7 @@ def short_socket_path(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="fb-qmp-")) / f"{name}.sock"
 
 
-# --- the baseline: a bare kernel with a tiny initramfs ------------------------------------------------------
-
-BARE_MARKER = "failback-bare-kernel-marker"
-
-
-def _newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
-    namez = name.encode() + b"\0"
-    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0]
-    header = b"070701" + b"".join(b"%08X" % v for v in fields)
-    out = header + namez
-    out += b"\0" * (-len(out) % 4)
-    out += data
-    out += b"\0" * (-len(out) % 4)
-    return out
-
-
-def write_busybox_initramfs(dest: Path, init: str, busybox: Path = Path("/bin/busybox")) -> Path:
-    """A gzip'd newc initramfs holding static busybox and `init` (a busybox sh script) as /init.
-
-    Written here (not with cpio) so it is byte-for-byte the same on every run."""
-    bb = busybox.read_bytes()
-    if not bb.startswith(b"\x7fELF"):
-        raise QemuError(f"{busybox} is not a binary; install busybox-static (./install-deps.sh)")
-    d = stat.S_IFDIR | 0o755
-    entries = [
-        _newc_entry("bin", d, ino=1),
-        _newc_entry("dev", d, ino=2),
-        _newc_entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1), ino=3),
-        _newc_entry("proc", d, ino=4),
-        _newc_entry("sys", d, ino=5),
-        _newc_entry("bin/busybox", stat.S_IFREG | 0o755, bb, ino=6),
-        _newc_entry("init", stat.S_IFREG | 0o755, f"#!/bin/busybox sh\n{init}".encode(), ino=7),
-        _newc_entry("TRAILER!!!", 0),
-    ]
-    archive = b"".join(entries)
-    archive += b"\0" * (-len(archive) % 512)
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(archive)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(buf.getvalue())
-    return dest
-
-
-def write_marker_initramfs(dest: Path) -> Path:
-    """The baseline's initramfs: prints BARE_MARKER on the console and powers off."""
-    return write_busybox_initramfs(dest, f"echo {BARE_MARKER}\nexec /bin/busybox poweroff -f\n")
-
-
-# The boot-chain probe's /init: reports the boot mode and Secure Boot state as the client's summary
-# line would (from /sys/firmware/efi and the kernel's own Secure Boot message; efivarfs is a module),
-# then powers off. Booted from an ISO made by the ISO stage, it times firmware + boot loader + kernel
-# without the live system.
-PROBE_INIT = """\
-/bin/busybox mount -t sysfs sysfs /sys
-mode=BIOS
-sb=off
-if [ -d /sys/firmware/efi ]; then
-  mode=UEFI
-  /bin/busybox dmesg | /bin/busybox grep -q "Secure boot enabled" && sb=on
-fi
-echo "failback-client boot-chain-probe | boot mode: $mode | secure boot: $sb | memory: 0 MiB"
-/bin/busybox sleep 1
-exec /bin/busybox poweroff -f
-"""
-
-
-def write_probe_initramfs(dest: Path) -> Path:
-    return write_busybox_initramfs(dest, PROBE_INIT)
+# --- the baseline: a bare kernel with a tiny initramfs (image/vm/initramfs.py) ---------------------------
 
 
 def boot_bare_kernel(
@@ -568,19 +464,3 @@ def boot_bare_kernel(
         )
     finally:
         shutil.rmtree(qmp.parent, ignore_errors=True)
-
-
-def extract_from_iso(iso: Path, name_regex: str, dest: Path) -> Path:
-    """Copy the first file of the ISO (Rock Ridge names) whose path matches `name_regex` to `dest`."""
-    from image.stages.boot.iso import open_iso  # only the callers that read ISOs need pycdlib
-
-    rx = re.compile(name_regex)
-    with open_iso(iso) as pc:
-        for dirpath, _dirs, files in pc.walk(rr_path="/"):
-            for f in sorted(files):
-                path = f"{dirpath.rstrip('/')}/{f}"
-                if rx.search(path):
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    pc.get_file_from_iso(os.fspath(dest), rr_path=path)
-                    return dest
-    raise QemuError(f"{iso}: no file matching {name_regex!r}")

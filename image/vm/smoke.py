@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from image.vm import qemu
+from image.vm import initramfs, media, qemu
 from image.vm.qemu import BOOT_WAYS, BootResult, BootWay, Firmware
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def make_probe_iso(kernel: Path, workdir: Path) -> Path:
     from image.stages.config import load_config
 
     workdir.mkdir(parents=True, exist_ok=True)
-    initrd = qemu.write_probe_initramfs(workdir / "probe-initrd.img")
+    initrd = initramfs.write_probe_initramfs(workdir / "probe-initrd.img")
     empty = workdir / "empty"
     empty.mkdir(exist_ok=True)
     layer = workdir / "00-probe.squashfs"
@@ -170,7 +170,7 @@ def run_matrix(
     firmwares = qemu.load_firmware_descriptors(firmware_dirs)
     disk_image = None
     if any(w.medium == "disk" for w in ways):
-        disk_image = qemu.disk_copy(iso, workdir / "disk-no-eltorito.img")
+        disk_image = media.disk_copy(iso, workdir / "disk-no-eltorito.img")
 
     def one(way: BootWay) -> WayResult:
         result = run_way(way, iso, workdir, firmwares=firmwares, disk_image=disk_image, timeout=timeout, cpus=cpus)
