@@ -155,8 +155,14 @@ def squashfs(c: Context, config: str | None = None, build_dir: str | None = None
 
 
 @task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
+def bootloader(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
+    """Fetch Debian's signed shim, GRUB and MokManager from the image's mirror into the cache, with a manifest."""
+    _stage("bootloader", config, build_dir, force)
+
+
+@task(help={"config": CONFIG_HELP, "build-dir": BUILD_HELP, "force": FORCE_HELP})
 def iso(c: Context, config: str | None = None, build_dir: str | None = None, force: bool = False) -> None:
-    """Assemble the hybrid BIOS/UEFI ISO (pycdlib) in build/out, with the package manifest beside it."""
+    """Assemble the hybrid BIOS/UEFI ISO (pycdlib) in build/out, with the package manifests beside it."""
     _stage("iso", config, build_dir, force)
 
 
@@ -168,7 +174,7 @@ def hashes(c: Context, config: str | None = None, build_dir: str | None = None, 
 
 @task(default=True, help={"config": CONFIG_HELP, "build-dir": BUILD_HELP})
 def build(c: Context, config: str | None = None, build_dir: str | None = None) -> None:
-    """Build everything, incrementally: rootfs, overlay, client, squashfs, iso, hashes (the default task)."""
+    """Build everything, incrementally (the default): rootfs, overlay, client, squashfs, bootloader, iso, hashes."""
     _stage("hashes", config, build_dir, False)
 
 
@@ -596,6 +602,7 @@ for _t in (
     overlay,
     client,
     squashfs,
+    bootloader,
     iso,
     hashes,
     lint,

@@ -1,1 +1,2 @@
-"""The LiveCD image builder: image definition -> rootfs -> overlay -> squashfs -> iso -> hashes -> publish."""
+"""The LiveCD image builder: image definition -> rootfs -> overlay -> client -> squashfs -> bootloader -> iso ->
+hashes -> publish."""

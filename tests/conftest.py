@@ -1,8 +1,9 @@
 """Shared pytest set-up.
 
 - Plain `pytest` runs the fast unit tests only; tests marked slow, boot or e2e run with
-  `--run-slow` (what `inv test` passes) or FAILBACK_RUN_SLOW=1. Tests marked root are skipped
-  when not running as root.
+  `--run-slow` (what `inv test` passes) or FAILBACK_RUN_SLOW=1. Tests marked network (they reach
+  the Debian mirror or another network service) run with --run-slow too, or alone with
+  `--run-network`, so the fast suite runs offline. Tests marked root are skipped when not running as root.
 - tests/controlplane_fixture.py's fixtures are registered for every module (pytest_plugins).
 - `built_iso` (session scope) runs the default incremental build once per session — a no-op
   when build/ is already up to date — and gives the ISO's path; `built_pipeline` gives the
@@ -34,7 +35,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--run-slow",
         action="store_true",
         default=False,
-        help="also run tests marked slow, boot or e2e (full builds, QEMU boots)",
+        help="also run tests marked slow, boot, e2e or network (full builds, QEMU boots, the mirror)",
+    )
+    parser.addoption(
+        "--run-network",
+        action="store_true",
+        default=False,
+        help="also run the tests marked network (they reach the Debian mirror or another network service)",
     )
 
 
@@ -44,12 +51,16 @@ def run_slow(config: pytest.Config) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     slow_ok = run_slow(config)
+    network_ok = slow_ok or bool(config.getoption("--run-network"))
     is_root = os.geteuid() == 0
     skip_slow = pytest.mark.skip(reason="slow/boot/e2e test: run with --run-slow (inv test) or FAILBACK_RUN_SLOW=1")
+    skip_network = pytest.mark.skip(reason="reaches the network: run with --run-network or --run-slow (inv test)")
     skip_root = pytest.mark.skip(reason="needs root")
     for item in items:
         if not slow_ok and any(item.get_closest_marker(m) for m in SLOW_MARKERS):
             item.add_marker(skip_slow)
+        elif not network_ok and item.get_closest_marker("network"):
+            item.add_marker(skip_network)
         if not is_root and item.get_closest_marker("root"):
             item.add_marker(skip_root)
 

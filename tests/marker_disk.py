@@ -12,6 +12,7 @@ from pathlib import Path
 
 from image.core.run import run
 from image.stages.boot import efi
+from image.stages.bootloader import BootLoaders
 
 BIOS_MARKER = "failback-marker-disk: BIOS MBR"
 UEFI_MARKER = "failback-marker-disk: UEFI ESP"
@@ -39,11 +40,9 @@ def mbr_code() -> bytes:
     return code
 
 
-def make_marker_disk(dest: Path, cache_dir: Path) -> Path:
-    """Write the marker disk at `dest` (about 20 MiB); the signed EFI binaries come from `cache_dir`."""
-    from image.stages.config import load_config
-
-    _versions, binaries = efi.fetch_efi_files(cache_dir, efi.AptSources.from_config(load_config()))
+def make_marker_disk(dest: Path, loaders: BootLoaders) -> Path:
+    """Write the marker disk at `dest` (about 20 MiB) with the bootloader stage's signed EFI binaries."""
+    binaries = loaders.files
     files: dict[str, Path | bytes] = {
         "EFI/BOOT/BOOTX64.EFI": binaries["EFI/BOOT/BOOTX64.EFI"],
         "EFI/BOOT/grubx64.efi": binaries["EFI/BOOT/grubx64.efi"],

@@ -124,6 +124,7 @@ def test_unpacked_bundle_replicates_with_system_python(tmp_path: Path, epoch: in
     assert len([line for line in proc.stderr.splitlines() if "blake3 unavailable" in line]) == 1, proc.stderr
 
 
+@pytest.mark.network  # pip download from PyPI (once; then from build/cache/replicator-wheels)
 def test_pinned_wheels_are_hash_checked(tmp_path: Path) -> None:
     """The bundle is never built from a wheel that is not the pinned one: a tampered cache and an
     unfetchable pin both stop the build with a message that says what to do."""

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from image.stages.boot import efi
+from image.stages import bootloader
 from image.stages.boot.iso import IsoInputs, assemble_iso
 from image.stages.config import BootConfig, BootEntry, load_config
 from image.vm import media, qemu
 from tests import marker_disk
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, pytest.mark.network]
 
 EPOCH = 1_700_000_000
 TIMEOUT = 150.0
@@ -31,13 +31,16 @@ WAYS = ("seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk", "ovmf-secureboot-d
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    c = tmp_path_factory.mktemp("menu-cache")
-    efi.fetch_efi_files(c, efi.AptSources.from_config(load_config()))
-    return c
+    return tmp_path_factory.mktemp("menu-cache")
 
 
 @pytest.fixture(scope="module")
-def menu_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def loaders(cache: Path) -> bootloader.BootLoaders:
+    return bootloader.fetch_boot_loaders(cache, bootloader.AptSources.from_config(load_config()))
+
+
+@pytest.fixture(scope="module")
+def menu_iso(cache: Path, loaders: bootloader.BootLoaders, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ISO with "boot from first local disk" as its default entry (its kernel is never run)."""
     d = tmp_path_factory.mktemp("menu-iso")
     for name in ("vmlinuz", "initrd.img", "00-base.squashfs"):
@@ -52,12 +55,12 @@ def menu_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     cfg = dataclasses.replace(load_config(), boot=boot)
     inputs = IsoInputs(d / "vmlinuz", d / "initrd.img", (d / "00-base.squashfs",), {}, EPOCH)
-    return assemble_iso(cfg, inputs, d / "menu.iso", cache).path
+    return assemble_iso(cfg, inputs, d / "menu.iso", cache, loaders).path
 
 
 @pytest.fixture(scope="module")
-def local_disk(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return marker_disk.make_marker_disk(tmp_path_factory.mktemp("local-disk") / "local.img", cache)
+def local_disk(loaders: bootloader.BootLoaders, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return marker_disk.make_marker_disk(tmp_path_factory.mktemp("local-disk") / "local.img", loaders)
 
 
 def boot_with_local_disk(way: qemu.BootWay, iso: Path, disk: Path, workdir: Path) -> tuple[qemu.BootResult, bytes]:

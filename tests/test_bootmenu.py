@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from image.core.run import run
-from image.stages.boot import bootmenu, efi
+from image.stages import bootloader
+from image.stages.boot import bootmenu
 from image.stages.boot.bootmenu import BootMenuError, grub_quote, grub_words, render_grub, render_isolinux
 from image.stages.config import BootConfig, BootEntry, load_config
 
@@ -226,14 +227,32 @@ def test_isolinux_local_disk_runs_the_boot_sector_that_skips_the_medium() -> Non
     assert iso.rstrip().endswith("  BOOT /isolinux/localdisk.bs")
 
 
+def grub_common_version(signed_version: str) -> str:
+    """grub-common's version for a grub-efi-amd64-signed version: "1+2.06+13+deb12u2" is signed from
+    grub2 "2.06-13+deb12u2" (Debian turns the grub2 version's '-' into '+' behind a "1+")."""
+    upstream, _, revision = signed_version.removeprefix("1+").partition("+")
+    return f"{upstream}-{revision}"
+
+
+def test_grub_common_version() -> None:
+    assert grub_common_version("1+2.06+13+deb12u2") == "2.06-13+deb12u2"
+
+
 @pytest.fixture(scope="module")
 def grub_script_check() -> Path:
-    """GRUB's own parser (grub-common, the version of the signed GRUB), unpacked in the build cache."""
-    cache = REPO / "build" / "cache"
-    _version, tree = efi.fetch_package("grub-common", cache, None, efi.AptSources.from_config(load_config()))
+    """GRUB's own parser from grub-common of the same grub2 build as the signed GRUB the bootloader stage
+    fetched (that stage is brought up to date in build/ first), unpacked into the same cache."""
+    from image.stages.pipeline import Pipeline
+
+    pipe = Pipeline.from_files()
+    pipe.build("bootloader")
+    signed = bootloader.load_boot_loaders(pipe.paths.boot_loader_manifest, pipe.paths.cache).versions
+    version = grub_common_version(signed["grub-efi-amd64-signed"])
+    _version, tree = bootloader.fetch_package("grub-common", pipe.paths.cache, version, pipe.apt_sources)
     return tree / "usr/bin/grub-script-check"
 
 
+@pytest.mark.network
 def test_grub_menus_parse_with_grubs_own_parser(grub_script_check: Path, tmp_path: Path) -> None:
     """GRUB's script is not sh (no && or ||): what we render must parse as GRUB's."""
     for name, cfg in (("default", load_config()), ("test", _cfg())):

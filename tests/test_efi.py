@@ -1,4 +1,5 @@
-"""The EFI boot image (image/stages/boot/efi.py): Debian's signed shim + GRUB in a FAT image made without mounting."""
+"""The EFI boot image (image/stages/boot/efi.py): Debian's signed shim + GRUB in a FAT image made without mounting
+(the fetching is the bootloader stage's: tests/test_bootloader.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from image.core.run import run
+from image.stages import bootloader
 from image.stages.boot import efi
+from image.stages.config import load_config
 
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": os.devnull}
 
@@ -24,9 +27,9 @@ def mread(img: Path, path: str, dest: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def efi_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache with the real packages fetched once for this module (apt-get download, ~2 MB)."""
+    """A cache with the real packages fetched once for this module (the bootloader stage's work, ~2 MB)."""
     cache = tmp_path_factory.mktemp("efi-cache")
-    efi.fetch_efi_files(cache)
+    bootloader.fetch_boot_loaders(cache, bootloader.AptSources.from_config(load_config()))
     return cache
 
 
@@ -65,9 +68,11 @@ def test_too_big_for_el_torito(tmp_path: Path) -> None:
         efi.make_fat_image({"EFI/BOOT/BOOTX64.EFI": big}, tmp_path / "x.img", 0)
 
 
+@pytest.mark.network
 def test_build_efi_image_holds_debian_signed_binaries(efi_cache: Path, tmp_path: Path) -> None:
-    image = efi.build_efi_image(efi_cache, tmp_path / "efi.img", 1_700_000_000)
-    assert set(image.versions) == set(efi.EFI_PACKAGES)
+    loaders = bootloader.fetch_boot_loaders(efi_cache, bootloader.AptSources.from_config(load_config()))
+    image = efi.build_efi_image(loaders, tmp_path / "efi.img", 1_700_000_000)
+    assert set(image.versions) == set(bootloader.EFI_PACKAGES)
     assert image.path.stat().st_size < efi.MAX_IMAGE_BYTES
     shim = next(efi_cache.glob("efi/shim-signed_*/usr/lib/shim/shimx64.efi.signed")).read_bytes()
     gcd = next(efi_cache.glob("efi/grub-efi-amd64-signed_*/usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed"))
@@ -83,61 +88,3 @@ def test_build_efi_image_holds_debian_signed_binaries(efi_cache: Path, tmp_path:
     for pkg, version in image.versions.items():
         tree = next(efi_cache.glob(f"efi/{pkg}_*"))
         assert (tree / ".complete").read_text().strip() == version
-
-
-def test_cached_packages_are_reused_offline(efi_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    versions, _ = efi.fetch_efi_files(efi_cache)
-    calls: list[list[str]] = []
-
-    def no_apt(cmd, **kw):  # a second fetch must not need the network or apt
-        calls.append([str(c) for c in cmd])
-        raise AssertionError(f"unexpected command {cmd}")
-
-    # apt knows nothing (no lists, no network): the unpacked trees in the cache must do.
-    monkeypatch.setattr(efi, "candidate_versions", lambda packages, *a, **kw: dict.fromkeys(packages))
-    monkeypatch.setattr(efi, "run", no_apt)
-    again, files = efi.fetch_efi_files(efi_cache)
-    assert again == versions and calls == []
-    assert all(p.is_file() for p in files.values())
-
-
-def test_unknown_package_without_cache_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(efi, "candidate_version", lambda *a, **kw: None)
-    with pytest.raises(efi.EfiError, match=r"apt knows no version of shim-signed.*check the mirror"):
-        efi.fetch_package("shim-signed", tmp_path)
-
-
-def test_packages_come_from_the_image_definitions_mirror(tmp_path: Path) -> None:
-    """A private apt state in the cache reads only the image definition's sources (the rootfs's)."""
-    from image.stages.config import apt_sources, load_config
-
-    cfg = load_config()
-    sources = efi.AptSources.from_config(cfg)
-    assert list(sources.lines) == apt_sources(cfg)
-    versions, files = efi.fetch_efi_files(tmp_path, sources)
-    state = sources.state_dir(tmp_path)
-    assert (state / "sources.list").read_text().splitlines() == apt_sources(cfg)
-    assert any((state / "lists").glob("*_InRelease")), "apt-get update did not run in the private state"
-    assert (state / "status").read_text() == ""  # nothing is ever installed
-    for pkg, version in versions.items():
-        assert efi.candidate_version(pkg, sources, tmp_path) == version
-    assert files["EFI/BOOT/BOOTX64.EFI"].name == "shimx64.efi.signed"
-
-
-def test_snapshot_mirror_turns_off_valid_until(tmp_path: Path) -> None:
-    snap = efi.AptSources(("deb http://snapshot.debian.org/archive/debian/20250520T000000Z bookworm main",))
-    plain = efi.AptSources(("deb http://deb.debian.org/debian bookworm main",))
-    assert "Acquire::Check-Valid-Until=false" in efi._apt_options(snap, tmp_path)
-    assert "Acquire::Check-Valid-Until=false" not in efi._apt_options(plain, tmp_path)
-    assert snap.state_dir(tmp_path) != plain.state_dir(tmp_path)
-
-
-def test_other_architectures_are_refused() -> None:
-    import dataclasses
-
-    from image.stages.config import load_config
-
-    cfg = load_config()
-    arm = dataclasses.replace(cfg, debian=dataclasses.replace(cfg.debian, architecture="arm64"))
-    with pytest.raises(efi.EfiError, match=r"debian.architecture: 'arm64' is not supported"):
-        efi.AptSources.from_config(arm)

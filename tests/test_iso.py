@@ -16,6 +16,7 @@ import pycdlib
 import pytest
 
 from image.core.run import run
+from image.stages import bootloader
 from image.stages.boot import efi, gpt, iso, localdisk
 from image.stages.boot.iso import IsoError, IsoInputs, assemble_iso
 from image.stages.config import BootConfig, BootEntry, load_config
@@ -32,10 +33,19 @@ def _write(path: Path, size: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    c = tmp_path_factory.mktemp("iso-cache")
-    # apt-get update + download of the signed loaders from the image's mirror, once for the module.
-    efi.fetch_efi_files(c, efi.AptSources.from_config(load_config()))
-    return c
+    return tmp_path_factory.mktemp("iso-cache")
+
+
+@pytest.fixture(scope="module")
+def loaders(cache: Path) -> bootloader.BootLoaders:
+    # The bootloader stage's work (apt-get update + download from the image's mirror), once for the module.
+    return bootloader.fetch_boot_loaders(cache, bootloader.AptSources.from_config(load_config()))
+
+
+@pytest.fixture()
+def no_loaders() -> bootloader.BootLoaders:
+    """For input checks that fail before the EFI image is made: no mirror needed."""
+    return bootloader.BootLoaders({"packages": []}, {})
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +71,10 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def built(cfg, inputs: IsoInputs, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> iso.IsoResult:
-    return assemble_iso(cfg, inputs, tmp_path_factory.mktemp("iso-out") / "a.iso", cache)
+def built(
+    cfg, inputs: IsoInputs, cache: Path, loaders: bootloader.BootLoaders, tmp_path_factory: pytest.TempPathFactory
+) -> iso.IsoResult:
+    return assemble_iso(cfg, inputs, tmp_path_factory.mktemp("iso-out") / "a.iso", cache, loaders)
 
 
 @pytest.fixture()
@@ -87,6 +99,7 @@ def _rr_files(pc: pycdlib.PyCdlib) -> set[str]:
 # --- structure ---------------------------------------------------------------------------------
 
 
+@pytest.mark.network
 def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs) -> None:
     assert opened.has_rock_ridge() and opened.has_joliet()
     assert opened.pvd.volume_identifier.rstrip() == b"DRSFAILBACK"
@@ -121,6 +134,7 @@ def test_rock_ridge_joliet_and_layout(opened: pycdlib.PyCdlib, inputs: IsoInputs
     assert info.startswith("AWS DRS Failback Client LiveCD") and "20231114" in info
 
 
+@pytest.mark.network
 def test_local_disk_boot_sector_knows_this_images_mbr_id(opened: pycdlib.PyCdlib, built: iso.IsoResult) -> None:
     """isolinux's "boot from first local disk" skips the disk carrying this image's MBR id."""
     bs = _read(opened, rr_path="/isolinux/localdisk.bs")
@@ -132,6 +146,7 @@ def test_local_disk_boot_sector_knows_this_images_mbr_id(opened: pycdlib.PyCdlib
     assert _read(opened, iso_path="/ISOLINUX/LOCALDISK.BS;1") == bs
 
 
+@pytest.mark.network
 def test_menus_on_the_iso_are_the_rendered_ones(opened: pycdlib.PyCdlib, cfg) -> None:
     from image.stages.boot.bootmenu import render_grub, render_isolinux
 
@@ -139,17 +154,20 @@ def test_menus_on_the_iso_are_the_rendered_ones(opened: pycdlib.PyCdlib, cfg) ->
     assert _read(opened, rr_path="/boot/grub/grub.cfg").decode() == render_grub(cfg)
 
 
+@pytest.mark.network
 def test_boot_packages_are_recorded(opened: pycdlib.PyCdlib, built: iso.IsoResult) -> None:
     text = _read(opened, rr_path="/.disk/boot-packages").decode()
-    for pkg in ("isolinux", "syslinux-common", *efi.EFI_PACKAGES):
+    for pkg in ("isolinux", "syslinux-common", *bootloader.EFI_PACKAGES):
         assert re.search(rf"^{re.escape(pkg)} \S+$", text, re.M), pkg
         assert f"{pkg} {built.boot_packages[pkg]}\n" in text
 
 
-def test_boot_loader_versions_match_what_the_build_used(cfg, cache: Path, built: iso.IsoResult) -> None:
-    assert iso.boot_loader_versions(cfg, cache) == built.boot_packages
+@pytest.mark.network
+def test_boot_loader_versions_are_the_bootloader_stages(loaders: bootloader.BootLoaders, built: iso.IsoResult) -> None:
+    assert {p: built.boot_packages[p] for p in bootloader.EFI_PACKAGES} == loaders.versions
 
 
+@pytest.mark.network
 def test_dates_are_source_date_epoch_in_utc(opened: pycdlib.PyCdlib) -> None:
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(EPOCH)).encode()
     for vd in (opened.pvd, opened.joliet_vd):
@@ -171,6 +189,7 @@ def test_dates_are_source_date_epoch_in_utc(opened: pycdlib.PyCdlib) -> None:
 # --- El Torito ---------------------------------------------------------------------------------
 
 
+@pytest.mark.network
 def test_el_torito_bios_and_efi_entries(opened: pycdlib.PyCdlib, built: iso.IsoResult) -> None:
     cat = opened.eltorito_boot_catalog
     assert cat is not None
@@ -188,6 +207,7 @@ def test_el_torito_bios_and_efi_entries(opened: pycdlib.PyCdlib, built: iso.IsoR
     assert uefi.sector_count == efi_rec.get_data_length() // 512 == built.efi_image_size // 512
 
 
+@pytest.mark.network
 def test_boot_info_table(built: iso.IsoResult, opened: pycdlib.PyCdlib) -> None:
     rec = opened.get_record(rr_path="/isolinux/isolinux.bin")
     with built.path.open("rb") as f:
@@ -201,6 +221,7 @@ def test_boot_info_table(built: iso.IsoResult, opened: pycdlib.PyCdlib) -> None:
     assert data[:8] == original[:8] and data[64:] == original[64:]
 
 
+@pytest.mark.network
 def test_efi_image_holds_shim_and_grub(
     built: iso.IsoResult, opened: pycdlib.PyCdlib, cache: Path, tmp_path: Path
 ) -> None:
@@ -217,6 +238,7 @@ def test_efi_image_holds_shim_and_grub(
 # --- isohybrid: MBR and GPT ----------------------------------------------------------------------
 
 
+@pytest.mark.network
 def test_mbr_is_syslinux_isohdpfx_with_our_partitions(built: iso.IsoResult, opened: pycdlib.PyCdlib) -> None:
     data = built.path.read_bytes()
     mbr = data[:512]
@@ -234,6 +256,7 @@ def test_mbr_is_syslinux_isohdpfx_with_our_partitions(built: iso.IsoResult, open
     assert parts[2][4:] == parts[3][4:] == (0, 0)
 
 
+@pytest.mark.network
 def test_gpt_is_consistent_and_sgdisk_accepts_it(built: iso.IsoResult) -> None:
     assert gpt.check_gpt(built.path) == []
     out = run(["sgdisk", "-v", built.path], capture=True, check=False)
@@ -252,6 +275,7 @@ def test_gpt_is_consistent_and_sgdisk_accepts_it(built: iso.IsoResult) -> None:
     assert header.disk_guid == gpt.derive_guid(iso.derive_seed("DRSFAILBACK", EPOCH), "disk")
 
 
+@pytest.mark.network
 def test_pycdlib_still_reads_the_result_as_hybrid(opened: pycdlib.PyCdlib) -> None:
     assert opened.isohybrid_mbr is not None and opened.isohybrid_mbr.efi
 
@@ -259,46 +283,60 @@ def test_pycdlib_still_reads_the_result_as_hybrid(opened: pycdlib.PyCdlib) -> No
 # --- reproducibility -------------------------------------------------------------------------------
 
 
+@pytest.mark.network
 def test_two_builds_are_identical_and_epoch_matters(
-    cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult, tmp_path: Path
+    cfg, inputs: IsoInputs, cache: Path, loaders: bootloader.BootLoaders, built: iso.IsoResult, tmp_path: Path
 ) -> None:
-    again = assemble_iso(cfg, inputs, tmp_path / "b.iso", cache)
+    again = assemble_iso(cfg, inputs, tmp_path / "b.iso", cache, loaders)
     assert again.path.read_bytes() == built.path.read_bytes()
-    later = assemble_iso(cfg, dataclasses.replace(inputs, source_date_epoch=EPOCH + 86400), tmp_path / "c.iso", cache)
+    later = assemble_iso(
+        cfg, dataclasses.replace(inputs, source_date_epoch=EPOCH + 86400), tmp_path / "c.iso", cache, loaders
+    )
     assert later.path.read_bytes() != built.path.read_bytes()
     assert gpt.check_gpt(later.path) == []
 
 
+@pytest.mark.network
 def test_build_does_not_depend_on_local_time_zone(
-    cfg, inputs: IsoInputs, cache: Path, built: iso.IsoResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg,
+    inputs: IsoInputs,
+    cache: Path,
+    loaders: bootloader.BootLoaders,
+    built: iso.IsoResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TZ", "America/St_Johns")  # UTC-3:30: any local-time leak changes dates
     time.tzset()
     try:
-        other = assemble_iso(cfg, inputs, tmp_path / "tz.iso", cache)
+        other = assemble_iso(cfg, inputs, tmp_path / "tz.iso", cache, loaders)
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
     assert other.path.read_bytes() == built.path.read_bytes()
 
 
+@pytest.mark.network
 def test_clock_is_restored_after_build(built: iso.IsoResult) -> None:
     import pycdlib.headervd
 
     assert pycdlib.headervd.time is time
 
 
-def test_backup_gpt_never_overwrites_data(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+@pytest.mark.network
+def test_backup_gpt_never_overwrites_data(
+    cfg, inputs: IsoInputs, cache: Path, loaders: bootloader.BootLoaders, tmp_path: Path
+) -> None:
     """pycdlib puts the backup GPT on the last 33 sectors even when they hold data; size the kernel so
     the ISO9660 data ends exactly on a 1 MiB boundary and check every file survives."""
-    first = assemble_iso(cfg, inputs, tmp_path / "probe.iso", cache)
+    first = assemble_iso(cfg, inputs, tmp_path / "probe.iso", cache, loaders)
     with iso.open_iso(first.path) as pc:
         used = pc.pvd.space_size * 2048
     if "/.disk/gpt-room" in first.files:
         pytest.fail("the probe build already needed the filler; change the dummy sizes")
     grow = -used % (1024 * 1024)  # kernel sizes are whole sectors here, so the data grows by exactly this
     kernel = _write(tmp_path / "vmlinuz-big", (inputs.kernel.stat().st_size + 2047) // 2048 * 2048 + grow, 9)
-    tight = assemble_iso(cfg, dataclasses.replace(inputs, kernel=kernel), tmp_path / "tight.iso", cache)
+    tight = assemble_iso(cfg, dataclasses.replace(inputs, kernel=kernel), tmp_path / "tight.iso", cache, loaders)
     assert iso.GPT_ROOM_PATH in tight.files
     assert gpt.check_gpt(tight.path) == []
     with iso.open_iso(tight.path) as pc:
@@ -327,35 +365,49 @@ def test_iso9660_names() -> None:
     assert iso.iso9660_dir_name(".disk") == "_DISK"
 
 
-def test_missing_kernel_is_named(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+def test_missing_kernel_is_named(cfg, inputs: IsoInputs, tmp_path: Path, no_loaders: bootloader.BootLoaders) -> None:
     with pytest.raises(IsoError, match=r"^kernel: .*nope does not exist"):
-        assemble_iso(cfg, dataclasses.replace(inputs, kernel=tmp_path / "nope"), tmp_path / "x.iso", cache)
+        assemble_iso(
+            cfg, dataclasses.replace(inputs, kernel=tmp_path / "nope"), tmp_path / "x.iso", tmp_path, no_loaders
+        )
     assert not (tmp_path / "x.iso").exists()
 
 
-def test_layer_must_be_squashfs(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+def test_layer_must_be_squashfs(cfg, inputs: IsoInputs, tmp_path: Path, no_loaders: bootloader.BootLoaders) -> None:
     bad = _write(tmp_path / "layer.img", 4096, 0)
     with pytest.raises(IsoError, match=r"layers\[1\]: layer.img must end in .squashfs"):
-        assemble_iso(cfg, dataclasses.replace(inputs, layers=(inputs.layers[0], bad)), tmp_path / "x.iso", cache)
+        assemble_iso(
+            cfg, dataclasses.replace(inputs, layers=(inputs.layers[0], bad)), tmp_path / "x.iso", tmp_path, no_loaders
+        )
 
 
-def test_extra_file_may_not_replace_ours(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+def test_extra_file_may_not_replace_ours(
+    cfg, inputs: IsoInputs, tmp_path: Path, no_loaders: bootloader.BootLoaders
+) -> None:
     extra = {**inputs.extra_files, "/live/vmlinuz": inputs.kernel}
     with pytest.raises(IsoError, match=r"extra_files\['/live/vmlinuz'\]: the ISO stage writes that path"):
-        assemble_iso(cfg, dataclasses.replace(inputs, extra_files=extra), tmp_path / "x.iso", cache)
+        assemble_iso(cfg, dataclasses.replace(inputs, extra_files=extra), tmp_path / "x.iso", tmp_path, no_loaders)
 
 
-def test_iso9660_name_clash_is_refused(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+def test_iso9660_name_clash_is_refused(
+    cfg, inputs: IsoInputs, tmp_path: Path, no_loaders: bootloader.BootLoaders
+) -> None:
     f = _write(tmp_path / "f", 10, 0)
     extra = {"/live/a-b.txt": f, "/live/a_b.txt": f}
     with pytest.raises(IsoError, match=r"get the same ISO9660 name /LIVE/A_B.TXT;1"):
-        assemble_iso(cfg, dataclasses.replace(inputs, extra_files=extra), tmp_path / "x.iso", cache)
+        assemble_iso(cfg, dataclasses.replace(inputs, extra_files=extra), tmp_path / "x.iso", tmp_path, no_loaders)
     assert not list(tmp_path.glob("x.iso*"))  # a failed build leaves no partial image behind
 
 
-def test_bad_extra_path(cfg, inputs: IsoInputs, cache: Path, tmp_path: Path) -> None:
+def test_bad_extra_path(cfg, inputs: IsoInputs, tmp_path: Path, no_loaders: bootloader.BootLoaders) -> None:
     with pytest.raises(IsoError, match=r"extra_files\['live/x'\]: must be an absolute path"):
-        assemble_iso(cfg, dataclasses.replace(inputs, extra_files={"live/x": inputs.kernel}), tmp_path / "x.iso", cache)
+        assemble_iso(
+            cfg,
+            dataclasses.replace(inputs, extra_files={"live/x": inputs.kernel}),
+            tmp_path / "x.iso",
+            tmp_path,
+            no_loaders,
+        )
 
 
 # --- real boots (QEMU, TCG) --------------------------------------------------------------------------
@@ -371,12 +423,12 @@ def _kernel(cache: Path) -> Path:
     deps = run(["apt-cache", "depends", "linux-image-amd64"], capture=True).stdout
     m = re.search(r"Depends: (linux-image-\S+-amd64)\b", deps)
     assert m, deps
-    _version, tree = efi.fetch_package(m.group(1), cache)
+    _version, tree = bootloader.fetch_package(m.group(1), cache)
     return next(tree.glob("boot/vmlinuz-*"))
 
 
 @pytest.fixture(scope="module")
-def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def boot_iso(cache: Path, loaders: bootloader.BootLoaders, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from image.vm import initramfs
 
     d = tmp_path_factory.mktemp("boot-iso")
@@ -393,11 +445,14 @@ def boot_iso(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     cfg = dataclasses.replace(base, kernel_cmdline="boot=live", boot=boot)
-    return assemble_iso(cfg, IsoInputs(_kernel(cache), initrd, (layer,), {}, EPOCH), d / "boot.iso", cache).path
+    return assemble_iso(
+        cfg, IsoInputs(_kernel(cache), initrd, (layer,), {}, EPOCH), d / "boot.iso", cache, loaders
+    ).path
 
 
 @pytest.mark.slow
 @pytest.mark.boot
+@pytest.mark.network
 @pytest.mark.parametrize(
     "way_name", ["seabios-cd", "seabios-disk", "ovmf-cd", "ovmf-disk", "ovmf-secureboot-cd", "ovmf-secureboot-disk"]
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from image.core.paths import DEFAULT_BUILD, BuildPaths
+from image.stages import bootloader
 from image.stages.config import DEFAULT_CONFIG, load_config
 from image.stages.hashes import sha512_file
 from image.stages.pipeline import BuildError, Pipeline, ReproducibilityError, clean, compare_builds, compared_files
@@ -126,6 +127,12 @@ def test_default_build_products(built_pipeline, built_iso: Path) -> None:
     assert "busybox\t" in manifest.read_text()
     # Inside the ISO: the manifest, the layer list and both layers, byte for byte.
     assert _iso_file(built_iso, "/live/filesystem.packages") == manifest.read_bytes()
+    # The boot loaders on the medium (the bootloader stage's), listed apart in the same format.
+    loaders = built_iso.with_name(Path(CFG.iso.artifact).stem + ".bootloader.packages")
+    assert (
+        loaders.read_bytes() == p.boot_loader_packages.read_bytes() == _iso_file(built_iso, "/live/bootloader.packages")
+    )
+    assert {line.split("\t")[0] for line in loaders.read_text().splitlines()} == set(bootloader.EFI_PACKAGES)
     module = b"00-base.squashfs\n05-deps.squashfs\n10-overlay.squashfs\n"
     assert _iso_file(built_iso, "/live/filesystem.module") == module
     for layer in built_pipeline.layers:

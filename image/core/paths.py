@@ -1,7 +1,9 @@
 """Where every stage puts its products and caches under the build directory (default `build/`).
 
 Stages skip their work when the key of their inputs equals the one stamped after their last
-successful run; the stamp is written last, so an interrupted stage simply runs again.
+successful run; the stamp is written last, so an interrupted stage simply runs again. Every key
+includes `code_digest` of the stage's own code and data files, so editing a stage rebuilds it (and
+what comes after it) without anyone bumping a version number.
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ class BuildPaths:
     def module_file(self) -> Path:  # the list of layers the initrd stacks, lowest first
         return self.layers / "filesystem.module"
 
+    # bootloader stage: Debian's signed shim/GRUB/MokManager, unpacked in cache/efi/<package>_<version>/
+    @property
+    def boot_loader_manifest(self) -> Path:  # JSON: package, version, arch, sha256 of each file used
+        return self.cache / "bootloader.json"
+
+    @property
+    def boot_loader_packages(self) -> Path:  # the same packages as "package<TAB>version<TAB>arch" lines
+        return self.cache / "bootloader.packages"
+
     @property
     def iso_cache(self) -> Path:
         return self.cache / "iso"
@@ -107,6 +118,9 @@ class BuildPaths:
 
     def out_manifest(self, artifact_name: str) -> Path:
         return self.out / (Path(artifact_name).stem + ".packages")
+
+    def out_boot_loader_packages(self, artifact_name: str) -> Path:
+        return self.out / (Path(artifact_name).stem + ".bootloader.packages")
 
     # stamps
     def stamp(self, stage: str) -> Path:
@@ -151,4 +165,30 @@ def tree_digest(root: Path, *, exclude: tuple[str, ...] = ()) -> str:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
         h.update(b"\n")
+    return h.hexdigest()
+
+
+CODE_EXCLUDE = ("__pycache__",)
+
+
+def code_digest(*paths: str, repo: Path = REPO) -> str:
+    """sha256 of a stage's own code and data: `paths` are repo-relative files, directories (every file
+    under them) or glob patterns, e.g. "image/stages/rootfs.py", "image/stages/templates/initramfs-*".
+
+    Only repo-relative names, the executable bit and contents go in (no mtimes, no absolute paths), so
+    two checkouts of one commit agree; __pycache__ is left out. A path that matches nothing is an
+    error: a renamed module must not silently drop out of a key."""
+    files: set[Path] = set()
+    for pattern in paths:
+        matches = sorted(repo.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"code_digest: {pattern} matches nothing under {repo}")
+        for m in matches:
+            found = [m] if m.is_file() else [f for f in m.rglob("*") if f.is_file()]
+            files.update(f for f in found if not any(part in CODE_EXCLUDE for part in f.relative_to(repo).parts))
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relative_to(repo).as_posix()):
+        executable = "x" if f.stat().st_mode & 0o111 else "-"
+        h.update(f"{f.relative_to(repo).as_posix()}\0{executable}\0".encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()

@@ -1,3 +1,3 @@
-"""The build stages (image definition -> rootfs -> overlay -> client -> squashfs -> iso -> hashes).
+"""The build stages (image definition -> rootfs -> overlay -> client -> squashfs -> bootloader -> iso -> hashes).
 
 Import rule: stages import only image.core (and each other)."""

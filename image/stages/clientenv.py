@@ -28,12 +28,12 @@ import zipfile
 from pathlib import Path
 
 from image.core.errors import ImageError
-from image.core.paths import REPO, BuildPaths, digest, tree_digest
+from image.core.paths import REPO, BuildPaths, code_digest, digest, tree_digest
 from image.core.run import run
 
 log = logging.getLogger("image.stages.clientenv")
 
-RECIPE_VERSION = 2
+CODE = ("image/stages/clientenv.py",)  # this stage's code: editing it changes both keys
 CLIENT_SRC = REPO / "client"
 LOCK = CLIENT_SRC / "requirements.lock"
 # Direct runtime dependencies (client/pyproject.toml), at the versions requirements-dev.txt pins
@@ -68,12 +68,20 @@ def lock_digest(lock: Path = LOCK) -> str:
         raise ClientBuildError(f"{lock} is missing: generate it with `inv client --update-lock`") from None
 
 
-def deps_key(rootfs_key: str, venv: str, lock: Path = LOCK) -> str:
-    return digest("client-deps", RECIPE_VERSION, rootfs_key, venv, lock_digest(lock))
+def deps_key(rootfs_key: str, venv: str, lock: Path = LOCK, repo: Path = REPO) -> str:
+    return digest("client-deps", code_digest(*CODE, repo=repo), rootfs_key, venv, lock_digest(lock))
 
 
-def client_key(rootfs_key: str, venv: str, epoch: int, lock: Path = LOCK, src: Path = CLIENT_SRC) -> str:
-    return digest("client", RECIPE_VERSION, deps_key(rootfs_key, venv, lock), client_source_digest(src), epoch)
+def client_key(
+    rootfs_key: str, venv: str, epoch: int, lock: Path = LOCK, src: Path = CLIENT_SRC, repo: Path = REPO
+) -> str:
+    return digest(
+        "client",
+        code_digest(*CODE, repo=repo),
+        deps_key(rootfs_key, venv, lock, repo),
+        client_source_digest(src),
+        epoch,
+    )
 
 
 # --- the lock file -------------------------------------------------------------------------

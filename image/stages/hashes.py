@@ -1,4 +1,4 @@
-"""Stage 6: checksums beside the artifact.
+"""Stage 7: checksums beside the artifact.
 
 `<artifact>.sha512` holds the bare lower-case hex digest and a newline (the format of the real
 per-region hashes bucket); `SHA512SUMS` holds `<digest>  <name>` lines that `sha512sum -c`
@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 _CHUNK = 1 << 20
+CODE = ("image/stages/hashes.py",)  # this stage's code: editing it changes the key
 
 
 def sha512_file(path: Path | str, size: int | None = None) -> str:

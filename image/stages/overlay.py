@@ -16,10 +16,10 @@ from typing import Any
 import jinja2
 
 from image.core.errors import ImageError
-from image.core.paths import digest, tree_digest
+from image.core.paths import REPO, code_digest, digest, tree_digest
 from image.stages.config import ImageConfig
 
-RECIPE_VERSION = 1
+CODE = ("image/stages/overlay.py",)  # this stage's code: editing it changes the key
 TEMPLATE_SUFFIX = ".j2"
 
 
@@ -147,5 +147,5 @@ def render_overlay(source: Path, dest: Path, values: dict[str, Any]) -> list[Pat
     return written
 
 
-def overlay_key(cfg: ImageConfig, source: Path) -> str:
-    return digest("overlay", RECIPE_VERSION, tree_digest(source), cfg.template_vars())
+def overlay_key(cfg: ImageConfig, source: Path, repo: Path = REPO) -> str:
+    return digest("overlay", code_digest(*CODE, repo=repo), tree_digest(source), cfg.template_vars())

@@ -1,8 +1,14 @@
-"""The incremental build: image definition -> rootfs -> overlay -> client -> squashfs -> iso -> hashes.
+"""The incremental build: image definition -> rootfs -> overlay -> client -> squashfs -> bootloader -> iso -> hashes.
 
 Each stage computes a key over its inputs and skips its work when the key matches the stamp of
-its last successful run (build/cache/stamps/<stage>.key) and its products exist. Asking for a
-stage brings the stages before it up to date first.
+its last successful run (build/cache/stamps/<stage>.key) and its products exist. Every key holds
+the digest of its stage's own code (each stage module's CODE, image.core.paths.code_digest), so
+editing a stage rebuilds it and the stages that use its products. Asking for a stage brings the
+stages before it up to date first.
+
+Only rootfs and bootloader reach the Debian mirror: bootloader fetches the signed shim/GRUB/MokManager
+into the cache with a manifest (package, version, arch, sha256 of each file), and the ISO stage
+assembles local files, its key holding that manifest.
 """
 
 from __future__ import annotations
@@ -16,16 +22,17 @@ from functools import cached_property
 from pathlib import Path
 
 from image.core.errors import ImageError
-from image.core.paths import DEFAULT_BUILD, REPO, BuildPaths, digest, tree_digest
-from image.stages import clientenv, overlay, rootfs, squashfs
+from image.core.paths import DEFAULT_BUILD, REPO, BuildPaths, code_digest, digest
+from image.stages import bootloader, clientenv, hashes, overlay, rootfs, squashfs
+from image.stages.boot import iso
 from image.stages.config import ImageConfig, load_config, resolve_base_epoch, resolve_source_date_epoch
 from image.stages.hashes import sha512_file, write_hashes
 
 log = logging.getLogger("image.stages.pipeline")
 
-STAGES = ("rootfs", "overlay", "client", "squashfs", "iso", "hashes")
-# Code of the ISO stage (its sub-package and the templates): a change to it must rebuild the ISO.
-_ISO_CODE = ("image/stages/boot", "image/stages/templates")
+STAGES = ("rootfs", "overlay", "client", "squashfs", "bootloader", "iso", "hashes")
+# The ISO's inputs are put together here (run_iso): this module is part of the ISO stage's code.
+PIPELINE_CODE = ("image/stages/pipeline.py",)
 
 
 class BuildError(ImageError, RuntimeError):
@@ -93,11 +100,11 @@ class Pipeline:
 
     @cached_property
     def rootfs_key(self) -> str:
-        return rootfs.rootfs_key(self.cfg, self.base_epoch, rootfs.mmdebstrap_version())
+        return rootfs.rootfs_key(self.cfg, self.base_epoch, rootfs.mmdebstrap_version(), self.repo)
 
     @cached_property
     def overlay_key(self) -> str:
-        return overlay.overlay_key(self.cfg, self.repo / "overlay")
+        return overlay.overlay_key(self.cfg, self.repo / "overlay", self.repo)
 
     @cached_property
     def client_key(self) -> str:
@@ -107,6 +114,7 @@ class Pipeline:
             self.epoch,
             lock=self.repo / "client" / "requirements.lock",
             src=self.repo / "client",
+            repo=self.repo,
         )
 
     @cached_property
@@ -115,40 +123,64 @@ class Pipeline:
 
     @cached_property
     def base_layer_key(self) -> str:
-        return squashfs.base_layer_key(self.rootfs_key, self.cfg.squashfs, self._mksquashfs_version)
+        return squashfs.base_layer_key(self.rootfs_key, self.cfg.squashfs, self._mksquashfs_version, self.repo)
 
     @cached_property
     def deps_key(self) -> str:
-        return clientenv.deps_key(self.rootfs_key, self.cfg.client.venv, self.repo / "client" / "requirements.lock")
+        return clientenv.deps_key(
+            self.rootfs_key, self.cfg.client.venv, self.repo / "client" / "requirements.lock", self.repo
+        )
 
     @cached_property
     def deps_layer_key(self) -> str:
-        return squashfs.deps_layer_key(self.deps_key, self.cfg.squashfs, self.base_epoch, self._mksquashfs_version)
+        return squashfs.deps_layer_key(
+            self.deps_key, self.cfg.squashfs, self.base_epoch, self._mksquashfs_version, self.repo
+        )
 
     @cached_property
     def overlay_layer_key(self) -> str:
         return squashfs.overlay_layer_key(
-            self.overlay_key, self.client_key, self.cfg.squashfs, self.epoch, self._mksquashfs_version
+            self.overlay_key, self.client_key, self.cfg.squashfs, self.epoch, self._mksquashfs_version, self.repo
         )
 
     @cached_property
+    def apt_sources(self) -> bootloader.AptSources:
+        return bootloader.AptSources.from_config(self.cfg)
+
+    @cached_property
+    def boot_loader_candidates(self) -> dict[str, str | None]:
+        # The versions apt sees now (lists refreshed at most daily): a new shim or GRUB is fetched.
+        return bootloader.resolve_candidates(self.apt_sources, self.paths.cache)
+
+    @cached_property
+    def bootloader_key(self) -> str:
+        return bootloader.bootloader_key(self.apt_sources, self.boot_loader_candidates, self.repo)
+
+    def _boot_loader_manifest_digest(self) -> str:
+        """What the bootloader stage fetched (its manifest), not its key: a refetch of the same
+        packages leaves the ISO alone. Read after that stage ran (run_iso runs it first)."""
+        try:
+            return digest(self.paths.boot_loader_manifest.read_text())
+        except FileNotFoundError:
+            return ""
+
+    @cached_property
     def iso_key(self) -> str:
-        code = [
-            tree_digest(self.repo / p, exclude=("__pycache__",))
-            if (self.repo / p).is_dir()
-            else (sha512_file(self.repo / p) if (self.repo / p).exists() else "")
-            for p in _ISO_CODE
-        ]
         return digest(
             "iso",
+            code_digest(*iso.CODE, *PIPELINE_CODE, repo=self.repo),
             self.base_layer_key,
             self.deps_layer_key,
             self.overlay_layer_key,
             self.rootfs_key,
+            self._boot_loader_manifest_digest(),
             self.epoch,
             self.cfg.template_vars(),
-            code,
         )
+
+    @cached_property
+    def hashes_key(self) -> str:
+        return digest("hashes", code_digest(*hashes.CODE, repo=self.repo), self.iso_key)
 
     @property
     def artifact(self) -> Path:
@@ -246,29 +278,46 @@ class Pipeline:
         # change (and rebuild) the big layer.
         return self.base_epoch
 
-    def run_iso(self, force: bool = False) -> None:
-        self.run_squashfs()
+    def run_bootloader(self, force: bool = False) -> None:
         p = self.paths
-        out_manifest = p.out_manifest(self.cfg.iso.artifact)
 
         def work() -> str:
-            try:
-                from image.stages.boot.iso import IsoInputs, assemble_iso
-            except ImportError as exc:
-                raise BuildError(f"iso: image/stages/boot/iso.py (the ISO stage) is not usable yet: {exc}") from None
-            inputs = IsoInputs(
+            loaders = bootloader.build_bootloader(p, self.apt_sources, self.boot_loader_candidates)
+            return ", ".join(f"{k} {v}" for k, v in loaders.versions.items())
+
+        # The unpacked files count as products too: a cleaned cache/efi/ is fetched again.
+        products = [p.boot_loader_manifest, p.boot_loader_packages]
+        products += bootloader.manifest_files(p.boot_loader_manifest, p.cache)
+        self._stage("bootloader", self.bootloader_key, products, work, force)
+
+    def run_iso(self, force: bool = False) -> None:
+        self.run_squashfs()
+        self.run_bootloader()
+        p = self.paths
+        out_manifest = p.out_manifest(self.cfg.iso.artifact)
+        out_loaders = p.out_boot_loader_packages(self.cfg.iso.artifact)
+
+        def work() -> str:
+            loaders = bootloader.load_boot_loaders(p.boot_loader_manifest, p.cache)
+            inputs = iso.IsoInputs(
                 kernel=p.kernel,
                 initrd=p.initrd,
                 layers=self.layers,
-                extra_files={"/live/filesystem.module": p.module_file, "/live/filesystem.packages": p.manifest},
+                extra_files={
+                    "/live/filesystem.module": p.module_file,
+                    # The live system's packages (the rootfs's) and, apart, the boot loaders on the medium.
+                    "/live/filesystem.packages": p.manifest,
+                    "/live/bootloader.packages": p.boot_loader_packages,
+                },
                 source_date_epoch=self.epoch,
             )
             p.out.mkdir(parents=True, exist_ok=True)
-            assemble_iso(self.cfg, inputs, self.artifact, p.cache)
+            iso.assemble_iso(self.cfg, inputs, self.artifact, p.cache, loaders)
             shutil.copyfile(p.manifest, out_manifest)
+            shutil.copyfile(p.boot_loader_packages, out_loaders)
             return _mib(self.artifact)
 
-        self._stage("iso", self.iso_key, [self.artifact, out_manifest], work, force)
+        self._stage("iso", self.iso_key, [self.artifact, out_manifest, out_loaders], work, force)
 
     def run_hashes(self, force: bool = False) -> None:
         self.run_iso()
@@ -279,7 +328,7 @@ class Pipeline:
             write_hashes(self.artifact)
             return sha.read_text().strip()[:16] + "..."
 
-        self._stage("hashes", self.iso_key, [sha, sums], work, force)
+        self._stage("hashes", self.hashes_key, [sha, sums], work, force)
 
     def build(self, until: str = "hashes", force: str | None = None) -> BuildReport:
         """Bring every stage up to `until` up to date; `force` rebuilds that one stage."""
@@ -288,6 +337,7 @@ class Pipeline:
             "overlay": self.run_overlay,
             "client": self.run_client,
             "squashfs": self.run_squashfs,
+            "bootloader": self.run_bootloader,
             "iso": self.run_iso,
             "hashes": self.run_hashes,
         }
@@ -316,6 +366,9 @@ def compared_files(pipe: Pipeline) -> dict[str, Path]:
     return {
         f"out/{pipe.cfg.iso.artifact}": pipe.artifact,
         f"out/{p.out_manifest(pipe.cfg.iso.artifact).name}": p.out_manifest(pipe.cfg.iso.artifact),
+        f"out/{p.out_boot_loader_packages(pipe.cfg.iso.artifact).name}": p.out_boot_loader_packages(
+            pipe.cfg.iso.artifact
+        ),
         f"layers/{p.base_layer.name}": p.base_layer,
         f"layers/{p.deps_layer.name}": p.deps_layer,
         f"layers/{p.overlay_layer.name}": p.overlay_layer,

@@ -1,7 +1,7 @@
 """Stage 1: the base root filesystem (mmdebstrap, minbase), its package manifest, kernel and initrd.
 
 The base is cached under a key over everything that determines it (suite, mirrors, components,
-packages, path excludes, SOURCE_DATE_EPOCH, mmdebstrap's version and this recipe's version), so
+packages, path excludes, SOURCE_DATE_EPOCH, mmdebstrap's version and this module's code), so
 an unchanged definition is never rebuilt. Downloaded .debs are kept in build/cache/apt (or a
 shared directory) so a second cold build need not download again; they are inputs, not products.
 """
@@ -18,14 +18,14 @@ from pathlib import Path
 import jinja2
 
 from image.core.mounts import clear_leftovers, release
-from image.core.paths import BuildPaths, digest
+from image.core.paths import REPO, BuildPaths, code_digest, digest
 from image.core.run import run
 from image.stages.config import ImageConfig, apt_sources
 
 log = logging.getLogger("image.stages.rootfs")
 
-# Bump when the recipe below changes in a way that changes the rootfs.
-RECIPE_VERSION = 5
+# This stage's code and the templates of its initramfs set-up files: editing them changes the key.
+CODE = ("image/stages/rootfs.py", "image/stages/templates/initramfs-*")
 BASE_HOSTNAME = "localhost"
 BASE_FILES_HOOK = (
     f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
@@ -105,11 +105,11 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
     return tuple(files)
 
 
-def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str) -> str:
+def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str, repo: Path = REPO) -> str:
     """Cache key of the base: changes whenever any input of mmdebstrap changes."""
     return digest(
         "rootfs",
-        RECIPE_VERSION,
+        code_digest(*CODE, repo=repo),
         cfg.debian,
         cfg.packages,
         cfg.exclude_paths,

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from image.core.mounts import require_no_mounts
-from image.core.paths import digest
+from image.core.paths import REPO, code_digest, digest
 from image.core.run import run
 from image.stages.config import SquashfsConfig
 
 log = logging.getLogger("image.stages.squashfs")
 
-RECIPE_VERSION = 1
+CODE = ("image/stages/squashfs.py",)  # this stage's code: editing it changes the layers' keys
 # Not part of the live base: the kernel and initrd go to the ISO's /live separately.
 BASE_EXCLUDES = ("boot/*",)
 
@@ -79,16 +79,18 @@ def mksquashfs(
     return elapsed
 
 
-def base_layer_key(rootfs_key: str, sq: SquashfsConfig, tool_version: str) -> str:
-    return digest("base-layer", RECIPE_VERSION, rootfs_key, sq, tool_version, BASE_EXCLUDES)
+def base_layer_key(rootfs_key: str, sq: SquashfsConfig, tool_version: str, repo: Path = REPO) -> str:
+    return digest("base-layer", code_digest(*CODE, repo=repo), rootfs_key, sq, tool_version, BASE_EXCLUDES)
 
 
-def overlay_layer_key(overlay_key: str, client_key: str, sq: SquashfsConfig, epoch: int, tool_version: str) -> str:
-    return digest("overlay-layer", RECIPE_VERSION, overlay_key, client_key, sq, epoch, tool_version)
+def overlay_layer_key(
+    overlay_key: str, client_key: str, sq: SquashfsConfig, epoch: int, tool_version: str, repo: Path = REPO
+) -> str:
+    return digest("overlay-layer", code_digest(*CODE, repo=repo), overlay_key, client_key, sq, epoch, tool_version)
 
 
-def deps_layer_key(deps_key: str, sq: SquashfsConfig, epoch: int, tool_version: str) -> str:
-    return digest("deps-layer", RECIPE_VERSION, deps_key, sq, epoch, tool_version)
+def deps_layer_key(deps_key: str, sq: SquashfsConfig, epoch: int, tool_version: str, repo: Path = REPO) -> str:
+    return digest("deps-layer", code_digest(*CODE, repo=repo), deps_key, sq, epoch, tool_version)
 
 
 def build_base_layer(rootfs: Path, dest: Path, sq: SquashfsConfig, epoch: int) -> float:

@@ -38,7 +38,7 @@ from failback_client.console import Console
 from failback_client.convert import ConversionOptions, ConversionReport, convert
 
 from image.core.mounts import clear_leftovers, release, require_no_mounts
-from image.core.paths import REPO, digest
+from image.core.paths import REPO, code_digest, digest
 from image.core.run import run
 from image.stages.config import apt_sources, load_config
 from image.vm import qemu
@@ -47,7 +47,8 @@ log = logging.getLogger("image.vm.convert_fixture")
 
 CACHE = REPO / "build" / "cache" / "convert-fixture"
 MAIN_APT_CACHE = REPO / "build" / "cache" / "apt"  # read only: .debs the main build already downloaded
-RECIPE_VERSION = 1
+# The recipe is this module (its constants and code): editing it rebuilds the fixture.
+CODE = ("image/vm/convert_fixture.py",)
 DISK_MIB = 2048
 CLOUD_MAC = "0a:1b:2c:3d:4e:5f"
 CLOUD_NIC = "ens5"
@@ -172,7 +173,7 @@ class Fixture:
 def fixture_key() -> str:
     cfg = load_config()
     parts = (
-        RECIPE_VERSION,
+        code_digest(*CODE),
         PACKAGES,
         PARTITIONS,
         DISK_MIB,

@@ -65,6 +65,7 @@ def make_probe_iso(kernel: Path, workdir: Path) -> Path:
     loader + kernel alone, and tells a broken boot chain from a broken live system."""
     from image.core.mounts import require_no_mounts
     from image.core.run import run
+    from image.stages import bootloader
     from image.stages.boot.iso import IsoInputs, assemble_iso
     from image.stages.config import load_config
 
@@ -77,7 +78,9 @@ def make_probe_iso(kernel: Path, workdir: Path) -> Path:
         require_no_mounts(empty, f"pack it into {layer.name}")
         run(["mksquashfs", str(empty), str(layer), "-noappend", "-quiet", "-all-root", "-mkfs-time", "0"])
     inputs = IsoInputs(kernel=kernel, initrd=initrd, layers=(layer,), extra_files={}, source_date_epoch=0)
-    return assemble_iso(load_config(), inputs, workdir / "boot-chain-probe.iso", workdir / "cache").path
+    cfg = load_config()
+    loaders = bootloader.fetch_boot_loaders(workdir / "cache", bootloader.AptSources.from_config(cfg))
+    return assemble_iso(cfg, inputs, workdir / "boot-chain-probe.iso", workdir / "cache", loaders).path
 
 
 def check_summary(way: BootWay, boot: BootResult) -> tuple[bool, str]:

@@ -2,12 +2,13 @@
 
 Written with pycdlib only: ISO9660 (level 3) + Rock Ridge 1.09 + Joliet, an El Torito catalogue with
 a BIOS entry (isolinux, no emulation, 4 sectors, boot info table) and a UEFI entry (platform 0xEF,
-the FAT image from efi.py), and isohybrid MBR + GPT (`add_isohybrid(efi=True)`) so the same file
-written to a USB stick boots BIOS (MBR code -> isolinux) and UEFI (EFI system partition = the FAT
-image).
+the FAT image from efi.py, holding the bootloader stage's signed binaries), and isohybrid MBR + GPT
+(`add_isohybrid(efi=True)`) so the same file written to a USB stick boots BIOS (MBR code -> isolinux)
+and UEFI (EFI system partition = the FAT image).
 
 Layout on the medium (what the initrd's boot script and the loaders look for):
-    /live/vmlinuz, /live/initrd.img, /live/<layer>.squashfs..., extra files (e.g. filesystem.module)
+    /live/vmlinuz, /live/initrd.img, /live/<layer>.squashfs..., extra files (the pipeline's:
+               filesystem.module, filesystem.packages, bootloader.packages)
     /isolinux/{isolinux.bin, boot.cat, ldlinux.c32, menu.c32, libutil.c32, libcom32.c32, isolinux.cfg,
                localdisk.bs (BIOS "boot from first local disk", knows this image's MBR id)}
     /boot/grub/{grub.cfg, efi.img}
@@ -40,6 +41,7 @@ import pycdlib
 from image.core.errors import ImageError
 from image.core.run import run
 from image.stages.boot import bootmenu, efi, gpt, localdisk
+from image.stages.bootloader import BootLoaders
 
 if TYPE_CHECKING:
     from image.stages.config import ImageConfig
@@ -53,6 +55,8 @@ SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")
 # libutil.c32 and libcom32.c32.
 ISOLINUX_MODULES = ("ldlinux.c32", "menu.c32", "libutil.c32", "libcom32.c32")
 HOST_BOOT_PACKAGES = ("isolinux", "syslinux-common")
+# The ISO stage's code: this sub-package (boot sector source included) and the boot menus' templates.
+CODE = ("image/stages/boot", "image/stages/templates/grub.cfg.j2", "image/stages/templates/isolinux.cfg.j2")
 
 EFI_IMAGE_ISO_PATH = "/boot/grub/efi.img"
 MBR_CODE_BYTES = 432  # boot code area of the MBR; bytes 432.. hold the isolinux LBA, MBR id, partitions
@@ -333,29 +337,20 @@ def open_iso(path: Path) -> Iterator[pycdlib.PyCdlib]:
         pc.close()
 
 
-def boot_loader_versions(cfg: ImageConfig, cache_dir: Path) -> dict[str, str]:
-    """The versions of the boot loader packages the ISO stage would use now (host isolinux/syslinux,
-    and the signed EFI binaries from the image's mirror): for the pipeline's ISO cache key, so a new
-    shim or GRUB in the mirror rebuilds the ISO. Refreshes the private apt lists at most once a day."""
-    sources = efi.AptSources.from_config(cfg)
-    efi.refresh_lists(sources, cache_dir)
-    versions = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES}
-    for package, version in efi.candidate_versions(list(efi.EFI_PACKAGES), sources, cache_dir).items():
-        versions[package] = version or "unknown"
-    return versions
+def assemble_iso(
+    cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: Path, boot_loaders: BootLoaders
+) -> IsoResult:
+    """Write the hybrid ISO at `output` from local files only. The same cfg, inputs and loader packages
+    give the same bytes.
 
-
-def assemble_iso(cfg: ImageConfig, inputs: IsoInputs, output: Path, cache_dir: Path) -> IsoResult:
-    """Write the hybrid ISO at `output`. The same cfg, inputs and loader packages give the same bytes.
-
-    cache_dir keeps the downloaded signed EFI binaries (cache_dir/efi/) and the FAT image.
+    `boot_loaders`: the bootloader stage's signed EFI binaries; cache_dir keeps the FAT image made of them.
     """
     epoch = int(inputs.source_date_epoch)
     label = cfg.iso.volume_label
     # Bad input (files, boot menu) fails here, before anything is fetched or written.
     _input_files(inputs)
     bootmenu.render_isolinux(cfg)
-    efi_img = efi.build_efi_image(cache_dir, cache_dir / "iso" / "efi.img", epoch, efi.AptSources.from_config(cfg))
+    efi_img = efi.build_efi_image(boot_loaders, cache_dir / "iso" / "efi.img", epoch)
     boot_packages = {p: _host_package_version(p) for p in HOST_BOOT_PACKAGES} | efi_img.versions
     seed = derive_seed(label, epoch)
     tree = _collect_tree(cfg, inputs, efi_img.path, boot_packages, derive_mbr_id(seed))
