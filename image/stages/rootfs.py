@@ -15,24 +15,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from image.core.mounts import clear_leftovers, release
 from image.core.paths import REPO, BuildPaths, code_digest, digest
 from image.core.run import run
+from image.stages import templating
 from image.stages.config import ImageConfig, apt_sources
 
 log = logging.getLogger("image.stages.rootfs")
 
 # This stage's code and the templates of its initramfs set-up files: editing them changes the key.
-CODE = ("image/stages/rootfs.py", "image/stages/templates/initramfs-*")
+CODE = ("image/stages/rootfs.py", "image/stages/templating.py", "image/stages/templates/initramfs-*")
 BASE_HOSTNAME = "localhost"
 BASE_FILES_HOOK = (
     f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'
     f' && echo {BASE_HOSTNAME} > "$1"/etc/hostname && chmod 0644 "$1"/etc/hostname'
 )
 MEDIUM_WAIT_S = 60  # boot=failback looks this long for the medium (failback.wait= overrides it)
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Needed only while bootstrapping (usrmerge converts the tree, and pulls in perl): ~45 MB less.
 BOOTSTRAP_ONLY = (
     "usrmerge",
@@ -62,14 +60,7 @@ def initramfs_setup_files(cfg: ImageConfig) -> tuple[SetupFile, ...]:
     """initramfs-tools settings from the image definition's `initramfs` section. They must exist
     before linux-image-* is installed, so the one initrd its postinst generates is already the
     small one. None of them is a conffile of initramfs-tools (dpkg would ask about those)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
+    env = templating.environment()
     values = {
         "source": f"image/{cfg.path.name}",
         "initramfs": cfg.initramfs,

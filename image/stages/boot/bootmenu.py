@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from image.core.errors import ImageError
+from image.stages import templating
 from image.stages.boot import localdisk
 
 if TYPE_CHECKING:
     from image.stages.config import ImageConfig
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 KERNEL_PATH = "/live/vmlinuz"
 INITRD_PATH = "/live/initrd.img"
 MENU_TITLE = "AWS DRS Failback Client"
@@ -100,17 +100,7 @@ def _entries(cfg: ImageConfig) -> list[MenuEntry]:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["grub_quote"] = grub_quote
-    env.filters["grub_words"] = grub_words
-    return env
+    return templating.environment({"grub_quote": grub_quote, "grub_words": grub_words})
 
 
 def _values(cfg: ImageConfig) -> dict[str, object]:

@@ -56,7 +56,12 @@ SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")
 ISOLINUX_MODULES = ("ldlinux.c32", "menu.c32", "libutil.c32", "libcom32.c32")
 HOST_BOOT_PACKAGES = ("isolinux", "syslinux-common")
 # The ISO stage's code: this sub-package (boot sector source included) and the boot menus' templates.
-CODE = ("image/stages/boot", "image/stages/templates/grub.cfg.j2", "image/stages/templates/isolinux.cfg.j2")
+CODE = (
+    "image/stages/boot",
+    "image/stages/templating.py",
+    "image/stages/templates/grub.cfg.j2",
+    "image/stages/templates/isolinux.cfg.j2",
+)
 
 EFI_IMAGE_ISO_PATH = "/boot/grub/efi.img"
 MBR_CODE_BYTES = 432  # boot code area of the MBR; bytes 432.. hold the isolinux LBA, MBR id, partitions
