@@ -24,7 +24,6 @@ from drs_agent.testing import (
     change_blocks,
     make_image,
     replicator_config,
-    sha512_file,
     start_agent,
 )
 from failback_replicator import wire
@@ -35,6 +34,8 @@ from failback_replicator.interfaces import Command, QueueCommandSource
 from failback_replicator.journal import Journal
 from failback_replicator.tlsconf import client_context, require_identity
 from failback_replicator.wire import FRAME_DIGESTS, Connection, parse_digests
+
+from image.stages.hashes import sha512_file
 
 BS = 256 * 1024
 SIZE = 8 * 1024 * 1024
