@@ -67,7 +67,6 @@ def test_digest_functions_and_preference() -> None:
     assert wire.available_digests() == ["blake3", "sha256"]  # blake3 is in the dev venv
     assert wire.digest_function("sha256")(data) == hashlib.sha256(data).digest()
     assert wire.digest_function("blake3")(memoryview(data)) == blake3.blake3(data).digest()
-    assert wire.digest(data) == hashlib.sha256(data).digest()  # the version-1 default
     with pytest.raises(wire.ProtocolError, match="'md5' is not available"):
         wire.digest_function("md5")
     # The agent takes the replicator's first choice it has; nothing in common: None.
