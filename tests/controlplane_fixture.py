@@ -29,6 +29,7 @@ from urllib.request import Request, urlopen
 
 import pytest
 from botocore.client import BaseClient
+from drs_agent.testing import blank_image
 from drs_controlplane.certs import IssuedCertificate
 from drs_controlplane.seed import Seed, load_seed, parse_seed
 from drs_controlplane.server import ControlPlane
@@ -342,10 +343,7 @@ class Stack:
         return digests
 
 
-def blank(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
+blank = blank_image  # an empty (sparse) local disk of `size` bytes
 
 
 @pytest.fixture

@@ -7,15 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from drs_agent.server import CompressionGovernor
-from drs_agent.testing import CLIENT_ID, RECOVERY_INSTANCE_ID, Pki, change_blocks, make_image, start_agent
+from drs_agent.testing import CLIENT_ID, RECOVERY_INSTANCE_ID, Pki, age, change_blocks, make_image, start_agent
 from drs_agent.volume import SourceVolume, VolumeSpec
 from failback_replicator.tlsconf import client_context, require_identity
 from failback_replicator.wire import FRAME_BLOCK, FRAME_DIGESTS, Connection, Decoder, parse_block, parse_digests
+
+from image.stages.hashes import sha512_file
 
 BS = 64 * 1024
 
@@ -45,8 +46,7 @@ def test_scan_stamps_changed_blocks_with_a_new_generation(tmp_path: Path) -> Non
 
 def test_unchanged_old_image_is_not_rescanned(tmp_path: Path) -> None:
     img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=2)
-    old = time.time() - 60
-    os.utime(img, (old, old))
+    age(img, 60)
     vol = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
     try:
         vol.refresh()
@@ -63,8 +63,7 @@ def test_digests_taken_by_reads_of_an_unchanged_image_serve_the_next_scan(tmp_pa
     """After a full sync READ every block of an image nobody writes, the verification's DIGESTS
     is answered from those digests (no second pass over the source) -- and only then."""
     img = make_image(tmp_path / "disk.img", 1024 * 1024, seed=5)
-    old = time.time() - 60
-    os.utime(img, (old, old))
+    age(img, 60)
     vol = SourceVolume(VolumeSpec("/dev/xvda", img), BS)
     try:
         buf = bytearray(BS)
@@ -188,7 +187,7 @@ def test_agent_compresses_blocks_only_when_the_governor_says_it_pays(
 ) -> None:
     """The same compressible volume: every block compressed when compression pays (a slow link),
     every block raw when it does not (a fast one); the wire bytes say which way they went."""
-    from drs_agent.testing import blank_image, replicator_config, sha512_file
+    from drs_agent.testing import blank_image, replicator_config
     from failback_replicator.engine import Replicator
     from failback_replicator.interfaces import Command, QueueCommandSource
 

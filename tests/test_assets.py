@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from drs_agent.testing import Pki, make_image, replicator_config, sha512_file, start_agent
+from drs_agent.testing import Pki, make_image, replicator_config, start_agent
 
 from image.release.assets import TARBALL, AssetsError, build_assets, fetch_wheels, locked_pins
+from image.stages.hashes import sha512_file
 
 SO = "failback_assets/lib/blake3/blake3.cpython-311-x86_64-linux-gnu.so"
 

@@ -81,6 +81,58 @@ def test_instance_os() -> None:
     assert instance_os({}) == ""
 
 
+def test_the_frame_layout_is_the_replicators(tmp_path: Path) -> None:
+    """bootmode keeps its own few lines of the wire format: the replication software (failback_replicator.wire)
+    is downloaded, not in the ISO's client venv (image/stages/clientenv.py refuses it there), so the client
+    cannot import it. The copy must say what wire.py says."""
+    from failback_client import bootmode
+    from failback_replicator import wire
+
+    assert bootmode._FRAME.format == wire._HEADER.format and bootmode._BLOCK.format == wire._BLOCK.format
+    assert (bootmode.FRAME_JSON, bootmode.FRAME_BLOCK) == (wire.FRAME_JSON, wire.FRAME_BLOCK)
+    assert (bootmode.CODEC_RAW, bootmode.CODEC_ZLIB, bootmode.CODEC_ZERO) == (
+        wire.CODEC_RAW,
+        wire.CODEC_ZLIB,
+        wire.CODEC_ZERO,
+    )
+
+
+@pytest.mark.parametrize("agent_version", [2, 1])
+def test_read_heads_from_the_real_agent(tmp_path: Path, agent_version: int) -> None:
+    """read_heads against the test agent on loopback (mutual TLS, the agent's protocol code): block 0 of each
+    mapped volume, whether the agent sends it zlib-compressed (a partition table), raw (random bytes) or as a
+    zero block; a version-1 agent (no digest negotiation) is asked again in version 1."""
+    from drs_agent.testing import AGENT_CN, CLIENT_ID, RECOVERY_INSTANCE_ID, Pki, make_image, start_agent
+    from failback_client.bootmode import read_heads
+    from failback_client.configure import ReplicationSetup
+    from failback_client.pairing import TlsPaths
+
+    pki = Pki.create(tmp_path / "pki")
+    volumes = {
+        "/dev/nvme0n1": _disk(tmp_path / "gpt.img", GPT_ESP),
+        "/dev/nvme1n1": make_image(tmp_path / "random.img", 2 * MiB, seed=3, zero_fraction=0.0),
+        "/dev/nvme2n1": blank(tmp_path / "blank.img", 2 * MiB),
+    }
+    old = {"protocol_versions": (1,), "digests": ("sha256",)} if agent_version == 1 else {}
+    with start_agent(pki, volumes, **old) as agent:
+        setup = ReplicationSetup(
+            recovery_instance_id=RECOVERY_INSTANCE_ID,
+            client_id=CLIENT_ID,
+            agent_host="127.0.0.1",
+            agent_port=agent.port,
+            volumes=[(name, f"/dev/sd{c}") for name, c in zip(volumes, "abc", strict=True)],
+            rescan=False,
+            bandwidth_mbps=None,
+            state_dir=tmp_path / "state",
+            tls=TlsPaths(ca=pki.client.ca, cert=pki.client.cert, key=pki.client.key),
+            agent_identity=AGENT_CN,
+        )
+        heads = read_heads(setup, timeout=30)
+    assert heads == {name: path.read_bytes()[:MiB] for name, path in volumes.items()}
+    modes = judge(heads, "windows", "UEFI").per_volume
+    assert modes == {"/dev/nvme0n1": "uefi", "/dev/nvme1n1": "", "/dev/nvme2n1": ""}
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_windows_uefi_source_on_this_bios_host_stops_before_any_write(s3: str, stack_factory, tmp_path: Path) -> None:

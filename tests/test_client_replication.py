@@ -203,6 +203,8 @@ def test_pairing_key_csr_and_wrong_certificates(drs_controlplane_factory, tmp_pa
         install_certificates(tls, client_id, good.certificate_pem, _other_ca(tmp_path))
     with pytest.raises(PairingError, match="not a PEM certificate"):
         install_certificates(tls, client_id, "garbage", good.ca_certificate_pem)
+    with pytest.raises(PairingError, match="cannot be a certificate common name"):
+        create_key_and_csr(tmp_path / "x", "fbc/../evil")
 
 
 def _other_ca(tmp_path: Path) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from failback_client.pairing import openssl
 
 from image.release.assets import Assets, build_assets
 from image.release.publish.s3 import public_read_policy
@@ -93,10 +94,6 @@ def loop_device(image: Path) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
 
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @dataclass
 class AgentTls:
     ca: Path
@@ -108,9 +105,9 @@ def agent_tls_from_controlplane(cp: Any, instance_id: str, directory: Path) -> A
     """The agent's side of pairing: its own key and CSR, signed by the control plane (as the service does)."""
     directory.mkdir(parents=True, exist_ok=True)
     key, csr = directory / "agent.key", directory / "agent.csr"
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+    openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)])
     key.chmod(0o600)
-    openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN=agent.{instance_id}.drs.local")
+    openssl(["req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN=agent.{instance_id}.drs.local"])
     issued = cp.issue_agent_certificate(instance_id, csr.read_text())
     (directory / "agent.pem").write_text(issued.certificate_pem)
     (directory / "ca.pem").write_text(issued.ca_certificate_pem)

@@ -4,6 +4,8 @@
 - image.stages (the build stages, boot media included) import only image.core and image.stages;
 - image.release may import core, stages and the client; image.vm and image.bench may import anything.
 Imports are read with ast (top-level and inside functions alike), so a lazy import counts too.
+The client package (failback_client) imports nothing its ISO venv lacks: not the downloaded replication
+software, nor the test agent or control plane.
 """
 
 from __future__ import annotations
@@ -81,4 +83,35 @@ def test_a_planted_violation_is_named(tmp_path: Path) -> None:
         "image/core/paths.py:1 imports image.stages.config",
         "image/release/assets.py:1 imports image.vm",
         "image/stages/boot/iso.py:4 imports image.release.publish",
+    ]
+
+
+# Not in the ISO's client venv (image/stages/clientenv.py): the replication software is downloaded at run time,
+# the agent and the control plane are test harnesses. The dev venv has them all, so only this check would notice
+# the client importing one (on the LiveCD: ModuleNotFoundError at the first import of that module).
+NOT_IN_THE_CLIENT_VENV = ("failback_replicator", "drs_agent", "drs_controlplane")
+
+
+def client_violations(client_dir: Path) -> list[str]:
+    """`file:line imports X` for every import in the client package of a package its venv does not hold."""
+    return [
+        f"{path.relative_to(client_dir.parent).as_posix()}:{line} imports {name}"
+        for path in sorted(client_dir.rglob("*.py"))
+        for line, name in _imports(path)
+        if name.split(".")[0] in NOT_IN_THE_CLIENT_VENV
+    ]
+
+
+def test_the_client_imports_only_what_its_venv_holds() -> None:
+    assert not client_violations(REPO / "client" / "failback_client")
+
+
+def test_a_client_importing_the_replicator_is_named(tmp_path: Path) -> None:
+    pkg = tmp_path / "failback_client"
+    pkg.mkdir()
+    (pkg / "bootmode.py").write_text("import struct\ndef f():\n    from failback_replicator.wire import FRAME_JSON\n")
+    (pkg / "pairing.py").write_text("import drs_agent.pki\nfrom failback_client import errors\n")
+    assert client_violations(pkg) == [
+        "failback_client/bootmode.py:3 imports failback_replicator.wire",
+        "failback_client/pairing.py:1 imports drs_agent.pki",
     ]

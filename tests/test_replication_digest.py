@@ -24,7 +24,6 @@ from drs_agent.testing import (
     change_blocks,
     make_image,
     replicator_config,
-    sha512_file,
     start_agent,
 )
 from failback_replicator import wire
@@ -35,6 +34,8 @@ from failback_replicator.interfaces import Command, QueueCommandSource
 from failback_replicator.journal import Journal
 from failback_replicator.tlsconf import client_context, require_identity
 from failback_replicator.wire import FRAME_DIGESTS, Connection, parse_digests
+
+from image.stages.hashes import sha512_file
 
 BS = 256 * 1024
 SIZE = 8 * 1024 * 1024
@@ -66,7 +67,6 @@ def test_digest_functions_and_preference() -> None:
     assert wire.available_digests() == ["blake3", "sha256"]  # blake3 is in the dev venv
     assert wire.digest_function("sha256")(data) == hashlib.sha256(data).digest()
     assert wire.digest_function("blake3")(memoryview(data)) == blake3.blake3(data).digest()
-    assert wire.digest(data) == hashlib.sha256(data).digest()  # the version-1 default
     with pytest.raises(wire.ProtocolError, match="'md5' is not available"):
         wire.digest_function("md5")
     # The agent takes the replicator's first choice it has; nothing in common: None.

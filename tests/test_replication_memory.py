@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from drs_agent.testing import Pki, make_image, replicator_config, run_measuring_peak_rss, sha512_file, start_agent
+from drs_agent.testing import Pki, make_image, replicator_config, run_measuring_peak_rss, start_agent
 from failback_replicator.buffers import BufferPool, window_for
 from failback_replicator.journal import DigestTable, Journal
+
+from image.stages.hashes import sha512_file
 
 MiB = 1024 * 1024
 KiB = 1024

@@ -20,7 +20,6 @@ from drs_agent.testing import (
     change_blocks,
     make_image,
     replicator_config,
-    sha512_file,
     start_agent,
 )
 from failback_replicator.engine import Outcome, Replicator
@@ -28,6 +27,7 @@ from failback_replicator.interfaces import Command, QueueCommandSource
 from failback_replicator.journal import Journal
 
 from image.core.run import run
+from image.stages.hashes import sha512_file
 
 BS = 256 * 1024  # small blocks: more of them in a small image
 SIZE = 16 * 1024 * 1024

@@ -2,22 +2,17 @@
 
 In production the certificates come from the control plane (IssueAgentCertificateForDrs signs the
 failback client's CSR with CN = failbackClientID and returns the CA that also signed the agent's
-certificate). Keys are written 0600 and never printed.
+certificate). Keys are written 0600 and never printed. openssl runs through the client's one runner
+(failback_client.pairing.openssl): a failure is its PairingError with the tail of openssl's stderr.
 """
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from failback_client.pairing import openssl
 from failback_replicator.tlsconf import TlsFiles
-
-
-def _openssl(*args: str) -> None:
-    proc = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
 
 
 @dataclass(frozen=True)
@@ -29,13 +24,13 @@ class CertificateAuthority:
     def create(cls, directory: Path, name: str = "pairing-ca") -> CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)])
         key.chmod(0o600)
-        _openssl(
+        openssl([
             "req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", "2",
             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
+        ])  # fmt: skip
         return cls(cert=cert, key=key)
 
     def issue(self, directory: Path, common_name: str, purpose: str) -> TlsFiles:
@@ -43,9 +38,9 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         stem = directory / common_name
         key, csr, cert = Path(f"{stem}.key"), Path(f"{stem}.csr"), Path(f"{stem}.pem")
-        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)])
         key.chmod(0o600)
-        _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={common_name}")
+        openssl(["req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={common_name}"])
         ext = directory / f"{common_name}.ext"
         self._sign(csr, cert, ext, purpose)
         return TlsFiles(ca=self.cert, cert=cert, key=key)
@@ -54,10 +49,10 @@ class CertificateAuthority:
         """Signs `csr` into `cert`: a leaf certificate for TLS server or client authentication."""
         usage = "serverAuth" if purpose == "server" else "clientAuth"
         ext.write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
-        _openssl(
+        openssl([
             "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
-        )  # fmt: skip
+        ])  # fmt: skip
 
     def sign_csr(self, csr_pem: str, directory: Path, purpose: str = "client") -> str:
         """Signs a CSR as IssueAgentCertificateForDrs would; returns the certificate PEM."""

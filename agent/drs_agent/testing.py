@@ -1,16 +1,17 @@
-"""Helpers for replication tests and the benchmark: a pairing PKI, source images, a link-cutting
-proxy, and a ready-made agent + replicator configuration on loopback."""
+"""Helpers for replication tests and the benchmark (image/bench/replication.py): a pairing PKI, source
+images (and their age, which the agent's digest cache goes by), a link-cutting proxy, and a ready-made
+agent + replicator configuration on loopback. Hashes of images: image.stages.hashes.sha512_file."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +78,11 @@ def make_image(path: Path, size: int, seed: int = 1, zero_fraction: float = 0.25
     return path
 
 
-def sha512_file(path: Path, size: int | None = None) -> str:
-    h = hashlib.sha512()
-    with open(path, "rb") as f:
-        remaining = size if size is not None else os.path.getsize(path)
-        while remaining > 0:
-            data = f.read(min(remaining, 4 << 20))
-            if not data:
-                break
-            h.update(data)
-            remaining -= len(data)
-    return h.hexdigest()
+def age(path: Path, seconds: float) -> None:
+    """Sets the image's mtime `seconds` ago (0: just written, as a live block device always looks to the
+    agent, which then cannot trust digests it took before; 60: untouched, its digest cache may serve)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
 
 
 def change_blocks(path: Path, blocks: list[int], block_size: int, seed: int = 7) -> None:

@@ -85,6 +85,8 @@ def disk_boot_mode(path: str) -> str:
 
 # ---- before replication: the recovery volumes' first blocks against this machine's boot mode ------------------
 
+# A copy of failback_replicator/wire.py's frame layout: the replication software is downloaded, not in the ISO's
+# client venv, so it cannot be imported here. tests/test_bootmode.py keeps the two the same.
 _FRAME = struct.Struct("!BI")
 _BLOCK = struct.Struct("!HQBI32s")
 FRAME_JSON, FRAME_BLOCK = 1, 2

@@ -30,7 +30,7 @@ import botocore.exceptions
 from botocore.credentials import CredentialProvider, RefreshableCredentials
 
 from failback_client.logs import REDACTOR
-from failback_client.pairing import PairingError, _openssl
+from failback_client.pairing import PairingError, openssl
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def proof_text(client_id: str, instance_id: str, signed_at: str, nonce: str) -> 
 
 def sign(key: Path, data: bytes) -> str:
     """Base64 DER signature (SHA-256) by the replication software's private key, with openssl like pairing."""
-    return base64.b64encode(_openssl(["dgst", "-sha256", "-sign", str(key)], stdin=data)).decode()
+    return base64.b64encode(openssl(["dgst", "-sha256", "-sign", str(key)], stdin=data)).decode()
 
 
 def _describe(error: Exception) -> str:

@@ -5,7 +5,9 @@ The key is made here (mode 0600 from the first byte), never leaves this machine 
 shown: only the CSR goes to DRS (subject CN = failbackClientID). What comes back is refused unless it is a
 certificate for our key and our client ID, signed by the CA that came with it. Uses the openssl command
 (Debian's ca-certificates depends on it, so the LiveCD has it); the replication software is not in the
-client's environment (it is downloaded), so this lives in the client package.
+client's environment (it is downloaded), so this lives in the client package. `openssl()` is the one
+openssl runner of the repository (the test agent's PKI, drs_agent.pki, uses it too). It does not go through
+convert/runner.run, the conversion's runner: that one logs a command's output, and `genpkey` prints the key.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def tls_paths(directory: Path) -> TlsPaths:
     )
 
 
-def _openssl(args: list[str], stdin: bytes | None = None) -> bytes:
+def openssl(args: list[str], stdin: bytes | None = None) -> bytes:
+    """Run `openssl ARGS` (stdin piped in, output captured, never logged); its stdout, or PairingError."""
     try:
         proc = subprocess.run(["openssl", *args], input=stdin, capture_output=True, timeout=60)
     except FileNotFoundError:
@@ -58,18 +61,18 @@ def create_key_and_csr(directory: Path, client_id: str) -> str:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     paths = tls_paths(directory)
-    pem = _openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+    pem = openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
     tmp = paths.key.with_name(paths.key.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "wb") as f:
         f.write(pem)
     os.replace(tmp, paths.key)
-    return _openssl(["req", "-new", "-key", str(paths.key), "-subj", f"/CN={client_id}"]).decode()
+    return openssl(["req", "-new", "-key", str(paths.key), "-subj", f"/CN={client_id}"]).decode()
 
 
 def _subject_cn(cert: Path) -> str:
-    text = _openssl(["x509", "-noout", "-subject", "-nameopt", "multiline", "-in", str(cert)]).decode()
+    text = openssl(["x509", "-noout", "-subject", "-nameopt", "multiline", "-in", str(cert)]).decode()
     m = re.search(r"commonName\s*=\s*(\S+)", text)
     return m.group(1) if m else ""
 
@@ -83,8 +86,8 @@ def install_certificates(directory: Path, client_id: str, certificate_pem: str, 
     paths.cert.write_text(certificate_pem)
     paths.ca.write_text(ca_pem)
     try:
-        cert_pub = _openssl(["x509", "-noout", "-pubkey", "-in", str(paths.cert)])
-        key_pub = _openssl(["pkey", "-pubout", "-in", str(paths.key)])
+        cert_pub = openssl(["x509", "-noout", "-pubkey", "-in", str(paths.cert)])
+        key_pub = openssl(["pkey", "-pubout", "-in", str(paths.key)])
         if cert_pub.strip() != key_pub.strip():
             raise PairingError(
                 "the certificate DRS issued is not for this replication software's key: refused "
@@ -96,7 +99,7 @@ def install_certificates(directory: Path, client_id: str, certificate_pem: str, 
                 f"the certificate DRS issued is for {cn!r}, not this failback client ({client_id}): refused"
             )
         try:
-            _openssl(["verify", "-CAfile", str(paths.ca), "-purpose", "sslclient", str(paths.cert)])
+            openssl(["verify", "-CAfile", str(paths.ca), "-purpose", "sslclient", str(paths.cert)])
         except PairingError as e:
             raise PairingError(f"the certificate DRS issued does not verify against the CA it came with: {e}") from None
     except PairingError:

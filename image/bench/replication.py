@@ -46,6 +46,7 @@ from failback_replicator.wire import DIGEST_SHA256, available_digests, digest_fu
 
 from image.core.mounts import require_no_mounts
 from image.core.run import run
+from image.stages.hashes import sha512_file
 
 MiB = 1024 * 1024
 
@@ -266,12 +267,6 @@ def count_zero_blocks(path: Path, block_size: int) -> int:
         return sum(1 for block in iter(lambda: f.read(block_size), b"") if block == zero[: len(block)])
 
 
-def _age(path: Path, seconds: float) -> None:
-    """Sets the image's mtime `seconds` ago (negative: just written, as a live block device is)."""
-    t = time.time() - seconds
-    os.utime(path, (t, t))
-
-
 # Where the "filesystem" volume's files come from: a server's usual mix of binaries, libraries,
 # Python and text (this machine's own, so nothing is downloaded).
 FS_SOURCES = (Path("/usr/bin"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/python3.11"), Path("/usr/share/doc"))
@@ -320,11 +315,11 @@ def run_benchmark(
     from drs_agent.testing import (
         CuttingProxy,
         Pki,
+        age,
         blank_image,
         change_blocks,
         make_image,
         replicator_config,
-        sha512_file,
         start_agent,
     )
 
@@ -360,7 +355,7 @@ def run_benchmark(
             blank_image(tgt, size)
             # "Just written": the agent cannot trust digests it took while serving READs, so the
             # verification re-reads the source, as it always must on a live block device.
-            _age(src, 0)
+            age(src, 0)
             cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt}, d / "state-full", rescan=False)
             full = _replicate_in_child(cfg)
             assert sha512_file(tgt) == sha512_file(src), "full sync: target differs from source"
@@ -370,7 +365,7 @@ def run_benchmark(
             if algorithm != DIGEST_SHA256:
                 tgt_sha = d / "target-sha256.img"
                 blank_image(tgt_sha, size)
-                _age(src, 0)
+                age(src, 0)
                 cfg = replicator_config(pki, agent.port, {"/dev/xvda": tgt_sha}, d / "state-full-sha256",
                                         rescan=False, digests=(DIGEST_SHA256,))  # fmt: skip
                 sha_full = _replicate_in_child(cfg)

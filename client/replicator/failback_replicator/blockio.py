@@ -43,19 +43,8 @@ def block_span(index: int, size: int, block_size: int) -> tuple[int, int]:
     return off, min(block_size, size - off)
 
 
-def read_block(fd: int, index: int, size: int, block_size: int) -> bytes:
-    off, length = block_span(index, size, block_size)
-    data = os.pread(fd, length, off)
-    while len(data) < length:  # pread may return short on some devices; never on regular files
-        more = os.pread(fd, length - len(data), off + len(data))
-        if not more:
-            raise OSError(f"unexpected end of volume at offset {off + len(data)}")
-        data += more
-    return data
-
-
 def read_block_into(fd: int, index: int, size: int, block_size: int, buf: bytearray) -> memoryview:
-    """Like read_block, into a caller's reusable buffer (no 1 MiB allocation, zeroing and page
+    """Block `index` read into a caller's reusable buffer (no 1 MiB allocation, zeroing and page
     faults per block); returns the view of the block's bytes inside `buf`."""
     off, length = block_span(index, size, block_size)
     view = memoryview(buf)[:length]
@@ -152,10 +141,6 @@ def block_hasher(algorithm: str = DIGEST_SHA256) -> BlockHasher:
     return BlockHasher(algorithm)
 
 
-def zero_digest(length: int, algorithm: str = DIGEST_SHA256) -> bytes:
-    return block_hasher(algorithm).zero(length)
-
-
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
     # A bytes comparison is a memcmp, far cheaper than hashing; memoryview comparisons go element
     # by element, so a view is copied first — only when its head is zero (else it can't be zero).
@@ -169,7 +154,3 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 
 
 _ZEROS = bytes(1024 * 1024)
-
-
-def block_digest(data: bytes | memoryview, algorithm: str = DIGEST_SHA256) -> bytes:
-    return block_hasher(algorithm)(data)

@@ -12,9 +12,7 @@ import time
 from collections.abc import Sequence
 
 from .blockio import block_span, drop_cache, read_block_into
-from .config import ReplicatorConfig
-from .reporting import Reports, Stats
-from .session import AgentRefused, Link
+from .session import AgentRefused, EngineContext
 from .targets import Target
 from .transfer import BlockTransfer
 from .wire import DIGEST_SIZE, FRAME_DIGESTS, FRAME_JSON, Connection, ProtocolError, parse_digest_frame, parse_json
@@ -23,27 +21,15 @@ log = logging.getLogger("failback_replicator")
 
 
 class Comparer:
-    def __init__(
-        self,
-        cfg: ReplicatorConfig,
-        link: Link,
-        reports: Reports,
-        stats: Stats,
-        stats_lock: threading.Lock,
-        transfer: BlockTransfer,
-    ) -> None:
-        self.cfg = cfg
-        self.link = link
-        self.reports = reports
-        self.stats = stats
-        self.stats_lock = stats_lock
+    def __init__(self, ctx: EngineContext, transfer: BlockTransfer) -> None:
+        self.ctx = ctx
         self.transfer = transfer
 
     def compare(self, conn: Connection, targets: Sequence[Target], reread_local: bool) -> dict[int, Sequence[int]]:
         """Asks the agent for fresh digests of every volume and lists the blocks that differ locally."""
         need: dict[int, Sequence[int]] = {}
         for t in targets:
-            if not reread_local and not self.cfg.rescan and t.local.known == 0 and t.recompute is None:
+            if not reread_local and not self.ctx.cfg.rescan and t.local.known == 0 and t.recompute is None:
                 # A full sync with nothing verified yet: every block is needed, no digests to compare.
                 need[t.index] = range(t.blocks)
                 t.need_bytes = t.size
@@ -61,7 +47,7 @@ class Comparer:
                     marks[i] = 1
                 indices = [i for i, m in enumerate(marks) if m]
                 drop_cache(t.fd)
-            elif self.cfg.rescan:
+            elif self.ctx.cfg.rescan:
                 indices = list(t.local.unknown())
             elif t.recompute is not None:  # a full sync that already verified blocks under another digest
                 indices = [i for i, m in enumerate(t.recompute) if m]
@@ -91,7 +77,7 @@ class Comparer:
                 raise local_result[0]
             differ = t.local.differing(source)
             need[t.index] = differ
-            t.need_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in differ)
+            t.need_bytes = sum(block_span(i, t.size, self.ctx.cfg.block_size)[1] for i in differ)
             t.progress.backlogged_bytes = t.need_bytes
             t.progress.replicated_bytes = t.size - t.need_bytes
             log.info(
@@ -103,7 +89,7 @@ class Comparer:
                 f" [verification pass, {len(indices)} block(s) read back]" if reread_local else "",
                 f" [{early} more fetched during the rescan]" if early else "",
             )
-        self.reports.progress(force=True)
+        self.ctx.reports.progress(force=True)
         return need
 
     def source_digests(self, conn: Connection, t: Target) -> bytearray:
@@ -117,8 +103,8 @@ class Comparer:
                 if vol != t.index or first != len(source) // DIGEST_SIZE:
                     raise ProtocolError("digest frames out of order")
                 source += packed
-                t.progress.rescanned_bytes = min(t.size, len(source) // DIGEST_SIZE * self.cfg.block_size)
-                self.reports.progress()
+                t.progress.rescanned_bytes = min(t.size, len(source) // DIGEST_SIZE * self.ctx.cfg.block_size)
+                self.ctx.reports.progress()
             elif ftype == FRAME_JSON:
                 msg = parse_json(body)
                 if msg["op"] == "ERROR":
@@ -142,15 +128,15 @@ class Comparer:
         halt: threading.Event,
     ) -> None:
         try:
-            buf = bytearray(self.cfg.block_size)  # one per reader thread, reused for every block
+            buf = bytearray(self.ctx.cfg.block_size)  # one per reader thread, reused for every block
             for i in indices:
                 if halt.is_set():
                     return
-                d = self.link.hash(read_block_into(t.fd, i, t.size, self.cfg.block_size, buf))
-                with self.stats_lock:
+                d = self.ctx.link.hash(read_block_into(t.fd, i, t.size, self.ctx.cfg.block_size, buf))
+                with self.ctx.stats_lock:
                     t.local[i] = d
                     t.readback[i] = 0
-                    self.stats.local_blocks_read += 1
+                    self.ctx.stats.local_blocks_read += 1
                 hashed.put(i)
         except BaseException as exc:  # surfaced in the calling thread
             result.append(exc)
@@ -190,9 +176,9 @@ class Comparer:
                         pending.append(i)
             if not running:
                 break
-            if len(pending) >= self.cfg.checkpoint_blocks or (pending and time.monotonic() - since >= 0.5):
+            if len(pending) >= self.ctx.cfg.checkpoint_blocks or (pending and time.monotonic() - since >= 0.5):
                 pending.sort()
-                n_bytes = sum(block_span(i, t.size, self.cfg.block_size)[1] for i in pending)
+                n_bytes = sum(block_span(i, t.size, self.ctx.cfg.block_size)[1] for i in pending)
                 t.need_bytes += n_bytes
                 t.progress.backlogged_bytes = t.need_bytes
                 self.transfer.fetch(conn, t, pending)

@@ -35,7 +35,7 @@ from .interfaces import (
     StepStatus,
 )
 from .reporting import Reports, Stats
-from .session import AgentRefused, Link, Outcome, StopRequested, expect
+from .session import AgentRefused, EngineContext, Link, Outcome, StopRequested, expect
 from .targets import ReplicationFailed, Target, open_targets
 from .throttle import TokenBucket
 from .transfer import BlockTransfer
@@ -65,10 +65,9 @@ class Replicator:
         self._throttle_mbps = config.bandwidth_mbps
         self._reports = Reports(self.reporter, self._targets, self.stats, lambda: self._link.conn)
         self._link = Link(config, self.reporter, self._reports, self.stats, self._targets, self.commands, sleep)
-        self._transfer = BlockTransfer(
-            config, self._link, self._reports, self.stats, stats_lock, self._bucket, self._check_stop
-        )
-        self._comparer = Comparer(config, self._link, self._reports, self.stats, stats_lock, self._transfer)
+        ctx = EngineContext(config, self._link, self._reports, self.stats, stats_lock)
+        self._transfer = BlockTransfer(ctx, self._bucket, self._check_stop)
+        self._comparer = Comparer(ctx, self._transfer)
 
     # ------------------------------------------------------------------ public
     def run(self) -> Outcome:

@@ -10,8 +10,10 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import PROTOCOL_VERSION, __version__
 from .blockio import BlockHasher, block_hasher
@@ -251,6 +253,19 @@ class Link:
             self.reporter.initiation_step(
                 InitiationStep.ESTABLISH_AGENT_REPLICATOR_SOFTWARE_COMMUNICATION, StepStatus.SUCCEEDED
             )
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What the engine's steps (compare.Comparer, transfer.BlockTransfer) share: the configuration, the link
+    (its session's block digest), the reports and counters, and the lock the reader/writer threads take to
+    update counters and digests."""
+
+    cfg: ReplicatorConfig
+    link: Link
+    reports: Reports
+    stats: Stats
+    stats_lock: threading.Lock
 
 
 _PAIRING_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED", "ACCESS_DENIED")

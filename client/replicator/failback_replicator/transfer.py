@@ -17,9 +17,7 @@ from dataclasses import dataclass
 
 from .blockio import block_span, drop_cache, read_block_into, write_all, write_zeros
 from .buffers import BufferPool, window_for
-from .config import ReplicatorConfig
-from .reporting import Reports, Stats
-from .session import AgentRefused, Link, expect
+from .session import AgentRefused, EngineContext, expect
 from .targets import Target
 from .throttle import TokenBucket
 from .wire import (
@@ -63,21 +61,8 @@ class Checkpoint:
 
 
 class BlockTransfer:
-    def __init__(
-        self,
-        cfg: ReplicatorConfig,
-        link: Link,
-        reports: Reports,
-        stats: Stats,
-        stats_lock: threading.Lock,
-        bucket: TokenBucket,
-        check_stop: Callable[[], None],
-    ) -> None:
-        self.cfg = cfg
-        self.link = link
-        self.reports = reports
-        self.stats = stats
-        self.stats_lock = stats_lock
+    def __init__(self, ctx: EngineContext, bucket: TokenBucket, check_stop: Callable[[], None]) -> None:
+        self.ctx = ctx
         self.bucket = bucket
         self.check_stop = check_stop
 
@@ -97,10 +82,10 @@ class BlockTransfer:
         (`window_for(block_size)` buffers); when the writer falls behind, this thread waits for a
         free buffer and TCP flow control stops the agent.
         """
-        bs = self.cfg.block_size
+        bs = self.ctx.cfg.block_size
         # Each checkpoint rewrites the whole journal (32 bytes per block): on big volumes checkpoint
         # less often so journal writes stay under ~5 % of the data written.
-        cp = max(self.cfg.checkpoint_blocks, t.blocks * DIGEST_SIZE * 20 // bs)
+        cp = max(self.ctx.cfg.checkpoint_blocks, t.blocks * DIGEST_SIZE * 20 // bs)
         batches = [wanted[i : i + cp] for i in range(0, len(wanted), cp)]
         t.journal.mark_inflight(batches[0])
         t.journal.save()
@@ -112,8 +97,8 @@ class BlockTransfer:
         to_read_back: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()  # checkpointed, for the verifier
         failures: list[int] = []
         errors: list[BaseException] = []
-        hasher = self.link.hash
-        stats_lock = self.stats_lock
+        hasher = self.ctx.link.hash
+        stats_lock = self.ctx.stats_lock
 
         def verifier() -> None:
             """Reads each checkpointed batch back from the device while the transfer goes on, so the
@@ -130,7 +115,7 @@ class BlockTransfer:
                             continue
                         d = hasher(read_block_into(t.fd, i, t.size, bs, buf))
                         with stats_lock:
-                            self.stats.local_blocks_read += 1
+                            self.ctx.stats.local_blocks_read += 1
                             if d != t.local[i]:  # the device does not hold what was written
                                 log.warning("%s block %d reads back wrong", t.mapping.recovery_device, i)
                                 t.local[i] = d  # the verification pass will see it differ: refetched
@@ -215,13 +200,13 @@ class BlockTransfer:
                         pool.put(buf)
                         raise
                     self.bucket.consume(len(body))
-                    self.stats.blocks_received += 1
+                    self.ctx.stats.blocks_received += 1
                     work.put(Block(index, codec, raw_len, dig, payload, buf))
                     if errors:
                         raise errors[0]
                 expect(conn, "READ")
                 work.put(Checkpoint(batch, batches[k + 1] if k + 1 < len(batches) else []))
-                self.reports.checkpoints(t, checkpoints, bs)
+                self.ctx.reports.checkpoints(t, checkpoints, bs)
                 if errors:
                     raise errors[0]
         finally:
@@ -229,14 +214,14 @@ class BlockTransfer:
             thread.join()
             to_read_back.put(None)
             checker.join()
-            self.reports.checkpoints(t, checkpoints, bs)  # whatever the writer made durable meanwhile
-            self.stats.transfer_seconds += time.perf_counter() - started
+            self.ctx.reports.checkpoints(t, checkpoints, bs)  # whatever the writer made durable meanwhile
+            self.ctx.stats.transfer_seconds += time.perf_counter() - started
         if errors:
             raise errors[0]
         if failures:
-            self.stats.digest_failures += len(failures)
-            if self.stats.digest_failures > 64:
-                raise ProtocolError(f"{self.stats.digest_failures} blocks failed verification: link corrupts data")
+            self.ctx.stats.digest_failures += len(failures)
+            if self.ctx.stats.digest_failures > 64:
+                raise ProtocolError(f"{self.ctx.stats.digest_failures} blocks failed verification: link corrupts data")
             self.fetch(conn, t, sorted(set(failures)))
 
     def request(self, conn: Connection, t: Target, batch: Sequence[int]) -> None:

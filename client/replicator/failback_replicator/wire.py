@@ -15,7 +15,6 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 try:  # zstandard is optional: Debian's python3-zstandard on the LiveCD, zstandard from PyPI in the venv
@@ -122,20 +121,8 @@ def choose_digest(offered: Iterable[object], ours: Iterable[str] | None = None) 
     return next((a for a in offered if isinstance(a, str) and a in have), None)
 
 
-def digest(data: bytes | bytearray | memoryview, algorithm: str = DIGEST_SHA256) -> bytes:
-    return digest_function(algorithm)(data)
-
-
 def available_codecs() -> list[str]:
     return (["zstd"] if _zstd is not None else []) + ["zlib"]
-
-
-@dataclass(frozen=True)
-class Block:
-    volume: int
-    index: int
-    digest: bytes
-    data: bytes | bytearray | memoryview  # uncompressed contents (zero blocks: all zeros)
 
 
 class Encoder:
