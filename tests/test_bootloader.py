@@ -134,6 +134,16 @@ def test_snapshot_mirror_turns_off_valid_until(tmp_path: Path) -> None:
     assert snap.state_dir(tmp_path) != plain.state_dir(tmp_path)
 
 
+def test_a_relative_cache_directory_gives_apt_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt reads a relative Dir:: option against its own root, so `--build-dir build` must not reach it as is."""
+    monkeypatch.chdir(tmp_path)
+    sources = bootloader.AptSources(("deb http://deb.debian.org/debian bookworm main",))
+    opts = bootloader._apt_options(sources, Path("build/cache"))
+    dirs = [o.split("=", 1)[1] for o in opts if o.startswith("Dir::")]
+    assert dirs and all(Path(d).is_absolute() for d in dirs), dirs
+    assert (tmp_path / "build/cache/efi/apt").is_dir()
+
+
 def test_other_architectures_are_refused() -> None:
     import dataclasses
 

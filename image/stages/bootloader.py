@@ -76,7 +76,8 @@ class AptSources:
 
     def state_dir(self, cache_dir: Path) -> Path:
         digest = hashlib.sha256("\n".join((*self.lines, self.architecture)).encode()).hexdigest()[:16]
-        return cache_dir / "efi" / "apt" / digest
+        # Absolute: apt reads a relative Dir:: option against its own root, not our working directory.
+        return cache_dir.resolve() / "efi" / "apt" / digest
 
 
 def _apt_options(sources: AptSources | None, cache_dir: Path) -> list[str]:
