@@ -97,6 +97,16 @@ def test_editing_a_stage_changes_its_key_and_those_after_it_only(edited: str, ch
     assert changed == EDITS[edited], f"{edited}: changed {sorted(changed)}"
 
 
+def test_rootfs_key_follows_the_apt_sources_as_written(
+    checkout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config.apt_sources is shared code (in no stage's CODE): the lines it gives mmdebstrap are in the key."""
+    before = _keys(checkout, tmp_path / "b1")
+    monkeypatch.setattr(rootfs, "apt_sources", lambda cfg: ["deb http://deb.debian.org/debian bookworm main contrib"])
+    after = _keys(checkout, tmp_path / "b2")
+    assert {k for k in KEYS if before[k] != after[k]} == AFTER_ROOTFS | LATER
+
+
 def test_iso_key_follows_the_boot_loader_manifest(checkout: Path, tmp_path: Path) -> None:
     one = _keys(checkout, tmp_path / "b1", json.dumps({"packages": [{"package": "shim-signed", "version": "1"}]}))
     two = _keys(checkout, tmp_path / "b2", json.dumps({"packages": [{"package": "shim-signed", "version": "2"}]}))

@@ -102,6 +102,7 @@ def rootfs_key(cfg: ImageConfig, epoch: int, tool_version: str, repo: Path = REP
         "rootfs",
         code_digest(*CODE, repo=repo),
         cfg.debian,
+        apt_sources(cfg),  # the lines mmdebstrap gets, as config.py writes them (its code is in no key)
         cfg.packages,
         cfg.exclude_paths,
         cfg.include_paths,
