@@ -48,6 +48,13 @@ EDITS = {
     "image/stages/templates/grub.cfg.j2": LATER,
     "image/stages/pipeline.py": LATER,
     "image/stages/hashes.py": {"hashes_key"},
+    # Shared code, in no CODE tuple: it joins the key of every stage that imports it.
+    "image/stages/templating.py": AFTER_ROOTFS | LATER,
+    "image/stages/config.py": set(KEYS),
+    "image/core/run.py": set(KEYS),
+    "image/core/mounts.py": AFTER_ROOTFS | LATER,
+    "image/core/paths.py": set(KEYS),
+    "image/stages/__init__.py": set(KEYS),  # a package runs its __init__ before its modules
 }
 
 
@@ -97,10 +104,23 @@ def test_editing_a_stage_changes_its_key_and_those_after_it_only(edited: str, ch
     assert changed == EDITS[edited], f"{edited}: changed {sorted(changed)}"
 
 
+def test_a_new_helper_module_joins_the_key_of_the_stage_that_imports_it(checkout: Path, tmp_path: Path) -> None:
+    """No list to keep: a stage that starts importing a new module (here lazily, inside a function) has that
+    module's code in its key; editing the helper then changes the stage's key and those after it."""
+    repo = _checkout(tmp_path / "repo")
+    (repo / "image/stages/helper.py").write_text("SIZE = 1\n")
+    with (repo / "image/stages/overlay.py").open("a") as f:
+        f.write("\n\ndef _uses_helper() -> int:\n    from image.stages.helper import SIZE\n\n    return SIZE\n")
+    before = _keys(repo, tmp_path / "b1")
+    (repo / "image/stages/helper.py").write_text("SIZE = 2\n")
+    after = _keys(repo, tmp_path / "b2")
+    assert {k for k in KEYS if before[k] != after[k]} == {"overlay_key", "overlay_layer_key"} | LATER
+
+
 def test_rootfs_key_follows_the_apt_sources_as_written(
     checkout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """config.apt_sources is shared code (in no stage's CODE): the lines it gives mmdebstrap are in the key."""
+    """Beside config.py's code, the lines config.apt_sources gives mmdebstrap are in the key."""
     before = _keys(checkout, tmp_path / "b1")
     monkeypatch.setattr(rootfs, "apt_sources", lambda cfg: ["deb http://deb.debian.org/debian bookworm main contrib"])
     after = _keys(checkout, tmp_path / "b2")

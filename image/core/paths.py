@@ -2,12 +2,14 @@
 
 Stages skip their work when the key of their inputs equals the one stamped after their last
 successful run; the stamp is written last, so an interrupted stage simply runs again. Every key
-includes `code_digest` of the stage's own code and data files, so editing a stage rebuilds it (and
-what comes after it) without anyone bumping a version number.
+includes `code_digest` of the stage's own code and data files and of the image modules they import,
+so editing a stage or the code it uses rebuilds it (and what comes after it) without anyone bumping a
+version number or keeping a list.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import dataclass
@@ -171,9 +173,68 @@ def tree_digest(root: Path, *, exclude: tuple[str, ...] = ()) -> str:
 CODE_EXCLUDE = ("__pycache__",)
 
 
+def _module_file(name: str, repo: Path) -> Path | None:
+    """The file of module `name` under `repo` (image.stages.rootfs -> image/stages/rootfs.py), if it is ours."""
+    parts = name.split(".")
+    if parts[0] != "image":
+        return None
+    base = repo.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_files(path: Path, repo: Path) -> set[Path]:
+    """The files of every image module `path` imports, at the top or inside a function, and of the packages
+    above them (Python runs a package's __init__ before its modules)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from image.stages import templating` imports a module; `from image.core.run import run` does
+            # not (image/core/run/run.py does not exist), so trying both is safe.
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    files = set()
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            found = _module_file(".".join(parts[:depth]), repo)
+            if found is not None:
+                files.add(found)
+    return files
+
+
+def owns_a_key(path: Path) -> bool:
+    """A module that declares `CODE = (...)` at its top level is a stage (or a fixture) with a key of its own."""
+    return any(
+        isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Tuple)
+        and any(isinstance(t, ast.Name) and t.id == "CODE" for t in node.targets)
+        for node in ast.parse(path.read_bytes(), str(path)).body
+    )
+
+
+def code_closure(roots: set[Path], repo: Path) -> set[Path]:
+    """`roots` and, for the Python files among them, every image module they import, transitively, except
+    modules that own a key (another stage's code reaches this key through that stage's key or products,
+    as the pipeline wires them). So shared code (config, run, mounts, templating, ...) is in the key of every
+    stage that uses it, and no one keeps that list by hand."""
+    found = set(roots)
+    todo = [f for f in roots if f.suffix == ".py"]
+    while todo:
+        for imported in _imported_files(todo.pop(), repo):
+            if imported not in found and not owns_a_key(imported):
+                found.add(imported)
+                todo.append(imported)
+    return found
+
+
 def code_digest(*paths: str, repo: Path = REPO) -> str:
     """sha256 of a stage's own code and data: `paths` are repo-relative files, directories (every file
-    under them) or glob patterns, e.g. "image/stages/rootfs.py", "image/stages/templates/initramfs-*".
+    under them) or glob patterns, e.g. "image/stages/rootfs.py", "image/stages/templates/initramfs-*",
+    and the image modules their Python files import (`code_closure`).
 
     Only repo-relative names, the executable bit and contents go in (no mtimes, no absolute paths), so
     two checkouts of one commit agree; __pycache__ is left out. A path that matches nothing is an
@@ -187,7 +248,7 @@ def code_digest(*paths: str, repo: Path = REPO) -> str:
             found = [m] if m.is_file() else [f for f in m.rglob("*") if f.is_file()]
             files.update(f for f in found if not any(part in CODE_EXCLUDE for part in f.relative_to(repo).parts))
     h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.relative_to(repo).as_posix()):
+    for f in sorted(code_closure(files, repo), key=lambda f: f.relative_to(repo).as_posix()):
         executable = "x" if f.stat().st_mode & 0o111 else "-"
         h.update(f"{f.relative_to(repo).as_posix()}\0{executable}\0".encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())

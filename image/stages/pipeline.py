@@ -2,8 +2,9 @@
 
 Each stage computes a key over its inputs and skips its work when the key matches the stamp of
 its last successful run (build/cache/stamps/<stage>.key) and its products exist. Every key holds
-the digest of its stage's own code (each stage module's CODE, image.core.paths.code_digest), so
-editing a stage rebuilds it and the stages that use its products. Asking for a stage brings the
+the digest of its stage's own code (each stage module's CODE and the image modules it imports, shared
+code such as config, templating and core included: image.core.paths.code_digest), so editing a stage
+or what it uses rebuilds it and the stages that use its products. Asking for a stage brings the
 stages before it up to date first.
 
 Only rootfs and bootloader reach the Debian mirror: bootloader fetches the signed shim/GRUB/MokManager

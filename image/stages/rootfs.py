@@ -24,7 +24,8 @@ from image.stages.config import ImageConfig, apt_sources
 log = logging.getLogger("image.stages.rootfs")
 
 # This stage's code and the templates of its initramfs set-up files: editing them changes the key.
-CODE = ("image/stages/rootfs.py", "image/stages/templating.py", "image/stages/templates/initramfs-*")
+# This stage's code and data; the image modules it imports (config, templating, core) join by themselves.
+CODE = ("image/stages/rootfs.py", "image/stages/templates/initramfs-*")
 BASE_HOSTNAME = "localhost"
 BASE_FILES_HOOK = (
     f'rm -f "$1"/etc/hostname "$1"/etc/.resolv.conf.systemd-resolved.bak'

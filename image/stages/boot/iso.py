@@ -55,10 +55,10 @@ SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")
 # libutil.c32 and libcom32.c32.
 ISOLINUX_MODULES = ("ldlinux.c32", "menu.c32", "libutil.c32", "libcom32.c32")
 HOST_BOOT_PACKAGES = ("isolinux", "syslinux-common")
-# The ISO stage's code: this sub-package (boot sector source included) and the boot menus' templates.
+# The ISO stage's code: this sub-package (boot sector source included) and the boot menus' templates; the
+# image modules they import (templating, config, core) join by themselves.
 CODE = (
     "image/stages/boot",
-    "image/stages/templating.py",
     "image/stages/templates/grub.cfg.j2",
     "image/stages/templates/isolinux.cfg.j2",
 )
