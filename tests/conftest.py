@@ -9,12 +9,14 @@
   when build/ is already up to date — and gives the ISO's path; `built_pipeline` gives the
   pipeline itself (paths of the layers, manifest, keys).
 - The session fails when its tests left a mount, loop device or daemon behind (tests/leakcheck.py).
+- Ctrl-C reaches the programs the tests start, however the suite was started (below).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 from tests.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401  (hooks, by name)
 
 SLOW_MARKERS = ("slow", "boot", "e2e")
+
+# A shell without job control starts `cmd &` with SIGINT ignored (POSIX), an ignored signal stays
+# ignored across exec, and Python then installs no KeyboardInterrupt handler: every client a test
+# spawns would shrug off the ^C it is sent. A caught signal is reset to the default on exec, so
+# catching it here gives the children the disposition a terminal (or systemd) gives them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Fixtures every test module may use without importing them: the local DRS control plane
 # (drs_controlplane, drs_controlplane_factory) and the client stack (moto, assets, s3, stack_factory).

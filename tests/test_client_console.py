@@ -87,6 +87,25 @@ def test_two_consoles_first_input_wins_the_other_waits(tmp_path: Path, typed_on:
     assert idle.exitstatus == 0
 
 
+def test_ctrl_c_reaches_the_client_when_the_suite_was_started_in_the_background() -> None:
+    """`sh -c 'inv test &'` (how CI or nohup may start it) ignores SIGINT in everything it starts."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    nested = f"'{sys.executable}' -m pytest -q -p no:cacheprovider tests/test_client_console.py -k 'two_consoles and 0'"
+    result = subprocess.run(
+        ["sh", "-c", f"{nested} & wait $!"],
+        cwd=repo,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
+
+
 def test_on_the_livecd_consoles_a_finished_run_waits_for_enter(tmp_path: Path) -> None:
     """systemd restarts the client (Restart=always): a failed --no-prompt run must not become a restart loop."""
     env = subprocess_env(
