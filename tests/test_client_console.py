@@ -92,11 +92,12 @@ def test_ctrl_c_reaches_the_client_when_the_suite_was_started_in_the_background(
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parent.parent
+    from image.core.paths import REPO
+
     nested = f"'{sys.executable}' -m pytest -q -p no:cacheprovider tests/test_client_console.py -k 'two_consoles and 0'"
     result = subprocess.run(
         ["sh", "-c", f"{nested} & wait $!"],
-        cwd=repo,
+        cwd=REPO,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
